@@ -36,11 +36,16 @@ __all__ = [
 
 import abc
 import argparse
+import base64
+import configparser
 import datetime
+import decimal
+import difflib
 import errno
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import secrets
 import signal
@@ -49,8 +54,9 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import BinaryIO, Iterable, List, Optional
+import urllib.parse
+from dataclasses import dataclass, replace
+from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 # Local metadata directory: "<dir>/.<dbfile>-litestream".
 META_DIR_SUFFIX = "-litestream"
@@ -72,6 +78,10 @@ DEFAULT_RESTORE_PARALLELISM = 8
 BUSY_TIMEOUT = 1.0
 
 MAX_INDEX = 0x7FFFFFFF
+DEFAULT_CONFIG_PATH = "/etc/litestream.ini"
+DEFAULT_S3_PART_SIZE = 5 * 1024 * 1024  # S3's minimum part size
+DEFAULT_S3_CONCURRENCY = 5  # aws-sdk-go s3manager
+DEFAULT_S3_MAX_RETRIES = 3  # aws-sdk-go DefaultRetryer
 S3_MAX_KEYS = 1000
 
 WAL_HEADER_SIZE = 32
@@ -330,3 +340,2380 @@ class ReplicaClient(abc.ABC):
 
     def close(self) -> None:
         """Release connections and other resources."""
+
+
+###############################################################################
+# SQLite WAL format
+###############################################################################
+
+# Spec: https://www.sqlite.org/fileformat2.html#the_write_ahead_log
+#
+# WAL header (32 bytes, big-endian):      frame header (24 bytes, big-endian):
+#   0  magic 0x377f0682 / 0x377f0683        0  page number
+#   4  format version (3007000)             4  commit: db size in pages, else 0
+#   8  page size                            8  salt-1 (copied from the header)
+#  12  checkpoint sequence                 12  salt-2
+#  16  salt-1, 20 salt-2                   16  checksum-1, 20 checksum-2
+#  24  checksum-1, 28 checksum-2 over bytes 0..24
+#
+# Frame checksums are cumulative: each continues from the previous frame's
+# (or the header's) over frame header bytes 0..8 and the page.  The magic's
+# low bit says whether the checksum reads words big-endian (1) or little (0).
+
+WAL_MAGIC_LE = 0x377F0682
+WAL_MAGIC_BE = 0x377F0683
+_U32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class WALHeader:
+    """The fields of a WAL file header."""
+
+    magic: int
+    version: int
+    page_size: int
+    checkpoint_seq: int
+    salt1: int
+    salt2: int
+    checksum1: int
+    checksum2: int
+
+    @property
+    def big_endian(self) -> bool:
+        return self.magic == WAL_MAGIC_BE
+
+
+def parse_wal_header(b: bytes) -> WALHeader:
+    """Parse and verify a 32-byte WAL header; CorruptFrameError if invalid."""
+    if len(b) < WAL_HEADER_SIZE:
+        raise CorruptFrameError("wal header too short: %d bytes" % len(b))
+    hdr = WALHeader(*struct.unpack(">8I", b[:WAL_HEADER_SIZE]))
+    if hdr.magic not in (WAL_MAGIC_LE, WAL_MAGIC_BE):
+        raise CorruptFrameError("invalid wal header magic: %08x" % hdr.magic)
+    ps = hdr.page_size
+    if ps == 1:
+        ps = 65536  # The 64 KiB page size is stored as 1.
+    if ps < 512 or ps > 65536 or ps & (ps - 1):
+        raise CorruptFrameError("invalid wal page size: %d" % hdr.page_size)
+    s0, s1 = wal_checksum(hdr.big_endian, b[:24], 0, 0)
+    if (s0, s1) != (hdr.checksum1, hdr.checksum2):
+        raise CorruptFrameError("wal header checksum mismatch")
+    if ps != hdr.page_size:
+        hdr = WALHeader(hdr.magic, hdr.version, ps, hdr.checkpoint_seq,
+                        hdr.salt1, hdr.salt2, hdr.checksum1, hdr.checksum2)
+    return hdr
+
+
+def wal_checksum(big_endian: bool, data, s0: int, s1: int) -> "tuple[int, int]":
+    """Continue SQLite's WAL checksum (s0, s1) over data (a multiple of 8 bytes)."""
+    n = len(data) // 4
+    words = struct.unpack((">%dI" if big_endian else "<%dI") % n, data)
+    it = iter(words)
+    for w0, w1 in zip(it, it):
+        s0 = (s0 + w0 + s1) & _U32
+        s1 = (s1 + w1 + s0) & _U32
+    return s0, s1
+
+
+def frame_align(offset: int, page_size: int) -> int:
+    """Round a WAL offset down to the end of the last whole frame."""
+    if offset < WAL_HEADER_SIZE:
+        return 0
+    fs = page_size + WAL_FRAME_HEADER_SIZE
+    return WAL_HEADER_SIZE + (offset - WAL_HEADER_SIZE) // fs * fs
+
+
+def calc_wal_size(page_size: int, n: int) -> int:
+    """Return the size of a WAL holding n frames."""
+    return WAL_HEADER_SIZE + (WAL_FRAME_HEADER_SIZE + page_size) * n
+
+
+def read_last_checksum(f, size: int, page_size: int) -> "tuple[int, int]":
+    """Return the running checksum at the end of a WAL prefix of size bytes."""
+    if size <= WAL_HEADER_SIZE:
+        b = os.pread(f.fileno(), 8, 24)
+    else:
+        b = os.pread(f.fileno(), 8, size - page_size - WAL_FRAME_HEADER_SIZE + 16)
+    if len(b) != 8:
+        raise CorruptFrameError("short read of wal checksum")
+    return struct.unpack(">II", b)
+
+
+def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frames: int = 256):
+    """Yield (offset, frame bytes, is_commit) for each valid frame from start.
+
+    Iteration stops at end of file, at a partial frame, at a frame whose salt
+    differs from hdr's, or at one whose checksum breaks the chain.
+    """
+    ps = hdr.page_size
+    fs = ps + WAL_FRAME_HEADER_SIZE
+    be = hdr.big_endian
+    salt = struct.pack(">II", hdr.salt1, hdr.salt2)
+    off = start
+    fd = f.fileno()
+    while True:
+        buf = os.pread(fd, fs * chunk_frames, off)
+        n = len(buf) // fs
+        if n == 0:
+            return
+        mv = memoryview(buf)
+        for i in range(n):
+            fr = mv[i * fs:(i + 1) * fs]
+            if fr[8:16] != salt:
+                return
+            s0, s1 = wal_checksum(be, fr[0:8], s0, s1)
+            s0, s1 = wal_checksum(be, fr[WAL_FRAME_HEADER_SIZE:], s0, s1)
+            if struct.unpack(">II", fr[16:24]) != (s0, s1):
+                return
+            yield off, fr, fr[4:8] != b"\0\0\0\0"
+            off += fs
+        if n < chunk_frames:
+            return
+
+
+def count_committed_frames(data, page_size: int) -> int:
+    """Return how many frames of a WAL image lie up to its last commit frame.
+
+    Only salts and commit fields are read; the checksum chain is SQLite's to
+    verify when it opens the WAL.
+    """
+    hdr = parse_wal_header(bytes(data[:WAL_HEADER_SIZE]))
+    if hdr.page_size != page_size:
+        raise CorruptFrameError("wal page size %d does not match database page size %d"
+                                % (hdr.page_size, page_size))
+    fs = page_size + WAL_FRAME_HEADER_SIZE
+    salt = struct.pack(">II", hdr.salt1, hdr.salt2)
+    last = 0
+    n = (len(data) - WAL_HEADER_SIZE) // fs
+    for i in range(n):
+        o = WAL_HEADER_SIZE + i * fs
+        if data[o + 8:o + 16] != salt:
+            break
+        if data[o + 4:o + 8] != b"\0\0\0\0":
+            last = i + 1
+    return last
+
+
+###############################################################################
+# LZ4 frame codec
+###############################################################################
+
+# LZ4_CODEC_PLACEHOLDER: stored-block stand-in, replaced by the real codec.
+_LZ4_MAGIC = 0x184D2204
+_LZ4_TRAILER_MAGIC = 0x184D2A5C
+_LZ4_BLOCK = 4 << 20
+
+
+class LZ4FrameWriter:
+    def __init__(self, fp, *, content_checksum=False):
+        self._fp = fp
+        self._buf = bytearray()
+        self._h = hashlib.sha256()
+        fp.write(b"\x04\x22\x4d\x18\x60\x70\x73")
+
+    def write(self, data):
+        self._buf += data
+        self._h.update(data)
+        while len(self._buf) >= _LZ4_BLOCK:
+            self._flush(bytes(self._buf[:_LZ4_BLOCK]))
+            del self._buf[:_LZ4_BLOCK]
+
+    def _flush(self, b):
+        self._fp.write(struct.pack("<I", len(b) | 0x80000000) + b)
+
+    def close(self):
+        if self._buf:
+            self._flush(bytes(self._buf))
+        self._fp.write(b"\0\0\0\0" + struct.pack("<II", _LZ4_TRAILER_MAGIC, 36) + b"LSH1" + self._h.digest())
+
+
+class LZ4FrameReader:
+    def __init__(self, fp):
+        self._fp = fp
+        self._buf = b""
+        self._eof = False
+        self._h = hashlib.sha256()
+        if fp.read(7)[:4] != b"\x04\x22\x4d\x18":
+            raise CorruptFrameError("lz4: bad magic")
+
+    def read(self, n=-1):
+        while not self._eof and (n < 0 or len(self._buf) < n):
+            hdr = self._fp.read(4)
+            if len(hdr) != 4:
+                raise CorruptFrameError("lz4: truncated frame")
+            (size,) = struct.unpack("<I", hdr)
+            if size == 0:
+                self._eof = True
+                t = self._fp.read(44)
+                if len(t) == 44 and t[8:12] == b"LSH1" and t[12:] != self._h.digest():
+                    raise CorruptFrameError("lz4: content sha256 mismatch")
+                break
+            b = self._fp.read(size & 0x7FFFFFFF)
+            if len(b) != size & 0x7FFFFFFF:
+                raise CorruptFrameError("lz4: truncated frame")
+            self._h.update(b)
+            self._buf += b
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def close(self):
+        pass
+
+
+def lz4_compress_frame(data, **kw):
+    import io
+    out = io.BytesIO()
+    w = LZ4FrameWriter(out)
+    w.write(data)
+    w.close()
+    return out.getvalue()
+
+
+def lz4_decompress_frame(data):
+    import io
+    return LZ4FrameReader(io.BytesIO(data)).read()
+# END_LZ4_CODEC_PLACEHOLDER
+
+
+class _Sink:
+    """A write-only buffer that a frame writer fills and a reader drains."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def write(self, b):
+        self.buf += b
+        return len(b)
+
+
+class CompressingReader:
+    """A binary reader of the LZ4 frame of a stream of chunks.
+
+    Memory is bounded by one LZ4 block plus one source chunk, so snapshots
+    and large WAL segments stream through without being held whole.
+    """
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks = iter(chunks)
+        self._sink = _Sink()
+        self._writer = LZ4FrameWriter(self._sink)
+        self._done = False
+        self.raw_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._done and (n < 0 or len(self._sink.buf) < n):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._writer.close()
+                self._done = True
+            else:
+                self.raw_bytes += len(chunk)
+                self._writer.write(chunk)
+        buf = self._sink.buf
+        if n < 0 or n >= len(buf):
+            out = bytes(buf)
+            buf.clear()
+        else:
+            out = bytes(buf[:n])
+            del buf[:n]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def copy_stream(rd, wr, bufsize: int = 1 << 20) -> int:
+    """Copy rd to wr until EOF; return the byte count."""
+    n = 0
+    while True:
+        b = rd.read(bufsize)
+        if not b:
+            return n
+        wr.write(b)
+        n += len(b)
+
+
+###############################################################################
+# FileReplicaClient
+###############################################################################
+
+
+class FileReplicaClient(ReplicaClient):
+    """A replica in a local directory, laid out as Go Litestream's file replica.
+
+    Every object is written to "<name>.tmp", fsynced, renamed into place, and
+    its directory fsynced, so an object is either whole or absent.
+    """
+
+    client_type = "file"
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(os.path.expanduser(path))
+
+    def _gen_dir(self, generation: str) -> str:
+        return generation_path(self.path, generation)
+
+    def generations(self) -> List[str]:
+        try:
+            names = os.listdir(os.path.join(self.path, "generations"))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_generation_name(n)
+                      and os.path.isdir(os.path.join(self.path, "generations", n)))
+
+    def delete_generation(self, generation: str) -> None:
+        import shutil
+        d = self._gen_dir(generation)
+        try:
+            shutil.rmtree(d)
+        except FileNotFoundError:
+            return
+        fsync_dir(os.path.dirname(d))
+
+    def _list(self, d: str):
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    yield e
+        except FileNotFoundError:
+            return
+
+    def snapshots(self, generation: str) -> List[SnapshotInfo]:
+        out = []
+        for e in self._list(os.path.join(self._gen_dir(generation), "snapshots")):
+            try:
+                index = parse_snapshot_path(e.name)
+                st = e.stat()
+            except (ValueError, FileNotFoundError):
+                continue
+            out.append(SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime)))
+        return sorted(out, key=lambda s: s.index)
+
+    def wal_segments(self, generation: str) -> List[WALSegmentInfo]:
+        out = []
+        for e in self._list(os.path.join(self._gen_dir(generation), "wal")):
+            try:
+                index, offset = parse_wal_segment_path(e.name)
+                st = e.stat()
+            except (ValueError, FileNotFoundError):
+                continue
+            out.append(WALSegmentInfo(generation, index, offset, st.st_size,
+                                      utc_from_timestamp(st.st_mtime)))
+        return sorted(out, key=lambda s: (s.index, s.offset))
+
+    def _write(self, path: str, rd: BinaryIO) -> os.stat_result:
+        d = os.path.dirname(path)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                copy_stream(rd, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        fsync_dir(d)
+        return os.stat(path)
+
+    def write_snapshot(self, generation: str, index: int, rd: BinaryIO) -> SnapshotInfo:
+        st = self._write(snapshot_path(self.path, generation, index), rd)
+        return SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime))
+
+    def write_wal_segment(self, pos: Pos, rd: BinaryIO) -> WALSegmentInfo:
+        st = self._write(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), rd)
+        return WALSegmentInfo(pos.generation, pos.index, pos.offset, st.st_size,
+                              utc_from_timestamp(st.st_mtime))
+
+    def _remove(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def delete_snapshot(self, generation: str, index: int) -> None:
+        self._remove(snapshot_path(self.path, generation, index))
+
+    def delete_wal_segments(self, positions: Iterable[Pos]) -> None:
+        dirs = set()
+        for p in positions:
+            path = wal_segment_path(self.path, p.generation, p.index, p.offset)
+            self._remove(path)
+            dirs.add(os.path.dirname(path))
+        for d in dirs:
+            fsync_dir(d)
+
+    def snapshot_reader(self, generation: str, index: int) -> BinaryIO:
+        return open(snapshot_path(self.path, generation, index), "rb")
+
+    def wal_segment_reader(self, pos: Pos) -> BinaryIO:
+        return open(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), "rb")
+
+
+###############################################################################
+# ShadowWAL and DB
+###############################################################################
+
+CHECKPOINT_MODE_PASSIVE = "PASSIVE"
+CHECKPOINT_MODE_RESTART = "RESTART"
+CHECKPOINT_MODE_TRUNCATE = "TRUNCATE"
+
+_SEQ_UPSERT = ("INSERT INTO _litestream_seq (id, seq) VALUES (1, 1) "
+               "ON CONFLICT (id) DO UPDATE SET seq = seq + 1")
+
+
+class DB:
+    """A SQLite database being replicated: the shadow WAL and checkpoints.
+
+    Tunables (as Go's DB fields):
+      monitor_interval       seconds between syncs; 0 starts no thread.
+      checkpoint_interval    PASSIVE checkpoint once the DB file is this old.
+      min_checkpoint_page_n  PASSIVE checkpoint at this many WAL pages.
+      max_checkpoint_page_n  RESTART checkpoint at this many pages; 0 = never.
+      truncate_page_n        TRUNCATE checkpoint at this many pages; 0 = never.
+
+    The shadow WAL lives in meta_path ("<dir>/.<file>-litestream"): a
+    "generation" file naming the current generation, and per generation
+    "generations/<gen>/wal/<index>.wal", byte-exact copies of the real WAL,
+    one file per WAL cycle (index), cut at commit boundaries.
+    """
+
+    def __init__(self, path: str, *, name: str = "", meta_path: str = "",
+                 monitor_interval: float = DEFAULT_MONITOR_INTERVAL,
+                 checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+                 min_checkpoint_page_n: int = DEFAULT_MIN_CHECKPOINT_PAGE_N,
+                 max_checkpoint_page_n: int = DEFAULT_MAX_CHECKPOINT_PAGE_N,
+                 truncate_page_n: int = DEFAULT_TRUNCATE_PAGE_N,
+                 clock=time.time):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.name = name or self.path
+        d, base = os.path.split(self.path)
+        self.meta_path = meta_path or os.path.join(d, "." + base + META_DIR_SUFFIX)
+        self.monitor_interval = monitor_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.min_checkpoint_page_n = min_checkpoint_page_n
+        self.max_checkpoint_page_n = max_checkpoint_page_n
+        self.truncate_page_n = truncate_page_n
+        self.clock = clock
+        self.replicas: List[Replica] = []
+        self.page_size = 0
+
+        self._lock = threading.RLock()       # Go's db.mu: one sync at a time.
+        self._chk_lock = threading.Lock()    # Go's chkMu: snapshots hold off checkpoints.
+        self._notify = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._conn: Optional[sqlite3.Connection] = None    # writes and checkpoints
+        self._rconn: Optional[sqlite3.Connection] = None   # the long-running read tx
+        self._db_file = None                                # kept open: see open_db_file
+        self._pos = Pos()
+        self.logger = logging.LoggerAdapter(log, {})
+
+    # Paths -------------------------------------------------------------------
+
+    @property
+    def wal_path(self) -> str:
+        return self.path + "-wal"
+
+    def generation_name_path(self) -> str:
+        return os.path.join(self.meta_path, "generation")
+
+    def shadow_wal_dir(self, generation: str) -> str:
+        return os.path.join(self.meta_path, "generations", generation, "wal")
+
+    def shadow_wal_path(self, generation: str, index: int) -> str:
+        return os.path.join(self.shadow_wal_dir(generation), format_wal_path(index))
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the monitor thread (unless monitor_interval is 0)."""
+        os.makedirs(self.meta_path, mode=0o700, exist_ok=True)
+        if self.monitor_interval > 0:
+            self._thread = threading.Thread(target=self._monitor, daemon=False,
+                                            name="litestream-sync:%s" % self.name)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop syncing, run a final sync of the DB and every replica, release SQLite.
+
+        The first error is raised after everything has been closed.
+        """
+        first = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            if self._conn is not None or os.path.exists(self.path):
+                self.sync()
+        except Exception as e:  # Keep closing; report the first error.
+            first = first or e
+            self.logger.error("%s: final sync: %s", self.name, e)
+        for r in self.replicas:
+            r.stop()
+            try:
+                r.sync()
+            except Exception as e:
+                first = first or e
+                self.logger.error("%s(%s): final replica sync: %s", self.name, r.name, e)
+            r.client.close()
+        with self._lock:
+            self._close_sqlite()
+        if first is not None:
+            raise first
+
+    def _close_sqlite(self) -> None:
+        for c in (self._rconn, self._conn):
+            if c is not None:
+                try:
+                    c.close()
+                except sqlite3.Error:
+                    pass
+        self._rconn = self._conn = None
+        # Closing our fd of the DB file last: POSIX drops every lock this
+        # process holds on the file when any of its fds closes, and SQLite's
+        # connections are gone by now.
+        if self._db_file is not None:
+            self._db_file.close()
+            self._db_file = None
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(self.monitor_interval):
+            try:
+                self.sync()
+            except Exception as e:
+                self.logger.error("%s: sync error: %s", self.name, e)
+
+    def notify(self) -> threading.Event:
+        """Return the event that is set the next time the shadow WAL changes."""
+        return self._notify
+
+    def pos(self) -> Pos:
+        """Return the shadow WAL position: (generation, index, committed size)."""
+        return self._pos
+
+    # Init --------------------------------------------------------------------
+
+    def _init(self) -> None:
+        # Keep one fd of the DB file for the life of the process (format note
+        # §12.12): closing any fd of it would drop SQLite's POSIX locks.
+        f = open(self.path, "rb")
+        try:
+            head = os.pread(f.fileno(), 100, 0)
+            if head and not head.startswith(b"SQLite format 3\0"):
+                raise LitestreamError("%s: not a SQLite database" % self.path)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+            self._conn = conn
+            self._db_file = f
+            mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise LitestreamError(
+                    "%s: cannot switch to WAL mode (journal_mode is %s; is another "
+                    "process holding the database open in rollback mode?)" % (self.path, mode))
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("CREATE TABLE IF NOT EXISTS _litestream_seq (id INTEGER PRIMARY KEY, seq INTEGER)")
+            conn.execute("CREATE TABLE IF NOT EXISTS _litestream_lock (id INTEGER)")
+            self.page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            rconn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                    check_same_thread=False)
+            self._rconn = rconn
+            rconn.execute("PRAGMA wal_autocheckpoint = 0")
+            self._acquire_read_lock()
+        except sqlite3.DatabaseError as e:
+            self._close_sqlite_after_failed_init(f)
+            raise LitestreamError("%s: %s" % (self.path, e)) from e
+        except BaseException:
+            self._close_sqlite_after_failed_init(f)
+            raise
+        os.makedirs(self.meta_path, mode=0o700, exist_ok=True)
+        self._ensure_wal_exists()
+        # If the real WAL no longer continues the last shadow WAL, the
+        # position is unknown: clear the generation so sync starts a new one.
+        gen = self.current_generation()
+        if gen and not self._headers_match(gen):
+            self.logger.info("%s: init: cannot determine last wal position, clearing generation", self.name)
+            os.unlink(self.generation_name_path())
+        self._load_pos()
+        self._clean_generations()
+        self.logger.info("%s: initialized db", self.name)
+
+    def _close_sqlite_after_failed_init(self, f) -> None:
+        if self._db_file is None:
+            self._db_file = f
+        self._close_sqlite()
+
+    def _acquire_read_lock(self) -> None:
+        self._rconn.execute("BEGIN")
+        self._rconn.execute("SELECT COUNT(1) FROM _litestream_seq").fetchone()
+
+    def _release_read_lock(self) -> None:
+        if self._rconn.in_transaction:
+            self._rconn.execute("ROLLBACK")
+
+    def _ensure_wal_exists(self) -> None:
+        try:
+            if os.path.getsize(self.wal_path) >= WAL_HEADER_SIZE:
+                return
+        except FileNotFoundError:
+            pass
+        self._conn.execute(_SEQ_UPSERT)
+
+    def current_generation(self) -> str:
+        """Return the current generation from the meta dir, or ""."""
+        try:
+            with open(self.generation_name_path()) as f:
+                g = f.read().strip()
+        except FileNotFoundError:
+            return ""
+        return g if is_generation_name(g) else ""
+
+    def _shadow_indexes(self, generation: str) -> List[int]:
+        out = []
+        try:
+            names = os.listdir(self.shadow_wal_dir(generation))
+        except FileNotFoundError:
+            return out
+        for n in names:
+            try:
+                out.append(parse_wal_path(n))
+            except ValueError:
+                pass
+        return sorted(out)
+
+    def _load_pos(self) -> None:
+        gen = self.current_generation()
+        idx = self._shadow_indexes(gen) if gen else []
+        if not idx:
+            self._pos = Pos()
+            return
+        size = os.path.getsize(self.shadow_wal_path(gen, idx[-1]))
+        self._pos = Pos(gen, idx[-1], frame_align(size, self.page_size))
+
+    def _headers_match(self, gen: str) -> bool:
+        idx = self._shadow_indexes(gen)
+        if not idx:
+            return False
+        try:
+            with open(self.wal_path, "rb") as f:
+                h0 = f.read(WAL_HEADER_SIZE)
+            with open(self.shadow_wal_path(gen, idx[-1]), "rb") as f:
+                h1 = f.read(WAL_HEADER_SIZE)
+        except FileNotFoundError:
+            return False
+        return len(h0) == WAL_HEADER_SIZE and h0 == h1
+
+    # Sync --------------------------------------------------------------------
+
+    def sync(self) -> bool:
+        """Copy new committed WAL frames to the shadow WAL and checkpoint if due.
+
+        Returns False (and does nothing) while the database file does not
+        exist.  Wakes the replicas when the shadow WAL changed.
+        """
+        with self._lock:
+            if self._conn is None:
+                if not os.path.exists(self.path):
+                    return False
+                self._init()
+            self._ensure_wal_exists()
+
+            changed = False
+            reason, restart, wal_size, db_mtime = self._verify()
+            if reason:
+                self._create_generation(reason)
+                changed = True
+            elif restart:
+                # The real WAL restarted but our last frame is intact: copy
+                # what is left of the old cycle, then start the next index.
+                self._copy_to_shadow()
+                self._init_shadow_wal(self._pos.generation, self._pos.index + 1)
+                changed = True
+            else:
+                before = self._pos
+                self._copy_to_shadow()
+                changed = self._pos != before
+
+            mode = self._checkpoint_mode(frame_align(wal_size, self.page_size),
+                                         self._pos.offset, db_mtime)
+            if mode:
+                self.checkpoint(mode)
+                changed = True
+            self._clean_wal()
+            if changed:
+                self._notify.set()
+                self._notify = threading.Event()
+            return True
+
+    def _checkpoint_mode(self, orig_wal_size: int, shadow_size: int, db_mtime: float) -> str:
+        ps = self.page_size
+        if self.truncate_page_n > 0 and orig_wal_size >= calc_wal_size(ps, self.truncate_page_n):
+            return CHECKPOINT_MODE_TRUNCATE
+        if self.max_checkpoint_page_n > 0 and shadow_size >= calc_wal_size(ps, self.max_checkpoint_page_n):
+            return CHECKPOINT_MODE_RESTART
+        if shadow_size >= calc_wal_size(ps, self.min_checkpoint_page_n):
+            return CHECKPOINT_MODE_PASSIVE
+        if (self.checkpoint_interval > 0 and db_mtime
+                and self.clock() - db_mtime > self.checkpoint_interval
+                and shadow_size > calc_wal_size(ps, 1)):
+            return CHECKPOINT_MODE_PASSIVE
+        return ""
+
+    def _verify(self) -> "tuple[str, bool, int, float]":
+        """Return (new-generation reason or "", restart, real WAL size, DB mtime)."""
+        db_mtime = os.stat(self.path).st_mtime
+        wal_size = os.path.getsize(self.wal_path)
+        gen = self.current_generation()
+        if not gen:
+            return "no generation exists", False, wal_size, db_mtime
+        idx = self._shadow_indexes(gen)
+        if not idx:
+            return "no shadow wal", False, wal_size, db_mtime
+        index = idx[-1]
+        if index >= MAX_INDEX:
+            return "max index exceeded", False, wal_size, db_mtime
+        spath = self.shadow_wal_path(gen, index)
+        shadow_size = frame_align(os.path.getsize(spath), self.page_size)
+        if self._pos.generation == gen and self._pos.index == index:
+            shadow_size = min(shadow_size, self._pos.offset)
+        if shadow_size < WAL_HEADER_SIZE:
+            return "short shadow wal", False, wal_size, db_mtime
+        if shadow_size > wal_size:
+            return "wal truncated by another process", False, wal_size, db_mtime
+        with open(self.wal_path, "rb") as wf, open(spath, "rb") as sf:
+            restart = wf.read(WAL_HEADER_SIZE) != sf.read(WAL_HEADER_SIZE)
+            if shadow_size == WAL_HEADER_SIZE and restart:
+                return "wal header only, mismatched", False, wal_size, db_mtime
+            if shadow_size > WAL_HEADER_SIZE:
+                fs = self.page_size + WAL_FRAME_HEADER_SIZE
+                off = shadow_size - fs
+                if os.pread(wf.fileno(), fs, off) != os.pread(sf.fileno(), fs, off):
+                    return "wal overwritten by another process", False, wal_size, db_mtime
+        self._pos = Pos(gen, index, shadow_size)
+        return "", restart, wal_size, db_mtime
+
+    def _create_generation(self, reason: str) -> None:
+        gen = new_generation_name()
+        os.makedirs(self.shadow_wal_dir(gen), mode=0o700, exist_ok=True)
+        self._init_shadow_wal(gen, 0)
+        tmp = self.generation_name_path() + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(gen + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.generation_name_path())
+        fsync_dir(self.meta_path)
+        self.logger.info("%s: sync: new generation %s reason=%s", self.name, gen, reason)
+        self._clean_generations()
+
+    def _init_shadow_wal(self, generation: str, index: int) -> None:
+        """Start shadow index from the real WAL's header, then copy its frames."""
+        with open(self.wal_path, "rb") as f:
+            hb = f.read(WAL_HEADER_SIZE)
+        hdr = parse_wal_header(hb)  # A bad header checksum is an error, as in Go.
+        if hdr.page_size != self.page_size:
+            raise LitestreamError("%s: wal page size %d does not match db page size %d"
+                                  % (self.path, hdr.page_size, self.page_size))
+        path = self.shadow_wal_path(generation, index)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(hb)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(os.path.dirname(path))
+        self._pos = Pos(generation, index, WAL_HEADER_SIZE)
+        self._copy_to_shadow()
+
+    def _copy_to_shadow(self) -> int:
+        """Append the real WAL's new committed frames to the current shadow WAL.
+
+        Frames are checked against the shadow header's salt and the running
+        checksum; copying stops at the first frame that fails, and only
+        whole transactions (up to the last commit frame) are kept.  Frames go
+        to the file as they are read, so a large transaction costs no memory;
+        self._pos only moves past them once their commit frame is on disk.
+        Returns the number of bytes added.
+        """
+        pos = self._pos
+        path = self.shadow_wal_path(pos.generation, pos.index)
+        fs = self.page_size + WAL_FRAME_HEADER_SIZE
+        with open(self.wal_path, "rb") as wf, open(path, "r+b") as sf:
+            hdr = parse_wal_header(os.pread(sf.fileno(), WAL_HEADER_SIZE, 0))
+            s0, s1 = read_last_checksum(sf, pos.offset, self.page_size)
+            commit_end = pos.offset
+            write_off = pos.offset
+            buf = bytearray()
+            for off, frame, is_commit in iter_wal_frames(wf, pos.offset, hdr, s0, s1):
+                buf += frame
+                if is_commit:
+                    commit_end = off + fs
+                if len(buf) >= (4 << 20):
+                    os.pwrite(sf.fileno(), buf, write_off)
+                    write_off += len(buf)
+                    buf.clear()
+            if commit_end == pos.offset:
+                if write_off != pos.offset:
+                    os.ftruncate(sf.fileno(), pos.offset)
+                return 0
+            if buf and write_off < commit_end:
+                os.pwrite(sf.fileno(), bytes(buf[:commit_end - write_off]), write_off)
+            os.ftruncate(sf.fileno(), commit_end)
+            os.fsync(sf.fileno())
+        self._pos = Pos(pos.generation, pos.index, commit_end)
+        return commit_end - pos.offset
+
+    # Checkpoint --------------------------------------------------------------
+
+    def checkpoint(self, mode: str = CHECKPOINT_MODE_PASSIVE) -> bool:
+        """Checkpoint the WAL without losing frames to a WAL restart.
+
+        Go's version copies, then checkpoints, then takes the write lock, so
+        frames committed in between can be overwritten by a restarted WAL
+        before they are copied (format note §12.2).  Here the write lock is
+        held from the copy until the checkpoint is done, so the old WAL cycle
+        is complete in the shadow WAL before anything can restart it; our
+        read transaction is taken again before the lock is released, which
+        keeps anyone from backfilling (and so restarting) a second time
+        before we copy the new cycle.  RESTART and TRUNCATE wait up to the
+        busy timeout for other readers; TRUNCATE also shrinks the WAL file.
+
+        Returns False if a snapshot holds checkpoints off.
+        """
+        with self._lock:
+            if not self._chk_lock.acquire(blocking=False):
+                return False
+            try:
+                self._checkpoint(mode)
+            finally:
+                self._chk_lock.release()
+            return True
+
+    def _checkpoint(self, mode: str) -> None:
+        pos = self._pos
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._copy_to_shadow()
+            self._release_read_lock()
+            try:
+                deadline = time.monotonic() + BUSY_TIMEOUT
+                while True:
+                    busy, n_log, n_ckpt = self._rconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if mode == CHECKPOINT_MODE_PASSIVE or n_log == n_ckpt or time.monotonic() >= deadline:
+                        break
+                    self._stop.wait(0.01)
+                self.logger.debug("%s: checkpoint mode=%s log=%d checkpointed=%d",
+                                  self.name, mode, n_log, n_ckpt)
+            finally:
+                self._acquire_read_lock()
+        finally:
+            self._conn.execute("ROLLBACK")
+
+        # Write to force the WAL to restart if it was fully backfilled.
+        if mode == CHECKPOINT_MODE_TRUNCATE:
+            self._conn.execute("PRAGMA journal_size_limit = 0")
+        try:
+            self._conn.execute(_SEQ_UPSERT)
+        finally:
+            if mode == CHECKPOINT_MODE_TRUNCATE:
+                self._conn.execute("PRAGMA journal_size_limit = -1")
+
+        # A changed header means the WAL restarted after the old cycle was
+        # copied whole: begin the next index.  Otherwise keep copying.
+        with open(self.wal_path, "rb") as wf, open(self.shadow_wal_path(pos.generation, pos.index), "rb") as sf:
+            restarted = wf.read(WAL_HEADER_SIZE) != sf.read(WAL_HEADER_SIZE)
+        if restarted:
+            self._init_shadow_wal(pos.generation, pos.index + 1)
+        else:
+            self._copy_to_shadow()
+
+    # Snapshots ---------------------------------------------------------------
+
+    def begin_snapshot(self) -> "_SnapshotSource":
+        """Hold off checkpoints and return the position and content for a snapshot.
+
+        Use as a context manager.  The snapshot is named by the current index
+        only: restore replays that whole index from offset 0 on top of it,
+        which repairs pages other processes backfilled meanwhile.
+        """
+        return _SnapshotSource(self)
+
+    # Cleanup -----------------------------------------------------------------
+
+    def _clean_generations(self) -> None:
+        gen = self.current_generation()
+        d = os.path.join(self.meta_path, "generations")
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return
+        import shutil
+        for n in names:
+            if n != gen:
+                shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+
+    def _clean_wal(self) -> None:
+        # Keep shadow files from the lowest replica index - 1 upward; a
+        # replica on another generation pins everything.
+        gen = self._pos.generation
+        if not gen or not self.replicas:
+            return
+        lo = None
+        for r in self.replicas:
+            p = r.pos
+            i = p.index if p.generation == gen else 0
+            lo = i if lo is None else min(lo, i)
+        if not lo or lo <= 0:
+            return
+        for i in self._shadow_indexes(gen):
+            if i < lo - 1:
+                try:
+                    os.unlink(self.shadow_wal_path(gen, i))
+                except FileNotFoundError:
+                    pass
+
+    # Shadow WAL reading -------------------------------------------------------
+
+    def shadow_wal_range(self, pos: Pos) -> "Optional[tuple[Pos, int]]":
+        """Return (start, end) of the shadow bytes a replica at pos has not sent.
+
+        Moves to the next index when pos is at the end of a finished one;
+        returns None when there is nothing new.
+        """
+        cur = self._pos
+        if pos.generation != cur.generation:
+            raise LitestreamError("generation changed: replica at %s, db at %s" % (pos, cur))
+        while True:
+            if pos.index == cur.index:
+                end = cur.offset
+            else:
+                path = self.shadow_wal_path(pos.generation, pos.index)
+                try:
+                    end = frame_align(os.path.getsize(path), self.page_size)
+                except FileNotFoundError:
+                    raise LitestreamError("shadow wal missing for %s" % pos) from None
+            if pos.offset > end:
+                raise LitestreamError("wal reader offset too high: %s > %d" % (pos, end))
+            if pos.offset < end:
+                return pos, end
+            if pos.index >= cur.index:
+                return None
+            pos = Pos(pos.generation, pos.index + 1, 0)
+
+    def read_shadow_chunks(self, pos: Pos, end: int, chunk: int = 1 << 20):
+        """Yield the shadow WAL bytes [pos.offset, end) of pos.index."""
+        with open(self.shadow_wal_path(pos.generation, pos.index), "rb") as f:
+            off = pos.offset
+            while off < end:
+                b = os.pread(f.fileno(), min(chunk, end - off), off)
+                if not b:
+                    raise LitestreamError("shadow wal shrank while reading %s" % pos)
+                off += len(b)
+                yield b
+
+
+class _SnapshotSource:
+    def __init__(self, db: DB):
+        self.db = db
+        self.pos = Pos()
+
+    def __enter__(self):
+        db = self.db
+        db._chk_lock.acquire()
+        try:
+            with db._lock:
+                if db._conn is None:
+                    raise NoGenerationError()
+                # Backfill what we can so the replay after the snapshot is short.
+                db._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                self.pos = db.pos()
+            if not self.pos.generation:
+                raise NoGenerationError()
+        except BaseException:
+            db._chk_lock.release()
+            raise
+        return self
+
+    def chunks(self, chunk: int = 4 << 20):
+        """Yield the database file from offset 0 to EOF through the long-lived fd."""
+        fd = self.db._db_file.fileno()
+        off = 0
+        while True:
+            b = os.pread(fd, chunk, off)
+            if not b:
+                return
+            off += len(b)
+            yield b
+
+    def __exit__(self, *exc):
+        self.db._chk_lock.release()
+
+
+###############################################################################
+# Replica
+###############################################################################
+
+
+def decompress_object(rd: BinaryIO, name: str) -> bytes:
+    """Read and decompress a whole stored object, naming it in any error."""
+    try:
+        return LZ4FrameReader(rd).read()
+    except CorruptFrameError as e:
+        raise CorruptFrameError("%s: %s" % (name, e)) from e
+    finally:
+        rd.close()
+
+
+class Replica:
+    """A DB's copy in one place: sync, snapshots, retention and the loops.
+
+    Tunables (as Go's Replica fields):
+      sync_interval             seconds between uploads while the DB changes.
+      retention                 keep snapshots this long; 0 disables the retainer.
+      retention_check_interval  how often retention is enforced.
+      snapshot_interval         take a snapshot this often; 0 = only when needed.
+    """
+
+    def __init__(self, db: Optional[DB], name: str, client: ReplicaClient, *,
+                 sync_interval: float = DEFAULT_SYNC_INTERVAL,
+                 retention: float = DEFAULT_RETENTION,
+                 retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL,
+                 snapshot_interval: float = 0.0,
+                 clock=time.time):
+        self.db = db
+        self.name = name or client.client_type
+        self.client = client
+        self.sync_interval = sync_interval
+        self.retention = retention
+        self.retention_check_interval = retention_check_interval
+        self.snapshot_interval = snapshot_interval
+        self.clock = clock
+        self.pos = Pos()
+        self._mu = threading.Lock()    # one sync or snapshot at a time
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+
+    def _label(self) -> str:
+        return "%s(%s)" % (self.db.name if self.db else "", self.name)
+
+    # Loops -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sync loop, and the retention and snapshot loops if enabled."""
+        self._stop.clear()
+        loops = [("sync", self._monitor)]
+        if self.retention > 0:
+            loops.append(("retention", self._retainer))
+        if self.snapshot_interval > 0:
+            loops.append(("snapshot", self._snapshotter))
+        for kind, fn in loops:
+            t = threading.Thread(target=fn, name="litestream-%s:%s:%s" % (kind, self.db.name, self.name))
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop the loops and wait for them to finish."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    def _monitor(self) -> None:
+        notify = self.db.notify()
+        first = True
+        while not self._stop.is_set():
+            if not first:
+                # At most one upload per sync interval, and only after a change.
+                if self._stop.wait(self.sync_interval):
+                    return
+                while not notify.wait(0.5):
+                    if self._stop.is_set():
+                        return
+            first = False
+            notify = self.db.notify()
+            try:
+                self.sync()
+            except Exception as e:
+                self.db.logger.error("%s: monitor error: %s", self._label(), e)
+
+    def _retainer(self) -> None:
+        interval = min(self.retention_check_interval, self.retention)
+        while not self._stop.wait(interval):
+            try:
+                self.enforce_retention()
+            except NoGenerationError:
+                pass
+            except Exception as e:
+                self.db.logger.error("%s: retainer error: %s", self._label(), e)
+
+    def _snapshotter(self) -> None:
+        # Time the next snapshot from the newest one in the replica, so a
+        # restart does not reset the clock (upstream #479).
+        while True:
+            try:
+                delay = self._next_snapshot_delay()
+            except Exception as e:
+                self.db.logger.error("%s: snapshotter: %s", self._label(), e)
+                delay = self.snapshot_interval
+            if self._stop.wait(delay):
+                return
+            try:
+                if self._next_snapshot_delay() <= 0:
+                    self.snapshot()
+            except NoGenerationError:
+                pass
+            except Exception as e:
+                self.db.logger.error("%s: snapshotter error: %s", self._label(), e)
+
+    def _next_snapshot_delay(self) -> float:
+        gen = self.db.pos().generation
+        if not gen:
+            return min(self.snapshot_interval, 1.0)
+        snaps = self.client.snapshots(gen)
+        if not snaps:
+            return min(self.snapshot_interval, 1.0)
+        newest = max(s.created_at.timestamp() for s in snaps)
+        return max(0.0, newest + self.snapshot_interval - self.clock())
+
+    # Sync --------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Upload the shadow WAL written since the replica's position.
+
+        The position is recomputed from the replica when the generation
+        changes or after any error, so nothing already stored is sent again.
+        """
+        with self._mu:
+            try:
+                self._sync()
+            except BaseException:
+                self.pos = Pos()
+                raise
+
+    def _sync(self) -> None:
+        dpos = self.db.pos()
+        if not dpos.generation:
+            return
+        if self.pos.generation != dpos.generation:
+            if not self.client.snapshots(dpos.generation):
+                self._snapshot()
+            self.pos = self.calc_pos(dpos.generation)
+            self.db.logger.info("%s: replicating to %s position=%s",
+                                self._label(), self.client.client_type, self.pos)
+        while True:
+            rng = self.db.shadow_wal_range(self.pos)
+            if rng is None:
+                return
+            start, end = rng
+            rd = CompressingReader(self.db.read_shadow_chunks(start, end))
+            self.client.write_wal_segment(start, rd)
+            self.pos = Pos(start.generation, start.index, end)
+
+    def calc_pos(self, generation: str) -> Pos:
+        """Return where the replica's copy of a generation ends."""
+        snaps = self.client.snapshots(generation)
+        if not snaps:
+            raise NoSnapshotError()
+        snap = max(snaps, key=lambda s: s.index)
+        segs = [s for s in self.client.wal_segments(generation) if s.index >= snap.index]
+        if not segs:
+            return Pos(generation, snap.index, 0)
+        seg = segs[-1]
+        data = decompress_object(self.client.wal_segment_reader(seg.pos()), self._object_name(seg))
+        return Pos(generation, seg.index, seg.offset + len(data))
+
+    def _object_name(self, info) -> str:
+        if isinstance(info, SnapshotInfo):
+            rel = "generations/%s/snapshots/%s" % (info.generation, format_snapshot_path(info.index))
+        else:
+            rel = "generations/%s/wal/%s" % (info.generation, format_wal_segment_path(info.index, info.offset))
+        return "%s replica %s: %s" % (self.client.client_type, self.name, rel)
+
+    # Snapshot ----------------------------------------------------------------
+
+    def snapshot(self) -> SnapshotInfo:
+        """Write a snapshot of the DB at the current index."""
+        with self._mu:
+            return self._snapshot()
+
+    def _snapshot(self) -> SnapshotInfo:
+        with self.db.begin_snapshot() as src:
+            t0 = time.monotonic()
+            rd = CompressingReader(src.chunks())
+            info = self.client.write_snapshot(src.pos.generation, src.pos.index, rd)
+        self.db.logger.info("%s: snapshot written %s/%08x size=%d compressed=%d elapsed=%.3fs",
+                            self._label(), info.generation, info.index, rd.raw_bytes,
+                            info.size, time.monotonic() - t0)
+        return info
+
+    # Retention ---------------------------------------------------------------
+
+    def enforce_retention(self) -> None:
+        """Delete snapshots and WAL older than the retention window.
+
+        Deletes in an order that keeps the replica restorable throughout:
+        older snapshots first, then within each old index the later segments
+        before its offset-0 one, and never the current generation.
+        """
+        with self._mu:
+            cur = self.db.pos().generation if self.db else ""
+            cutoff = self.clock() - self.retention
+            gens = self.client.generations()
+            snaps = {g: self.client.snapshots(g) for g in gens}
+            retained = [s for g in gens for s in snaps[g] if s.created_at.timestamp() >= cutoff]
+            if not retained and cur:
+                info = self._snapshot()
+                retained.append(info)
+                snaps.setdefault(info.generation, []).append(info)
+                if info.generation not in gens:
+                    gens.append(info.generation)
+            for g in gens:
+                keep = [s for s in retained if s.generation == g]
+                if not keep:
+                    if g in (cur, self.pos.generation):
+                        continue
+                    self.client.delete_generation(g)
+                    self.db.logger.info("%s: generation deleted %s", self._label(), g)
+                    continue
+                lo = min(s.index for s in keep)
+                for s in snaps[g]:
+                    if s.index < lo:
+                        self.client.delete_snapshot(g, s.index)
+                old = [w.pos() for w in self.client.wal_segments(g) if w.index < lo]
+                if old:
+                    self.client.delete_wal_segments([p for p in old if p.offset != 0])
+                    self.client.delete_wal_segments([p for p in old if p.offset == 0])
+                    self.db.logger.info("%s: wal segments deleted below index %08x in %s: %d",
+                                        self._label(), lo, g, len(old))
+
+
+###############################################################################
+# Restore
+###############################################################################
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """What to restore: generation "" = latest, index None = all, timestamp None = latest."""
+
+    output_path: str
+    generation: str = ""
+    index: Optional[int] = None
+    timestamp: Optional[datetime.datetime] = None
+    parallelism: int = DEFAULT_RESTORE_PARALLELISM
+
+
+def generation_time_bounds(client: ReplicaClient, generation: str) -> "tuple[datetime.datetime, datetime.datetime]":
+    """Return the (oldest, newest) object timestamps of a generation."""
+    times = [s.created_at for s in client.snapshots(generation)]
+    times += [w.created_at for w in client.wal_segments(generation)]
+    if not times:
+        raise NoSnapshotError()
+    return min(times), max(times)
+
+
+def calc_restore_target(replicas: "List[Replica]", generation: str = "",
+                        timestamp: Optional[datetime.datetime] = None) -> "tuple[Optional[Replica], str]":
+    """Pick the replica and generation to restore from, as Go does.
+
+    The generation whose newest object is newest wins (ties: first replica,
+    then first generation); with a timestamp, only generations whose time
+    span contains it are candidates.
+    """
+    best, best_gen, best_t = None, "", None
+    for r in replicas:
+        for g in r.client.generations():
+            if generation and g != generation:
+                continue
+            try:
+                lo, hi = generation_time_bounds(r.client, g)
+            except NoSnapshotError:
+                continue
+            if timestamp is not None and not (lo <= timestamp <= hi):
+                continue
+            if best_t is None or hi > best_t:
+                best, best_gen, best_t = r, g, hi
+    return best, best_gen
+
+
+def _choose_snapshot(snaps: List[SnapshotInfo], opt: RestoreOptions) -> SnapshotInfo:
+    # By index, not by timestamp (format note §12.6-12.7): the highest index
+    # at or below the target, among those written by the target time.
+    cands = snaps
+    if opt.index is not None:
+        cands = [s for s in cands if s.index <= opt.index]
+    if opt.timestamp is not None:
+        cands = [s for s in cands if s.created_at <= opt.timestamp]
+    if not cands:
+        raise NoSnapshotError()
+    return max(cands, key=lambda s: s.index)
+
+
+def _plan_wal(segs: List[WALSegmentInfo], snap: SnapshotInfo, opt: RestoreOptions, name) -> "List[List[WALSegmentInfo]]":
+    """Group the segments to replay after snap by index, checking for gaps."""
+    by_index: "dict[int, List[WALSegmentInfo]]" = {}
+    for s in segs:
+        # Indices below the snapshot are not needed, so a broken one left by
+        # retention cannot spoil the restore (format note §12.4).
+        if s.index < snap.index:
+            continue
+        if opt.timestamp is not None and s.created_at > opt.timestamp:
+            break
+        if opt.index is not None and s.index > opt.index:
+            break
+        by_index.setdefault(s.index, []).append(s)
+    if not by_index:
+        return []
+    plan = []
+    for i in range(snap.index, max(by_index) + 1):
+        group = by_index.get(i)
+        if not group:
+            raise LitestreamError("missing WAL index %s/%08x: cannot replay past a gap"
+                                  % (snap.generation, i))
+        if group[0].offset != 0:
+            raise LitestreamError("missing initial wal segment: %s" % name(group[0]))
+        plan.append(group)
+    return plan
+
+
+def _count_committed_frames_file(path: str, page_size: int) -> int:
+    """Return how many frames of a WAL file lie up to its last commit frame."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        hdr = parse_wal_header(os.pread(fd, WAL_HEADER_SIZE, 0))
+        if hdr.page_size != page_size:
+            raise CorruptFrameError("wal page size %d does not match database page size %d"
+                                    % (hdr.page_size, page_size))
+        salt = struct.pack(">II", hdr.salt1, hdr.salt2)
+        fs = page_size + WAL_FRAME_HEADER_SIZE
+        n = (os.fstat(fd).st_size - WAL_HEADER_SIZE) // fs
+        last = 0
+        for i in range(n):
+            fh = os.pread(fd, WAL_FRAME_HEADER_SIZE, WAL_HEADER_SIZE + i * fs)
+            if fh[8:16] != salt:
+                break
+            if fh[4:8] != b"\0\0\0\0":
+                last = i + 1
+        return last
+
+
+def _remove_quietly(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> None:
+    """Restore opt.generation of a replica to opt.output_path.
+
+    Everything is built in a temp file beside the output: the snapshot,
+    then each WAL index applied in order by SQLite, then integrity_check.
+    Only a database that passed is linked into place, and never over an
+    existing file.  Temp files are removed whatever happens.
+    """
+    client = replica.client
+    out = os.path.abspath(opt.output_path)
+    if os.path.lexists(out):
+        raise LitestreamError("cannot restore, output path already exists: %s" % out)
+    if not opt.generation:
+        raise LitestreamError("generation required")
+    name = replica._object_name
+
+    snap = _choose_snapshot(client.snapshots(opt.generation), opt)
+    plan = _plan_wal(client.wal_segments(opt.generation), snap, opt, name)
+
+    d = os.path.dirname(out)
+    os.makedirs(d, exist_ok=True)
+    tmp = "%s.tmp-%s" % (out, secrets.token_hex(4))
+    staged: "dict[int, str]" = {}
+    try:
+        log.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation, snap.index, tmp)
+        rd = client.snapshot_reader(snap.generation, snap.index)
+        try:
+            fr = LZ4FrameReader(rd)
+            with open(tmp, "xb") as f:
+                while True:
+                    try:
+                        b = fr.read(4 << 20)
+                    except CorruptFrameError as e:
+                        raise CorruptFrameError("%s: %s" % (name(snap), e)) from e
+                    if not b:
+                        break
+                    f.write(b)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            rd.close()
+        with open(tmp, "rb") as f:
+            head = f.read(100)
+        if not head.startswith(b"SQLite format 3\0"):
+            raise CorruptFrameError("%s: not a SQLite database" % name(snap))
+        page_size = struct.unpack(">H", head[16:18])[0]
+        page_size = 65536 if page_size == 1 else page_size
+
+        if plan:
+            _apply_wal_plan(replica, plan, tmp, page_size, opt.parallelism, staged, progress)
+
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        finally:
+            conn.close()
+        if rows != ["ok"]:
+            raise LitestreamError("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
+        _remove_quietly(tmp + "-wal", tmp + "-shm")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, out)  # Fails if out appeared meanwhile: never overwrite.
+        except FileExistsError:
+            raise LitestreamError("cannot restore, output path already exists: %s" % out) from None
+        except OSError:
+            if os.path.lexists(out):
+                raise LitestreamError("cannot restore, output path already exists: %s" % out) from None
+            os.rename(tmp, out)  # Filesystems without hard links.
+        fsync_dir(d)
+        log.info("%s: restored to %s", replica._label(), out)
+    finally:
+        _remove_quietly(tmp, tmp + "-wal", tmp + "-shm", *staged.values())
+
+
+def _apply_wal_plan(replica, plan, tmp, page_size, parallelism, staged, progress) -> None:
+    """Download indices in parallel (a bounded window ahead) and apply them in order."""
+    import concurrent.futures as cf
+
+    client = replica.client
+    name = replica._object_name
+
+    def fetch(group):
+        path = "%s-%08x-wal" % (tmp, group[0].index)
+        staged[group[0].index] = path
+        ends = []
+        with open(path, "wb") as f:
+            off = 0
+            for seg in group:
+                if seg.offset != off:
+                    raise LitestreamError("wal segments not contiguous: expected offset %d, found %s"
+                                          % (off, name(seg)))
+                data = decompress_object(client.wal_segment_reader(seg.pos()), name(seg))
+                if not data:
+                    raise CorruptFrameError("%s: empty wal segment" % name(seg))
+                f.write(data)
+                off += len(data)
+                ends.append((off, seg))
+        return path, ends
+
+    parallelism = max(1, parallelism)
+    with cf.ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="litestream-restore") as ex:
+        futures = {}
+        nxt = 0
+        for i, group in enumerate(plan):
+            # Keep at most `parallelism` indices staged on disk at once.
+            while nxt < len(plan) and nxt < i + parallelism:
+                futures[nxt] = ex.submit(fetch, plan[nxt])
+                nxt += 1
+            try:
+                path, ends = futures.pop(i).result()
+            except BaseException:
+                for fut in futures.values():
+                    fut.cancel()
+                raise
+            _apply_wal(tmp, path, page_size, ends, name)
+            staged.pop(group[0].index, None)
+            if progress:
+                progress(i + 1, len(plan))
+
+
+def _apply_wal(db_path: str, wal_file: str, page_size: int, ends, name) -> None:
+    """Checkpoint one WAL index into the database through SQLite."""
+    expect = _count_committed_frames_file(wal_file, page_size)
+    os.replace(wal_file, db_path + "-wal")
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=5)
+    try:
+        busy, n_log, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if n_log != expect:
+            # SQLite stops at the first frame whose checksum breaks the chain.
+            off = calc_wal_size(page_size, n_log)
+            bad = next((seg for end, seg in ends if end > off), ends[-1][1])
+            raise ChecksumMismatchError("invalid replica, checksum mismatch in %s: SQLite accepted "
+                                        "%d of %d committed frames" % (name(bad), n_log, expect))
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy != 0:
+            raise LitestreamError("restore: wal checkpoint busy")
+    finally:
+        conn.close()
+
+
+###############################################################################
+# Config
+###############################################################################
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """One replica of a DB, from a [replica:DB:NAME] section, a URL or a path.
+
+    Fields are the INI keys in snake_case, resolved at load time: type comes
+    from the url scheme, else the type key, else "file".  A file replica's
+    path is absolute.  For an s3 url, host is the URL host as written (the
+    S3 client's parse_s3_host derives bucket, region and endpoint from it;
+    fields set here win) and path is the key prefix.  force_path_style
+    defaults to true when endpoint is set.  retention <= 0 disables
+    retention; snapshot_interval and validation_interval 0 mean off.
+    """
+
+    name: str = ""
+    type: str = "file"
+    url: str = ""
+    host: str = ""
+    path: str = ""
+    retention: float = DEFAULT_RETENTION
+    retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
+    snapshot_interval: float = 0.0
+    validation_interval: float = 0.0
+    bucket: str = ""
+    region: str = ""
+    endpoint: str = ""
+    force_path_style: bool = False
+    skip_verify: bool = False
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    sse: str = ""
+    sse_kms_key_id: str = ""
+    sse_c_key: str = ""
+    ca_bundle: str = ""
+    sign_payload: bool = True
+    part_size: int = DEFAULT_S3_PART_SIZE
+    concurrency: int = DEFAULT_S3_CONCURRENCY
+    max_retries: int = DEFAULT_S3_MAX_RETRIES
+
+
+@dataclass(frozen=True)
+class DBConfig:
+    """One database from a [db:NAME] section (or the replicate CLI arguments).
+
+    path is absolute.  meta_path "" means "<dir>/.<file>-litestream".
+    monitor_interval 0 disables the sync loop, checkpoint_interval 0 the
+    timed checkpoint, and max_checkpoint_page_count 0 the RESTART checkpoint.
+    """
+
+    name: str
+    path: str
+    meta_path: str = ""
+    monitor_interval: float = DEFAULT_MONITOR_INTERVAL
+    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    min_checkpoint_page_count: int = DEFAULT_MIN_CHECKPOINT_PAGE_N
+    max_checkpoint_page_count: int = DEFAULT_MAX_CHECKPOINT_PAGE_N
+    replicas: Tuple[ReplicaConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration: [litestream] keys and the databases.
+
+    log_level is normalized to DEBUG, INFO, WARN or ERROR.  config_path is
+    the file it was read from ("" in CLI mode).
+    """
+
+    addr: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    exec: str = ""
+    log_level: str = "INFO"
+    log_stderr: bool = False
+    log_type: str = "text"
+    dbs: Tuple[DBConfig, ...] = ()
+    config_path: str = ""
+
+    def db_config(self, path: str) -> Optional[DBConfig]:
+        """Return the DB whose path is path (after ~ and abspath), as Go's Config.DBConfig."""
+        path = _abspath(path)
+        return next((db for db in self.dbs if db.path == path), None)
+
+
+def default_config_path() -> str:
+    """Return $LITESTREAM_CONFIG, or /etc/litestream.ini when it is unset or empty."""
+    return os.environ.get("LITESTREAM_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+_DURATION_UNITS = {"ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6,
+                   "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9}
+_DURATION_PART = r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h|d)"
+_DURATION_RE = re.compile(r"([-+]?)((?:%s)+)" % _DURATION_PART, re.ASCII)
+_DURATION_PART_RE = re.compile(_DURATION_PART, re.ASCII)
+
+
+def parse_duration(s: str) -> float:
+    """Return the seconds in a Go duration string such as "1h30m" or "500ms".
+
+    The syntax is Go's time.ParseDuration (units ns, us, µs, ms, s, m, h; an
+    optional sign; fractions) plus d for 24-hour days.  A number without a
+    unit is a ValueError, except "0".
+    """
+    m = _DURATION_RE.fullmatch(s)
+    if m is None:
+        if s in ("0", "+0", "-0"):
+            return 0.0
+        bare = re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", s, re.ASCII)
+        raise ValueError("invalid duration %r (%sexpected e.g. 1s, 500ms, 1h30m, 2d)"
+                         % (s, "missing unit; " if bare else ""))
+    # Sum whole nanoseconds, as Go does, so "300us" is exactly 300000ns.
+    ns = sum(int(decimal.Decimal(num) * _DURATION_UNITS[unit])
+             for num, unit in _DURATION_PART_RE.findall(m.group(2)))
+    return (-ns if m.group(1) == "-" else ns) / 1e9
+
+
+# After "$": "$" (ours), "{NAME}", an unclosed "{", one special character
+# or digit, or a run of letters, digits and "_" (Go's os.getShellName).
+_ENV_RE = re.compile(r"\$(\$|\{[^}]*\}|\{|[*#$@!?\-0-9]|\w+)", re.ASCII)
+
+
+def expand_env(text: str, env: Optional[Mapping[str, str]] = None) -> str:
+    """Replace $VAR and ${VAR} in text with their values in env (default os.environ).
+
+    This is Go's os.ExpandEnv: an unset variable becomes "", "${}" and an
+    unclosed "${" are dropped, and a "$" before anything else stays.  One
+    addition: "$$" is a literal "$" (Go reads it as the unset variable "$"
+    and produces ""), so a secret can still contain a dollar sign.
+    """
+    env = os.environ if env is None else env
+
+    def value(m):
+        name = m.group(1)
+        if name == "$":
+            return "$"
+        if name.startswith("{"):
+            name = name[1:-1] if name.endswith("}") else ""
+        return env.get(name, "") if name else ""
+
+    return _ENV_RE.sub(value, text)
+
+
+# load_config's expand_env flag hides the function inside it.
+_expand_env = expand_env
+
+_URL_RE = re.compile(r"^\w+://", re.ASCII)
+
+
+def is_url(s: str) -> bool:
+    """Report whether s looks like a URL ("scheme://…"), as Go's isURL."""
+    return bool(_URL_RE.match(s))
+
+
+def _clean(p):
+    # Go's path.Clean; posixpath.normpath alone keeps a leading "//".
+    p = posixpath.normpath(p or ".")
+    return "/" + p.lstrip("/") if p.startswith("//") else p
+
+
+def parse_replica_url(url: str) -> Tuple[str, str, str, Dict[str, str]]:
+    """Return (scheme, host, path, query) of a replica URL, as Go's ParseReplicaURL.
+
+    file:///a/b gives path "/a/b" (file://a/b gives "/a/b" too, as in Go).
+    Other schemes give the cleaned path without its leading "/", and ""
+    for the bucket root where Go gives ".".  Percent-escapes are decoded.
+    query maps each query parameter to its value; a repeated one is an error.
+    """
+    try:
+        u = urllib.parse.urlsplit(url)
+        u.port  # A non-numeric port raises ValueError here.
+        pairs = urllib.parse.parse_qsl(u.query, keep_blank_values=True, strict_parsing=True) if u.query else []
+    except ValueError as e:
+        raise ConfigError("invalid replica url %r: %s" % (url, e)) from None
+    if not u.scheme:
+        raise ConfigError("replica url scheme required: %s" % url)
+    if not is_url(url):
+        raise ConfigError("invalid replica url %r (expected SCHEME://HOST/PATH)" % url)
+    query = {}
+    for key, value in pairs:
+        if key in query:
+            raise ConfigError("replica url %r: query parameter %r given twice" % (url, key))
+        query[key] = value
+    host = u.netloc.rpartition("@")[2]
+    path = urllib.parse.unquote(u.path)
+    if u.scheme == "file":
+        path, host = _clean("//" + host + path if host else path), ""
+    else:
+        path = _clean(path)
+        path = path[1:] if path.startswith("/") else path
+    return u.scheme, host, "" if path in (".", "/") else path, query
+
+
+def _abspath(v):
+    return os.path.abspath(os.path.expanduser(v))
+
+
+def _bool(v):
+    b = configparser.ConfigParser.BOOLEAN_STATES.get(v.lower())
+    if b is None:
+        raise ValueError("invalid boolean %r (expected true or false)" % v)
+    return b
+
+
+def _duration(strict=False):
+    # Durations that must be >= 0, or > 0 when strict.
+    def convert(v):
+        d = parse_duration(v)
+        if d <= 0 if strict else d < 0:
+            raise ValueError("duration %r must be %s" % (v, "greater than 0" if strict else "0 (off) or more"))
+        return d
+    return convert
+
+
+def _int(lo):
+    def convert(v):
+        if not re.fullmatch(r"[-+]?\d+", v, re.ASCII) or int(v) < lo:
+            raise ValueError("invalid value %r (expected an integer >= %d)" % (v, lo))
+        return int(v)
+    return convert
+
+
+def _choice(*choices):
+    def convert(v):
+        if v not in choices:
+            raise ValueError("invalid value %r (expected %s)" % (v, " or ".join(choices)))
+        return v
+    return convert
+
+
+def _log_level(v):
+    level = {"WARNING": "WARN"}.get(v.upper(), v.upper())
+    if level not in ("DEBUG", "INFO", "WARN", "ERROR"):
+        raise ValueError("invalid log level %r (expected DEBUG, INFO, WARN or ERROR)" % v)
+    return level
+
+
+def _addr(v):
+    if not re.fullmatch(r".*:\d+", v, re.ASCII):
+        raise ValueError("invalid address %r (expected HOST:PORT, e.g. :9090)" % v)
+    return v
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _part_size(v):
+    m = re.fullmatch(r"(\d+)\s*([a-z]*)", v, re.ASCII | re.IGNORECASE)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("invalid size %r (expected bytes, or a number with KiB, MiB, GiB, KB, MB or GB)" % v)
+    n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if not 5 * 2**20 <= n <= 5 * 2**30:
+        raise ValueError("part size %r out of range (S3 takes 5MiB to 5GiB)" % v)
+    return n
+
+
+def _sse_c_key(v):
+    try:
+        ok = len(base64.b64decode(v, validate=True)) == 32
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("invalid sse-c-key (expected the base64 of a 32-byte key)")
+    return v
+
+
+_GLOBAL_KEYS = {
+    "addr": _addr, "access-key-id": str, "secret-access-key": str, "exec": str,
+    "log-level": _log_level, "log-stderr": _bool, "log-type": _choice("text", "json"),
+}
+_DB_KEYS = {
+    "path": _abspath, "meta-path": _abspath, "replica": str,
+    "monitor-interval": _duration(), "checkpoint-interval": _duration(),
+    "min-checkpoint-page-count": _int(1), "max-checkpoint-page-count": _int(0),
+}
+_S3_KEYS = {
+    "bucket": str, "region": str, "endpoint": str, "force-path-style": _bool,
+    "skip-verify": _bool, "access-key-id": str, "secret-access-key": str,
+    "sse": _choice("AES256", "aws:kms"), "sse-kms-key-id": str, "sse-c-key": _sse_c_key,
+    "ca-bundle": _abspath, "sign-payload": _bool, "part-size": _part_size,
+    "concurrency": _int(1), "max-retries": _int(0),
+}
+_REPLICA_KEYS = dict({
+    "type": str, "url": str, "path": str, "retention": parse_duration,
+    "retention-check-interval": _duration(strict=True),
+    "sync-interval": _duration(strict=True),
+    "snapshot-interval": _duration(), "validation-interval": _duration(),
+}, **_S3_KEYS)
+# S3 keys that may also come in an s3:// URL's query; credentials may not.
+_URL_QUERY_KEYS = sorted(set(_S3_KEYS) - {"bucket", "access-key-id", "secret-access-key", "sse-c-key"})
+_UNSUPPORTED_KEYS = {"account-name": "abs", "account-key": "abs", "host": "sftp",
+                     "user": "sftp", "password": "sftp", "key-path": "sftp"}
+
+
+def _did_you_mean(word, choices):
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return " (did you mean %r?)" % close[0] if close else ""
+
+
+def _unknown_key(key, schema):
+    if key == "age" or key.startswith(("age-", "age.", "age_")):
+        return "client-side age encryption is not supported by litestream.py (use sse or sse-c-key)"
+    if key in _UNSUPPORTED_KEYS and "type" in schema:
+        return "%s replicas are not supported by litestream.py" % _UNSUPPORTED_KEYS[key]
+    return "unknown key" + _did_you_mean(key, schema)
+
+
+def _convert(raw, schema, loc):
+    # Check and convert raw {key: text} to {field: value}; "" means the default.
+    out = {}
+    for key, text in raw.items():
+        if key not in schema:
+            raise ConfigError("%s: %s" % (loc(key), _unknown_key(key, schema)))
+        try:
+            if text != "":
+                out[key.replace("-", "_")] = schema[key](text)
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (loc(key), e)) from None
+    return out
+
+
+def _check_type(typ):
+    if typ in ("gcs", "abs", "sftp"):
+        raise ValueError("replica type %r is not supported by litestream.py (expected file or s3)" % typ)
+    if typ not in ("file", "s3"):
+        raise ValueError("unknown replica type %r (expected file or s3)" % typ)
+
+
+def _replica_config(raw, name, loc):
+    # Build one ReplicaConfig from its raw keys; an empty name means the type.
+    f = _convert(raw, _REPLICA_KEYS, loc)
+    url, typ, host, upath = f.get("url", ""), f.get("type", ""), "", ""
+    # Derive the type as Go does: the url's scheme, else type, else file.
+    if url:
+        try:
+            scheme, host, upath, query = parse_replica_url(url)
+            _check_type(scheme)
+            if typ and typ != scheme:
+                raise ValueError("type %r conflicts with the url scheme %r" % (typ, scheme))
+        except (ConfigError, ValueError) as e:
+            raise ConfigError("%s: %s" % (loc("url"), e)) from None
+        for key in ("path", "bucket"):
+            if key in f:
+                raise ConfigError("%s: cannot be combined with url (put it in the url)" % loc(key))
+        for key in query:
+            if scheme != "s3":
+                raise ConfigError("%s: query parameters are only valid in s3 urls" % loc("url"))
+            if key not in _URL_QUERY_KEYS:
+                raise ConfigError("%s: unknown query parameter %r%s"
+                                  % (loc("url"), key, _did_you_mean(key, _URL_QUERY_KEYS)))
+            if raw.get(key):
+                raise ConfigError("%s: set both as a key and in the url query" % loc(key))
+        f.update(_convert(query, _REPLICA_KEYS, lambda key: "%s query parameter %s" % (loc("url"), key)))
+        typ = scheme
+    else:
+        typ = typ or "file"
+        try:
+            _check_type(typ)
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (loc("type"), e)) from None
+    if typ == "file":
+        for key in raw:
+            if key in _S3_KEYS and raw[key]:
+                raise ConfigError("%s: only valid for s3 replicas" % loc(key))
+    if is_url(f.get("path", "")):
+        raise ConfigError("%s: looks like a url (use url = %s)" % (loc("path"), f["path"]))
+    path = f.get("path", upath)
+    if typ == "file":
+        if not path:
+            raise ConfigError("%s: required for a file replica (or url = file:///DIR)" % loc("path"))
+        path = _abspath(path)
+    elif not host and not f.get("bucket"):
+        raise ConfigError("%s: required for an s3 replica (or url = s3://BUCKET/PATH)" % loc("bucket"))
+    f.setdefault("force_path_style", bool(f.get("endpoint")))
+    if f.get("sse") and f.get("sse_c_key"):
+        raise ConfigError("%s: cannot be combined with sse" % loc("sse-c-key"))
+    if f.get("sse_kms_key_id") and f.get("sse") != "aws:kms":
+        raise ConfigError("%s: requires sse = aws:kms" % loc("sse-kms-key-id"))
+    f.update(name=name or typ, type=typ, host=host, path=path)
+    return ReplicaConfig(**f)
+
+
+def _read_ini(filename):
+    try:
+        with open(os.path.expanduser(filename), encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError("config file not found: %s" % filename) from None
+    except OSError as e:
+        raise ConfigError("%s: cannot read config file: %s" % (filename, e.strerror)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("%s: cannot read config file: not UTF-8 text (%s)" % (filename, e.reason)) from None
+    # default_section is one no header can name: [DEFAULT] would otherwise
+    # copy its keys into every section.
+    parser = configparser.ConfigParser(interpolation=None, strict=True, default_section="\0",
+                                       delimiters=("=",), inline_comment_prefixes=(";", "#"))
+    parser.optionxform = str  # Keys are case-sensitive, as in Go's YAML.
+    try:
+        parser.read_string(text, source=filename)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError("%s:%s: [%s]: duplicate section" % (filename, e.lineno, e.section)) from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError("%s:%s: [%s] %s: duplicate key" % (filename, e.lineno, e.section, e.option)) from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError("%s:%d: %r comes before any [section] header"
+                          % (filename, e.lineno, e.line.strip())) from None
+    except configparser.ParsingError as e:
+        lineno = e.errors[0][0]
+        line = text.splitlines()[lineno - 1].strip()
+        raise ConfigError("%s:%d: cannot parse %r (expected 'key = value' or '[section]')"
+                          % (filename, lineno, line)) from None
+    return parser
+
+
+def load_config(path: str, expand_env: bool = True, env: Optional[Mapping[str, str]] = None) -> Config:
+    """Read an INI config file into a Config, as Go's ReadConfigFile reads YAML.
+
+    Sections are [litestream], [db:NAME] and [replica:DB:NAME]; keys are
+    Go's YAML keys.  Unless expand_env is false, $VAR and ${VAR} in values
+    (not keys or section names) are replaced from env (default os.environ).
+    An empty value means the key's default.  Relative paths are taken from
+    the current directory, as in Go.  Raises ConfigError naming FILE:[SECTION] KEY.
+    """
+    parser = _read_ini(path)
+    glob, dbs, replicas = {}, {}, []
+    for section in parser.sections():
+        raw = {k: _expand_env(v, env) if expand_env else v for k, v in parser.items(section)}
+        kind, _, rest = section.partition(":")
+        parts = rest.split(":")
+        if section == "litestream":
+            glob = raw
+        elif kind == "db" and rest and len(parts) == 1:
+            dbs[rest] = raw
+        elif kind == "replica" and len(parts) == 2 and all(parts):
+            replicas.append((section, parts[0], parts[1], raw))
+        else:
+            hint = {"db": " (expected [db:NAME], NAME without ':')",
+                    "replica": " (expected [replica:DB:NAME])"}.get(kind)
+            candidates = ["litestream", "db:" + rest, "replica:" + rest]
+            raise ConfigError("%s:[%s]: unknown section%s"
+                              % (path, section, hint or _did_you_mean(section, candidates)))
+
+    def loc(section):
+        return lambda key: "%s:[%s] %s" % (path, section, key)
+
+    g = _convert(glob, _GLOBAL_KEYS, loc("litestream"))
+    by_db = {name: [] for name in dbs}
+    for name, raw in dbs.items():
+        value = raw.get("replica")
+        if value:
+            rc = _replica_config({"url" if is_url(value) else "path": value}, "",
+                                 lambda _, where=loc("db:" + name)("replica"): where)
+            by_db[name].append(("db:" + name, "replica", rc))
+    for section, dbname, rname, raw in replicas:
+        if dbname not in dbs:
+            raise ConfigError("%s:[%s]: no [db:%s] section%s" % (path, section, dbname, _did_you_mean(dbname, dbs)))
+        by_db[dbname].append((section, "", _replica_config(raw, rname, loc(section))))
+
+    db_configs, seen_paths = [], {}
+    for name, raw in dbs.items():
+        where = loc("db:" + name)
+        f = _convert({k: v for k, v in raw.items() if k != "replica"}, _DB_KEYS, where)
+        if "path" not in f:
+            raise ConfigError("%s: required" % where("path"))
+        if f["path"] in seen_paths:
+            raise ConfigError("%s: %s is also the path of [db:%s]"
+                              % (where("path"), f["path"], seen_paths[f["path"]]))
+        seen_paths[f["path"]] = name
+        rcs, names = [], set()
+        for section, key, rc in by_db[name]:
+            if rc.name in names:
+                raise ConfigError("%s:[%s]%s: duplicate replica name %r in db %r"
+                                  % (path, section, " " + key if key else "", rc.name, name))
+            names.add(rc.name)
+            # Copy the global credentials to s3 replicas that have none, as Go.
+            if rc.type == "s3":
+                rc = replace(rc, access_key_id=rc.access_key_id or g.get("access_key_id", ""),
+                             secret_access_key=rc.secret_access_key or g.get("secret_access_key", ""))
+                if bool(rc.access_key_id) != bool(rc.secret_access_key):
+                    missing = "secret-access-key" if rc.access_key_id else "access-key-id"
+                    raise ConfigError("%s:[%s] %s: required when the other S3 key is set" % (path, section, missing))
+            rcs.append(rc)
+        db_configs.append(DBConfig(name=name, replicas=tuple(rcs), **f))
+    return Config(dbs=tuple(db_configs), config_path=path, **g)
+
+
+def config_from_cli(db_path: str, replica_urls: Sequence[str]) -> Config:
+    """Return the Config of `replicate DB_PATH REPLICA_URL...` (Go's CLI mode).
+
+    Each replica is a URL or a directory path with default settings.  The DB
+    is named by its absolute path; replicas are named by type, and a second
+    replica of the same type is "<type>-2", then "<type>-3" (Go refuses
+    the duplicate name instead).
+    """
+    if not replica_urls:
+        raise ConfigError("must specify at least one replica URL for %s" % db_path)
+    path, replicas, counts = _abspath(db_path), [], {}
+    for url in replica_urls:
+        raw = {"url" if is_url(url) else "path": url}
+        rc = _replica_config(raw, "", lambda _, url=url: "replica %s" % url)
+        counts[rc.type] = n = counts.get(rc.type, 0) + 1
+        replicas.append(replace(rc, name="%s-%d" % (rc.type, n)) if n > 1 else rc)
+    return Config(dbs=(DBConfig(name=path, path=path, replicas=tuple(replicas)),))
+
+
+def new_replica_client_from_config(rc: "ReplicaConfig") -> ReplicaClient:
+    """Return the storage client a replica config describes."""
+    if rc.type == "file":
+        return FileReplicaClient(rc.path)
+    if rc.type == "s3" and "S3ReplicaClient" in globals():
+        return globals()["S3ReplicaClient"].from_config(rc)
+    raise ConfigError("replica %s: type %r is not supported yet" % (rc.name or rc.url, rc.type))
+
+
+def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
+    """Return a Replica for a replica config (Go's NewReplicaFromConfig)."""
+    return Replica(db, rc.name or rc.type, new_replica_client_from_config(rc),
+                   sync_interval=rc.sync_interval, retention=rc.retention,
+                   retention_check_interval=rc.retention_check_interval,
+                   snapshot_interval=rc.snapshot_interval)
+
+
+def new_db_from_config(dc: "DBConfig") -> DB:
+    """Return a DB with its replicas for a DB config (Go's NewDBFromConfig)."""
+    db = DB(dc.path, name=dc.name, meta_path=dc.meta_path,
+            monitor_interval=dc.monitor_interval,
+            checkpoint_interval=dc.checkpoint_interval,
+            min_checkpoint_page_n=dc.min_checkpoint_page_count,
+            max_checkpoint_page_n=dc.max_checkpoint_page_count)
+    db.replicas = [new_replica_from_config(db, rc) for rc in dc.replicas]
+    return db
+
+
+###############################################################################
+# CLI
+###############################################################################
+
+_GO_TIME = "%Y/%m/%d %H:%M:%S"
+
+
+class _CLIError(LitestreamError):
+    """A usage error: printed on one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that suggest the closest flag."""
+
+    def error(self, message):
+        m = re.search(r"unrecognized arguments: (\S+)", message)
+        if m:
+            flags = sorted({o for sp in [self] + [c for a in self._actions
+                                                 for c in getattr(a, "choices", None) and
+                                                 isinstance(a.choices, dict) and a.choices.values() or ()]
+                            for a in sp._actions for o in a.option_strings
+                            if o.startswith("-") and not o.startswith("--")})
+            hint = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1)
+            message = "unknown flag %s%s" % (m.group(1), " (did you mean %s?)" % hint[0] if hint else "")
+        raise _CLIError("%s: %s" % (self.prog, message))
+
+
+def _setup_logging(level: str = "INFO", stderr: bool = False) -> None:
+    root = logging.getLogger("litestream")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", _GO_TIME))
+    root.addHandler(h)
+    root.setLevel({"WARN": logging.WARNING}.get(level.upper(), getattr(logging, level.upper(), logging.INFO)))
+    root.propagate = False
+
+
+def _load(args) -> "Config":
+    return load_config(args.config or default_config_path(), expand_env=not args.no_expand_env)
+
+
+def _replicas_for(args) -> "tuple[List[Replica], Optional[DBConfig]]":
+    """Return the replicas named by a command's DB path or replica URL."""
+    target = args.target
+    if is_url(target):
+        if args.config:
+            raise _CLIError("cannot specify a replica URL and the -config flag")
+        rc = config_from_cli("/nonexistent-litestream-db", [target]).dbs[0].replicas[0]
+        rc = replace(rc, name=rc.type)
+        return [new_replica_from_config(None, rc)], None
+    cfg = _load(args)
+    dc = cfg.db_config(target)
+    if dc is None:
+        raise LitestreamError("database not found in config: %s" % os.path.abspath(target))
+    db = new_db_from_config(dc)
+    reps = db.replicas
+    if getattr(args, "replica", ""):
+        reps = [r for r in reps if r.name == args.replica]
+        if not reps:
+            names = [r.name for r in db.replicas]
+            hint = difflib.get_close_matches(args.replica, names, n=1)
+            raise LitestreamError("replica %r not found for %s%s" % (
+                args.replica, dc.path, " (did you mean %r?)" % hint[0] if hint else ""))
+    return reps, dc
+
+
+def _table(rows: List[List[str]], out) -> None:
+    """Print rows as Go's tabwriter does (padding 2)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("".join(c.ljust(w + 2) if i < len(r) - 1 else c for i, (c, w) in enumerate(zip(r, widths))).rstrip() + "\n")
+
+
+def _fmt_time(t: datetime.datetime) -> str:
+    return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_timestamp(s: str) -> datetime.datetime:
+    v = s.strip()
+    if v.endswith(("Z", "z")):
+        v = v[:-1] + "+00:00"
+    m = re.match(r"^(\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d)(\.\d+)?([+-]\d\d:\d\d)$", v)
+    if not m:
+        raise _CLIError("invalid -timestamp, must specify in ISO 8601 format (e.g. 2000-01-01T00:00:00Z)")
+    frac = (m.group(2) or "")[:7].ljust(7, "0")[1:] if m.group(2) else ""
+    t = datetime.datetime.fromisoformat(m.group(1).replace("t", "T") + ("." + frac if frac else "") + m.group(3))
+    return t.astimezone(datetime.timezone.utc)
+
+
+def cmd_replicate(args) -> int:
+    if args.target:
+        if args.config:
+            raise _CLIError("cannot specify a replica URL and the -config flag")
+        if len(args.target) < 2:
+            raise _CLIError("must specify at least one replica URL for %s" % args.target[0])
+        cfg = config_from_cli(args.target[0], args.target[1:])
+    else:
+        cfg = _load(args)
+    _setup_logging(cfg.log_level, cfg.log_stderr)
+    if not cfg.dbs:
+        raise ConfigError("no databases specified in configuration")
+    exec_cmd = args.exec if args.exec is not None else cfg.exec
+
+    stop = threading.Event()
+    got = []
+
+    def on_signal(signum, frame):
+        got.append(signum)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    dbs = [new_db_from_config(dc) for dc in cfg.dbs]
+    child = None
+    code = 0
+    try:
+        for db in dbs:
+            db.open()
+            for r in db.replicas:
+                log.info("%s(%s): replicating to: type=%s path=%s", db.name, r.name, r.client.client_type,
+                         getattr(r.client, "path", ""))
+                r.start()
+        if exec_cmd:
+            import shlex
+            import subprocess
+            child = subprocess.Popen(shlex.split(exec_cmd))
+        while not stop.wait(1.0 if child else None):
+            if child is not None and child.poll() is not None:
+                code = child.returncode
+                log.info("subprocess exited with code %d, litestream shutting down", code)
+                break
+        else:
+            log.info("signal received, litestream shutting down")
+            if child is not None and child.poll() is None:
+                child.send_signal(got[0] if got else signal.SIGTERM)
+                code = child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for db in dbs:
+            try:
+                db.close()
+            except Exception as e:
+                log.error("%s: close: %s", db.name, e)
+                code = code or 1
+    log.info("litestream shut down")
+    return code
+
+
+def cmd_restore(args) -> int:
+    _setup_logging("INFO", stderr=True)
+    if args.index is not None and args.timestamp:
+        raise _CLIError("cannot specify index & timestamp to restore")
+    index = None
+    if args.index is not None:
+        try:
+            index = int(args.index, 16)
+            if not 0 <= index <= MAX_INDEX:
+                raise ValueError
+        except ValueError:
+            raise _CLIError("invalid -index %r: must be a hexadecimal WAL index (e.g. 1a)" % args.index) from None
+    ts = _parse_timestamp(args.timestamp) if args.timestamp else None
+    if args.parallelism < 1:
+        raise _CLIError("invalid -parallelism %d: must be at least 1" % args.parallelism)
+    if is_url(args.target) and not args.o:
+        raise _CLIError("output path required")
+    replicas, dc = _replicas_for(args)
+    out = args.o or dc.path
+    if args.if_db_not_exists and os.path.lexists(out):
+        log.info("database already exists, skipping")
+        return 0
+    replica, gen = calc_restore_target(replicas, args.generation, ts)
+    if not gen:
+        if args.if_replica_exists:
+            log.info("no matching backups found")
+            return 0
+        raise LitestreamError("no matching backups found")
+    progress = None
+    if sys.stderr.isatty():
+        def progress(i, n):
+            sys.stderr.write("\rrestore: applied wal index %d/%d" % (i, n) + ("\n" if i == n else ""))
+            sys.stderr.flush()
+    restore_replica(replica, RestoreOptions(out, gen, index, ts, args.parallelism), progress)
+    return 0
+
+
+def cmd_generations(args) -> int:
+    replicas, dc = _replicas_for(args)
+    rows = [["name", "generation", "lag", "start", "end"]]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if dc is not None:
+        try:
+            mt = max(os.stat(p).st_mtime for p in (dc.path, dc.path + "-wal") if os.path.exists(p))
+            now = utc_from_timestamp(mt)
+        except ValueError:
+            pass
+    for r in replicas:
+        for g in r.client.generations():
+            try:
+                lo, hi = generation_time_bounds(r.client, g)
+            except NoSnapshotError:
+                continue
+            lag = (now - hi).total_seconds()
+            rows.append([r.name, g, "%.0fs" % lag if abs(lag) > 10 else "%.1fs" % lag, _fmt_time(lo), _fmt_time(hi)])
+    _table(rows, sys.stdout)
+    return 0
+
+
+def cmd_snapshots(args) -> int:
+    replicas, _ = _replicas_for(args)
+    rows = [["replica", "generation", "index", "size", "created"]]
+    for r in replicas:
+        for g in r.client.generations():
+            for s in r.client.snapshots(g):
+                rows.append([r.name, g, str(s.index), str(s.size), _fmt_time(s.created_at)])
+    _table(rows, sys.stdout)
+    return 0
+
+
+def cmd_wal(args) -> int:
+    replicas, _ = _replicas_for(args)
+    rows = [["replica", "generation", "index", "offset", "size", "created"]]
+    for r in replicas:
+        for g in r.client.generations():
+            if args.generation and g != args.generation:
+                continue
+            for w in r.client.wal_segments(g):
+                rows.append([r.name, g, str(w.index), str(w.offset), str(w.size), _fmt_time(w.created_at)])
+    _table(rows, sys.stdout)
+    return 0
+
+
+def cmd_databases(args) -> int:
+    cfg = _load(args)
+    rows = [["path", "replicas"]]
+    for dc in cfg.dbs:
+        rows.append([dc.path, ",".join(rc.name or rc.type for rc in dc.replicas)])
+    _table(rows, sys.stdout)
+    return 0
+
+
+def cmd_version(args) -> int:
+    print("v%s" % __version__)
+    return 0
+
+
+COMMANDS = ("replicate", "restore", "generations", "snapshots", "wal", "databases", "version")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="litestream", allow_abbrev=False,
+                description="Streaming replication of SQLite databases (Litestream 0.3 replica format).")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    def cmd(name, help_, fn, config=True):
+        sp = sub.add_parser(name, help=help_, allow_abbrev=False, prog="litestream " + name)
+        sp.set_defaults(func=fn)
+        if config:
+            sp.add_argument("-config", "--config", default="", metavar="PATH",
+                            help="config file (default: $LITESTREAM_CONFIG or %s)" % DEFAULT_CONFIG_PATH)
+            sp.add_argument("-no-expand-env", "--no-expand-env", action="store_true",
+                            help="do not replace $VAR in the config with environment values")
+        return sp
+
+    sp = cmd("replicate", "replicate databases until SIGINT/SIGTERM", cmd_replicate)
+    sp.add_argument("-exec", "--exec", default=None, metavar="CMD", help="run CMD while replicating; exit with it")
+    sp.add_argument("target", nargs="*", metavar="DB_PATH REPLICA_URL", help="database and replica URLs or directories")
+
+    sp = cmd("restore", "restore a database from a replica", cmd_restore)
+    sp.add_argument("-o", "--o", default="", metavar="PATH", help="output path (default: the DB path)")
+    sp.add_argument("-replica", "--replica", default="", help="restore from this replica only")
+    sp.add_argument("-generation", "--generation", default="", help="restore from this generation")
+    sp.add_argument("-index", "--index", default=None, metavar="HEX", help="restore up to this WAL index (hex)")
+    sp.add_argument("-timestamp", "--timestamp", default="", help="restore to this time (RFC 3339)")
+    sp.add_argument("-parallelism", "--parallelism", type=int, default=DEFAULT_RESTORE_PARALLELISM,
+                    help="WAL indices downloaded at once (default 8)")
+    sp.add_argument("-if-db-not-exists", "--if-db-not-exists", action="store_true",
+                    help="do nothing if the output exists")
+    sp.add_argument("-if-replica-exists", "--if-replica-exists", action="store_true",
+                    help="exit 0 when there is no backup to restore")
+    sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
+
+    for name, fn, help_ in (("generations", cmd_generations, "list generations"),
+                            ("snapshots", cmd_snapshots, "list snapshots"),
+                            ("wal", cmd_wal, "list WAL segments")):
+        sp = cmd(name, help_, fn)
+        sp.add_argument("-replica", "--replica", default="", help="only this replica")
+        if name == "wal":
+            sp.add_argument("-generation", "--generation", default="", help="only this generation")
+        sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
+
+    cmd("databases", "list databases in the config", cmd_databases)
+    cmd("version", "print the version", cmd_version, config=False)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        build_parser().print_help()
+        return 0 if argv else 1
+    if argv[0] not in COMMANDS:
+        hint = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        sys.stderr.write("litestream: unknown command %r%s\n" % (
+            argv[0], " (did you mean %r?)" % hint[0] if hint else ""))
+        return 1
+    # Go's LITESTREAM_* credentials stand in for AWS_* ones that are unset.
+    for ls_key, aws_key in (("LITESTREAM_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+                            ("LITESTREAM_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")):
+        if os.environ.get(ls_key) and not os.environ.get(aws_key):
+            os.environ[aws_key] = os.environ[ls_key]
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except _CLIError as e:
+        sys.stderr.write("%s\n" % e)
+        return 2
+    except (LitestreamError, OSError, sqlite3.Error) as e:
+        sys.stderr.write("litestream: %s\n" % e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
