@@ -111,6 +111,11 @@ def table_rows(path: str, table: str = "t") -> list:
         c.close()
 
 
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def integrity(path: str) -> str:
     c = sqlite3.connect(path)
     try:
@@ -145,3 +150,386 @@ class TempDirTestCase(unittest.TestCase):
 
     def path(self, *names) -> str:
         return os.path.join(self.dir, *names)
+
+
+###############################################################################
+# Value types and naming
+###############################################################################
+
+
+class TestPaths(unittest.TestCase):
+    def test_format_and_parse(self):
+        """Ensure object names use 8 lowercase hex digits as Go 0.3's regexes expect."""
+        self.assertEqual(ls.format_snapshot_path(0x7A), "0000007a.snapshot.lz4")
+        self.assertEqual(ls.format_wal_segment_path(0x7A, 0x1038), "0000007a_00001038.wal.lz4")
+        self.assertEqual(ls.parse_wal_segment_path("0000007b_00002050.wal.lz4"), (0x7B, 0x2050))
+        self.assertEqual(ls.parse_snapshot_path("0000007a.snapshot.lz4"), 0x7A)
+        self.assertEqual(ls.snapshot_path("/r", "1de92d554602aa1b", 1),
+                         "/r/generations/1de92d554602aa1b/snapshots/00000001.snapshot.lz4")
+        self.assertEqual(ls.wal_segment_path("", "1de92d554602aa1b", 1, 32),
+                         "generations/1de92d554602aa1b/wal/00000001_00000020.wal.lz4")
+
+    def test_rejects_bad_names(self):
+        """Ensure names Go would not list are rejected, and 9-digit numbers are never written."""
+        for bad in ("0000007A.snapshot.lz4", "7a.snapshot.lz4", "0000007a.snapshot.lz4.tmp",
+                    "0000007a_1038.wal.lz4", "0000007a.wal.lz4"):
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError):
+                    ls.parse_snapshot_path(bad) if "snapshot" in bad else ls.parse_wal_segment_path(bad)
+        with self.assertRaises(ls.LitestreamError):
+            ls.format_wal_segment_path(1, 0x100000000)
+        self.assertTrue(ls.is_generation_name("0123456789abcdef"))
+        for bad in ("0123456789ABCDEF", "0123456789abcde", "0123456789abcdefg"):
+            self.assertFalse(ls.is_generation_name(bad))
+
+    def test_pos_string(self):
+        """Ensure Pos prints as Go's "<gen>/<index%08x>:<offset>" and zero as ""."""
+        self.assertEqual(str(ls.Pos("1de92d554602aa1b", 10, 4152)), "1de92d554602aa1b/0000000a:4152")
+        self.assertEqual(str(ls.Pos()), "")
+
+
+###############################################################################
+# SQLite WAL format
+###############################################################################
+
+
+def _ref_checksum(words, s0=0, s1=0):
+    # The algorithm as the SQLite file-format page states it, written out
+    # independently of the module: for each pair, s0 += x0 + s1; s1 += x1 + s0.
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) % (1 << 32)
+        s1 = (s1 + words[i + 1] + s0) % (1 << 32)
+    return s0, s1
+
+
+class TestWALChecksum(TempDirTestCase):
+    def test_hand_built_header(self):
+        """Ensure a header built by hand from the spec parses, and a flipped bit does not."""
+        for magic, fmt in ((0x377F0682, "<6I"), (0x377F0683, ">6I")):
+            with self.subTest(magic=hex(magic)):
+                fields = [magic, 3007000, 4096, 7, 0x11223344, 0x55667788]
+                body = struct.pack(">6I", *fields)
+                s = _ref_checksum(struct.unpack(fmt, body))
+                hdr = ls.parse_wal_header(body + struct.pack(">2I", *s))
+                self.assertEqual((hdr.page_size, hdr.salt1, hdr.salt2), (4096, 0x11223344, 0x55667788))
+                bad = bytearray(body + struct.pack(">2I", *s))
+                bad[13] ^= 1
+                with self.assertRaises(ls.CorruptFrameError):
+                    ls.parse_wal_header(bytes(bad))
+
+    def test_real_wal_frames(self):
+        """Ensure frame iteration over a WAL SQLite wrote finds exactly SQLite's frame count."""
+        db = self.path("a.db")
+        c = sqlite3.connect(db, isolation_level=None)
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA wal_autocheckpoint=0")
+        c.execute("CREATE TABLE t (v)")
+        for i in range(50):
+            c.execute("INSERT INTO t VALUES (?)", (os.urandom(300),))
+        # SQLite's own count of frames in the WAL, from a checkpoint that
+        # cannot backfill while a reader holds the WAL snapshot.
+        r = sqlite3.connect(db, isolation_level=None)
+        r.execute("BEGIN")
+        r.execute("SELECT count(*) FROM t").fetchone()
+        n_log = c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+        with open(db + "-wal", "rb") as f:
+            hdr = ls.parse_wal_header(f.read(32))
+            frames = list(ls.iter_wal_frames(f, 32, hdr, hdr.checksum1, hdr.checksum2))
+            self.assertEqual(len(frames), n_log)
+            self.assertTrue(frames[-1][2])  # The last frame commits.
+            # Flip one byte in a middle page: iteration must stop right there.
+            data = bytearray(read_file(db + "-wal"))
+        fs = 4096 + 24
+        data[32 + 10 * fs + 100] ^= 0xFF
+        bad = self.path("bad-wal")
+        with open(bad, "wb") as f:
+            f.write(data)
+        with open(bad, "rb") as f:
+            self.assertEqual(len(list(ls.iter_wal_frames(f, 32, hdr, hdr.checksum1, hdr.checksum2))), 10)
+        r.close()
+        c.close()
+
+    def test_frame_align(self):
+        """Ensure frame_align matches Go's frameAlign examples."""
+        self.assertEqual(ls.frame_align(31, 4096), 0)
+        self.assertEqual(ls.frame_align(32, 4096), 32)
+        self.assertEqual(ls.frame_align(32 + 4120 * 3 + 100, 4096), 32 + 4120 * 3)
+        self.assertEqual(ls.calc_wal_size(4096, 1000), 4120032)
+
+
+###############################################################################
+# FileReplicaClient
+###############################################################################
+
+
+class TestFileReplicaClient(TempDirTestCase):
+    def test_ignores_foreign_names(self):
+        """Ensure .tmp leftovers and foreign files are not listed, as in Go."""
+        c = ls.FileReplicaClient(self.path("r"))
+        g = "0123456789abcdef"
+        c.write_snapshot(g, 1, io.BytesIO(b"x"))
+        os.makedirs(self.path("r", "generations", "notagen"))
+        open(self.path("r", "generations", g, "snapshots", "00000002.snapshot.lz4.tmp"), "w").close()
+        self.assertEqual(c.generations(), [g])
+        self.assertEqual([s.index for s in c.snapshots(g)], [1])
+        with self.assertRaises(FileNotFoundError):
+            c.snapshot_reader(g, 2)
+
+
+###############################################################################
+# ShadowWAL and DB
+###############################################################################
+
+
+class AppDB:
+    """The application's own connection to a test database."""
+
+    def __init__(self, path):
+        self.c = sqlite3.connect(path, isolation_level=None)
+        self.c.execute("PRAGMA journal_mode=WAL")
+        self.c.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+
+    def insert(self, n=1, size=100, tag="r"):
+        self.c.execute("BEGIN")
+        for i in range(n):
+            self.c.execute("INSERT INTO t (v) VALUES (?)", ("%s%d-" % (tag, i) + "x" * size,))
+        self.c.execute("COMMIT")
+
+    def close(self):
+        self.c.close()
+
+
+class TestDBSync(TempDirTestCase):
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("db")
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+
+    def shadow_bytes(self, db, index=None):
+        p = db.pos()
+        with open(db.shadow_wal_path(p.generation, p.index if index is None else index), "rb") as f:
+            return f.read()
+
+    def test_shadow_is_prefix_of_wal(self):
+        """Ensure the shadow WAL is a byte-exact prefix of the real WAL, cut at a commit."""
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        self.app.insert(10)
+        db.sync()
+        self.app.insert(20, size=3000)
+        db.sync()
+        wal = read_file(self.dbpath + "-wal")
+        shadow = self.shadow_bytes(db)
+        self.assertGreater(len(shadow), 32)
+        self.assertEqual(shadow, wal[:len(shadow)])
+        # The last shadow frame is a commit frame (non-zero db size field).
+        fs = db.page_size + 24
+        self.assertNotEqual(shadow[-fs + 4:-fs + 8], b"\0\0\0\0")
+        self.assertEqual(db.pos().offset, len(shadow))
+
+    def test_checkpoint_starts_new_index_without_losing_frames(self):
+        """Ensure a checkpoint moves to the next index and both indices replay to the source."""
+        db = open_db(self.dbpath, min_checkpoint_page_n=20)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        self.app.insert(5)
+        db.sync()
+        r.sync()
+        gen = db.pos().generation
+        for round_ in range(4):
+            self.app.insert(30, size=2000, tag="k%d" % round_)
+            db.sync()
+            r.sync()
+        self.assertEqual(db.pos().generation, gen)
+        self.assertGreaterEqual(db.pos().index, 2)
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, gen))
+        self.assertEqual(integrity(out), "ok")
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
+    def test_resume_same_generation(self):
+        """Ensure reopening while the app keeps the WAL continues the generation with nothing re-uploaded."""
+        db = open_db(self.dbpath)
+        r = open_replica(db, self.path("rep"))
+        self.app.insert(5)
+        db.sync()
+        r.sync()
+        # The snapshot backfilled the WAL; a write now keeps SQLite from
+        # restarting it while we are down (that case is a new generation).
+        self.app.insert(2)
+        db.sync()
+        r.sync()
+        gen = db.pos().generation
+        db.close()
+        before = sorted(os.listdir(self.path("rep", "generations", gen, "wal")))
+        mtimes = {n: os.stat(self.path("rep", "generations", gen, "wal", n)).st_mtime_ns for n in before}
+        self.app.insert(5, tag="down")  # Written while replication was stopped.
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        db.sync()
+        r.sync()
+        self.assertEqual(db.pos().generation, gen)
+        for n in before:
+            self.assertEqual(os.stat(self.path("rep", "generations", gen, "wal", n)).st_mtime_ns, mtimes[n])
+        self.assertEqual(len(ls.FileReplicaClient(self.path("rep")).snapshots(gen)), 1)
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, gen))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
+    def test_wal_restarted_while_down_starts_new_generation(self):
+        """Ensure a WAL restarted by another process while we were down gives a new generation, logged."""
+        db = open_db(self.dbpath)
+        self.app.insert(5)
+        db.sync()
+        gen = db.pos().generation
+        db.close()
+        self.app.insert(5)
+        self.app.c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.app.insert(1)
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        with self.assertLogs("litestream", "INFO") as cm:
+            db.sync()
+        self.assertNotEqual(db.pos().generation, gen)
+        self.assertTrue(any("new generation" in m and "reason=" in m for m in cm.output), cm.output)
+
+    def test_not_a_database(self):
+        """Ensure a file that is not SQLite is refused by name before SQLite touches it."""
+        p = self.path("junk.db")
+        with open(p, "wb") as f:
+            f.write(b"hello, not sqlite" * 100)
+        db = open_db(p)
+        with self.assertRaises(ls.LitestreamError) as cm:
+            db.sync()
+        self.assertIn(p, str(cm.exception))
+        self.assertEqual(read_file(p), b"hello, not sqlite" * 100)
+
+
+###############################################################################
+# Replica and restore
+###############################################################################
+
+
+class TestRestore(TempDirTestCase):
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("db")
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+        self.db = open_db(self.dbpath, min_checkpoint_page_n=15)
+        self.addCleanup(self.db.close)
+        self.r = open_replica(self.db, self.path("rep"))
+        self.app.insert(3)
+        self.db.sync()
+        self.r.sync()
+        self.gen = self.db.pos().generation
+
+    def step(self, n=20, size=2000, tag="s"):
+        self.app.insert(n, size=size, tag=tag)
+        self.db.sync()
+        self.r.sync()
+        return self.db.pos(), table_rows(self.dbpath)
+
+    def test_restore_to_index(self):
+        """Ensure -index restores exactly the state at the end of that WAL index."""
+        states = {}
+        for i in range(5):
+            pos, rows = self.step(tag="i%d" % i)
+            states[pos.index] = rows  # Last state seen while at this index.
+        # Reach a later index so the earlier ones are complete.
+        self.step(60)
+        for idx in sorted(states)[:-1]:
+            with self.subTest(index=idx):
+                out = self.path("out-%d.db" % idx)
+                ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen, index=idx))
+                rows = table_rows(out)
+                self.assertEqual(integrity(out), "ok")
+                # Everything up to the recorded state is there, and nothing past index idx.
+                self.assertEqual(rows[:len(states[idx])], states[idx])
+                nxt = [s for k, s in states.items() if k > idx]
+                if nxt:
+                    self.assertLess(len(rows), len(min(nxt, key=len)) + 1)
+
+    def test_gap_fails_loudly(self):
+        """Ensure a missing middle segment fails the restore instead of stopping short."""
+        for i in range(3):
+            self.step(3, size=100, tag="g%d" % i)
+        segs = [s for s in self.r.client.wal_segments(self.gen) if s.index == self.db.pos().index]
+        self.assertGreaterEqual(len(segs), 3)
+        self.r.client.delete_wal_segments([segs[1].pos()])
+        out = self.path("out.db")
+        with self.assertRaises(ls.LitestreamError) as cm:
+            ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertIn("contiguous", str(cm.exception))
+        self.assertFalse(os.path.exists(out))
+        self.assertEqual([n for n in os.listdir(self.dir) if n.startswith("out")], [])
+
+    def test_broken_index_below_snapshot_is_ignored(self):
+        """Ensure an index below the snapshot missing its offset-0 segment does not spoil the restore."""
+        self.step(30)
+        self.step(30)
+        self.r.snapshot()
+        pos, rows = self.step(3, size=10)
+        first = [s for s in self.r.client.wal_segments(self.gen) if s.index == 0 and s.offset == 0]
+        self.r.client.delete_wal_segments([first[0].pos()])
+        out = self.path("out.db")
+        ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertEqual(table_rows(out), rows)
+
+    def test_never_overwrites(self):
+        """Ensure restore refuses an existing output and leaves its bytes alone."""
+        out = self.path("out.db")
+        with open(out, "wb") as f:
+            f.write(b"precious")
+        with self.assertRaises(ls.LitestreamError):
+            ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertEqual(read_file(out), b"precious")
+
+    def test_corrupt_segment_named(self):
+        """Ensure a bit flip in a stored WAL segment fails the restore naming that object."""
+        self.step(5, size=500)
+        seg = self.r.client.wal_segments(self.gen)[-1]
+        p = ls.wal_segment_path(self.path("rep"), seg.generation, seg.index, seg.offset)
+        data = bytearray(read_file(p))
+        data[len(data) // 2] ^= 0x10
+        with open(p, "wb") as f:
+            f.write(data)
+        out = self.path("out.db")
+        with self.assertRaises(ls.LitestreamError) as cm:
+            ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
+        self.assertFalse(os.path.exists(out))
+
+    def test_retention_keeps_replica_restorable(self):
+        """Ensure retention drops old snapshots and WAL but the latest state still restores."""
+        for i in range(3):
+            self.step(tag="a%d" % i)
+        self.r.snapshot()
+        pos, rows = self.step(3, size=10)
+        # Everything but the newest snapshot is past retention.
+        snaps = self.r.client.snapshots(self.gen)
+        newest = max(s.created_at.timestamp() for s in snaps)
+        for s in snaps:
+            if s.index != max(x.index for x in snaps):
+                p = ls.snapshot_path(self.path("rep"), self.gen, s.index)
+                os.utime(p, (newest - 7200, newest - 7200))
+        self.r.retention = 3600
+        self.r.enforce_retention()
+        left = self.r.client.snapshots(self.gen)
+        self.assertEqual([s.index for s in left], [max(x.index for x in snaps)])
+        self.assertTrue(all(w.index >= left[0].index for w in self.r.client.wal_segments(self.gen)))
+        out = self.path("out.db")
+        ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertEqual(table_rows(out), rows)
+
+    def test_retention_spares_current_generation(self):
+        """Ensure retention never deletes the generation being written, even if all of it is old."""
+        p = ls.snapshot_path(self.path("rep"), self.gen, 0)
+        os.utime(p, (1, 1))
+        other = "0000000000000001"
+        self.r.client.write_snapshot(other, 0, io.BytesIO(ls.lz4_compress_frame(b"x")))
+        self.r.retention = 3600
+        self.r.enforce_retention()
+        self.assertIn(self.gen, self.r.client.generations())
