@@ -1361,10 +1361,21 @@ class _SnapshotSource:
 ###############################################################################
 
 
-def decompress_object(rd: BinaryIO, name: str) -> bytes:
-    """Read and decompress a whole stored object, naming it in any error."""
+def decompress_object(rd: BinaryIO, name: str, out=None) -> int:
+    """Decompress a stored object into out (or nowhere); return its length.
+
+    Streams one block at a time, and names the object in any error.
+    """
+    n = 0
     try:
-        return LZ4FrameReader(rd).read()
+        fr = LZ4FrameReader(rd)
+        while True:
+            b = fr.read(4 << 20)
+            if not b:
+                return n
+            n += len(b)
+            if out is not None:
+                out.write(b)
     except CorruptFrameError as e:
         raise CorruptFrameError("%s: %s" % (name, e)) from e
     finally:
@@ -1526,8 +1537,8 @@ class Replica:
         if not segs:
             return Pos(generation, snap.index, 0)
         seg = segs[-1]
-        data = decompress_object(self.client.wal_segment_reader(seg.pos()), self._object_name(seg))
-        return Pos(generation, seg.index, seg.offset + len(data))
+        n = decompress_object(self.client.wal_segment_reader(seg.pos()), self._object_name(seg))
+        return Pos(generation, seg.index, seg.offset + n)
 
     def _object_name(self, info) -> str:
         if isinstance(info, SnapshotInfo):
@@ -1737,22 +1748,10 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Non
     staged: "dict[int, str]" = {}
     try:
         log.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation, snap.index, tmp)
-        rd = client.snapshot_reader(snap.generation, snap.index)
-        try:
-            fr = LZ4FrameReader(rd)
-            with open(tmp, "xb") as f:
-                while True:
-                    try:
-                        b = fr.read(4 << 20)
-                    except CorruptFrameError as e:
-                        raise CorruptFrameError("%s: %s" % (name(snap), e)) from e
-                    if not b:
-                        break
-                    f.write(b)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            rd.close()
+        with open(tmp, "xb") as f:
+            decompress_object(client.snapshot_reader(snap.generation, snap.index), name(snap), f)
+            f.flush()
+            os.fsync(f.fileno())
         with open(tmp, "rb") as f:
             head = f.read(100)
         if not head.startswith(b"SQLite format 3\0"):
@@ -1804,11 +1803,10 @@ def _apply_wal_plan(replica, plan, tmp, page_size, parallelism, staged, progress
                 if seg.offset != off:
                     raise LitestreamError("wal segments not contiguous: expected offset %d, found %s"
                                           % (off, name(seg)))
-                data = decompress_object(client.wal_segment_reader(seg.pos()), name(seg))
-                if not data:
+                n = decompress_object(client.wal_segment_reader(seg.pos()), name(seg), f)
+                if not n:
                     raise CorruptFrameError("%s: empty wal segment" % name(seg))
-                f.write(data)
-                off += len(data)
+                off += n
                 ends.append((off, seg))
         return path, ends
 

@@ -246,6 +246,14 @@ class TestWALChecksum(TempDirTestCase):
             f.write(data)
         with open(bad, "rb") as f:
             self.assertEqual(len(list(ls.iter_wal_frames(f, 32, hdr, hdr.checksum1, hdr.checksum2))), 10)
+        # Salts are outside the checksum: a frame from another cycle with an
+        # intact chain must still stop iteration.
+        data[32 + 10 * fs + 100] ^= 0xFF
+        data[32 + 12 * fs + 8] ^= 0x01
+        with open(bad, "wb") as f:
+            f.write(data)
+        with open(bad, "rb") as f:
+            self.assertEqual(len(list(ls.iter_wal_frames(f, 32, hdr, hdr.checksum1, hdr.checksum2))), 12)
         r.close()
         c.close()
 
@@ -347,6 +355,108 @@ class TestDBSync(TempDirTestCase):
         ls.restore_replica(r, ls.RestoreOptions(out, gen))
         self.assertEqual(integrity(out), "ok")
         self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
+    def test_uncommitted_tail_not_copied(self):
+        """Ensure frames after the last commit frame stay out of the shadow WAL."""
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        self.app.insert(3)
+        db.sync()
+        end = db.pos().offset
+        wal = read_file(self.dbpath + "-wal")[:end]
+        hdr = ls.parse_wal_header(wal[:32])
+        fmt = ">%dI" if hdr.big_endian else "<%dI"
+        s0, s1 = struct.unpack(">II", wal[-8 - 4096:-4096])  # last frame's checksum
+        # Append two validly chained frames with commit field 0, as a
+        # transaction still being written would leave them.
+        for pgno in (2, 3):
+            fh = struct.pack(">II", pgno, 0)
+            page = os.urandom(4096)
+            words = struct.unpack(fmt % 2, fh) + struct.unpack(fmt % 1024, page)
+            s0, s1 = _ref_checksum(words, s0, s1)
+            with open(self.dbpath + "-wal", "r+b") as f:
+                f.seek(0, 2)
+                f.write(fh + struct.pack(">4I", hdr.salt1, hdr.salt2, s0, s1) + page)
+        db.sync()
+        self.assertEqual(db.pos().offset, end)
+        p = db.pos()
+        self.assertEqual(os.path.getsize(db.shadow_wal_path(p.generation, p.index)), end)
+
+    def test_no_commit_between_copy_and_checkpoint(self):
+        """Ensure the app cannot commit between the last copy and the checkpoint (format note §12.2)."""
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        self.app.insert(5)
+        db.sync()
+        r.sync()
+        other = sqlite3.connect(self.dbpath, isolation_level=None, timeout=0)
+        self.addCleanup(other.close)
+        attempts = []
+        real_release = db._release_read_lock
+
+        def release_and_race():
+            # The checkpoint has copied and is about to backfill: try to commit.
+            try:
+                other.execute("INSERT INTO t (v) VALUES ('racer')")
+                attempts.append("committed")
+            except sqlite3.OperationalError as e:
+                attempts.append(str(e))
+            real_release()
+
+        db._release_read_lock = release_and_race
+        db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE)
+        db._release_read_lock = real_release
+        self.assertEqual(attempts, ["database is locked"])
+        # After the checkpoint the app writes into the restarted WAL, and
+        # everything replays.
+        self.app.insert(3, tag="after")
+        db.sync()
+        r.sync()
+        self.assertEqual(db.pos().index, 1)
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, db.pos().generation))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
+    def test_app_restarts_wal_after_checkpoint(self):
+        """Ensure frames the app writes right after our checkpoint, restarting the WAL itself, are kept."""
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        self.app.insert(5)
+        db.sync()
+        r.sync()
+        real_upsert = ls._SEQ_UPSERT
+        # The app wins the race to write after the lock is released: its
+        # write restarts the WAL before our own forcing write.
+        orig_execute = db._conn.execute
+
+        class Conn:
+            def __init__(self, c):
+                self.c = c
+
+            def execute(self, sql, *a):
+                if sql == real_upsert:
+                    AppDB.insert(app_writer, 4, tag="first")
+                return self.c.execute(sql, *a)
+
+            def __getattr__(self, k):
+                return getattr(self.c, k)
+
+        app_writer = self.app
+        db._conn = Conn(db._conn)
+        try:
+            db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE)
+        finally:
+            db._conn = db._conn.c
+        self.assertEqual(db.pos().index, 1)
+        self.app.insert(2, tag="later")
+        db.sync()
+        r.sync()
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, db.pos().generation))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+        self.assertIn("first0-", str(table_rows(out)))
 
     def test_resume_same_generation(self):
         """Ensure reopening while the app keeps the WAL continues the generation with nothing re-uploaded."""
@@ -498,6 +608,21 @@ class TestRestore(TempDirTestCase):
             f.write(data)
         out = self.path("out.db")
         with self.assertRaises(ls.LitestreamError) as cm:
+            ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
+        self.assertFalse(os.path.exists(out))
+
+    def test_broken_chain_in_valid_object_named(self):
+        """Ensure a segment whose frames break SQLite's checksum chain fails, naming it."""
+        self.step(5, size=500)
+        seg = self.r.client.wal_segments(self.gen)[-1]
+        p = ls.wal_segment_path(self.path("rep"), seg.generation, seg.index, seg.offset)
+        data = bytearray(ls.lz4_decompress_frame(read_file(p)))
+        data[-100] ^= 0x01  # page bytes of the last frame: its checksum no longer holds
+        with open(p, "wb") as f:
+            f.write(ls.lz4_compress_frame(bytes(data)))
+        out = self.path("out.db")
+        with self.assertRaises(ls.ChecksumMismatchError) as cm:
             ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
         self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
         self.assertFalse(os.path.exists(out))
