@@ -2501,6 +2501,19 @@ def cmd_replicate(args) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     dbs = [new_db_from_config(dc) for dc in cfg.dbs]
+    # A database that exists must be usable now: a file that is not SQLite,
+    # or one stuck in rollback mode, fails at start instead of logging an
+    # error every second.  Databases that do not exist yet are waited for.
+    try:
+        for db in dbs:
+            db.sync()
+    except BaseException:
+        for db in dbs:
+            with db._lock:
+                db._close_sqlite()
+        for s, h in old.items():
+            signal.signal(s, h)
+        raise
     child = None
     code = 0
     try:
