@@ -270,6 +270,169 @@ class TestWALChecksum(TempDirTestCase):
 ###############################################################################
 
 
+def new_generation() -> str:
+    return "%016x" % random.getrandbits(64)
+
+
+class ReplicaClientContract:
+    """The ReplicaClient contract, the Python form of Go's RunWithReplicaClient.
+
+    Mix into a unittest.TestCase that defines make_client(), which returns a
+    fresh, empty replica and registers its own cleanup.
+    """
+
+    def make_client(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        super().setUp()
+        self.client = self.make_client()
+
+    def write_snapshot(self, gen, index, data):
+        return self.client.write_snapshot(gen, index, io.BytesIO(data))
+
+    def write_wal(self, gen, index, offset, data):
+        return self.client.write_wal_segment(ls.Pos(gen, index, offset), io.BytesIO(data))
+
+    def read_all(self, rd):
+        try:
+            return rd.read()
+        finally:
+            rd.close()
+
+    def test_empty_replica(self):
+        """Ensure an empty replica lists no generations, snapshots or WAL segments."""
+        gen = new_generation()
+        self.assertEqual(self.client.generations(), [])
+        self.assertEqual(self.client.snapshots(gen), [])
+        self.assertEqual(self.client.wal_segments(gen), [])
+
+    def test_write_and_read_snapshot(self):
+        """Ensure a written snapshot is listed with its size and read back byte for byte."""
+        gen, data = new_generation(), os.urandom(3000) + b"\x00\xff" * 10
+        info = self.write_snapshot(gen, 0x1A, data)
+        self.assertEqual((info.generation, info.index, info.size), (gen, 0x1A, len(data)))
+        listed = self.client.snapshots(gen)
+        self.assertEqual([(s.generation, s.index, s.size) for s in listed], [(gen, 0x1A, len(data))])
+        self.assertEqual(self.read_all(self.client.snapshot_reader(gen, 0x1A)), data)
+
+    def test_write_and_read_wal_segment(self):
+        """Ensure a written WAL segment is listed with its position and size and read back."""
+        gen, data = new_generation(), os.urandom(5000)
+        info = self.write_wal(gen, 3, 0x1038, data)
+        self.assertEqual((info.generation, info.index, info.offset, info.size),
+                         (gen, 3, 0x1038, len(data)))
+        listed = self.client.wal_segments(gen)
+        self.assertEqual([(s.generation, s.index, s.offset, s.size) for s in listed],
+                         [(gen, 3, 0x1038, len(data))])
+        self.assertEqual(self.read_all(self.client.wal_segment_reader(ls.Pos(gen, 3, 0x1038))), data)
+
+    def test_empty_object(self):
+        """Ensure an empty snapshot is stored and read back as zero bytes."""
+        gen = new_generation()
+        self.write_snapshot(gen, 0, b"")
+        self.assertEqual([s.size for s in self.client.snapshots(gen)], [0])
+        self.assertEqual(self.read_all(self.client.snapshot_reader(gen, 0)), b"")
+
+    def test_overwrite(self):
+        """Ensure writing the same snapshot index twice keeps the second content."""
+        gen = new_generation()
+        self.write_snapshot(gen, 1, b"first")
+        self.write_snapshot(gen, 1, b"second!")
+        self.assertEqual([s.size for s in self.client.snapshots(gen)], [7])
+        self.assertEqual(self.read_all(self.client.snapshot_reader(gen, 1)), b"second!")
+
+    def test_generations_sorted(self):
+        """Ensure generations come back sorted whatever the write order."""
+        gens = [new_generation() for _ in range(4)]
+        for g in gens:
+            self.write_snapshot(g, 0, b"x")
+        self.write_wal(gens[0], 0, 0, b"y")
+        self.assertEqual(self.client.generations(), sorted(gens))
+
+    def test_snapshots_sorted(self):
+        """Ensure snapshots are sorted by index (hex names, numeric order)."""
+        gen = new_generation()
+        for index in (0x10, 0x2, 0xABC, 0x0, 0xFFFFFFFF):
+            self.write_snapshot(gen, index, b"s%d" % index)
+        self.assertEqual([s.index for s in self.client.snapshots(gen)],
+                         [0x0, 0x2, 0x10, 0xABC, 0xFFFFFFFF])
+        self.assertEqual(self.client.wal_segments(gen), [])
+
+    def test_wal_segments_sorted(self):
+        """Ensure WAL segments are sorted by (index, offset) and kept apart from other generations."""
+        gen, other = new_generation(), new_generation()
+        positions = [(1, 0x1038), (0, 0x20), (1, 0), (0, 0), (0, 0x2050), (2, 0)]
+        for index, offset in positions:
+            self.write_wal(gen, index, offset, b"w")
+        self.write_wal(other, 0, 0, b"o")
+        self.assertEqual([(s.index, s.offset) for s in self.client.wal_segments(gen)], sorted(positions))
+        self.assertEqual([(s.index, s.offset) for s in self.client.wal_segments(other)], [(0, 0)])
+
+    def test_readers_missing(self):
+        """Ensure readers of missing snapshots and segments raise FileNotFoundError."""
+        gen = new_generation()
+        with self.assertRaises(FileNotFoundError):
+            self.client.snapshot_reader(gen, 0)
+        with self.assertRaises(FileNotFoundError):
+            self.client.wal_segment_reader(ls.Pos(gen, 0, 0))
+        self.write_snapshot(gen, 1, b"one")
+        with self.assertRaises(FileNotFoundError):
+            self.client.snapshot_reader(gen, 2)
+
+    def test_delete_snapshot(self):
+        """Ensure delete_snapshot removes one snapshot, and a missing one is not an error."""
+        gen = new_generation()
+        for i in range(3):
+            self.write_snapshot(gen, i, b"s")
+        self.client.delete_snapshot(gen, 1)
+        self.client.delete_snapshot(gen, 7)
+        self.assertEqual([s.index for s in self.client.snapshots(gen)], [0, 2])
+        with self.assertRaises(FileNotFoundError):
+            self.client.snapshot_reader(gen, 1)
+
+    def test_delete_wal_segments(self):
+        """Ensure delete_wal_segments removes exactly the positions given; missing ones are ignored."""
+        gen = new_generation()
+        for off in (0, 0x1038, 0x2050):
+            self.write_wal(gen, 0, off, b"w")
+        self.client.delete_wal_segments([ls.Pos(gen, 0, 0), ls.Pos(gen, 0, 0x2050), ls.Pos(gen, 9, 0)])
+        self.assertEqual([(s.index, s.offset) for s in self.client.wal_segments(gen)], [(0, 0x1038)])
+        self.client.delete_wal_segments([])
+
+    def test_delete_generation(self):
+        """Ensure delete_generation removes a generation's snapshots and segments and nothing else."""
+        gen, other = new_generation(), new_generation()
+        self.write_snapshot(gen, 0, b"s")
+        self.write_wal(gen, 0, 0, b"w")
+        self.write_wal(gen, 1, 0, b"w")
+        self.write_snapshot(other, 0, b"keep")
+        self.client.delete_generation(gen)
+        self.client.delete_generation(new_generation())  # missing: no error
+        self.assertEqual(self.client.generations(), [other])
+        self.assertEqual(self.client.snapshots(gen), [])
+        self.assertEqual(self.client.wal_segments(gen), [])
+        self.assertEqual(self.read_all(self.client.snapshot_reader(other, 0)), b"keep")
+
+    def test_created_at_is_aware_utc(self):
+        """Ensure created_at is a timezone-aware UTC datetime close to now, in listings and results."""
+        gen = new_generation()
+        before = datetime.datetime.now(datetime.timezone.utc)
+        infos = [self.write_snapshot(gen, 0, b"s"), self.write_wal(gen, 0, 0, b"w")]
+        infos += self.client.snapshots(gen) + self.client.wal_segments(gen)
+        self.assertEqual(len(infos), 4)
+        for info in infos:
+            with self.subTest(info=info):
+                self.assertIsNotNone(info.created_at.tzinfo)
+                self.assertEqual(info.created_at.utcoffset(), datetime.timedelta(0))
+                self.assertLess(abs((info.created_at - before).total_seconds()), 300)
+
+
+class TestFileClientContract(ReplicaClientContract, TempDirTestCase):
+    def make_client(self):
+        return ls.FileReplicaClient(self.path("replica"))
+
+
 class TestFileReplicaClient(TempDirTestCase):
     def test_ignores_foreign_names(self):
         """Ensure .tmp leftovers and foreign files are not listed, as in Go."""
