@@ -821,3 +821,80 @@ class TestRestore(TempDirTestCase):
         self.r.retention = 3600
         self.r.enforce_retention()
         self.assertIn(self.gen, self.r.client.generations())
+
+
+###############################################################################
+# CLI
+###############################################################################
+
+
+class TestCLI(TempDirTestCase):
+    def cli(self, *args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = ls.main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    def test_exec_exits_with_child_after_final_sync(self):
+        """Ensure replicate -exec runs the child, exits with its code, and syncs what it wrote."""
+        db = self.path("db")
+        create_wal_db(db, rows=10)
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[db:app]\npath = %s\n[replica:app:r]\npath = %s\nsync-interval = 10s\n"
+                    % (db, self.path("rep")))
+        child = ("%s -c \"import sqlite3,time; time.sleep(0.5); c=sqlite3.connect('%s'); "
+                 "c.executemany('INSERT INTO t (v) VALUES (?)', [('exec%%d' %% i,) for i in range(50)]); "
+                 "c.commit(); c.close(); raise SystemExit(3)\"" % (sys.executable, db))
+        p = run_cli("replicate", "-config", cfg, "-exec", child, timeout=60)
+        self.assertEqual(p.returncode, 3, p.stderr + p.stdout)
+        out = self.path("out.db")
+        code, _, err = self.cli("restore", "-config", cfg, "-o", out, db)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(table_rows(out), table_rows(db))
+        self.assertEqual(len(table_rows(out)), 60)
+
+    def test_unknown_command_and_flag(self):
+        """Ensure typos get one line with a suggestion and a non-zero exit."""
+        code, _, err = self.cli("replcate")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.strip(), "litestream: unknown command 'replcate' (did you mean 'replicate'?)")
+        code, _, err = self.cli("restore", "-generaton", "x", "file:///nowhere")
+        self.assertEqual(code, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertIn("did you mean -generation?", err)
+
+    def test_listing_commands(self):
+        """Ensure generations, snapshots and wal print Go's columns for a replica URL."""
+        dbp = self.path("db")
+        app = AppDB(dbp)
+        self.addCleanup(app.close)
+        db = open_db(dbp)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        app.insert(3)
+        db.sync()
+        r.sync()
+        gen = db.pos().generation
+        url = "file://" + self.path("rep")
+        code, out, _ = self.cli("generations", url)
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines()[0].split(), ["name", "generation", "lag", "start", "end"])
+        self.assertEqual(out.splitlines()[1].split()[:2], ["file", gen])
+        code, out, _ = self.cli("snapshots", url)
+        self.assertEqual(out.splitlines()[0].split(), ["replica", "generation", "index", "size", "created"])
+        snap = r.client.snapshots(gen)[0]
+        self.assertEqual(out.splitlines()[1].split()[:4], ["file", gen, "0", str(snap.size)])
+        code, out, _ = self.cli("wal", url)
+        self.assertEqual(out.splitlines()[0].split(), ["replica", "generation", "index", "offset", "size", "created"])
+        self.assertEqual(len(out.splitlines()) - 1, len(r.client.wal_segments(gen)))
+
+    def test_index_and_timestamp_flags(self):
+        """Ensure bad -index and -timestamp values are one-line usage errors."""
+        for args, want in ((["-index", "zz"], "-index"), (["-timestamp", "yesterday"], "ISO 8601"),
+                           (["-index", "1", "-timestamp", "2020-01-01T00:00:00Z"], "index & timestamp")):
+            with self.subTest(args=args):
+                code, _, err = self.cli("restore", "-o", self.path("o.db"), *args, "file:///nowhere")
+                self.assertEqual(code, 2)
+                self.assertIn(want, err)
+                self.assertEqual(len(err.strip().splitlines()), 1)
