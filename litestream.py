@@ -43,6 +43,7 @@ import decimal
 import difflib
 import errno
 import hashlib
+import io
 import logging
 import os
 import posixpath
@@ -56,6 +57,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, replace
+from itertools import accumulate, chain
 from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 # Local metadata directory: "<dir>/.<dbfile>-litestream".
@@ -498,84 +500,588 @@ def count_committed_frames(data, page_size: int) -> int:
 # LZ4 frame codec
 ###############################################################################
 
-# LZ4_CODEC_PLACEHOLDER: stored-block stand-in, replaced by the real codec.
-_LZ4_MAGIC = 0x184D2204
-_LZ4_TRAILER_MAGIC = 0x184D2A5C
-_LZ4_BLOCK = 4 << 20
+# --------------------------------------------------------------------------
+# xxHash32 (https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md)
+
+_P1, _P2, _P3, _P4, _P5 = (2654435761, 2246822519, 3266489917,
+                           668265263, 374761393)
+_M32 = 0xFFFFFFFF
 
 
-class LZ4FrameWriter:
-    def __init__(self, fp, *, content_checksum=False):
-        self._fp = fp
-        self._buf = bytearray()
-        self._h = hashlib.sha256()
-        fp.write(b"\x04\x22\x4d\x18\x60\x70\x73")
+def _xxh32_lanes(lanes, data, nstripes):
+    """Run the four accumulators over `nstripes` 16-byte stripes of data."""
+    p1, p2, m32 = _P1, _P2, _M32      # locals: global lookups cost ~20%
+    v1, v2, v3, v4 = lanes
+    chunk = 16384                     # stripes per unpack: bounded memory
+    for first in range(0, nstripes, chunk):
+        count = min(chunk, nstripes - first)
+        words = struct.unpack_from("<%dI" % (count * 4), data, first * 16)
+        # Each lane only sees every fourth word, so process it as one flat
+        # slice; skipping the final mask is safe because the next addition
+        # is masked before the rotation reads the high bits.
+        for w in words[0::4]:
+            v1 = (v1 + w * p2) & m32
+            v1 = (v1 << 13 | v1 >> 19) * p1
+        for w in words[1::4]:
+            v2 = (v2 + w * p2) & m32
+            v2 = (v2 << 13 | v2 >> 19) * p1
+        for w in words[2::4]:
+            v3 = (v3 + w * p2) & m32
+            v3 = (v3 << 13 | v3 >> 19) * p1
+        for w in words[3::4]:
+            v4 = (v4 + w * p2) & m32
+            v4 = (v4 << 13 | v4 >> 19) * p1
+        v1, v2, v3, v4 = v1 & m32, v2 & m32, v3 & m32, v4 & m32
+    return [v1, v2, v3, v4]
 
-    def write(self, data):
-        self._buf += data
-        self._h.update(data)
-        while len(self._buf) >= _LZ4_BLOCK:
-            self._flush(bytes(self._buf[:_LZ4_BLOCK]))
-            del self._buf[:_LZ4_BLOCK]
 
-    def _flush(self, b):
-        self._fp.write(struct.pack("<I", len(b) | 0x80000000) + b)
+def _xxh32_finish(h, tail, total):
+    """Mix in the total length and the <16 trailing bytes, then avalanche."""
+    h = (h + total) & _M32
+    p = 0
+    n = len(tail)
+    while p + 4 <= n:
+        h = (h + struct.unpack_from("<I", tail, p)[0] * _P3) & _M32
+        h = ((h << 17 | h >> 15) * _P4) & _M32
+        p += 4
+    while p < n:
+        h = (h + tail[p] * _P5) & _M32
+        h = ((h << 11 | h >> 21) * _P1) & _M32
+        p += 1
+    h ^= h >> 15
+    h = (h * _P2) & _M32
+    h ^= h >> 13
+    h = (h * _P3) & _M32
+    return h ^ (h >> 16)
 
-    def close(self):
-        if self._buf:
-            self._flush(bytes(self._buf))
-        self._fp.write(b"\0\0\0\0" + struct.pack("<II", _LZ4_TRAILER_MAGIC, 36) + b"LSH1" + self._h.digest())
+
+def _xxh32_merge(lanes):
+    v1, v2, v3, v4 = lanes
+    return ((v1 << 1 | v1 >> 31) + (v2 << 7 | v2 >> 25) +
+            (v3 << 12 | v3 >> 20) + (v4 << 18 | v4 >> 14)) & _M32
 
 
-class LZ4FrameReader:
-    def __init__(self, fp):
-        self._fp = fp
-        self._buf = b""
-        self._eof = False
-        self._h = hashlib.sha256()
-        if fp.read(7)[:4] != b"\x04\x22\x4d\x18":
-            raise CorruptFrameError("lz4: bad magic")
+def xxh32(data, seed=0):
+    """Return the 32-bit xxHash of a bytes-like object."""
+    data = bytes(data)
+    n = len(data)
+    seed &= _M32
+    if n < 16:
+        return _xxh32_finish((seed + _P5) & _M32, data, n)
+    lanes = [(seed + _P1 + _P2) & _M32, (seed + _P2) & _M32, seed,
+             (seed - _P1) & _M32]
+    nstripes = n // 16
+    lanes = _xxh32_lanes(lanes, data, nstripes)
+    return _xxh32_finish(_xxh32_merge(lanes), data[nstripes * 16:], n)
 
-    def read(self, n=-1):
-        while not self._eof and (n < 0 or len(self._buf) < n):
-            hdr = self._fp.read(4)
-            if len(hdr) != 4:
-                raise CorruptFrameError("lz4: truncated frame")
-            (size,) = struct.unpack("<I", hdr)
-            if size == 0:
-                self._eof = True
-                t = self._fp.read(44)
-                if len(t) == 44 and t[8:12] == b"LSH1" and t[12:] != self._h.digest():
-                    raise CorruptFrameError("lz4: content sha256 mismatch")
-                break
-            b = self._fp.read(size & 0x7FFFFFFF)
-            if len(b) != size & 0x7FFFFFFF:
-                raise CorruptFrameError("lz4: truncated frame")
-            self._h.update(b)
-            self._buf += b
-        if n < 0:
-            out, self._buf = self._buf, b""
+
+class _XXH32Stream:
+    """Incremental xxh32 with seed 0 (for frame content checksums)."""
+
+    def __init__(self):
+        self._lanes = [(_P1 + _P2) & _M32, _P2, 0, (-_P1) & _M32]
+        self._pending = b""
+        self._total = 0
+
+    def update(self, data):
+        self._total += len(data)
+        data = self._pending + bytes(data)
+        nstripes = len(data) // 16
+        if nstripes:
+            self._lanes = _xxh32_lanes(self._lanes, data, nstripes)
+        self._pending = data[nstripes * 16:]
+
+    def intdigest(self):
+        if self._total < 16:
+            return _xxh32_finish(_P5, self._pending, self._total)
+        return _xxh32_finish(_xxh32_merge(self._lanes), self._pending,
+                             self._total)
+
+
+# --------------------------------------------------------------------------
+# Block format (lz4_Block_format.md).  A block is a series of sequences:
+#   token (hi nibble literal length, lo nibble match length - 4; 15 means
+#   "add following bytes until one is < 255"), literals, u16le offset (1..65535),
+#   optional match length bytes.  The last sequence is literals only; the last
+#   5 bytes are literals and the last match starts >= 12 bytes before the end.
+
+_MIN_MATCH = 4
+_LAST_LITERALS = 5
+_MFLIMIT = 12
+_MAX_OFFSET = 65535
+_KEY = 8                # bytes hashed at each anchor
+_ZERO_RUN = 32          # shortest run of zero bytes encoded as a match
+_NONZERO = re.compile(b"[^\x00]")
+
+
+def _anchor_table(first, second):
+    """Translate table marking anchor pairs: byte in `first` then in `second`."""
+    table = bytearray(256)
+    for b in second:
+        table[b] = 2
+    for b in first:
+        table[b] = 1
+    return bytes(table)
+
+
+# Match candidates are only looked for at content-defined anchors (a separator
+# byte followed by a byte from a fixed pseudo-random subset), so both copies
+# of a repeated string are sampled at the same place whatever their
+# alignment.  Finding anchors costs C-speed translate()+split(); the Python
+# loop then runs once per anchor, not once per byte.  Higher levels sample
+# more densely: better ratio, slower.
+_SEPARATORS = b' ,"\n\t'
+_LEVELS = {
+    1: _anchor_table(_SEPARATORS, [b for b in range(256) if (b * 167) & 255 < 86]),
+    2: _anchor_table(_SEPARATORS, [b for b in range(256) if (b * 167) & 128]),
+    3: _anchor_table(_SEPARATORS + b'.@:-/', range(256)),
+}
+LZ4_DEFAULT_LEVEL = 1
+
+
+def _emit(out, src, lit, start, offset, mlen):
+    """Append one sequence: literals src[lit:start], then a match."""
+    ll = start - lit
+    ml = mlen - _MIN_MATCH
+    out.append((15 if ll >= 15 else ll) << 4 | (15 if ml >= 15 else ml))
+    if ll >= 15:
+        out += b"\xff" * ((ll - 15) // 255)
+        out.append((ll - 15) % 255)
+    out += src[lit:start]
+    out.append(offset & 255)
+    out.append(offset >> 8)
+    if ml >= 15:
+        out += b"\xff" * ((ml - 15) // 255)
+        out.append((ml - 15) % 255)
+
+
+def _emit_last(out, src, lit):
+    """Append the final, literals-only sequence."""
+    ll = len(src) - lit
+    out.append((15 if ll >= 15 else ll) << 4)
+    if ll >= 15:
+        out += b"\xff" * ((ll - 15) // 255)
+        out.append((ll - 15) % 255)
+    out += src[lit:]
+
+
+def _zero_runs(src):
+    """Yield (start, end) of runs of >= _ZERO_RUN zero bytes, then a sentinel."""
+    n = len(src)
+    zeros = b"\x00" * _ZERO_RUN
+    i = src.find(zeros, 1)       # a run needs one earlier zero to copy from
+    while i >= 0:
+        m = _NONZERO.search(src, i + _ZERO_RUN)
+        j = m.start() if m else n
+        yield i, j
+        i = src.find(zeros, j)
+    yield n + 1, n + 1
+
+
+def lz4_compress_block(src, level=LZ4_DEFAULT_LEVEL):
+    """Compress bytes into one independent raw LZ4 block (no frame)."""
+    src = bytes(src)
+    n = len(src)
+    out = bytearray()
+    if n < _MFLIMIT + 1:
+        _emit_last(out, src, 0)
+        return bytes(out)
+    last = n - _MFLIMIT          # a match must start at or before this
+    end = n - _LAST_LITERALS     # ... and end at or before this
+    pieces = src.translate(_LEVELS[level]).split(b"\x01\x02")
+    pieces.pop()
+    anchors = accumulate(map((2).__add__, map(len, pieces)), initial=-2)
+    next(anchors)
+    runs = _zero_runs(src)
+    zs, ze = next(runs)
+    table = {}
+    get = table.get
+    frombytes = int.from_bytes
+    lit = 0                      # first byte not yet covered by a sequence
+    # The sentinel anchor n flushes zero runs after the last real anchor.
+    for a in chain(anchors, (n,)):
+        while a >= zs:           # zero runs found before this anchor
+            s = zs + 1 if zs >= lit else lit
+            e = ze if ze < end else end
+            if e - s >= _MIN_MATCH and s <= last:
+                _emit(out, src, lit, s, 1, e - s)
+                lit = e
+            zs, ze = next(runs)
+        if a > last:
+            break
+        key = src[a:a + _KEY]
+        c = get(key)
+        table[key] = a
+        if c is None or a < lit or a - c > _MAX_OFFSET:
+            continue
+        # Forward extension: the lowest set bit of the XOR of two
+        # little-endian ints marks the first differing byte.
+        p = a + _KEY
+        width = end - p
+        if width < 0:
+            continue
+        if width > 32:
+            width = 32
+        x = frombytes(src[p:p + width], "little") ^ frombytes(
+            src[c + _KEY:c + _KEY + width], "little")
+        if x:
+            f = _KEY + (((x & -x).bit_length() - 1) >> 3)
         else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+            # Long match: gallop then binary-search with slice compares.
+            f = _KEY + width
+            hi = end - a
+            step = 64
+            while f + step <= hi and src[a + f:a + f + step] == src[c + f:c + f + step]:
+                f += step
+                step <<= 1
+            while step > 1:
+                step >>= 1
+                if f + step <= hi and src[a + f:a + f + step] == src[c + f:c + f + step]:
+                    f += step
+        # Backward extension (big-endian: trailing equal bytes are low zeros).
+        b = 0
+        width = min(a - lit, c, 16)
+        if width and src[a - 1] == src[c - 1]:
+            x = frombytes(src[a - width:a], "big") ^ frombytes(src[c - width:c], "big")
+            b = (((x & -x).bit_length() - 1) >> 3) if x else width
+        _emit(out, src, lit, a - b, a - c, f + b)
+        lit = a + f
+    _emit_last(out, src, lit)
+    return bytes(out)
 
-    def close(self):
-        pass
+
+_FF_RUN = re.compile(b"\xff*")
 
 
-def lz4_compress_frame(data, **kw):
-    import io
-    out = io.BytesIO()
-    w = LZ4FrameWriter(out)
+def _decode_block(src, out, limit):
+    """Decode block `src`, appending to bytearray `out` (which may already
+    hold up to 64 KiB of history); `out` may not grow beyond `limit`."""
+    n = len(src)
+    i = 0
+    olen = len(out)      # tracked locally: len() calls dominate short sequences
+    try:
+        while i < n:
+            token = src[i]
+            i += 1
+            ll = token >> 4
+            if ll:
+                if ll == 15:
+                    ll += src[i]
+                    i += 1
+                    if ll == 270:                    # 255s follow: skip at C speed
+                        j = _FF_RUN.match(src, i).end()
+                        ll += 255 * (j - i) + src[j]
+                        i = j + 1
+                j = i + ll
+                if j > n:
+                    raise CorruptFrameError("lz4: literal run overruns block")
+                olen += ll
+                if olen > limit:
+                    raise CorruptFrameError("lz4: block decodes beyond maximum size")
+                out += src[i:j]
+                i = j
+            if i == n:
+                break
+            offset = src[i] | src[i + 1] << 8
+            i += 2
+            ml = token & 15
+            if ml == 15:
+                ml += src[i]
+                i += 1
+                if ml == 270:
+                    j = _FF_RUN.match(src, i).end()
+                    ml += 255 * (j - i) + src[j]
+                    i = j + 1
+            ml += 4                                  # minmatch
+            start = olen - offset
+            if offset == 0:
+                raise CorruptFrameError("lz4: zero match offset")
+            if start < 0:
+                raise CorruptFrameError("lz4: match offset beyond output")
+            olen += ml
+            if olen > limit:
+                raise CorruptFrameError("lz4: block decodes beyond maximum size")
+            if ml <= offset:
+                out += out[start:start + ml]
+            else:
+                # Overlapping copy repeats the last `offset` bytes.
+                out += (out[start:] * (ml // offset + 1))[:ml]
+    except IndexError:
+        raise CorruptFrameError("lz4: truncated sequence in block") from None
+
+
+def lz4_decompress_block(src, max_size, prefix=b""):
+    """Decode one raw LZ4 block of at most max_size bytes.  `prefix` is the
+    preceding output for linked blocks (only its last 64 KiB is used)."""
+    prefix = bytes(prefix[-65536:])
+    out = bytearray(prefix)
+    _decode_block(bytes(src), out, len(prefix) + max_size)
+    return bytes(out[len(prefix):])
+
+
+# --------------------------------------------------------------------------
+# Frame format (lz4_Frame_format.md):
+#   magic u32le 0x184D2204 | FLG | BD | [content size u64le] | [dict id u32le]
+#   | HC | blocks... | u32le 0 end mark | [content xxh32 u32le]
+# FLG bits: 7-6 version (01), 5 block independence, 4 block checksum,
+#   3 content size, 2 content checksum, 1 reserved (0), 0 dictionary id.
+# BD bits: 7 reserved, 6-4 block max size (4=64K 5=256K 6=1M 7=4M), 3-0 reserved.
+# HC = (xxh32(FLG..last descriptor byte, 0) >> 8) & 0xFF.
+# Block: u32le size (bit 31 set = stored uncompressed), data, [xxh32 of data].
+# Skippable frame: u32le 0x184D2A50..0x184D2A5F, u32le length, payload.
+
+LZ4_MAGIC = 0x184D2204
+_SKIP_MIN, _SKIP_MAX = 0x184D2A50, 0x184D2A5F
+LZ4_TRAILER_MAGIC = 0x184D2A5C
+LZ4_TRAILER_TAG = b"LSH1"
+_BLOCK_IDS = {64 << 10: 4, 256 << 10: 5, 1 << 20: 6, 4 << 20: 7}
+LZ4_BLOCK_SIZE = 4 << 20
+
+
+def lz4_compress_frame(data, *, block_size=LZ4_BLOCK_SIZE, content_checksum=False,
+                       level=LZ4_DEFAULT_LEVEL):
+    """Compress bytes into one LZ4 frame followed by the LSH1 sha256 trailer."""
+    buf = io.BytesIO()
+    w = LZ4FrameWriter(buf, content_checksum=content_checksum,
+                       block_size=block_size, level=level)
     w.write(data)
     w.close()
-    return out.getvalue()
+    return buf.getvalue()
 
 
 def lz4_decompress_frame(data):
-    import io
+    """Decompress the first LZ4 frame in `data` (skippable frames before it
+    are skipped, trailing bytes after it ignored)."""
     return LZ4FrameReader(io.BytesIO(data)).read()
-# END_LZ4_CODEC_PLACEHOLDER
+
+
+class LZ4FrameWriter:
+    """Write one LZ4 frame of independent blocks to a binary file object."""
+
+    def __init__(self, fp, *, content_checksum=False, block_size=LZ4_BLOCK_SIZE,
+                 level=LZ4_DEFAULT_LEVEL):
+        if block_size not in _BLOCK_IDS:
+            raise ValueError("lz4: unsupported block size %r" % (block_size,))
+        if level not in _LEVELS:
+            raise ValueError("lz4: unsupported level %r" % (level,))
+        self._fp = fp
+        self._block_size = block_size
+        self._level = level
+        self._buf = bytearray()
+        self._sha = hashlib.sha256()
+        self._xxh = _XXH32Stream() if content_checksum else None
+        self._closed = False
+        flg = 0x40 | 0x20 | (0x04 if content_checksum else 0)
+        desc = bytes((flg, _BLOCK_IDS[block_size] << 4))
+        fp.write(struct.pack("<I", LZ4_MAGIC) + desc +
+                 bytes(((xxh32(desc) >> 8) & 0xFF,)))
+
+    def write(self, data):
+        """Buffer and compress `data`; returns the number of bytes taken."""
+        if self._closed:
+            raise ValueError("lz4: write to closed LZ4FrameWriter")
+        data = memoryview(data).cast("B")
+        self._sha.update(data)
+        if self._xxh is not None:
+            self._xxh.update(data)
+        bs = self._block_size
+        pos = 0
+        if self._buf:
+            pos = bs - len(self._buf)
+            self._buf += data[:pos]
+            if len(self._buf) < bs:
+                return len(data)
+            self._write_block(bytes(self._buf))
+            self._buf = bytearray()
+        while len(data) - pos >= bs:      # whole blocks skip the buffer
+            self._write_block(bytes(data[pos:pos + bs]))
+            pos += bs
+        self._buf += data[pos:]
+        return len(data)
+
+    def _write_block(self, block):
+        packed = lz4_compress_block(block, self._level)
+        if len(packed) < len(block):
+            self._fp.write(struct.pack("<I", len(packed)) + packed)
+        else:
+            self._fp.write(struct.pack("<I", len(block) | 0x80000000) + block)
+
+    def close(self):
+        """Flush, write end mark, checksum and sha256 trailer (fp stays open)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._buf:                 # never emit an empty block
+            self._write_block(bytes(self._buf))
+            self._buf = bytearray()
+        tail = b"\x00\x00\x00\x00"
+        if self._xxh is not None:
+            tail += struct.pack("<I", self._xxh.intdigest())
+        tail += struct.pack("<II", LZ4_TRAILER_MAGIC, 4 + 32) + LZ4_TRAILER_TAG
+        self._fp.write(tail + self._sha.digest())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LZ4FrameReader:
+    """Stream-decode one LZ4 frame from a binary file object.
+
+    Memory is bounded by one block plus a 64 KiB history.  After the end of
+    the frame, `verified` is True if a content check (xxh32 content checksum
+    and/or LSH1 sha256 trailer) passed; `checks` names the ones performed.
+    """
+
+    def __init__(self, fp):
+        self._fp = fp
+        self._out = b""
+        self._pos = 0
+        self._started = False
+        self._eof = False
+        self._history = b""
+        self._total = 0
+        self._sha = hashlib.sha256()
+        self._xxh = None
+        self.verified = False
+        self.checks = ()
+
+    def _read_exact(self, n):
+        data = self._fp.read(n)
+        while len(data) < n:
+            more = self._fp.read(n - len(data))
+            if not more:
+                raise CorruptFrameError("lz4: truncated frame")
+            data += more
+        return data
+
+    def _read_header(self):
+        self._started = True
+        while True:
+            magic, = struct.unpack("<I", self._read_exact(4))
+            if _SKIP_MIN <= magic <= _SKIP_MAX:
+                size, = struct.unpack("<I", self._read_exact(4))
+                while size:
+                    size -= len(self._read_exact(min(size, 1 << 20)))
+                continue
+            if magic != LZ4_MAGIC:
+                raise CorruptFrameError("lz4: bad magic number 0x%08x" % magic)
+            break
+        desc = self._read_exact(2)
+        flg, bd = desc
+        if flg >> 6 != 1:
+            raise CorruptFrameError("lz4: unsupported frame version %d" % (flg >> 6))
+        if flg & 0x02 or bd & 0x8F:
+            raise CorruptFrameError("lz4: reserved bits set in frame descriptor")
+        if (bd >> 4) < 4:
+            raise CorruptFrameError("lz4: invalid block maximum size id %d" % (bd >> 4))
+        if flg & 0x08:
+            desc += self._read_exact(8)
+        if flg & 0x01:
+            desc += self._read_exact(4)
+        hc = self._read_exact(1)[0]
+        if hc != (xxh32(desc) >> 8) & 0xFF:
+            raise CorruptFrameError("lz4: header checksum mismatch")
+        if flg & 0x01:
+            raise CorruptFrameError("lz4: dictionary frames are not supported")
+        self._linked = not flg & 0x20
+        self._block_checksum = bool(flg & 0x10)
+        self._content_size = struct.unpack_from("<Q", desc, 2)[0] if flg & 0x08 else None
+        if flg & 0x04:
+            self._xxh = _XXH32Stream()
+        self._block_max = 1 << (2 * (bd >> 4) + 8)
+
+    def _next_block(self):
+        """Decode the next block into self._out; handle the frame end."""
+        if not self._started:
+            self._read_header()
+        size, = struct.unpack("<I", self._read_exact(4))
+        if size == 0:                 # only 0 is the end mark; 0x80000000 is
+            self._finish()            # an empty stored block (Go emits it)
+            return
+        stored = size & 0x80000000
+        size &= 0x7FFFFFFF
+        if size > self._block_max:
+            raise CorruptFrameError("lz4: block size %d exceeds maximum %d"
+                                    % (size, self._block_max))
+        data = self._read_exact(size)
+        if self._block_checksum:
+            want, = struct.unpack("<I", self._read_exact(4))
+            if xxh32(data) != want:
+                raise CorruptFrameError("lz4: block checksum mismatch")
+        if stored:
+            block = data
+        else:
+            hist = self._history if self._linked else b""
+            buf = bytearray(hist)
+            _decode_block(data, buf, len(hist) + self._block_max)
+            block = bytes(buf[len(hist):]) if hist else bytes(buf)
+        if self._linked:
+            self._history = (self._history + block[-65536:])[-65536:]
+        self._total += len(block)
+        self._sha.update(block)
+        if self._xxh is not None:
+            self._xxh.update(block)
+        self._out = block
+        self._pos = 0
+
+    def _finish(self):
+        self._eof = True
+        self._out, self._pos = b"", 0
+        checks = []
+        if self._content_size is not None and self._content_size != self._total:
+            raise CorruptFrameError("lz4: content size mismatch")
+        if self._xxh is not None:
+            want, = struct.unpack("<I", self._read_exact(4))
+            if self._xxh.intdigest() != want:
+                raise CorruptFrameError("lz4: content checksum mismatch")
+            checks.append("xxh32")
+        # Optional LSH1 trailer; anything else after the frame is ignored.
+        head = self._fp.read(8)
+        if len(head) == 8 and struct.unpack("<II", head) == (LZ4_TRAILER_MAGIC, 36):
+            payload = self._read_exact(36)
+            if payload[:4] == LZ4_TRAILER_TAG:
+                if payload[4:] != self._sha.digest():
+                    raise CorruptFrameError("lz4: content sha256 mismatch")
+                checks.append("sha256")
+        self.checks = tuple(checks)
+        self.verified = bool(checks)
+
+    def read(self, n=-1):
+        """Return up to n decoded bytes (all remaining if n < 0); b"" at end."""
+        if n is None or n < 0:
+            parts = [self._out[self._pos:]]
+            while not self._eof:
+                self._next_block()
+                parts.append(self._out)
+            self._out, self._pos = b"", 0
+            return b"".join(parts)
+        while self._pos >= len(self._out) and not self._eof:
+            self._next_block()
+        chunk = self._out[self._pos:self._pos + n]
+        self._pos += len(chunk)
+        return chunk
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def readable(self):
+        return True
+
+    def close(self):
+        """Release buffers; the underlying file object is left open."""
+        self._out = self._history = b""
+        self._eof = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class _Sink:

@@ -27,6 +27,12 @@ import unittest
 
 import litestream as ls
 
+try:
+    import lz4.block
+    import lz4.frame
+except ImportError:
+    lz4 = None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "litestream.py")
 REQUIRE_PEERS = os.environ.get("LITESTREAM_TEST_REQUIRE_PEERS") == "1"
@@ -263,6 +269,389 @@ class TestWALChecksum(TempDirTestCase):
         self.assertEqual(ls.frame_align(32, 4096), 32)
         self.assertEqual(ls.frame_align(32 + 4120 * 3 + 100, 4096), 32 + 4120 * 3)
         self.assertEqual(ls.calc_wal_size(4096, 1000), 4120032)
+
+
+###############################################################################
+# LZ4 frame codec
+###############################################################################
+
+MAGIC = b"\x04\x22\x4d\x18"
+END = b"\x00\x00\x00\x00"
+# (descriptor bytes) -> header checksum byte, as written by liblz4.
+HDR_60_70 = MAGIC + b"\x60\x70\x73"          # independent, 4 MiB
+HDR_64_70 = MAGIC + b"\x64\x70\xb9"          # + content checksum
+HDR_70_70 = MAGIC + b"\x70\x70\x72"          # + block checksum
+HDR_40_70 = MAGIC + b"\x40\x70\xdf"          # linked blocks
+HDR_60_40 = MAGIC + b"\x60\x40\x82"          # independent, 64 KiB
+HDR_SIZE3 = MAGIC + b"\x68\x70" + struct.pack("<Q", 3) + b"\xcc"
+XXH_ABC = 0x32D153FF                          # ls.xxh32(b"abc", 0), published
+XXH_EMPTY = 0x02CC5D05
+
+
+def stored(data):
+    return struct.pack("<I", len(data) | 0x80000000) + data
+
+
+def trailer(content):
+    return (struct.pack("<II", 0x184D2A5C, 36) + b"LSH1" +
+            hashlib.sha256(content).digest())
+
+
+def sanity_buffer(n=222):
+    """xxHash's sanity buffer (tests/sanity_test_vectors.h generator)."""
+    gen, out = 2654435761, bytearray()
+    for _ in range(n):
+        out.append(gen >> 56)
+        gen = (gen * 11400714785074694797) & (2 ** 64 - 1)
+    return bytes(out)
+
+
+class TestXXH32(unittest.TestCase):
+    def test_published_vectors(self):
+        buf = sanity_buffer()
+        prime = 2654435761
+        for length, seed, want in [(0, 0, 0x02CC5D05), (0, prime, 0x36B78AE7),
+                                   (1, 0, 0xCF65B03E), (1, prime, 0xB4545AA4),
+                                   (14, 0, 0x1208E7E2), (14, prime, 0x6AF1D1FE),
+                                   (222, 0, 0x5BD11DBD), (222, prime, 0x58803C5F)]:
+            self.assertEqual(ls.xxh32(buf[:length], seed), want, (length, seed))
+        self.assertEqual(ls.xxh32(b"abc"), XXH_ABC)
+        self.assertEqual(ls.xxh32(b"Nobody inspects the spammish repetition"), 0xE2293B2F)
+        self.assertEqual(ls.xxh32(memoryview(b"abc")), XXH_ABC)
+
+
+class TestLZ4Block(unittest.TestCase):
+    def test_hand_built_sequences(self):
+        # token 0x44: 4 literals, match length 4+4 at offset 4; then 5 literals.
+        blk = b"\x44abcd\x04\x00" + b"\x50xyzzy"
+        self.assertEqual(ls.lz4_decompress_block(blk, 100), b"abcd" * 3 + b"xyzzy")
+        # Overlapping match: offset 1, length 15+3+4 = 22 repeats "z".
+        blk = b"\x1fz\x01\x00\x03" + b"\x50hello"
+        self.assertEqual(ls.lz4_decompress_block(blk, 100), b"z" * 23 + b"hello")
+        # Literal length 48 = 15 + 33 (spec example 1); empty block is b"\x00".
+        self.assertEqual(ls.lz4_decompress_block(b"\xf0\x21" + b"q" * 48, 48), b"q" * 48)
+        self.assertEqual(ls.lz4_decompress_block(b"\x00", 0), b"")
+        # Linked blocks: match reaches into the prefix.
+        self.assertEqual(ls.lz4_decompress_block(b"\x04\x03\x00\x50tail!", 100,
+                                              prefix=b"xyzabc"), b"abcabcab" + b"tail!")
+
+    def test_malformed_blocks(self):
+        cases = {b"\x44abcd\x00\x00\x50xyzzy": "zero match offset",
+                 b"\x44abcd\x05\x00\x50xyzzy": "offset beyond",
+                 b"\x50abc": "literal run overruns",
+                 b"\x44abcd\x04": "truncated",
+                 b"\x1fz\x01\x00\xff": "truncated"}
+        for blk, msg in cases.items():
+            with self.assertRaisesRegex(ls.CorruptFrameError, msg):
+                ls.lz4_decompress_block(blk, 1000)
+        with self.assertRaisesRegex(ls.CorruptFrameError, "maximum size"):
+            ls.lz4_decompress_block(b"\x1fz\x01\x00\x03", 10)   # match overruns
+
+    def test_compress_round_trip_and_real_matches(self):
+        rnd = random.Random(7)
+        phrases = [b"user %d logged in from host-%d, status=ok" % (i, i * 7)
+                   for i in range(40)] + [b"the quick brown fox jumps over the lazy dog"]
+        text = b" ".join(rnd.choice(phrases) for _ in range(5000))
+        out = ls.lz4_compress_block(text)
+        self.assertLess(len(out), len(text) * 0.7)      # real matches emitted
+        self.assertEqual(ls.lz4_decompress_block(out, len(text)), text)
+        for data in (b"", b"a", b"abcdefghijkl", bytes(100), bytes(13),
+                     os.urandom(5000), b"ab" * 3000, text[:1000] + bytes(999) + text[:50]):
+            self.assertEqual(ls.lz4_decompress_block(ls.lz4_compress_block(data), len(data)), data)
+
+    def walk(self, blk):
+        """Return (decoded length, last match start, last literal count)."""
+        i = pos = 0
+        last_match_start = None
+        while True:
+            token = blk[i]; i += 1
+            ll = token >> 4
+            if ll == 15:
+                while blk[i] == 255:
+                    ll += 255; i += 1
+                ll += blk[i]; i += 1
+            i += ll; pos += ll
+            if i == len(blk):
+                return pos, last_match_start, ll
+            i += 2
+            ml = token & 15
+            if ml == 15:
+                while blk[i] == 255:
+                    ml += 255; i += 1
+                ml += blk[i]; i += 1
+            last_match_start = pos
+            pos += ml + 4
+
+    def test_block_end_conditions(self):
+        # Spec: last 5 bytes are literals; last match starts >= 12 bytes before end.
+        rnd = random.Random(9)
+        text = b"hello world, hello world, hello world " * 20
+        seen_match = False
+        for k in range(0, 90):
+            tail = bytes(k) + b"hello world, hello world, hello world"[:rnd.randint(0, 40)]
+            for data in (text + tail, bytes(40) + b"x" * k + bytes(k), text[:k] + bytes(k),
+                         b" abcdefgh the cat, " + bytes(29) + b" the cat, " + bytes(k)):
+                blk = ls.lz4_compress_block(data)
+                n, last_match, last_lits = self.walk(blk)
+                self.assertEqual(n, len(data))
+                if last_match is not None:
+                    seen_match = True
+                    self.assertLessEqual(last_match, len(data) - 12, (k, data[-60:]))
+                    self.assertGreaterEqual(last_lits, 5)
+                self.assertEqual(ls.lz4_decompress_block(blk, len(data)), data)
+        self.assertTrue(seen_match)
+
+
+class TestLZ4Frame(unittest.TestCase):
+    def test_stored_and_empty_frames(self):
+        self.assertEqual(ls.lz4_decompress_frame(HDR_60_70 + stored(b"abc") + END), b"abc")
+        self.assertEqual(ls.lz4_decompress_frame(HDR_60_70 + END), b"")
+        self.assertEqual(ls.lz4_decompress_frame(HDR_60_40 + stored(b"x" * 10) + END), b"x" * 10)
+        self.assertEqual(ls.lz4_decompress_frame(HDR_SIZE3 + stored(b"abc") + END), b"abc")
+
+    def test_checksums(self):
+        r = ls.LZ4FrameReader(io.BytesIO(HDR_64_70 + stored(b"abc") + END + struct.pack("<I", XXH_ABC)))
+        self.assertEqual(r.read(), b"abc")
+        self.assertTrue(r.verified)
+        self.assertEqual(r.checks, ("xxh32",))
+        self.assertEqual(ls.lz4_decompress_frame(HDR_64_70 + END + struct.pack("<I", XXH_EMPTY)), b"")
+        with self.assertRaisesRegex(ls.CorruptFrameError, "content checksum mismatch"):
+            ls.lz4_decompress_frame(HDR_64_70 + stored(b"abd") + END + struct.pack("<I", XXH_ABC))
+        blk = stored(b"abc") + struct.pack("<I", XXH_ABC)   # checksum of raw block data
+        self.assertEqual(ls.lz4_decompress_frame(HDR_70_70 + blk + END), b"abc")
+        with self.assertRaisesRegex(ls.CorruptFrameError, "block checksum mismatch"):
+            ls.lz4_decompress_frame(HDR_70_70 + stored(b"abC") + struct.pack("<I", XXH_ABC) + END)
+
+    def test_sha256_trailer(self):
+        frame = HDR_60_70 + stored(b"abc") + END
+        r = ls.LZ4FrameReader(io.BytesIO(frame + trailer(b"abc") + b"garbage"))
+        self.assertEqual(r.read(), b"abc")
+        self.assertTrue(r.verified)
+        self.assertEqual(r.checks, ("sha256",))
+        r = ls.LZ4FrameReader(io.BytesIO(frame))
+        self.assertEqual(r.read(), b"abc")
+        self.assertFalse(r.verified)
+        with self.assertRaisesRegex(ls.CorruptFrameError, "sha256 mismatch"):
+            ls.lz4_decompress_frame(frame + trailer(b"abd"))
+        # Other trailing skippable frames and junk are ignored.
+        other = struct.pack("<II", 0x184D2A5C, 36) + b"XXXX" + bytes(32)
+        self.assertEqual(ls.lz4_decompress_frame(frame + other), b"abc")
+        self.assertEqual(ls.lz4_decompress_frame(frame + b"\x01\x02"), b"abc")
+
+    def test_empty_trailing_block_quirk(self):
+        # Zero-length stored block (00 00 00 80) is not the end mark.
+        frame = HDR_60_70 + stored(b"abc") + b"\x00\x00\x00\x80" + END + trailer(b"abc")
+        r = ls.LZ4FrameReader(io.BytesIO(frame))
+        self.assertEqual(r.read(), b"abc")
+        self.assertTrue(r.verified)
+
+    def test_skippable_frames_before(self):
+        skip = (struct.pack("<II", 0x184D2A50, 4) + b"junk" +
+                struct.pack("<II", 0x184D2A5F, 0))
+        self.assertEqual(ls.lz4_decompress_frame(skip + HDR_60_70 + stored(b"abc") + END), b"abc")
+
+    def test_linked_blocks(self):
+        blk2 = b"\x04\x03\x00\x50tail!"       # match copies from previous block
+        frame = HDR_40_70 + stored(b"xyzabc") + struct.pack("<I", len(blk2)) + blk2 + END
+        self.assertEqual(ls.lz4_decompress_frame(frame), b"xyzabcabcabcab" + b"tail!")
+        frame = HDR_60_70 + stored(b"xyzabc") + struct.pack("<I", len(blk2)) + blk2 + END
+        with self.assertRaisesRegex(ls.CorruptFrameError, "offset beyond"):
+            ls.lz4_decompress_frame(frame)       # independent: no history
+
+    def test_corrupt_headers(self):
+        good = HDR_60_70 + stored(b"abc") + END
+        cases = {b"\x05" + good[1:]: "bad magic",
+                 good[:6] + b"\x74" + good[7:]: "header checksum",
+                 good[:4] + b"\x62\x70\x73" + good[7:]: "reserved bits",
+                 good[:4] + b"\x60\xf0\x73" + good[7:]: "reserved bits",
+                 good[:4] + b"\xa0\x70\x73" + good[7:]: "version",
+                 good[:4] + b"\x60\x30\x73" + good[7:]: "block maximum size",
+                 b"": "truncated"}
+        for frame, msg in cases.items():
+            with self.assertRaisesRegex(ls.CorruptFrameError, msg):
+                ls.lz4_decompress_frame(frame)
+        with self.assertRaisesRegex(ls.CorruptFrameError, "content size mismatch"):
+            ls.lz4_decompress_frame(HDR_SIZE3 + stored(b"abcd") + END)
+        with self.assertRaisesRegex(ls.CorruptFrameError, "exceeds maximum"):
+            ls.lz4_decompress_frame(HDR_60_40 + stored(b"x" * 65537) + END)
+
+    def test_truncation_everywhere(self):
+        frame = HDR_64_70 + stored(b"abc") + END + struct.pack("<I", XXH_ABC)
+        for n in range(len(frame)):
+            with self.assertRaisesRegex(ls.CorruptFrameError, "truncated"):
+                ls.lz4_decompress_frame(frame[:n])
+        with self.assertRaisesRegex(ls.CorruptFrameError, "truncated"):
+            ls.lz4_decompress_frame(HDR_60_70 + stored(b"abc") + END + trailer(b"abc")[:20])
+
+
+class TestLZ4FrameWriter(unittest.TestCase):
+    def test_header_and_trailer_layout(self):
+        out = ls.lz4_compress_frame(b"hello")
+        self.assertEqual(out[:7], HDR_60_70)
+        self.assertEqual(out[7:], stored(b"hello") + END + trailer(b"hello"))
+        out = ls.lz4_compress_frame(b"", content_checksum=True)
+        self.assertEqual(out, HDR_64_70 + END + struct.pack("<I", XXH_EMPTY) + trailer(b""))
+        self.assertEqual(ls.lz4_compress_frame(b"x", block_size=64 << 10)[:7], HDR_60_40)
+
+    def blocks(self, frame):
+        """Return the block-size words of one of our frames (no checksums)."""
+        i, sizes = 7, []
+        while True:
+            size, = struct.unpack_from("<I", frame, i)
+            sizes.append(size)
+            if size == 0:
+                return sizes
+            i += 4 + (size & 0x7FFFFFFF)
+
+    def test_streaming_writer_blocks(self):
+        data = (b"The quick brown fox, jumps over the lazy dog. " * 200000)[:8 << 20]
+        buf = io.BytesIO()
+        w = ls.LZ4FrameWriter(buf)
+        rnd = random.Random(3)
+        pos = 0
+        while pos < len(data):
+            n = rnd.choice([1, 100, 70000, 3 << 20, 5 << 20])
+            w.write(data[pos:pos + n])
+            pos += n
+        w.close()
+        w.close()
+        frame = buf.getvalue()
+        sizes = self.blocks(frame)
+        self.assertEqual(len(sizes), 3)              # two 4 MiB blocks + end mark
+        self.assertNotIn(0x80000000, sizes)          # never an empty block
+        self.assertTrue(all(s < (4 << 20) for s in sizes[:-1]))  # compressed
+        self.assertEqual(ls.lz4_decompress_frame(frame), data)
+        noise = random.Random(5).getrandbits(8 * 70000).to_bytes(70000, "little")
+        sizes = self.blocks(ls.lz4_compress_frame(noise))
+        self.assertEqual(sizes, [70000 | 0x80000000, 0])   # incompressible: stored
+
+    def test_streaming_reader(self):
+        data = bytes(range(256)) * 40000 + b"tail"
+        frame = ls.lz4_compress_frame(data, block_size=256 << 10)
+        r = ls.LZ4FrameReader(io.BytesIO(frame))
+        parts = []
+        while True:
+            chunk = r.read(100003)
+            if not chunk:
+                break
+            self.assertLessEqual(len(chunk), 100003)
+            parts.append(chunk)
+        self.assertEqual(b"".join(parts), data)
+        self.assertTrue(r.verified)
+        ba = bytearray(10)
+        r = ls.LZ4FrameReader(io.BytesIO(frame))
+        self.assertEqual(r.readinto(ba), 10)
+        self.assertEqual(bytes(ba), data[:10])
+
+    def test_corrupted_compressed_frame(self):
+        data = b"some text, some more text, " * 5000
+        frame = bytearray(ls.lz4_compress_frame(data))
+        frame[200] ^= 0x10
+        with self.assertRaises(ls.CorruptFrameError):
+            ls.lz4_decompress_frame(bytes(frame))
+
+
+def make_sqlite_bytes(rows=3000):
+    rnd = random.Random(11)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "t.db")
+        db = sqlite3.connect(path)
+        db.execute("PRAGMA page_size=4096")
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, email TEXT, ts TEXT, body TEXT, b BLOB)")
+        db.execute("CREATE INDEX t_email ON t(email)")
+        words = ["alpha", "beta", "gamma", "delta", "lorem", "ipsum", "sit", "amet"]
+        db.executemany("INSERT INTO t VALUES (?,?,?,?,?)", [
+            (i, "user%d@example.com" % rnd.randint(0, 10 ** 6),
+             "2024-01-%02dT12:%02d:00Z" % (rnd.randint(1, 28), rnd.randint(0, 59)),
+             " ".join(rnd.choice(words) for _ in range(rnd.randint(20, 120))),
+             bytes(rnd.getrandbits(8) for _ in range(16))) for i in range(rows)])
+        db.commit()
+        db.close()
+        with open(path, "rb") as f:
+            return f.read()
+
+
+class TestLZ4Peer(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        require_peer(lz4 is not None, "python-lz4", "pip install lz4")
+        rnd = random.Random(1)
+        words = [b"".join(bytes([rnd.randint(97, 122)]) for _ in range(rnd.randint(2, 10)))
+                 for _ in range(500)]
+        cls.data = {
+            "random": rnd.getrandbits(8 * 600000).to_bytes(600000, "little"),
+            "zeros": bytes(1300000),
+            "text": b" ".join(rnd.choice(words) for _ in range(200000))[:1300000],
+            "sqlite": make_sqlite_bytes()[:1300000],
+        }
+        cls.big = (make_sqlite_bytes(12000) * 2)[:9 << 20]
+
+    def test_xxh32_against_liblz4(self):
+        # liblz4 writes ls.xxh32(content) after the end mark when asked.
+        rnd = random.Random(2)
+        for n in list(range(0, 70)) + [1000, 4096, 65537]:
+            data = bytes(rnd.getrandbits(8) for _ in range(n))
+            frame = lz4.frame.compress(data, content_checksum=True)
+            self.assertEqual(ls.xxh32(data), struct.unpack("<I", frame[-4:])[0], n)
+
+    def test_our_frames_to_liblz4(self):
+        for name, data in self.data.items():
+            for bs in (64 << 10, 256 << 10, 1 << 20, 4 << 20):
+                for cc in (False, True):
+                    frame = ls.lz4_compress_frame(data, block_size=bs, content_checksum=cc)
+                    self.assertEqual(lz4.frame.decompress(frame), data, (name, bs, cc))
+        for level in (1, 2, 3):
+            frame = ls.lz4_compress_frame(self.big, level=level)
+            self.assertEqual(lz4.frame.decompress(frame), self.big)
+        multiple = self.big[:8 << 20]                 # exact multiple of 4 MiB
+        self.assertEqual(lz4.frame.decompress(ls.lz4_compress_frame(multiple)), multiple)
+
+    def test_liblz4_frames_to_ours(self):
+        sizes = {64 << 10: lz4.frame.BLOCKSIZE_MAX64KB, 256 << 10: lz4.frame.BLOCKSIZE_MAX256KB,
+                 1 << 20: lz4.frame.BLOCKSIZE_MAX1MB, 4 << 20: lz4.frame.BLOCKSIZE_MAX4MB}
+        for name, data in self.data.items():
+            for bs in sizes:
+                for linked in (False, True):
+                    for bc in (False, True):
+                        for cc in (False, True):
+                            for ss in (False, True):
+                                frame = lz4.frame.compress(
+                                    data, block_size=sizes[bs], block_linked=linked,
+                                    block_checksum=bc, content_checksum=cc, store_size=ss)
+                                r = ls.LZ4FrameReader(io.BytesIO(frame))
+                                self.assertEqual(r.read(), data, (name, bs, linked, bc, cc, ss))
+                                self.assertEqual(r.verified, cc)
+        for linked in (False, True):
+            frame = lz4.frame.compress(self.big, block_size=sizes[4 << 20], block_linked=linked,
+                                       compression_level=9, content_checksum=True)
+            self.assertEqual(ls.lz4_decompress_frame(frame), self.big)
+
+    def test_liblz4_corrupt_frames(self):
+        data = self.data["text"]
+        frame = bytearray(lz4.frame.compress(data, block_checksum=True))
+        frame[len(frame) // 2] ^= 0x01
+        with self.assertRaisesRegex(ls.CorruptFrameError, "block checksum mismatch"):
+            ls.lz4_decompress_frame(bytes(frame))
+        frame = lz4.frame.compress(data)
+        with self.assertRaisesRegex(ls.CorruptFrameError, "truncated"):
+            ls.lz4_decompress_frame(frame[:len(frame) // 2])
+
+    def test_blocks_both_ways(self):
+        for name, data in self.data.items():
+            ours = ls.lz4_compress_block(data)
+            self.assertEqual(lz4.block.decompress(ours, uncompressed_size=len(data)), data, name)
+            theirs = lz4.block.compress(data, store_size=False)
+            self.assertEqual(ls.lz4_decompress_block(theirs, len(data)), data, name)
+
+    def test_quirk_frame_readable_by_liblz4(self):
+        # The hand-built empty-trailing-block frame is valid for liblz4 too.
+        frame = HDR_60_70 + stored(b"abc") + b"\x00\x00\x00\x80" + END + trailer(b"abc")
+        self.assertEqual(lz4.frame.decompress(frame), b"abc")
+        self.assertEqual(ls.lz4_decompress_frame(frame), b"abc")
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 ###############################################################################
