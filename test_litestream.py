@@ -9,12 +9,15 @@ Tiers (see README "Tests"):
                 LITESTREAM_TEST_REQUIRE_PEERS=1, where a missing peer fails.
 """
 
+import base64
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -22,8 +25,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import unittest
+from unittest import mock
 
 import litestream as ls
 
@@ -1210,6 +1215,583 @@ class TestRestore(TempDirTestCase):
         self.r.retention = 3600
         self.r.enforce_retention()
         self.assertIn(self.gen, self.r.client.generations())
+
+
+###############################################################################
+# Config
+###############################################################################
+
+EXAMPLE_CONFIG = os.path.join(HERE, "litestream.ini")
+CONFIG_DB = "[db:app]\npath = /data/app.db\n"
+KEY32 = base64.b64encode(bytes(range(32))).decode()
+
+
+class TestConfig(TempDirTestCase):
+    def write(self, text, name="litestream.ini", mode="w"):
+        path = os.path.join(self.dir, name)
+        with open(path, mode) as f:
+            f.write(textwrap.dedent(text) if mode == "w" else text)
+        return path
+
+    def load(self, text, **kw):
+        return ls.load_config(self.write(text), **kw)
+
+    def replica(self, keys, section="[replica:app:r]\n"):
+        (db,) = self.load(CONFIG_DB + section + textwrap.dedent(keys)).dbs
+        (rc,) = db.replicas
+        return rc
+
+    def assertConfigError(self, text, expected, **kw):
+        """Assert loading text fails with exactly "<file>" + expected."""
+        path = self.write(text)
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path, **kw)
+        self.assertEqual(str(cm.exception), path + expected)
+
+    # Durations and environment.
+
+    def test_parse_duration(self):
+        """Ensure Go duration strings and days convert to the right seconds."""
+        table = [("0", 0), ("+0", 0), ("-0", 0), ("1s", 1), ("1.5s", 1.5), (".5s", 0.5),
+                 ("1.s", 1), ("500ms", 0.5), ("300us", 0.0003), ("300\u00b5s", 0.0003),
+                 ("300\u03bcs", 0.0003), ("1500ns", 0.0000015), ("1m", 60), ("1h30m", 5400),
+                 ("2h45m30.5s", 9930.5), ("2d", 172800), ("1d12h", 129600), ("-1.5h", -5400),
+                 ("+5m", 300), ("1h0m0s", 3600), ("0s", 0), ("10ms10ms", 0.02)]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertAlmostEqual(ls.parse_duration(text), want, places=12)
+
+    def test_parse_duration_errors(self):
+        """Ensure malformed durations raise ValueError saying what was expected."""
+        for text in ["", "5", "1.5", "-3", "5x", "s", "1 s", " 1s", "1s ", "1h 30m", "--1s",
+                     "1s-", "1.2.3s", "1S", "1H", "1w", "1y", "-", ".s", "1e3s", "\u0661s", "0x10s"]:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    ls.parse_duration(text)
+                self.assertEqual(str(cm.exception).split(" (")[0], "invalid duration %r" % text)
+                self.assertIn("expected e.g. 1s, 500ms, 1h30m, 2d)", str(cm.exception))
+
+    def test_parse_duration_bare_number(self):
+        """Ensure a number without a unit is refused with a hint about the unit."""
+        with self.assertRaises(ValueError) as cm:
+            ls.parse_duration("30")
+        self.assertEqual(str(cm.exception),
+                         "invalid duration '30' (missing unit; expected e.g. 1s, 500ms, 1h30m, 2d)")
+
+    def test_expand_env(self):
+        """Ensure expand_env follows Go's os.ExpandEnv, plus "$$" as a literal "$"."""
+        env = {"A": "x", "LONG_NAME1": "y", "1": "one", "*": "star", "E": ""}
+        table = [("$A", "x"), ("${A}", "x"), ("a$A-b", "ax-b"), ("$LONG_NAME1/z", "y/z"),
+                 ("${LONG_NAME1}z", "yz"), ("$Az", ""), ("$UNSET", ""), ("${UNSET}", ""),
+                 ("$E|", "|"), ("$$", "$"), ("pa$$word", "pa$word"), ("$$A", "$A"),
+                 ("$", "$"), ("end$", "end$"), ("$ x", "$ x"), ("$/", "$/"), ("${}", ""),
+                 ("${A", "A"), ("$1a", "onea"), ("${1}", "one"), ("$*", "star"),
+                 ("${A B}", ""), ("no vars", "no vars"), ("", "")]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertEqual(ls.expand_env(text, env), want)
+
+    def test_expand_env_defaults_to_os_environ(self):
+        """Ensure expand_env reads os.environ when no env is given."""
+        with mock.patch.dict(os.environ, {"LS_TEST_VAR": "v1"}):
+            self.assertEqual(ls.expand_env("<$LS_TEST_VAR>"), "<v1>")
+
+    def test_load_expands_values_only(self):
+        """Ensure load_config expands values but not keys or section names."""
+        env = {"DIR": "/srv", "NAME": "app", "BKT": "bk", "K": "exec"}
+        cfg = self.load("""\
+            [litestream]
+            exec = run ${DIR}/x $$HOME
+            [db:$NAME]
+            path = $DIR/app.db
+            [replica:$NAME:s3]
+            url = s3://$BKT/p
+            """, env=env)
+        self.assertEqual(cfg.exec, "run /srv/x $HOME")
+        self.assertEqual(cfg.dbs[0].name, "$NAME")
+        self.assertEqual(cfg.dbs[0].path, "/srv/app.db")
+        self.assertEqual(cfg.dbs[0].replicas[0].host, "bk")
+        self.assertConfigError("[litestream]\n$K = x\n", ":[litestream] $K: unknown key", env=env)
+
+    def test_load_no_expand_env(self):
+        """Ensure expand_env=False keeps "$" text in values as written."""
+        cfg = self.load("[litestream]\nexec = a $X ${Y} $$\n" + CONFIG_DB.replace("/data", "/$D"),
+                        expand_env=False, env={"X": "1", "Y": "2", "D": "3"})
+        self.assertEqual(cfg.exec, "a $X ${Y} $$")
+        self.assertEqual(cfg.dbs[0].path, "/$D/app.db")
+
+    def test_load_expands_from_os_environ(self):
+        """Ensure load_config reads os.environ by default."""
+        with mock.patch.dict(os.environ, {"LS_TEST_DB": "/env/app.db"}):
+            self.assertEqual(self.load("[db:a]\npath = $LS_TEST_DB\n").dbs[0].path, "/env/app.db")
+
+    # Keys, types and defaults.
+
+    def test_global_keys(self):
+        """Ensure every [litestream] key is parsed to its type."""
+        cfg = self.load("""\
+            [litestream]
+            addr = 127.0.0.1:9090
+            access-key-id = AK
+            secret-access-key = SK
+            exec = sleep 1
+            log-level = warning
+            log-stderr = yes
+            log-type = json
+            """)
+        self.assertEqual(cfg, ls.Config(addr="127.0.0.1:9090", access_key_id="AK",
+                                        secret_access_key="SK", exec="sleep 1", log_level="WARN",
+                                        log_stderr=True, log_type="json", config_path=cfg.config_path))
+        self.assertEqual(cfg.config_path, os.path.join(self.dir, "litestream.ini"))
+
+    def test_global_defaults(self):
+        """Ensure an empty file gives Go's defaults and no databases."""
+        cfg = self.load("")
+        self.assertEqual((cfg.addr, cfg.exec, cfg.log_level, cfg.log_stderr, cfg.log_type, cfg.dbs),
+                         ("", "", "INFO", False, "text", ()))
+
+    def test_log_levels(self):
+        """Ensure log levels are case-insensitive and normalized to Go's names."""
+        for text, want in [("debug", "DEBUG"), ("Info", "INFO"), ("WARN", "WARN"),
+                           ("warning", "WARN"), ("error", "ERROR")]:
+            with self.subTest(text=text):
+                self.assertEqual(self.load("[litestream]\nlog-level = %s\n" % text).log_level, want)
+
+    def test_db_keys(self):
+        """Ensure every [db:NAME] key is parsed to its type."""
+        (db,) = self.load("""\
+            [db:my app]
+            path = /data/app.db
+            meta-path = /data/meta
+            monitor-interval = 250ms
+            checkpoint-interval = 0
+            min-checkpoint-page-count = 1
+            max-checkpoint-page-count = 0
+            """).dbs
+        self.assertEqual(db, ls.DBConfig(name="my app", path="/data/app.db", meta_path="/data/meta",
+                                         monitor_interval=0.25, checkpoint_interval=0,
+                                         min_checkpoint_page_count=1, max_checkpoint_page_count=0))
+
+    def test_db_defaults(self):
+        """Ensure a CONFIG_DB with only a path gets Go's defaults."""
+        (db,) = self.load(CONFIG_DB).dbs
+        self.assertEqual((db.meta_path, db.monitor_interval, db.checkpoint_interval,
+                          db.min_checkpoint_page_count, db.max_checkpoint_page_count, db.replicas),
+                         ("", 1.0, 60.0, 1000, 10000, ()))
+
+    def test_db_paths_absolute(self):
+        """Ensure CONFIG_DB and meta paths expand ~ and become absolute from the cwd."""
+        with mock.patch.dict(os.environ, {"HOME": "/home/u"}):
+            (db,) = self.load("[db:a]\npath = ~/app.db\nmeta-path = rel/meta\n").dbs
+        self.assertEqual(db.path, "/home/u/app.db")
+        self.assertEqual(db.meta_path, os.path.join(os.getcwd(), "rel/meta"))
+
+    def test_replica_keys(self):
+        """Ensure every S3 replica key is parsed to its type."""
+        rc = self.replica("""\
+            type = s3
+            path = pre/fix
+            retention = 72h
+            retention-check-interval = 30m
+            sync-interval = 100ms
+            snapshot-interval = 1d
+            validation-interval = 6h
+            bucket = bk
+            region = eu-west-1
+            endpoint = http://127.0.0.1:9000
+            force-path-style = false
+            skip-verify = on
+            access-key-id = AK
+            secret-access-key = SK
+            sse = aws:kms
+            sse-kms-key-id = kms-1
+            ca-bundle = certs/ca.pem
+            sign-payload = false
+            part-size = 8MiB
+            concurrency = 2
+            max-retries = 0
+            """)
+        self.assertEqual(rc, ls.ReplicaConfig(
+            name="r", type="s3", path="pre/fix", retention=259200, retention_check_interval=1800,
+            sync_interval=0.1, snapshot_interval=86400, validation_interval=21600, bucket="bk",
+            region="eu-west-1", endpoint="http://127.0.0.1:9000", force_path_style=False,
+            skip_verify=True, access_key_id="AK", secret_access_key="SK", sse="aws:kms",
+            sse_kms_key_id="kms-1", ca_bundle=os.path.join(os.getcwd(), "certs/ca.pem"), sign_payload=False,
+            part_size=8 << 20, concurrency=2, max_retries=0))
+        self.assertEqual(self.replica("url = s3://b/p\nsse-c-key = %s\n" % KEY32).sse_c_key, KEY32)
+
+    def test_replica_defaults(self):
+        """Ensure a replica with only a path gets Go's and the S3 SDK's defaults."""
+        rc = self.replica("path = /backup\n")
+        self.assertEqual(
+            (rc.name, rc.type, rc.url, rc.host, rc.path, rc.retention, rc.retention_check_interval,
+             rc.sync_interval, rc.snapshot_interval, rc.validation_interval, rc.force_path_style,
+             rc.skip_verify, rc.sign_payload, rc.part_size, rc.concurrency, rc.max_retries),
+            ("r", "file", "", "", "/backup", 86400, 3600, 1, 0, 0, False, False, True, 5 << 20, 5, 3))
+
+    def test_empty_value_means_default(self):
+        """Ensure an empty value leaves the key's default."""
+        rc = self.replica("path = /b\nretention =\nsync-interval = $UNSET\n", "[replica:app:r]\n")
+        self.assertEqual((rc.retention, rc.sync_interval), (86400, 1))
+
+    def test_example_file_lists_every_key(self):
+        """Ensure the example litestream.ini loads and names every key the loader knows."""
+        cfg = ls.load_config(EXAMPLE_CONFIG, env={})
+        with open(EXAMPLE_CONFIG, encoding="utf-8") as f:
+            written = set(re.findall(r"^[;#]?\s*([a-z-]+)\s*=", f.read(), re.M))
+        for key in list(ls._GLOBAL_KEYS) + list(ls._DB_KEYS) + list(ls._REPLICA_KEYS):
+            with self.subTest(key=key):
+                self.assertIn(key, written)
+        # Every value it writes is the default: compare with the dataclasses.
+        self.assertEqual(dataclasses.replace(cfg, config_path=""), ls.Config(dbs=cfg.dbs))
+        set_here = {"name", "type", "url", "host", "path"}
+        for db in cfg.dbs:
+            self.assertEqual(db, ls.DBConfig(name=db.name, path=db.path, replicas=db.replicas))
+            for rc in db.replicas:
+                for f in dataclasses.fields(ls.ReplicaConfig):
+                    if f.name not in set_here:
+                        with self.subTest(replica=rc.name, field=f.name):
+                            self.assertEqual(getattr(rc, f.name), f.default)
+        self.assertEqual([(d.name, [(r.name, r.type, r.path) for r in d.replicas]) for d in cfg.dbs],
+                         [("app", [("local", "file", "/mnt/backup/app"), ("s3", "s3", "app")]),
+                          ("other", [("file", "file", "/mnt/backup/other")])])
+
+    # URLs and replica types.
+
+    def test_is_url(self):
+        """Ensure is_url is Go's ^\\w+:// test."""
+        for text, want in [("s3://b", True), ("file:///a", True), ("x_1://", True),
+                           ("/a/b", False), ("a/b", False), ("s3:/b", False), ("://b", False),
+                           ("s-3://b", False), ("C:\\x", False), ("\u00e9://x", False)]:
+            with self.subTest(text=text):
+                self.assertEqual(ls.is_url(text), want)
+
+    def test_parse_replica_url(self):
+        """Ensure parse_replica_url splits URLs as Go's ParseReplicaURL."""
+        table = [("file:///a/b", ("file", "", "/a/b", {})),
+                 ("file:///a//b/../c/", ("file", "", "/a/c", {})),
+                 ("file://a/b", ("file", "", "/a/b", {})),
+                 ("s3://bkt/db", ("s3", "bkt", "db", {})),
+                 ("s3://bkt/a//b/./c/", ("s3", "bkt", "a/b/c", {})),
+                 ("s3://bkt", ("s3", "bkt", "", {})),
+                 ("s3://bkt/", ("s3", "bkt", "", {})),
+                 ("s3://bkt/a%20b", ("s3", "bkt", "a b", {})),
+                 ("s3://b.localhost:9000/p", ("s3", "b.localhost:9000", "p", {})),
+                 ("s3://user:pw@bkt/p", ("s3", "bkt", "p", {})),
+                 ("s3://b/p?region=r&force-path-style=true", ("s3", "b", "p", {"region": "r", "force-path-style": "true"})),
+                 ("s3://b/p?endpoint=http%3A%2F%2Fh%3A1", ("s3", "b", "p", {"endpoint": "http://h:1"})),
+                 ("gcs://b/p", ("gcs", "b", "p", {}))]
+        for url, want in table:
+            with self.subTest(url=url):
+                self.assertEqual(ls.parse_replica_url(url), want)
+
+    def test_parse_replica_url_errors(self):
+        """Ensure URLs without a scheme or with a bad port or query are refused."""
+        for url, want in [("/a/b", "replica url scheme required: /a/b"),
+                          ("bkt/p", "replica url scheme required: bkt/p"),
+                          ("s3:bkt/p", "invalid replica url 's3:bkt/p' (expected SCHEME://HOST/PATH)"),
+                          ("s3://b:x/p", "invalid replica url 's3://b:x/p': "),
+                          ("s3://b/p?region=a&region=b", "replica url 's3://b/p?region=a&region=b': query parameter 'region' given twice"),
+                          ("s3://b/p?novalue", "invalid replica url 's3://b/p?novalue': ")]:
+            with self.subTest(url=url):
+                with self.assertRaises(ls.ConfigError) as cm:
+                    ls.parse_replica_url(url)
+                self.assertTrue(str(cm.exception).startswith(want), str(cm.exception))
+
+    def test_type_derivation(self):
+        """Ensure the type comes from the url scheme, else type, else file."""
+        table = [("path = /b\n", "file", "/b", ""), ("type = file\npath = /b\n", "file", "/b", ""),
+                 ("url = file:///b/c\n", "file", "/b/c", ""), ("url = file:///b\ntype = file\n", "file", "/b", ""),
+                 ("url = s3://bk/x/y\n", "s3", "x/y", "bk"), ("url = s3://bk\ntype = s3\n", "s3", "", "bk"),
+                 ("type = s3\nbucket = bk\npath = x\n", "s3", "x", ""), ("type = s3\nbucket = bk\n", "s3", "", "")]
+        for keys, typ, path, host in table:
+            with self.subTest(keys=keys):
+                rc = self.replica(keys)
+                self.assertEqual((rc.type, rc.path, rc.host), (typ, path, host))
+
+    def test_file_replica_path_absolute(self):
+        """Ensure a file replica's path expands ~ and is made absolute."""
+        with mock.patch.dict(os.environ, {"HOME": "/home/u"}):
+            self.assertEqual(self.replica("path = ~/bk\n").path, "/home/u/bk")
+        self.assertEqual(self.replica("path = bk/./x\n").path, os.path.join(os.getcwd(), "bk/x"))
+
+    def test_replica_url_errors(self):
+        """Ensure conflicting, missing and unsupported url/path/type settings are refused."""
+        r = ":[replica:app:r] "
+        table = [("url = s3://b/p\npath = x\n", r + "path: cannot be combined with url (put it in the url)"),
+                 ("url = s3://b/p\nbucket = x\n", r + "bucket: cannot be combined with url (put it in the url)"),
+                 ("url = s3://b/p\ntype = file\n", r + "url: type 'file' conflicts with the url scheme 's3'"),
+                 ("url = /b\n", r + "url: replica url scheme required: /b"),
+                 ("path = s3://b/p\n", r + "path: looks like a url (use url = s3://b/p)"),
+                 ("type = file\n", r + "path: required for a file replica (or url = file:///DIR)"),
+                 ("url = file://\n", r + "path: required for a file replica (or url = file:///DIR)"),
+                 ("type = s3\npath = p\n", r + "bucket: required for an s3 replica (or url = s3://BUCKET/PATH)"),
+                 ("url = s3:///p\n", r + "bucket: required for an s3 replica (or url = s3://BUCKET/PATH)"),
+                 ("type = ftp\npath = /b\n", r + "type: unknown replica type 'ftp' (expected file or s3)"),
+                 ("url = ftp://h/p\n", r + "url: unknown replica type 'ftp' (expected file or s3)")]
+        for kind in ["gcs", "abs", "sftp"]:
+            table.append(("type = %s\npath = /b\n" % kind, r + "type: replica type %r is not supported by litestream.py (expected file or s3)" % kind))
+            table.append(("url = %s://h/p\n" % kind, r + "url: replica type %r is not supported by litestream.py (expected file or s3)" % kind))
+        for keys, want in table:
+            with self.subTest(keys=keys):
+                self.assertConfigError(CONFIG_DB + "[replica:app:r]\n" + keys, want)
+
+    def test_s3_url_query(self):
+        """Ensure S3 keys in the url query set the replica's fields."""
+        rc = self.replica("url = s3://bk/p?endpoint=http://h:9000&region=r1&force-path-style=false&part-size=6MiB\n")
+        self.assertEqual((rc.host, rc.path, rc.endpoint, rc.region, rc.force_path_style, rc.part_size),
+                         ("bk", "p", "http://h:9000", "r1", False, 6 << 20))
+        self.assertTrue(self.replica("url = s3://bk/p?endpoint=http://h:9000\n").force_path_style)
+
+    def test_s3_url_query_errors(self):
+        """Ensure unknown, secret, conflicting and bad query parameters are refused."""
+        r = ":[replica:app:r] "
+        table = [("url = s3://b/p?regoin=x\n", r + "url: unknown query parameter 'regoin' (did you mean 'region'?)"),
+                 ("url = s3://b/p?secret-access-key=x\n", r + "url: unknown query parameter 'secret-access-key'"),
+                 ("url = file:///b?region=x\n", r + "url: query parameters are only valid in s3 urls"),
+                 ("url = s3://b/p?region=x\nregion = y\n", r + "region: set both as a key and in the url query"),
+                 ("url = s3://b/p?concurrency=0\n", r + "url query parameter concurrency: invalid value '0' (expected an integer >= 1)")]
+        for keys, want in table:
+            with self.subTest(keys=keys):
+                self.assertConfigError(CONFIG_DB + "[replica:app:r]\n" + keys, want)
+
+    def test_force_path_style_default(self):
+        """Ensure force-path-style defaults to true exactly when an endpoint is set."""
+        self.assertFalse(self.replica("url = s3://b/p\n").force_path_style)
+        self.assertTrue(self.replica("url = s3://b/p\nendpoint = http://h:1\n").force_path_style)
+        self.assertFalse(self.replica("url = s3://b/p\nendpoint = http://h:1\nforce-path-style = false\n").force_path_style)
+        self.assertTrue(self.replica("url = s3://b/p\nforce-path-style = true\n").force_path_style)
+
+    # Sections, keys and values that are wrong.
+
+    def test_unknown_key_did_you_mean(self):
+        """Ensure an unknown key names file, section and key and suggests the closest one."""
+        table = [(CONFIG_DB + "[replica:app:s3]\nurl = s3://b/p\nsync-intreval = 1s\n", ":[replica:app:s3] sync-intreval: unknown key (did you mean 'sync-interval'?)"),
+                 ("[db:app]\npath = /a\nmonitor-intervals = 1s\n", ":[db:app] monitor-intervals: unknown key (did you mean 'monitor-interval'?)"),
+                 ("[litestream]\nloglevel = INFO\n", ":[litestream] loglevel: unknown key (did you mean 'log-level'?)"),
+                 ("[litestream]\nPath = /a\n", ":[litestream] Path: unknown key"),
+                 ("[db:app]\nPath = /a\n", ":[db:app] Path: unknown key (did you mean 'path'?)"),
+                 ("[litestream]\nzzz = 1\n", ":[litestream] zzz: unknown key"),
+                 ("[db:app]\npath = /a\nreplicas = /b\n", ":[db:app] replicas: unknown key (did you mean 'replica'?)"),
+                 (CONFIG_DB + "[replica:app:s3]\nurl = s3://b/p\naccount-name = x\n", ":[replica:app:s3] account-name: abs replicas are not supported by litestream.py")]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertConfigError(text, want)
+
+    def test_age_keys(self):
+        """Ensure age-* keys explain that client-side age encryption is not supported."""
+        for key in ["age-identities", "age-recipients", "age.recipients"]:
+            with self.subTest(key=key):
+                self.assertConfigError(CONFIG_DB + "[replica:app:r]\npath = /b\n%s = x\n" % key,
+                                       ":[replica:app:r] %s: client-side age encryption is not supported by litestream.py (use sse or sse-c-key)" % key)
+
+    def test_unknown_section(self):
+        """Ensure unknown or malformed sections are named with a suggestion."""
+        table = [("[litestrem]\n", ":[litestrem]: unknown section (did you mean 'litestream'?)"),
+                 ("[replicas:app:s3]\n", ":[replicas:app:s3]: unknown section (did you mean 'replica:app:s3'?)"),
+                 ("[database:app]\n", ":[database:app]: unknown section (did you mean 'db:app'?)"),
+                 ("[DEFAULT]\nx = 1\n", ":[DEFAULT]: unknown section"),
+                 ("[global]\n", ":[global]: unknown section"),
+                 ("[db:]\n", ":[db:]: unknown section (expected [db:NAME], NAME without ':')"),
+                 ("[db:a:b]\n", ":[db:a:b]: unknown section (expected [db:NAME], NAME without ':')"),
+                 ("[replica:app]\n", ":[replica:app]: unknown section (expected [replica:DB:NAME])"),
+                 ("[replica:app:]\n", ":[replica:app:]: unknown section (expected [replica:DB:NAME])"),
+                 ("[replica::s3]\n", ":[replica::s3]: unknown section (expected [replica:DB:NAME])")]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertConfigError(text, want)
+
+    def test_replica_of_missing_db(self):
+        """Ensure a replica section for a CONFIG_DB with no section is refused with a suggestion."""
+        self.assertConfigError(CONFIG_DB + "[replica:ap:s3]\nurl = s3://b/p\n",
+                               ":[replica:ap:s3]: no [db:ap] section (did you mean 'app'?)")
+        self.assertConfigError("[replica:x:s3]\nurl = s3://b/p\n", ":[replica:x:s3]: no [db:x] section")
+
+    def test_bad_values(self):
+        """Ensure bad values name file, section and key and say what was expected."""
+        d, r = "[db:app]\npath = /a\n", CONFIG_DB + "[replica:app:r]\npath = /b\n"
+        s3 = CONFIG_DB + "[replica:app:r]\nurl = s3://b/p\n"
+        dur = "(expected e.g. 1s, 500ms, 1h30m, 2d)"
+        table = [
+            (d + "monitor-interval = 5x\n", ":[db:app] monitor-interval: invalid duration '5x' " + dur),
+            (d + "checkpoint-interval = 60\n", ":[db:app] checkpoint-interval: invalid duration '60' (missing unit; expected e.g. 1s, 500ms, 1h30m, 2d)"),
+            (d + "monitor-interval = -1s\n", ":[db:app] monitor-interval: duration '-1s' must be 0 (off) or more"),
+            (d + "min-checkpoint-page-count = 0\n", ":[db:app] min-checkpoint-page-count: invalid value '0' (expected an integer >= 1)"),
+            (d + "min-checkpoint-page-count = 1e3\n", ":[db:app] min-checkpoint-page-count: invalid value '1e3' (expected an integer >= 1)"),
+            (d + "max-checkpoint-page-count = -1\n", ":[db:app] max-checkpoint-page-count: invalid value '-1' (expected an integer >= 0)"),
+            (d + "max-checkpoint-page-count = 1_000\n", ":[db:app] max-checkpoint-page-count: invalid value '1_000' (expected an integer >= 0)"),
+            ("[db:app]\nmeta-path = /m\n", ":[db:app] path: required"),
+            ("[litestream]\nlog-level = trace\n", ":[litestream] log-level: invalid log level 'trace' (expected DEBUG, INFO, WARN or ERROR)"),
+            ("[litestream]\nlog-type = xml\n", ":[litestream] log-type: invalid value 'xml' (expected text or json)"),
+            ("[litestream]\nlog-stderr = maybe\n", ":[litestream] log-stderr: invalid boolean 'maybe' (expected true or false)"),
+            ("[litestream]\naddr = localhost\n", ":[litestream] addr: invalid address 'localhost' (expected HOST:PORT, e.g. :9090)"),
+            (r + "retention = 1 day\n", ":[replica:app:r] retention: invalid duration '1 day' " + dur),
+            (r + "sync-interval = 0s\n", ":[replica:app:r] sync-interval: duration '0s' must be greater than 0"),
+            (r + "retention-check-interval = 0\n", ":[replica:app:r] retention-check-interval: duration '0' must be greater than 0"),
+            (r + "snapshot-interval = -1h\n", ":[replica:app:r] snapshot-interval: duration '-1h' must be 0 (off) or more"),
+            (r + "bucket = b\n", ":[replica:app:r] bucket: only valid for s3 replicas"),
+            (r + "endpoint = http://h\n", ":[replica:app:r] endpoint: only valid for s3 replicas"),
+            (s3 + "skip-verify = 2\n", ":[replica:app:r] skip-verify: invalid boolean '2' (expected true or false)"),
+            (s3 + "sse = aes256\n", ":[replica:app:r] sse: invalid value 'aes256' (expected AES256 or aws:kms)"),
+            (s3 + "sse-kms-key-id = k\n", ":[replica:app:r] sse-kms-key-id: requires sse = aws:kms"),
+            (s3 + "sse = AES256\nsse-c-key = %s\n" % KEY32, ":[replica:app:r] sse-c-key: cannot be combined with sse"),
+            (s3 + "sse-c-key = %s\n" % base64.b64encode(bytes(31)).decode(), ":[replica:app:r] sse-c-key: invalid sse-c-key (expected the base64 of a 32-byte key)"),
+            (s3 + "sse-c-key = not*base64\n", ":[replica:app:r] sse-c-key: invalid sse-c-key (expected the base64 of a 32-byte key)"),
+            (s3 + "part-size = 4MiB\n", ":[replica:app:r] part-size: part size '4MiB' out of range (S3 takes 5MiB to 5GiB)"),
+            (s3 + "part-size = 6GiB\n", ":[replica:app:r] part-size: part size '6GiB' out of range (S3 takes 5MiB to 5GiB)"),
+            (s3 + "part-size = 8 MiBs\n", ":[replica:app:r] part-size: invalid size '8 MiBs' (expected bytes, or a number with KiB, MiB, GiB, KB, MB or GB)"),
+            (s3 + "concurrency = 0\n", ":[replica:app:r] concurrency: invalid value '0' (expected an integer >= 1)"),
+            (s3 + "max-retries = many\n", ":[replica:app:r] max-retries: invalid value 'many' (expected an integer >= 0)"),
+            (s3 + "access-key-id = AK\n", ":[replica:app:r] secret-access-key: required when the other S3 key is set"),
+        ]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertConfigError(text, want)
+
+    def test_part_sizes(self):
+        """Ensure part-size takes bytes and binary or decimal suffixes."""
+        for text, want in [("5242880", 5 << 20), ("5MiB", 5 << 20), ("6 mib", 6 << 20), ("6MB", 6000000),
+                           ("6000KB", 6000000), ("8192KiB", 8 << 20), ("1GiB", 1 << 30), ("5GB", 5 * 10**9)]:
+            with self.subTest(text=text):
+                self.assertEqual(self.replica("url = s3://b/p\npart-size = %s\n" % text).part_size, want)
+
+    def test_negative_retention_allowed(self):
+        """Ensure retention may be zero or negative (Go: <= 0 disables retention)."""
+        self.assertEqual(self.replica("path = /b\nretention = -1h\n").retention, -3600)
+        self.assertEqual(self.replica("path = /b\nretention = 0\n").retention, 0)
+
+    # Files and INI syntax.
+
+    def test_missing_file(self):
+        """Ensure a missing config file is a ConfigError naming it."""
+        path = os.path.join(self.dir, "nope.ini")
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path)
+        self.assertEqual(str(cm.exception), "config file not found: " + path)
+
+    def test_unreadable_directory(self):
+        """Ensure a directory given as the config file is a ConfigError with the OS reason."""
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(self.dir)
+        self.assertEqual(str(cm.exception), "%s: cannot read config file: Is a directory" % self.dir)
+
+    @unittest.skipIf(hasattr(os, "geteuid") and os.geteuid() == 0, "root can read a mode-000 file")
+    def test_unreadable_file(self):
+        """Ensure a file without read permission is a ConfigError with the OS reason."""
+        path = self.write(CONFIG_DB)
+        os.chmod(path, 0)
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path)
+        self.assertEqual(str(cm.exception), "%s: cannot read config file: Permission denied" % path)
+
+    def test_not_utf8(self):
+        """Ensure a file that is not UTF-8 is a ConfigError naming it."""
+        path = self.write(b"[db:app]\npath = /caf\xe9.db\n", mode="wb")
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path)
+        self.assertTrue(str(cm.exception).startswith(path + ": cannot read config file: not UTF-8 text"))
+
+    def test_ini_syntax_errors(self):
+        """Ensure duplicate keys and sections and unparsable lines name the file and line."""
+        table = [(CONFIG_DB + "path = /b\n", ":3: [db:app] path: duplicate key"),
+                 (CONFIG_DB + "[litestream]\n[db:app]\n", ":4: [db:app]: duplicate section"),
+                 ("path = /a\n[db:app]\n", ":1: 'path = /a' comes before any [section] header"),
+                 (CONFIG_DB + "\njust words\n", ":4: cannot parse 'just words' (expected 'key = value' or '[section]')"),
+                 (CONFIG_DB + "[db:x\n", ":3: cannot parse '[db:x' (expected 'key = value' or '[section]')"),
+                 (CONFIG_DB + "meta-path: /m\n", ":3: cannot parse 'meta-path: /m' (expected 'key = value' or '[section]')")]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertConfigError(text, want)
+
+    def test_comments(self):
+        """Ensure ';' and '#' start comments, inline only after whitespace."""
+        cfg = self.load("# top\n; top\n[litestream]\nexec = a#b;c  ; comment\n"
+                        "access-key-id = k # comment\n[db:app] ; db\npath = /a ; comment\n")
+        self.assertEqual((cfg.exec, cfg.access_key_id, cfg.dbs[0].path), ("a#b;c", "k", "/a"))
+
+    def test_default_config_path(self):
+        """Ensure the default path is $LITESTREAM_CONFIG, else /etc/litestream.ini."""
+        for env, want in [({"LITESTREAM_CONFIG": "/x/y.ini"}, "/x/y.ini"), ({"LITESTREAM_CONFIG": ""}, "/etc/litestream.ini"), ({}, "/etc/litestream.ini")]:
+            with self.subTest(env=env):
+                with mock.patch.dict(os.environ, env):
+                    if not env:
+                        os.environ.pop("LITESTREAM_CONFIG", None)
+                    self.assertEqual(ls.default_config_path(), want)
+
+    # Replicas of a CONFIG_DB.
+
+    def test_shorthand_replica(self):
+        """Ensure the replica key gives one default replica named after its type."""
+        for value, typ, path, host, url, region in [
+                ("/backup/app", "file", "/backup/app", "", "", ""),
+                ("file:///backup/x", "file", "/backup/x", "", "file:///backup/x", ""),
+                ("s3://bk/app?region=r", "s3", "app", "bk", "s3://bk/app?region=r", "r")]:
+            with self.subTest(value=value):
+                (db,) = self.load(CONFIG_DB + "replica = %s\n" % value).dbs
+                (rc,) = db.replicas
+                self.assertEqual(rc, ls.ReplicaConfig(name=typ, type=typ, path=path, host=host, url=url, region=region))
+
+    def test_shorthand_with_sections(self):
+        """Ensure the shorthand replica comes first and its name must be unique."""
+        (db,) = self.load(CONFIG_DB + "replica = /b1\n[replica:app:second]\npath = /b2\n").dbs
+        self.assertEqual([(r.name, r.path) for r in db.replicas], [("file", "/b1"), ("second", "/b2")])
+        self.assertConfigError(CONFIG_DB + "replica = /b1\n[replica:app:file]\npath = /b2\n",
+                               ":[replica:app:file]: duplicate replica name 'file' in db 'app'")
+        self.assertConfigError(CONFIG_DB + "replica = ftp://x\n", ":[db:app] replica: unknown replica type 'ftp' (expected file or s3)")
+
+    def test_duplicate_replica_name(self):
+        """Ensure a shorthand replica and a section of the same name are refused (Go's Open check)."""
+        self.assertConfigError(CONFIG_DB + "replica = s3://b/p\n[replica:app:s3]\nurl = s3://c/p\n",
+                               ":[replica:app:s3]: duplicate replica name 's3' in db 'app'")
+
+    def test_duplicate_db_path(self):
+        """Ensure two CONFIG_DB sections for the same file are refused."""
+        self.assertConfigError(CONFIG_DB + "[db:b]\npath = /data/./app.db\n",
+                               ":[db:b] path: /data/app.db is also the path of [db:app]")
+
+    def test_replica_order_and_names(self):
+        """Ensure replicas keep file order per CONFIG_DB and names may repeat across DBs."""
+        cfg = self.load(CONFIG_DB + "[db:b]\npath = /b.db\n[replica:b:x]\npath = /1\n[replica:app:x]\npath = /2\n[replica:app:y]\npath = /3\n")
+        self.assertEqual([(d.name, [(r.name, r.path) for r in d.replicas]) for d in cfg.dbs],
+                         [("app", [("x", "/2"), ("y", "/3")]), ("b", [("x", "/1")])])
+
+    def test_global_credentials(self):
+        """Ensure [litestream] keys fill in s3 replicas' empty credentials, one key at a time."""
+        cfg = self.load("[litestream]\naccess-key-id = GA\nsecret-access-key = GS\n" + CONFIG_DB +
+                        "[replica:app:a]\nurl = s3://b/a\n[replica:app:b]\nurl = s3://b/b\naccess-key-id = RA\n"
+                        "[replica:app:c]\nurl = s3://b/c\naccess-key-id = RA\nsecret-access-key = RS\n[replica:app:f]\npath = /f\n")
+        self.assertEqual([(r.name, r.access_key_id, r.secret_access_key) for r in cfg.dbs[0].replicas],
+                         [("a", "GA", "GS"), ("b", "RA", "GS"), ("c", "RA", "RS"), ("f", "", "")])
+
+    def test_db_config_lookup(self):
+        """Ensure Config.db_config finds a CONFIG_DB by its path, relative or with ~."""
+        cfg = self.load("[db:a]\npath = %s/app.db\n" % os.getcwd())
+        self.assertEqual(cfg.db_config("app.db").name, "a")
+        self.assertIsNone(cfg.db_config("other.db"))
+
+    def test_config_from_cli(self):
+        """Ensure CLI mode builds one CONFIG_DB whose replicas are named type, type-2, ..."""
+        cfg = ls.config_from_cli("app.db", ["/b1", "s3://bk/p", "file:///b2", "b3", "s3://bk/q?region=r"])
+        (db,) = cfg.dbs
+        self.assertEqual((db.name, db.path), (os.path.abspath("app.db"), os.path.abspath("app.db")))
+        self.assertEqual([(r.name, r.type, r.path, r.region) for r in db.replicas],
+                         [("file", "file", "/b1", ""), ("s3", "s3", "p", ""), ("file-2", "file", "/b2", ""),
+                          ("file-3", "file", os.path.abspath("b3"), ""), ("s3-2", "s3", "q", "r")])
+        self.assertEqual(cfg.config_path, "")
+
+    def test_config_from_cli_errors(self):
+        """Ensure CLI mode needs a replica and names a bad one."""
+        for db, urls, want in [("app.db", [], "must specify at least one replica URL for app.db"),
+                               ("app.db", ["gcs://b/p"], "replica gcs://b/p: replica type 'gcs' is not supported by litestream.py (expected file or s3)"),
+                               ("app.db", ["s3://b/p?bad=1"], "replica s3://b/p?bad=1: unknown query parameter 'bad'")]:
+            with self.subTest(urls=urls):
+                with self.assertRaises(ls.ConfigError) as cm:
+                    ls.config_from_cli(db, urls)
+                self.assertEqual(str(cm.exception), want)
+
+
+if __name__ == "__main__":
+    unittest.main()
 
 
 ###############################################################################
