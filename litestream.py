@@ -1102,8 +1102,9 @@ class CompressingReader:
     and large WAL segments stream through without being held whole.
     """
 
-    def __init__(self, chunks: Iterable[bytes]):
+    def __init__(self, chunks: Iterable[bytes], progress=None):
         self._chunks = iter(chunks)
+        self._progress = progress
         self._sink = _Sink()
         self._writer = LZ4FrameWriter(self._sink)
         self._done = False
@@ -1118,6 +1119,8 @@ class CompressingReader:
             else:
                 self.raw_bytes += len(chunk)
                 self._writer.write(chunk)
+                if self._progress:
+                    self._progress(self.raw_bytes)
         buf = self._sink.buf
         if n < 0 or n >= len(buf):
             out = bytes(buf)
@@ -1888,6 +1891,23 @@ def decompress_object(rd: BinaryIO, name: str, out=None) -> int:
         rd.close()
 
 
+def _tty_progress(what: str, total: int, min_total: int = 64 << 20):
+    """Return a progress callback that draws on a TTY stderr, or None.
+
+    Only long work (at least min_total bytes) reports, and logs stay
+    quiet and parseable when stderr is not a terminal.
+    """
+    if total < min_total or not sys.stderr.isatty():
+        return None
+
+    def progress(done: int) -> None:
+        sys.stderr.write("\r%s: %d/%d MiB" % (what, done >> 20, total >> 20))
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return progress
+
+
 class Replica:
     """A DB's copy in one place: sync, snapshots, retention and the loops.
 
@@ -2063,7 +2083,8 @@ class Replica:
     def _snapshot(self) -> SnapshotInfo:
         with self.db.begin_snapshot() as src:
             t0 = time.monotonic()
-            rd = CompressingReader(src.chunks())
+            rd = CompressingReader(src.chunks(), _tty_progress("snapshot %s" % self._label(),
+                                                               os.path.getsize(self.db.path)))
             info = self.client.write_snapshot(src.pos.generation, src.pos.index, rd)
         self.db.logger.info("%s: snapshot written %s/%08x size=%d compressed=%d elapsed=%.3fs",
                             self._label(), info.generation, info.index, rd.raw_bytes,
