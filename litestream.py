@@ -441,11 +441,13 @@ def read_last_checksum(f, size: int, page_size: int) -> "tuple[int, int]":
     return struct.unpack(">II", b)
 
 
-def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frames: int = 256):
+def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frames: int = 256,
+                    end: Optional[int] = None):
     """Yield (offset, frame bytes, is_commit) for each valid frame from start.
 
-    Iteration stops at end of file, at a partial frame, at a frame whose salt
-    differs from hdr's, or at one whose checksum breaks the chain.
+    Iteration stops at end (default: end of file), at a partial frame, at a
+    frame whose salt differs from hdr's, or at one whose checksum breaks the
+    chain.
     """
     ps = hdr.page_size
     fs = ps + WAL_FRAME_HEADER_SIZE
@@ -454,7 +456,10 @@ def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frame
     off = start
     fd = f.fileno()
     while True:
-        buf = os.pread(fd, fs * chunk_frames, off)
+        want = fs * chunk_frames
+        if end is not None:
+            want = min(want, end - off)
+        buf = os.pread(fd, want, off) if want > 0 else b""
         n = len(buf) // fs
         if n == 0:
             return
@@ -1660,7 +1665,11 @@ class DB:
             commit_end = pos.offset
             write_off = pos.offset
             buf = bytearray()
-            for off, frame, is_commit in iter_wal_frames(wf, pos.offset, hdr, s0, s1):
+            # Copy only what the WAL holds now: under a steady stream of
+            # commits, reading to EOF would never finish, and the replicas
+            # are only woken when a sync returns.
+            limit = frame_align(os.fstat(wf.fileno()).st_size, self.page_size)
+            for off, frame, is_commit in iter_wal_frames(wf, pos.offset, hdr, s0, s1, end=limit):
                 buf += frame
                 if is_commit:
                     commit_end = off + fs
