@@ -1556,15 +1556,18 @@ class DB:
                 self._copy_to_shadow()
                 changed = self._pos != before
 
-            mode = self._checkpoint_mode(frame_align(wal_size, self.page_size),
-                                         self._pos.offset, db_mtime)
-            if mode:
-                self.checkpoint(mode)
-                changed = True
-            self._clean_wal()
-            if changed:
-                self._notify.set()
-                self._notify = threading.Event()
+            try:
+                mode = self._checkpoint_mode(frame_align(wal_size, self.page_size),
+                                             self._pos.offset, db_mtime)
+                if mode and self.checkpoint(mode):
+                    changed = True
+                self._clean_wal()
+            finally:
+                # Wake the replicas for what was copied even if the
+                # checkpoint failed.
+                if changed:
+                    self._notify.set()
+                    self._notify = threading.Event()
             return True
 
     def _checkpoint_mode(self, orig_wal_size: int, shadow_size: int, db_mtime: float) -> str:
@@ -1703,20 +1706,26 @@ class DB:
         before we copy the new cycle.  RESTART and TRUNCATE wait up to the
         busy timeout for other readers; TRUNCATE also shrinks the WAL file.
 
-        Returns False if a snapshot holds checkpoints off.
+        Returns False if a snapshot holds checkpoints off or the write lock
+        stayed busy for the whole busy timeout.
         """
         with self._lock:
             if not self._chk_lock.acquire(blocking=False):
                 return False
             try:
-                self._checkpoint(mode)
+                return self._checkpoint(mode)
             finally:
                 self._chk_lock.release()
-            return True
 
-    def _checkpoint(self, mode: str) -> None:
+    def _checkpoint(self, mode: str) -> bool:
         pos = self._pos
-        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            # A writer held the lock for the whole busy timeout: try again
+            # at the next sync rather than failing this one.
+            self.logger.warning("%s: checkpoint skipped: mode=%s: %s", self.name, mode, e)
+            return False
         try:
             self._copy_to_shadow()
             self._release_read_lock()
@@ -1751,6 +1760,7 @@ class DB:
             self._init_shadow_wal(pos.generation, pos.index + 1)
         else:
             self._copy_to_shadow()
+        return True
 
     # Snapshots ---------------------------------------------------------------
 

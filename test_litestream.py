@@ -1015,6 +1015,26 @@ class TestDBSync(TempDirTestCase):
         self.assertEqual(table_rows(out), table_rows(self.dbpath))
         self.assertIn("first0-", str(table_rows(out)))
 
+    def test_busy_writer_skips_checkpoint_but_sync_wakes_replicas(self):
+        """Ensure a write lock held past the busy timeout skips the checkpoint, not the sync."""
+        db = open_db(self.dbpath, min_checkpoint_page_n=1)
+        self.addCleanup(db.close)
+        self.app.insert(3)
+        db.sync()
+        before = db.pos()
+        self.app.insert(3, tag="more")
+        notify = db.notify()
+        holder = sqlite3.connect(self.dbpath, isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")
+        with self.assertLogs("litestream", "WARNING") as cm:
+            db.sync()
+        holder.execute("ROLLBACK")
+        self.assertTrue(any("checkpoint skipped" in m for m in cm.output), cm.output)
+        self.assertTrue(notify.is_set())
+        self.assertEqual(db.pos().index, before.index)
+        self.assertGreater(db.pos().offset, before.offset)
+
     def test_resume_same_generation(self):
         """Ensure reopening while the app keeps the WAL continues the generation with nothing re-uploaded."""
         db = open_db(self.dbpath)
