@@ -87,6 +87,7 @@ DEFAULT_S3_MAX_RETRIES = 3  # aws-sdk-go DefaultRetryer
 S3_MAX_KEYS = 1000
 
 WAL_HEADER_SIZE = 32
+SHADOW_COPY_CHUNK = 64 << 20  # replicas are woken after each chunk of a big backlog
 WAL_FRAME_HEADER_SIZE = 24
 
 log = logging.getLogger("litestream")
@@ -1552,9 +1553,12 @@ class DB:
                 self._init_shadow_wal(self._pos.generation, self._pos.index + 1)
                 changed = True
             else:
-                before = self._pos
-                self._copy_to_shadow()
-                changed = self._pos != before
+                # Copy in bounded chunks and wake the replicas after each,
+                # so they upload while a large backlog is still being copied.
+                while self._copy_to_shadow(max_bytes=SHADOW_COPY_CHUNK) > 0:
+                    changed = True
+                    self._notify.set()
+                    self._notify = threading.Event()
 
             try:
                 mode = self._checkpoint_mode(frame_align(wal_size, self.page_size),
@@ -1649,7 +1653,7 @@ class DB:
         self._pos = Pos(generation, index, WAL_HEADER_SIZE)
         self._copy_to_shadow()
 
-    def _copy_to_shadow(self) -> int:
+    def _copy_to_shadow(self, max_bytes: int = 0) -> int:
         """Append the real WAL's new committed frames to the current shadow WAL.
 
         Frames are checked against the shadow header's salt and the running
@@ -1657,7 +1661,8 @@ class DB:
         whole transactions (up to the last commit frame) are kept.  Frames go
         to the file as they are read, so a large transaction costs no memory;
         self._pos only moves past them once their commit frame is on disk.
-        Returns the number of bytes added.
+        With max_bytes, stop after the first commit at or past that many
+        bytes.  Returns the number of bytes added.
         """
         pos = self._pos
         path = self.shadow_wal_path(pos.generation, pos.index)
@@ -1676,6 +1681,8 @@ class DB:
                 buf += frame
                 if is_commit:
                     commit_end = off + fs
+                    if max_bytes and commit_end - pos.offset >= max_bytes:
+                        break
                 if len(buf) >= (4 << 20):
                     os.pwrite(sf.fileno(), buf, write_off)
                     write_off += len(buf)

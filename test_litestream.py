@@ -913,6 +913,20 @@ class TestDBSync(TempDirTestCase):
         self.assertEqual(integrity(out), "ok")
         self.assertEqual(table_rows(out), table_rows(self.dbpath))
 
+    def test_backlog_copied_in_chunks(self):
+        """Ensure a backlog larger than one copy chunk is copied whole, commit by commit."""
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        self.app.insert(1)
+        db.sync()
+        for i in range(5):
+            self.app.insert(2, size=1000, tag="c%d" % i)
+        with mock.patch.object(ls, "SHADOW_COPY_CHUNK", 1):
+            db.sync()
+        wal = read_file(self.dbpath + "-wal")
+        self.assertEqual(db.pos().offset, len(wal))
+        self.assertEqual(self.shadow_bytes(db), wal)
+
     def test_uncommitted_tail_not_copied(self):
         """Ensure frames after the last commit frame stay out of the shadow WAL."""
         db = open_db(self.dbpath)
