@@ -386,6 +386,22 @@ class WALHeader:
         return self.magic == WAL_MAGIC_BE
 
 
+def _keep_wal_on_close(conn: sqlite3.Connection) -> bool:
+    """Ask SQLite not to checkpoint and delete the WAL when conn closes last.
+
+    Go sets SQLITE_FCNTL_PERSIST_WAL for the same reason: a restart then
+    finds the WAL it left and continues the generation.  Python offers the
+    equivalent only from 3.12 (Connection.setconfig); returns whether it
+    could be set.
+    """
+    setconfig = getattr(conn, "setconfig", None)
+    op = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
+    if setconfig is None or op is None:
+        return False
+    setconfig(op, True)
+    return True
+
+
 def parse_wal_header(b: bytes) -> WALHeader:
     """Parse and verify a 32-byte WAL header; CorruptFrameError if invalid."""
     if len(b) < WAL_HEADER_SIZE:
@@ -1429,6 +1445,7 @@ class DB:
                                    check_same_thread=False)
             self._conn = conn
             self._db_file = f
+            _keep_wal_on_close(conn)
             mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise LitestreamError(
@@ -1441,6 +1458,7 @@ class DB:
             rconn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                     check_same_thread=False)
             self._rconn = rconn
+            _keep_wal_on_close(rconn)
             rconn.execute("PRAGMA wal_autocheckpoint = 0")
             self._acquire_read_lock()
         except sqlite3.DatabaseError as e:

@@ -1903,3 +1903,24 @@ class TestCLI(TempDirTestCase):
                 self.assertEqual(code, 2)
                 self.assertIn(want, err)
                 self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+class TestKeepWAL(TempDirTestCase):
+    @unittest.skipUnless(hasattr(sqlite3.Connection, "setconfig"), "needs Python 3.12+ (Connection.setconfig)")
+    def test_last_close_keeps_wal_and_generation(self):
+        """Ensure that when our connection closes last, the WAL stays and a restart keeps the generation."""
+        p = self.path("db")
+        app = AppDB(p)
+        app.insert(5)
+        db = open_db(p)
+        db.sync()
+        gen = db.pos().generation
+        app.insert(2)
+        db.sync()
+        app.close()  # Our connections are now the only ones.
+        db.close()
+        self.assertGreater(os.path.getsize(p + "-wal"), 32)
+        db = open_db(p)
+        self.addCleanup(db.close)
+        db.sync()
+        self.assertEqual(db.pos().generation, gen)
