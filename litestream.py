@@ -2942,6 +2942,11 @@ def new_replica_client_from_config(rc: "ReplicaConfig") -> ReplicaClient:
 
 def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
     """Return a Replica for a replica config (Go's NewReplicaFromConfig)."""
+    if rc.validation_interval > 0:
+        # Accepting it and doing nothing would be the silent failure users
+        # complain about (upstream #1403); Go's version was removed (#431).
+        raise ConfigError("replica %s: validation-interval is not supported by litestream.py; "
+                          "run restore drills with `restore` and PRAGMA integrity_check" % (rc.name or rc.type))
     return Replica(db, rc.name or rc.type, new_replica_client_from_config(rc),
                    sync_interval=rc.sync_interval, retention=rc.retention,
                    retention_check_interval=rc.retention_check_interval,

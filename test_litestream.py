@@ -1218,6 +1218,18 @@ class TestRestore(TempDirTestCase):
         self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
         self.assertFalse(os.path.exists(out))
 
+    def test_snapshot_timer_uses_newest_snapshot_in_replica(self):
+        """Ensure the snapshot timer counts from the replica's newest snapshot, so restarts keep it."""
+        snap = self.r.client.snapshots(self.gen)[-1]
+        t = snap.created_at.timestamp()
+        # A fresh Replica (as after a restart) with its clock 40 min after the snapshot.
+        r2 = ls.Replica(self.db, "file", ls.FileReplicaClient(self.path("rep")),
+                        snapshot_interval=3600, clock=lambda: t + 2400)
+        self.assertAlmostEqual(r2._next_snapshot_delay(), 1200, delta=1)
+        r3 = ls.Replica(self.db, "file", ls.FileReplicaClient(self.path("rep")),
+                        snapshot_interval=3600, clock=lambda: t + 7200)
+        self.assertEqual(r3._next_snapshot_delay(), 0)
+
     def test_retention_keeps_replica_restorable(self):
         """Ensure retention drops old snapshots and WAL but the latest state still restores."""
         for i in range(3):
@@ -1893,6 +1905,21 @@ class TestCLI(TempDirTestCase):
         code, out, _ = self.cli("wal", url)
         self.assertEqual(out.splitlines()[0].split(), ["replica", "generation", "index", "offset", "size", "created"])
         self.assertEqual(len(out.splitlines()) - 1, len(r.client.wal_segments(gen)))
+
+    def test_databases_and_unsupported_keys(self):
+        """Ensure databases lists config DBs with replica names, and validation-interval is refused."""
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[db:a]\npath = %s\n[replica:a:one]\npath = %s\n[replica:a:two]\npath = %s\n"
+                    % (self.path("a.db"), self.path("r1"), self.path("r2")))
+        code, out, err = self.cli("databases", "-config", cfg)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines()[1].split(), [self.path("a.db"), "one,two"])
+        with open(cfg, "a") as f:
+            f.write("validation-interval = 1h\n")
+        code, _, err = self.cli("snapshots", "-config", cfg, self.path("a.db"))
+        self.assertEqual(code, 1)
+        self.assertIn("validation-interval", err)
 
     def test_index_and_timestamp_flags(self):
         """Ensure bad -index and -timestamp values are one-line usage errors."""
