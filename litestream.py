@@ -1184,6 +1184,9 @@ class FileReplicaClient(ReplicaClient):
     def __init__(self, path: str):
         self.path = os.path.abspath(os.path.expanduser(path))
 
+    def __str__(self) -> str:
+        return "file://" + self.path
+
     def _gen_dir(self, generation: str) -> str:
         return generation_path(self.path, generation)
 
@@ -1446,7 +1449,11 @@ class DB:
             self._conn = conn
             self._db_file = f
             _keep_wal_on_close(conn)
-            mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+            try:
+                mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                raise LitestreamError("%s: cannot switch to WAL mode: %s (another process holds it "
+                                      "open in rollback mode?)" % (self.path, e)) from e
             if str(mode).lower() != "wal":
                 raise LitestreamError(
                     "%s: cannot switch to WAL mode (journal_mode is %s; is another "
@@ -1477,7 +1484,7 @@ class DB:
             os.unlink(self.generation_name_path())
         self._load_pos()
         self._clean_generations()
-        self.logger.info("%s: initialized db", self.name)
+        self.logger.info("%s: initialized db path=%s", self.name, self.path)
 
     def _close_sqlite_after_failed_init(self, f) -> None:
         if self._db_file is None:
@@ -3096,8 +3103,8 @@ def cmd_replicate(args) -> int:
         for db in dbs:
             db.open()
             for r in db.replicas:
-                log.info("%s(%s): replicating to: type=%s path=%s", db.name, r.name, r.client.client_type,
-                         getattr(r.client, "path", ""))
+                log.info("%s(%s): replicating to: name=%s type=%s db=%s replica=%s", db.name, r.name, r.name,
+                         r.client.client_type, db.path, r.client)
                 r.start()
         if exec_cmd:
             import shlex
@@ -3127,7 +3134,8 @@ def cmd_replicate(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    _setup_logging("INFO", stderr=True)
+    # Progress goes to stdout, so a failure leaves exactly one line on stderr.
+    _setup_logging("INFO")
     if args.index is not None and args.timestamp:
         raise _CLIError("cannot specify index & timestamp to restore")
     index = None
@@ -3151,9 +3159,9 @@ def cmd_restore(args) -> int:
     replica, gen = calc_restore_target(replicas, args.generation, ts)
     if not gen:
         if args.if_replica_exists:
-            log.info("no matching backups found")
+            log.info("no matching backups found in %s", ", ".join(str(r.client) for r in replicas))
             return 0
-        raise LitestreamError("no matching backups found")
+        raise LitestreamError("no matching backups found in %s" % ", ".join(str(r.client) for r in replicas))
     progress = None
     if sys.stderr.isatty():
         def progress(i, n):
