@@ -315,6 +315,7 @@ def sanity_buffer(n=222):
 
 class TestXXH32(unittest.TestCase):
     def test_published_vectors(self):
+        """Ensure xxh32 matches xxHash's published test vectors."""
         buf = sanity_buffer()
         prime = 2654435761
         for length, seed, want in [(0, 0, 0x02CC5D05), (0, prime, 0x36B78AE7),
@@ -329,6 +330,7 @@ class TestXXH32(unittest.TestCase):
 
 class TestLZ4Block(unittest.TestCase):
     def test_hand_built_sequences(self):
+        """Ensure blocks built by hand from the block spec decode to the expected bytes."""
         # token 0x44: 4 literals, match length 4+4 at offset 4; then 5 literals.
         blk = b"\x44abcd\x04\x00" + b"\x50xyzzy"
         self.assertEqual(ls.lz4_decompress_block(blk, 100), b"abcd" * 3 + b"xyzzy")
@@ -343,6 +345,7 @@ class TestLZ4Block(unittest.TestCase):
                                               prefix=b"xyzabc"), b"abcabcab" + b"tail!")
 
     def test_malformed_blocks(self):
+        """Ensure malformed sequences (bad offsets, overruns) raise CorruptFrameError."""
         cases = {b"\x44abcd\x00\x00\x50xyzzy": "zero match offset",
                  b"\x44abcd\x05\x00\x50xyzzy": "offset beyond",
                  b"\x50abc": "literal run overruns",
@@ -355,6 +358,7 @@ class TestLZ4Block(unittest.TestCase):
             ls.lz4_decompress_block(b"\x1fz\x01\x00\x03", 10)   # match overruns
 
     def test_compress_round_trip_and_real_matches(self):
+        """Ensure the block encoder round-trips and emits real matches, not only literals."""
         rnd = random.Random(7)
         phrases = [b"user %d logged in from host-%d, status=ok" % (i, i * 7)
                    for i in range(40)] + [b"the quick brown fox jumps over the lazy dog"]
@@ -390,6 +394,7 @@ class TestLZ4Block(unittest.TestCase):
             pos += ml + 4
 
     def test_block_end_conditions(self):
+        """Ensure encoded blocks respect the spec's end conditions (last literals, last match)."""
         # Spec: last 5 bytes are literals; last match starts >= 12 bytes before end.
         rnd = random.Random(9)
         text = b"hello world, hello world, hello world " * 20
@@ -411,12 +416,14 @@ class TestLZ4Block(unittest.TestCase):
 
 class TestLZ4Frame(unittest.TestCase):
     def test_stored_and_empty_frames(self):
+        """Ensure stored-block and empty frames built from the spec decode."""
         self.assertEqual(ls.lz4_decompress_frame(HDR_60_70 + stored(b"abc") + END), b"abc")
         self.assertEqual(ls.lz4_decompress_frame(HDR_60_70 + END), b"")
         self.assertEqual(ls.lz4_decompress_frame(HDR_60_40 + stored(b"x" * 10) + END), b"x" * 10)
         self.assertEqual(ls.lz4_decompress_frame(HDR_SIZE3 + stored(b"abc") + END), b"abc")
 
     def test_checksums(self):
+        """Ensure content and block xxh32 checksums are verified and reported."""
         r = ls.LZ4FrameReader(io.BytesIO(HDR_64_70 + stored(b"abc") + END + struct.pack("<I", XXH_ABC)))
         self.assertEqual(r.read(), b"abc")
         self.assertTrue(r.verified)
@@ -430,6 +437,7 @@ class TestLZ4Frame(unittest.TestCase):
             ls.lz4_decompress_frame(HDR_70_70 + stored(b"abC") + struct.pack("<I", XXH_ABC) + END)
 
     def test_sha256_trailer(self):
+        """Ensure the SHA-256 trailer is written, verified, and a mismatch is an error."""
         frame = HDR_60_70 + stored(b"abc") + END
         r = ls.LZ4FrameReader(io.BytesIO(frame + trailer(b"abc") + b"garbage"))
         self.assertEqual(r.read(), b"abc")
@@ -446,6 +454,7 @@ class TestLZ4Frame(unittest.TestCase):
         self.assertEqual(ls.lz4_decompress_frame(frame + b"\x01\x02"), b"abc")
 
     def test_empty_trailing_block_quirk(self):
+        """Ensure a zero-length stored block (Go's 4 MiB-multiple quirk) is not taken as the end mark."""
         # Zero-length stored block (00 00 00 80) is not the end mark.
         frame = HDR_60_70 + stored(b"abc") + b"\x00\x00\x00\x80" + END + trailer(b"abc")
         r = ls.LZ4FrameReader(io.BytesIO(frame))
@@ -453,11 +462,13 @@ class TestLZ4Frame(unittest.TestCase):
         self.assertTrue(r.verified)
 
     def test_skippable_frames_before(self):
+        """Ensure skippable frames before the data frame are skipped."""
         skip = (struct.pack("<II", 0x184D2A50, 4) + b"junk" +
                 struct.pack("<II", 0x184D2A5F, 0))
         self.assertEqual(ls.lz4_decompress_frame(skip + HDR_60_70 + stored(b"abc") + END), b"abc")
 
     def test_linked_blocks(self):
+        """Ensure linked blocks decode with the previous block as dictionary."""
         blk2 = b"\x04\x03\x00\x50tail!"       # match copies from previous block
         frame = HDR_40_70 + stored(b"xyzabc") + struct.pack("<I", len(blk2)) + blk2 + END
         self.assertEqual(ls.lz4_decompress_frame(frame), b"xyzabcabcabcab" + b"tail!")
@@ -466,6 +477,7 @@ class TestLZ4Frame(unittest.TestCase):
             ls.lz4_decompress_frame(frame)       # independent: no history
 
     def test_corrupt_headers(self):
+        """Ensure bad magic, header checksum and reserved bits raise CorruptFrameError."""
         good = HDR_60_70 + stored(b"abc") + END
         cases = {b"\x05" + good[1:]: "bad magic",
                  good[:6] + b"\x74" + good[7:]: "header checksum",
@@ -483,6 +495,7 @@ class TestLZ4Frame(unittest.TestCase):
             ls.lz4_decompress_frame(HDR_60_40 + stored(b"x" * 65537) + END)
 
     def test_truncation_everywhere(self):
+        """Ensure a frame truncated at any byte raises CorruptFrameError."""
         frame = HDR_64_70 + stored(b"abc") + END + struct.pack("<I", XXH_ABC)
         for n in range(len(frame)):
             with self.assertRaisesRegex(ls.CorruptFrameError, "truncated"):
@@ -493,6 +506,7 @@ class TestLZ4Frame(unittest.TestCase):
 
 class TestLZ4FrameWriter(unittest.TestCase):
     def test_header_and_trailer_layout(self):
+        """Ensure our frames start with 04 22 4D 18 60 70 73 and end with the end mark and trailer."""
         out = ls.lz4_compress_frame(b"hello")
         self.assertEqual(out[:7], HDR_60_70)
         self.assertEqual(out[7:], stored(b"hello") + END + trailer(b"hello"))
@@ -511,6 +525,7 @@ class TestLZ4FrameWriter(unittest.TestCase):
             i += 4 + (size & 0x7FFFFFFF)
 
     def test_streaming_writer_blocks(self):
+        """Ensure the streaming writer emits 4 MiB independent blocks and never an empty block."""
         data = (b"The quick brown fox, jumps over the lazy dog. " * 200000)[:8 << 20]
         buf = io.BytesIO()
         w = ls.LZ4FrameWriter(buf)
@@ -533,6 +548,7 @@ class TestLZ4FrameWriter(unittest.TestCase):
         self.assertEqual(sizes, [70000 | 0x80000000, 0])   # incompressible: stored
 
     def test_streaming_reader(self):
+        """Ensure the streaming reader returns the content in pieces of any size."""
         data = bytes(range(256)) * 40000 + b"tail"
         frame = ls.lz4_compress_frame(data, block_size=256 << 10)
         r = ls.LZ4FrameReader(io.BytesIO(frame))
@@ -551,6 +567,7 @@ class TestLZ4FrameWriter(unittest.TestCase):
         self.assertEqual(bytes(ba), data[:10])
 
     def test_corrupted_compressed_frame(self):
+        """Ensure a bit flip in a compressed frame is detected."""
         data = b"some text, some more text, " * 5000
         frame = bytearray(ls.lz4_compress_frame(data))
         frame[200] ^= 0x10
@@ -594,6 +611,7 @@ class TestLZ4Peer(unittest.TestCase):
         cls.big = (make_sqlite_bytes(12000) * 2)[:9 << 20]
 
     def test_xxh32_against_liblz4(self):
+        """Ensure xxh32 agrees with liblz4's content checksum on varied data."""
         # liblz4 writes ls.xxh32(content) after the end mark when asked.
         rnd = random.Random(2)
         for n in list(range(0, 70)) + [1000, 4096, 65537]:
@@ -602,6 +620,7 @@ class TestLZ4Peer(unittest.TestCase):
             self.assertEqual(ls.xxh32(data), struct.unpack("<I", frame[-4:])[0], n)
 
     def test_our_frames_to_liblz4(self):
+        """Ensure liblz4 decodes our frames for every block size and flag we write."""
         for name, data in self.data.items():
             for bs in (64 << 10, 256 << 10, 1 << 20, 4 << 20):
                 for cc in (False, True):
@@ -614,6 +633,7 @@ class TestLZ4Peer(unittest.TestCase):
         self.assertEqual(lz4.frame.decompress(ls.lz4_compress_frame(multiple)), multiple)
 
     def test_liblz4_frames_to_ours(self):
+        """Ensure we decode liblz4's frames for every block size, linkage and checksum option."""
         sizes = {64 << 10: lz4.frame.BLOCKSIZE_MAX64KB, 256 << 10: lz4.frame.BLOCKSIZE_MAX256KB,
                  1 << 20: lz4.frame.BLOCKSIZE_MAX1MB, 4 << 20: lz4.frame.BLOCKSIZE_MAX4MB}
         for name, data in self.data.items():
@@ -634,6 +654,7 @@ class TestLZ4Peer(unittest.TestCase):
             self.assertEqual(ls.lz4_decompress_frame(frame), self.big)
 
     def test_liblz4_corrupt_frames(self):
+        """Ensure corrupted liblz4 frames raise CorruptFrameError in our decoder."""
         data = self.data["text"]
         frame = bytearray(lz4.frame.compress(data, block_checksum=True))
         frame[len(frame) // 2] ^= 0x01
@@ -644,6 +665,7 @@ class TestLZ4Peer(unittest.TestCase):
             ls.lz4_decompress_frame(frame[:len(frame) // 2])
 
     def test_blocks_both_ways(self):
+        """Ensure raw blocks round-trip between our codec and liblz4 in both directions."""
         for name, data in self.data.items():
             ours = ls.lz4_compress_block(data)
             self.assertEqual(lz4.block.decompress(ours, uncompressed_size=len(data)), data, name)
@@ -651,6 +673,7 @@ class TestLZ4Peer(unittest.TestCase):
             self.assertEqual(ls.lz4_decompress_block(theirs, len(data)), data, name)
 
     def test_quirk_frame_readable_by_liblz4(self):
+        """Ensure liblz4 reads a frame with the empty trailing block quirk as we do."""
         # The hand-built empty-trailing-block frame is valid for liblz4 too.
         frame = HDR_60_70 + stored(b"abc") + b"\x00\x00\x00\x80" + END + trailer(b"abc")
         self.assertEqual(lz4.frame.decompress(frame), b"abc")
