@@ -124,6 +124,11 @@ def table_rows(path: str, table: str = "t") -> list:
         c.close()
 
 
+def rand_bytes(rnd: random.Random, n: int) -> bytes:
+    """Return n pseudo-random bytes from rnd (Random.randbytes is 3.9+)."""
+    return rnd.getrandbits(8 * n).to_bytes(n, "little")
+
+
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -2339,7 +2344,7 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
                 c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
                 # Half random blobs (stored LZ4 blocks), half text (compressed blocks).
                 c.executemany("INSERT INTO t (v, b) VALUES (?, ?)",
-                              [("text %d " % i * 40, rnd.randbytes(3000) if i % 2 else b"") for i in range(5000)])
+                              [("text %d " % i * 40, rand_bytes(rnd, 3000) if i % 2 else b"") for i in range(5000)])
                 c.commit()
                 c.close()  # Checkpointed into the DB file: the snapshot is the big object.
                 self.assertGreater(os.path.getsize(db), 9 << 20)
@@ -2348,13 +2353,13 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
                 app = sqlite3.connect(db)
                 app.execute("BEGIN")
                 app.executemany("INSERT INTO t (v, b) VALUES (?, ?)",
-                                [("big-tx %d" % i, rnd.randbytes(4000)) for i in range(500)])  # ~2 MB
+                                [("big-tx %d" % i, rand_bytes(rnd, 4000)) for i in range(500)])  # ~2 MB
                 app.execute("COMMIT")
                 app.commit()
                 wait_for(lambda: len(wal_indices(rep)) >= 2, "a second WAL index after the big transaction")
                 for i in range(2):  # Each over min-checkpoint-page-count: one more index each.
                     app.executemany("INSERT INTO t (v, b) VALUES (?, ?)",
-                                    [("after %d/%d" % (i, j), rnd.randbytes(3500)) for j in range(220)])
+                                    [("after %d/%d" % (i, j), rand_bytes(rnd, 3500)) for j in range(220)])
                     app.commit()
                     wait_for(lambda: len(wal_indices(rep)) >= 3 + i, "WAL index %d" % (2 + i))
                 app.execute("INSERT INTO t (v) VALUES ('last')")
@@ -2377,7 +2382,7 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
         c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
         c.execute("CREATE TABLE pad (b BLOB)")
         c.executemany("INSERT INTO t (v, b) VALUES (?, ?)",
-                      [("row %d " % i * 10, rnd.randbytes(2000) if i % 3 else b"") for i in range(3000)])
+                      [("row %d " % i * 10, rand_bytes(rnd, 2000) if i % 3 else b"") for i in range(3000)])
         c.executemany("INSERT INTO pad VALUES (?)", [(b"\0" * 4000,)] * 1000)
         c.commit()
         n = c.execute("PRAGMA page_count").fetchone()[0]
