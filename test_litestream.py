@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import io
 import itertools
+import json
 import os
 import random
 import re
@@ -2589,3 +2590,142 @@ class TestKeepWAL(TempDirTestCase):
         self.addCleanup(db.close)
         db.sync()
         self.assertEqual(db.pos().generation, gen)
+
+
+###############################################################################
+# Benchmarks (not tests): python3 test_litestream.py bench-lz4 [FILE]
+###############################################################################
+
+
+def make_bench_db(out: str, target_mb: int = 80) -> None:
+    """Build a seeded, realistic database: text, JSON, emails, timestamps, blobs, 2 indexes, churn."""
+    target = target_mb
+    rnd = random.Random(1234)
+    syll = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "an", "el", "or",
+            "is", "un", "per", "con", "tra", "ment", "ing", "ed", "ly"]
+    vocab = []
+    while len(vocab) < 3000:
+        w = "".join(rnd.choice(syll) for _ in range(rnd.randint(1, 4)))
+        vocab.append(w)
+    # Zipf-like weights so common words dominate as in real prose.
+    weights = [1.0 / (i + 1) for i in range(len(vocab))]
+    domains = ["example.com", "mail.example.org", "corp.test", "gmail.com",
+               "yahoo.co.uk", "uni-%d.edu"]
+    tags = ["red", "green", "blue", "admin", "beta", "vip", "trial", "legacy"]
+
+    def sentence():
+        words = rnd.choices(vocab, weights, k=rnd.randint(6, 18))
+        s = " ".join(words)
+        return s[0].upper() + s[1:] + rnd.choice([".", ".", ".", "!", "?"])
+
+    def text():
+        n = rnd.randint(150, 700)
+        parts = []
+        size = 0
+        while size < n:
+            s = sentence()
+            parts.append(s)
+            size += len(s) + 1
+        return " ".join(parts)[:n]
+
+    if os.path.exists(out):
+        os.remove(out)
+    db = sqlite3.connect(out)
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("""CREATE TABLE posts (
+        id INTEGER PRIMARY KEY, author_email TEXT, created_at TEXT,
+        score INTEGER, views INTEGER, body TEXT, meta TEXT, thumb BLOB)""")
+    db.execute("CREATE INDEX posts_email ON posts(author_email)")
+    db.execute("CREATE INDEX posts_created ON posts(created_at, score)")
+    rowid = 0
+    while True:
+        rows = []
+        for _ in range(2000):
+            rowid += 1
+            user = "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz")
+                           for _ in range(rnd.randint(4, 10)))
+            dom = rnd.choice(domains)
+            if "%d" in dom:
+                dom = dom % rnd.randint(1, 50)
+            ts = "2023-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+                rnd.randint(1, 12), rnd.randint(1, 28), rnd.randint(0, 23),
+                rnd.randint(0, 59), rnd.randint(0, 59), rnd.randint(0, 999))
+            meta = json.dumps({
+                "lang": rnd.choice(["en", "de", "fr", "es"]),
+                "tags": rnd.sample(tags, rnd.randint(0, 3)),
+                "client": {"name": rnd.choice(["web", "ios", "android"]),
+                           "version": "%d.%d.%d" % (rnd.randint(1, 5),
+                                                    rnd.randint(0, 20),
+                                                    rnd.randint(0, 99))},
+                "likes": rnd.randint(0, 5000),
+                "flagged": rnd.random() < 0.05,
+            })
+            thumb = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(8, 48)))
+            rows.append((rowid, "%s@%s" % (user, dom), ts,
+                         rnd.randint(-100, 100000), rnd.randint(0, 10**9),
+                         text(), meta, thumb))
+        db.executemany("INSERT INTO posts VALUES (?,?,?,?,?,?,?,?)", rows)
+        # Churn: delete and update a few random earlier rows.
+        for _ in range(60):
+            db.execute("DELETE FROM posts WHERE id=?", (rnd.randint(1, rowid),))
+        for _ in range(60):
+            db.execute("UPDATE posts SET body=? WHERE id=?",
+                       (text(), rnd.randint(1, rowid)))
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if os.path.getsize(out) >= target * 1024 * 1024:
+            break
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
+def bench_lz4(path: str) -> None:
+    """Print ratio and single-core MB/s of our codec (every level) and liblz4's on one file."""
+
+    def timed(fn, *args, repeat=1, **kw):
+        best, out = None, None
+        for _ in range(repeat):
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+        return out, best
+
+    with open(path, "rb") as f:
+        data = f.read()
+    mb = len(data) / 1e6
+    print("file %s: %.1f MB, python %s" % (path, mb, sys.version.split()[0]))
+    print("%-28s %7s %10s %10s" % ("codec", "ratio", "enc MB/s", "dec MB/s"))
+    for level in sorted(ls._LEVELS):
+        frame, te = timed(ls.lz4_compress_frame, data, level=level)
+        out, td = timed(ls.lz4_decompress_frame, frame)
+        assert out == data
+        print("%-28s %7.3f %10.1f %10.1f" % ("ours level=%d%s" % (
+            level, " (default)" if level == ls.LZ4_DEFAULT_LEVEL else ""),
+            len(data) / len(frame), mb / te, mb / td), flush=True)
+    if lz4 is not None:
+        for name, kw in (("liblz4 fast, 4M indep", dict(block_linked=False)),
+                         ("liblz4 hc9, 4M linked", dict(block_linked=True, compression_level=9))):
+            frame, te = timed(lz4.frame.compress, data, block_size=lz4.frame.BLOCKSIZE_MAX4MB,
+                              content_checksum=True, repeat=3, **kw)
+            _, tl = timed(lz4.frame.decompress, frame, repeat=3)
+            out, td = timed(ls.lz4_decompress_frame, frame)
+            assert out == data
+            print("%-28s %7.3f %10.1f %10.1f   (our decoder on it: %.1f MB/s, incl. xxh32)"
+                  % (name, len(data) / len(frame), mb / te, mb / tl, mb / td), flush=True)
+    sample = data[:32 << 20]
+    _, t = timed(ls.xxh32, sample)
+    print("xxh32: %.1f MB/s" % (len(sample) / 1e6 / t))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench-lz4"]:
+        if len(sys.argv) > 2:
+            bench_lz4(sys.argv[2])
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                make_bench_db(os.path.join(d, "bench.db"))
+                bench_lz4(os.path.join(d, "bench.db"))
+    else:
+        unittest.main()
