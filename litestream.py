@@ -31,31 +31,44 @@ __all__ = [
     "ChecksumMismatchError",
     "ConfigError",
     "CorruptFrameError",
+    "S3Error",
+    "S3ReplicaClient",
+    "SigV4Signer",
     "main",
 ]
 
 import abc
 import argparse
 import base64
+import calendar
+import concurrent.futures
 import configparser
 import datetime
 import decimal
 import difflib
+import email.utils
 import errno
 import hashlib
+import hmac
+import http.client
 import io
+import json
 import logging
 import os
 import posixpath
+import random
 import re
 import secrets
 import signal
+import socket
 import sqlite3
+import ssl
 import struct
 import sys
 import threading
 import time
 import urllib.parse
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain
 from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -85,6 +98,13 @@ DEFAULT_S3_PART_SIZE = 5 * 1024 * 1024  # S3's minimum part size
 DEFAULT_S3_CONCURRENCY = 5  # aws-sdk-go s3manager
 DEFAULT_S3_MAX_RETRIES = 3  # aws-sdk-go DefaultRetryer
 S3_MAX_KEYS = 1000
+S3_MIN_PART_SIZE = 5 * 1024 * 1024  # s3manager.MinUploadPartSize
+S3_MAX_PARTS = 10000  # s3manager.MaxUploadParts
+S3_DEFAULT_CONCURRENCY = 5  # s3manager.DefaultUploadConcurrency
+S3_DEFAULT_REGION = "us-east-1"
+S3_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+S3_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+S3_CREDENTIALS_REFRESH_WINDOW = 5 * 60.0  # refresh temporary keys this long before expiry
 
 WAL_HEADER_SIZE = 32
 SHADOW_COPY_CHUNK = 64 << 20  # replicas are woken after each chunk of a big backlog
@@ -123,6 +143,42 @@ class ConfigError(LitestreamError):
 
 class CorruptFrameError(LitestreamError, ValueError):
     """LZ4 or WAL bytes that do not follow their format."""
+
+
+class S3Error(LitestreamError):
+    """An error answered by an S3 server, or a request that never got an answer.
+
+    status is the HTTP status (0 when no response arrived), code the S3
+    error code ("NoSuchKey", "SignatureDoesNotMatch", ...).  The text never
+    carries credentials: the client redacts its secrets before raising.
+    """
+
+    def __init__(self, status: int, code: str, message: str = "", key: str = "",
+                 request_id: str = "", bucket: str = ""):
+        self.status = status
+        self.code = code
+        self.message = message
+        self.key = key
+        self.request_id = request_id
+        self.bucket = bucket
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        ctx = []
+        if self.bucket:
+            ctx.append("bucket=%s" % self.bucket)
+        if self.key:
+            ctx.append("key=%s" % self.key)
+        if self.status:
+            ctx.append("status=%d" % self.status)
+        if self.request_id:
+            ctx.append("request_id=%s" % self.request_id)
+        msg = "s3: %s" % self.code
+        if self.message:
+            msg += ": %s" % self.message
+        if ctx:
+            msg += " (%s)" % ", ".join(ctx)
+        return msg.replace("\n", " ")
 
 
 ###############################################################################
@@ -1292,6 +1348,1362 @@ class FileReplicaClient(ReplicaClient):
 
 
 ###############################################################################
+# SigV4Signer
+###############################################################################
+
+# Spec: https://docs.aws.amazon.com/AmazonS3/latest/API/sig-v4-header-based-auth.html
+#
+#   CanonicalRequest = HTTPMethod "\n" CanonicalURI "\n" CanonicalQueryString "\n"
+#                      CanonicalHeaders "\n" SignedHeaders "\n" HashedPayload
+#   StringToSign     = "AWS4-HMAC-SHA256\n" <x-amz-date> "\n"
+#                      <yyyymmdd>/<region>/<service>/aws4_request "\n" hex(SHA256(CanonicalRequest))
+#   SigningKey       = HMAC(HMAC(HMAC(HMAC("AWS4"+secret, yyyymmdd), region), service), "aws4_request")
+#   Signature        = hex(HMAC(SigningKey, StringToSign))
+#
+# S3 differs from the other services: the URI is encoded once (each segment,
+# "/" kept) and never normalised, so "a//b" and "a/./b" are distinct keys.
+
+_URI_UNRESERVED = "-_.~"  # RFC 3986 unreserved, besides letters and digits
+
+
+def s3_uri_encode(s: str, safe: str = "") -> str:
+    """Percent-encode s as SigV4's UriEncode does (UTF-8, RFC 3986 unreserved kept)."""
+    return urllib.parse.quote(s, safe=_URI_UNRESERVED + safe)
+
+
+class SigV4Signer:
+    """Sign S3 requests with AWS Signature Version 4.
+
+    Holds no clock and does no I/O: the caller passes the time.  Only the
+    headers S3-compatible servers agree on are signed: host, x-amz-*,
+    content-md5, content-type and content-length (signing user-agent or
+    accept-encoding breaks on servers that drop them before verifying).
+    """
+
+    ALGORITHM = "AWS4-HMAC-SHA256"
+    SIGNED_HEADER_NAMES = ("host", "content-md5", "content-type", "content-length")
+
+    def __init__(self, access_key_id: str, secret_access_key: str, region: str,
+                 service: str = "s3", session_token: str = ""):
+        self.access_key_id = access_key_id
+        self._secret = secret_access_key
+        self.region = region
+        self.service = service
+        self.session_token = session_token or ""
+
+    def __repr__(self) -> str:
+        return "SigV4Signer(%r, <secret>, %r, %r)" % (self.access_key_id, self.region, self.service)
+
+    def sign(self, method: str, url: str, headers: dict, payload_sha256: str,
+             now: datetime.datetime) -> dict:
+        """Return the headers to add to a request so that it carries a signature.
+
+        payload_sha256 is the hex SHA-256 of the body, or S3_UNSIGNED_PAYLOAD.
+        """
+        amz_date = now.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        add = {"x-amz-date": amz_date, "x-amz-content-sha256": payload_sha256}
+        if self.session_token:
+            add["x-amz-security-token"] = self.session_token
+        # Merge case-insensitively: what we add replaces what the caller had.
+        merged = {k: v for k, v in headers.items() if k.lower() not in add}
+        merged.update(add)
+        if not any(k.lower() == "host" for k in merged):
+            merged["host"] = self.host_header(url)
+        to_sign = {k: v for k, v in merged.items() if self.is_signed_header(k)}
+        creq = self.canonical_request(method, url, to_sign, payload_sha256)
+        sts = self.string_to_sign(amz_date, creq)
+        sig = self.signature(sts, amz_date[:8])
+        add["Authorization"] = "%s Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+            self.ALGORITHM, self.access_key_id, self.scope(amz_date[:8]),
+            self.signed_headers(to_sign), sig)
+        return add
+
+    @classmethod
+    def is_signed_header(cls, name: str) -> bool:
+        name = name.lower()
+        return name in cls.SIGNED_HEADER_NAMES or name.startswith("x-amz-")
+
+    @staticmethod
+    def host_header(url: str) -> str:
+        """Return the Host header value for url: host, plus the port if not the default."""
+        u = urllib.parse.urlsplit(url)
+        host = u.hostname or ""
+        if ":" in host:
+            host = "[%s]" % host
+        default = 443 if u.scheme == "https" else 80
+        if u.port and u.port != default:
+            host += ":%d" % u.port
+        return host
+
+    @staticmethod
+    def canonical_uri(path: str) -> str:
+        """Return the URI-encoded path, encoding each segment once.
+
+        A path that is already encoded stays as it is, so callers may pass
+        either form; "+" and "%" in keys must then arrive encoded.
+        """
+        if not path:
+            return "/"
+        return "/".join(s3_uri_encode(urllib.parse.unquote(seg)) for seg in path.split("/"))
+
+    @staticmethod
+    def canonical_query(query: str) -> str:
+        """Return the query string sorted by name then value, each part RFC 3986 encoded."""
+        pairs = []
+        for part in query.split("&"):
+            if not part:
+                continue
+            name, _, value = part.partition("=")
+            # Decode without turning "+" into a space: S3 clients encode spaces as %20.
+            pairs.append((s3_uri_encode(urllib.parse.unquote(name)),
+                          s3_uri_encode(urllib.parse.unquote(value))))
+        pairs.sort()
+        return "&".join("%s=%s" % p for p in pairs)
+
+    @staticmethod
+    def canonical_headers(headers: dict) -> str:
+        # Sort by name alone: "key" must come before "key-md5" (":" sorts after "-").
+        items = sorted((k.lower(), " ".join(str(v).split())) for k, v in headers.items())
+        return "".join("%s:%s\n" % kv for kv in items)
+
+    @staticmethod
+    def signed_headers(headers: dict) -> str:
+        return ";".join(sorted(k.lower() for k in headers))
+
+    def canonical_request(self, method: str, url: str, headers: dict, payload_sha256: str) -> str:
+        """Return the canonical request that signs exactly the given headers."""
+        u = urllib.parse.urlsplit(url)
+        return "\n".join([
+            method.upper(),
+            self.canonical_uri(u.path),
+            self.canonical_query(u.query),
+            self.canonical_headers(headers),
+            self.signed_headers(headers),
+            payload_sha256,
+        ])
+
+    def scope(self, datestamp: str) -> str:
+        return "%s/%s/%s/aws4_request" % (datestamp, self.region, self.service)
+
+    def string_to_sign(self, amz_date: str, canonical_request: str) -> str:
+        return "\n".join([
+            self.ALGORITHM,
+            amz_date,
+            self.scope(amz_date[:8]),
+            hashlib.sha256(canonical_request.encode("utf-8")).hexdigest(),
+        ])
+
+    def signing_key(self, datestamp: str) -> bytes:
+        k = ("AWS4" + self._secret).encode("utf-8")
+        for msg in (datestamp, self.region, self.service, "aws4_request"):
+            k = hmac.new(k, msg.encode("utf-8"), hashlib.sha256).digest()
+        return k
+
+    def signature(self, string_to_sign: str, datestamp: str) -> str:
+        key = self.signing_key(datestamp)
+        return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+###############################################################################
+# S3 HTTP transport and XML
+###############################################################################
+
+
+_RETRYABLE_CODES = frozenset([
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+    "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "RequestThrottled", "TooManyRequestsException", "ExpiredToken",
+])
+
+
+class _Retryable(Exception):
+    """A failed attempt that may succeed when tried again."""
+
+    def __init__(self, err: Exception):
+        super().__init__(str(err))
+        self.err = err
+
+
+def _xml_root(body: bytes) -> ET.Element:
+    """Parse an S3 XML document, dropping namespaces from every tag."""
+    root = ET.fromstring(body)
+    for el in root.iter():
+        if isinstance(el.tag, str) and "}" in el.tag:
+            el.tag = el.tag.split("}", 1)[1]
+    return root
+
+
+def _xml_text(el: "ET.Element | None", name: str, default: str = "") -> str:
+    if el is None:
+        return default
+    child = el.find(name)
+    if child is None or child.text is None:
+        return default
+    return child.text
+
+
+def _parse_s3_time(s: str) -> datetime.datetime:
+    """Parse S3's ISO 8601 timestamps ("2009-10-12T17:50:30.000Z") as aware UTC."""
+    s = s.strip()
+    if s.endswith("Z"):
+        s = s[:-1] + "+00:00"
+    # fromisoformat in 3.8-3.10 takes only 0, 3 or 6 fraction digits.
+    m = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", s)
+    if m and m.group(2):
+        s = m.group(1) + (m.group(2) + "000000")[:7] + m.group(3)
+    dt = datetime.datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.timezone.utc)
+    return dt.astimezone(datetime.timezone.utc)
+
+
+class _HTTPPool:
+    """Keep up to `size` idle keep-alive connections to one host.
+
+    Connections are taken and given back by threads; a connection in use
+    belongs to one thread only.  More than `size` may be open at once, but
+    only `size` are kept when idle.
+    """
+
+    def __init__(self, scheme: str, host: str, port: int, ssl_context, size: int,
+                 connect_timeout: float, timeout: float):
+        self.scheme, self.host, self.port = scheme, host, port
+        self._ssl = ssl_context
+        self._size = size
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._idle = []
+        self._lock = threading.Lock()
+        netloc = "[%s]" % host if ":" in host else host
+        self.host_header = SigV4Signer.host_header("%s://%s:%d" % (scheme, netloc, port))
+
+    def get(self):
+        """Return (connection, reused)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        if self.scheme == "https":
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self._connect_timeout,
+                                               context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self._connect_timeout)
+        conn.connect()
+        conn.sock.settimeout(self._timeout)
+        return conn, False
+
+    def put(self, conn) -> None:
+        with self._lock:
+            if len(self._idle) < self._size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+
+class _Response:
+    """A finished response: status, lower-cased headers and the whole body."""
+
+    def __init__(self, status: int, headers: dict, body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+_UNKNOWN_LENGTH = 1 << 62
+
+
+class _ObjectReader(io.RawIOBase):
+    """Stream an object's body, resuming with a Range GET after a broken read.
+
+    A connection that drops mid-body, times out or ends early resumes at the
+    current offset (If-Match on the ETag) up to the client's retry limit.
+    """
+
+    def __init__(self, client: "S3ReplicaClient", key: str, conn, resp, start: int, end: int,
+                 etag: str):
+        super().__init__()
+        self._client = client
+        self._key = key
+        self._conn = conn
+        self._resp = resp
+        self._pos = start
+        self._end = end  # exclusive
+        self._etag = etag
+        self._failures = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._pos >= self._end:
+            self._release()
+            return 0
+        want = min(len(b), self._end - self._pos)
+        while True:
+            try:
+                if self._resp is None:
+                    self._reopen()
+                n = self._resp.readinto(memoryview(b)[:want])
+                if n == 0:
+                    if self._end == _UNKNOWN_LENGTH:
+                        self._end = self._pos
+                        self._release()
+                        return 0
+                    raise http.client.IncompleteRead(b"", self._end - self._pos)
+            except (OSError, http.client.HTTPException) as e:
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    raise
+                self._drop()
+                self._failures += 1
+                if self._failures > self._client.max_retries:
+                    raise S3Error(0, "ReadError", "read body failed after %d attempts: %s"
+                                  % (self._failures, e), key=self._key) from e
+                log.debug("s3: resume %s at %d after: %s", self._key, self._pos, e)
+                self._client._sleep_backoff(self._failures)
+                continue
+            self._pos += n
+            if self._pos >= self._end:
+                self._release()
+            return n
+
+    def _reopen(self) -> None:
+        headers = {"range": "bytes=%d-%d" % (self._pos, self._end - 1)}
+        if self._etag:
+            headers["if-match"] = self._etag
+        conn, resp = self._client._open("GET", self._key, headers=headers, expect=(206,))
+        self._conn, self._resp = conn, resp
+
+    def _release(self) -> None:
+        if self._resp is not None:
+            # A fully read body leaves the connection reusable for the next request.
+            if self._resp.isclosed() and not self._resp.will_close:
+                self._client._pool.put(self._conn)
+            else:
+                self._conn.close()
+            self._conn = self._resp = None
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = self._resp = None
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._pos >= self._end:
+                self._release()
+            else:
+                self._drop()
+        super().close()
+
+
+###############################################################################
+# Credentials
+###############################################################################
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An access key pair, with a session token and expiry for temporary keys."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str = ""
+    expiration: Optional[float] = None  # epoch seconds
+    source: str = ""
+
+    def __repr__(self) -> str:
+        return "Credentials(access_key_id=%r, source=%r, expiration=%r)" % (
+            self.access_key_id, self.source, self.expiration)
+
+
+def _parse_iso8601_epoch(s: str) -> float:
+    return _parse_s3_time(s).timestamp()
+
+
+class CredentialsProvider:
+    """Find S3 credentials along the AWS SDK's default chain, and refresh them.
+
+    Order: explicit keys; LITESTREAM_ACCESS_KEY_ID/LITESTREAM_SECRET_ACCESS_KEY;
+    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN); the shared
+    credentials and config files (AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE,
+    AWS_CONFIG_FILE); web identity (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN
+    through STS AssumeRoleWithWebIdentity); ECS container credentials
+    (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or _FULL_URI); EC2 IMDSv2.
+
+    Temporary credentials are fetched again S3_CREDENTIALS_REFRESH_WINDOW
+    seconds before they expire.  environ defaults to os.environ; clock returns
+    epoch seconds; the endpoints can be pointed at test servers
+    (sts_endpoint, ecs_host, imds_endpoint; AWS_ENDPOINT_URL_STS and
+    AWS_EC2_METADATA_SERVICE_ENDPOINT do the same from the environment).
+    """
+
+    def __init__(self, access_key_id: str = "", secret_access_key: str = "",
+                 session_token: str = "", environ=None, clock=time.time,
+                 sts_endpoint: str = "", ecs_host: str = "http://169.254.170.2",
+                 imds_endpoint: str = "", timeout: float = 2.0):
+        self._explicit = (access_key_id or "", secret_access_key or "", session_token or "")
+        self._env = os.environ if environ is None else environ
+        self._clock = clock
+        self._sts_endpoint = sts_endpoint
+        self._ecs_host = ecs_host
+        self._imds_endpoint = imds_endpoint
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._creds = None  # type: Optional[Credentials]
+
+    def get(self) -> Credentials:
+        """Return current credentials, resolving or refreshing them as needed."""
+        with self._lock:
+            c = self._creds
+            if c is not None and (c.expiration is None
+                                  or c.expiration - self._clock() > S3_CREDENTIALS_REFRESH_WINDOW):
+                return c
+            try:
+                self._creds = self.resolve()
+            except LitestreamError as e:
+                # Keep using keys that have not expired yet; the next call retries.
+                if c is not None and c.expiration is not None and c.expiration > self._clock():
+                    log.warning("s3: refresh credentials: %s", e)
+                    return c
+                raise
+            return self._creds
+
+    def invalidate(self) -> None:
+        """Forget cached credentials, e.g. after the server said they expired."""
+        with self._lock:
+            self._creds = None
+
+    def resolve(self) -> Credentials:
+        """Walk the chain once and return the first credentials found."""
+        for source in (self._from_explicit, self._from_litestream_env, self._from_aws_env,
+                       self._from_shared_files, self._from_web_identity,
+                       self._from_container, self._from_imds):
+            c = source()
+            if c is not None:
+                log.debug("s3: credentials from %s", c.source)
+                return c
+        raise LitestreamError(
+            "s3: no credentials found: set access-key-id/secret-access-key, "
+            "LITESTREAM_ACCESS_KEY_ID/LITESTREAM_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, a shared credentials file, or run with an IAM role")
+
+    def _from_explicit(self):
+        ak, sk, tok = self._explicit
+        if ak or sk:
+            if not (ak and sk):
+                raise LitestreamError("s3: access-key-id and secret-access-key must be set together")
+            return Credentials(ak, sk, tok, source="config")
+        return None
+
+    def _from_litestream_env(self):
+        ak = self._env.get("LITESTREAM_ACCESS_KEY_ID", "")
+        sk = self._env.get("LITESTREAM_SECRET_ACCESS_KEY", "")
+        if ak and sk:
+            return Credentials(ak, sk, self._env.get("AWS_SESSION_TOKEN", ""), source="env LITESTREAM_*")
+        return None
+
+    def _from_aws_env(self):
+        ak = self._env.get("AWS_ACCESS_KEY_ID", "")
+        sk = self._env.get("AWS_SECRET_ACCESS_KEY", "")
+        if ak and sk:
+            return Credentials(ak, sk, self._env.get("AWS_SESSION_TOKEN", ""), source="env AWS_*")
+        return None
+
+    def _from_shared_files(self):
+        profile = self._env.get("AWS_PROFILE") or self._env.get("AWS_DEFAULT_PROFILE") or "default"
+        home = os.path.expanduser("~")
+        cred_path = self._env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials")
+        conf_path = self._env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
+        # The credentials file names sections "NAME"; the config file "profile NAME"
+        # (except "default").  The credentials file wins.
+        for path, section in ((cred_path, profile),
+                              (conf_path, profile if profile == "default" else "profile " + profile)):
+            cp = configparser.RawConfigParser()
+            try:
+                cp.read(os.path.expanduser(path))
+            except configparser.Error as e:
+                raise LitestreamError("s3: parse %s: %s" % (path, e)) from e
+            if not cp.has_section(section):
+                continue
+            ak = cp.get(section, "aws_access_key_id", fallback="").strip()
+            sk = cp.get(section, "aws_secret_access_key", fallback="").strip()
+            if ak and sk:
+                tok = cp.get(section, "aws_session_token", fallback="").strip()
+                return Credentials(ak, sk, tok, source="%s [%s]" % (path, section))
+        return None
+
+    def _http(self, method: str, url: str, headers=None, body=None, timeout=None):
+        """Do one small HTTP request; return (status, body bytes)."""
+        u = urllib.parse.urlsplit(url)
+        if u.scheme == "https":
+            conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout or self._timeout,
+                                               context=_ssl_context(env=self._env))
+        else:
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout or self._timeout)
+        try:
+            path = u.path or "/"
+            if u.query:
+                path += "?" + u.query
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def _from_web_identity(self):
+        token_file = self._env.get("AWS_WEB_IDENTITY_TOKEN_FILE", "")
+        role_arn = self._env.get("AWS_ROLE_ARN", "")
+        if not (token_file and role_arn):
+            return None
+        try:
+            with open(token_file, "r") as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise LitestreamError("s3: read web identity token: %s" % e) from e
+        endpoint = self._sts_endpoint or self._env.get("AWS_ENDPOINT_URL_STS", "")
+        if not endpoint:
+            region = self._env.get("AWS_REGION") or self._env.get("AWS_DEFAULT_REGION")
+            endpoint = ("https://sts.%s.amazonaws.com" % region) if region else "https://sts.amazonaws.com"
+        session = self._env.get("AWS_ROLE_SESSION_NAME") or "litestream-%d" % int(self._clock())
+        form = urllib.parse.urlencode({
+            "Action": "AssumeRoleWithWebIdentity", "Version": "2011-06-15",
+            "RoleArn": role_arn, "RoleSessionName": session, "WebIdentityToken": token,
+        })
+        try:
+            status, body = self._http("POST", endpoint.rstrip("/") + "/", body=form.encode(), headers={
+                "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+                "Accept": "application/xml"})
+        except (OSError, http.client.HTTPException) as e:
+            raise LitestreamError("s3: sts AssumeRoleWithWebIdentity: %s" % e) from e
+        try:
+            root = _xml_root(body)
+        except ET.ParseError:
+            root = None
+        if status != 200 or root is None:
+            err = root.find(".//Error") if root is not None else None
+            raise LitestreamError("s3: sts AssumeRoleWithWebIdentity: status %d %s: %s" % (
+                status, _xml_text(err, "Code"), _xml_text(err, "Message")))
+        c = root.find(".//Credentials")
+        if c is None:
+            raise LitestreamError("s3: sts AssumeRoleWithWebIdentity: no credentials in response")
+        return Credentials(_xml_text(c, "AccessKeyId"), _xml_text(c, "SecretAccessKey"),
+                           _xml_text(c, "SessionToken"),
+                           _parse_iso8601_epoch(_xml_text(c, "Expiration")), source="web identity")
+
+    def _from_container(self):
+        rel = self._env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "")
+        full = self._env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI", "")
+        if rel:
+            url = self._ecs_host.rstrip("/") + rel
+        elif full:
+            url = full
+        else:
+            return None
+        headers = {"Accept": "application/json"}
+        token = self._env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN", "")
+        token_file = self._env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "")
+        if token_file:
+            try:
+                with open(token_file, "r") as f:
+                    token = f.read().strip()
+            except OSError as e:
+                raise LitestreamError("s3: read container authorization token: %s" % e) from e
+        if token:
+            headers["Authorization"] = token
+        try:
+            status, body = self._http("GET", url, headers=headers)
+        except (OSError, http.client.HTTPException) as e:
+            raise LitestreamError("s3: container credentials: %s" % e) from e
+        if status != 200:
+            raise LitestreamError("s3: container credentials: status %d" % status)
+        return self._from_json(body, "container")
+
+    def _from_json(self, body: bytes, source: str) -> Credentials:
+        try:
+            d = json.loads(body.decode("utf-8"))
+            exp = d.get("Expiration")
+            return Credentials(d["AccessKeyId"], d["SecretAccessKey"], d.get("Token", ""),
+                               _parse_iso8601_epoch(exp) if exp else None, source=source)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LitestreamError("s3: %s credentials: bad response: %s" % (source, e)) from e
+
+    def _from_imds(self):
+        if self._env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+            return None
+        base = (self._imds_endpoint or self._env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+                or "http://169.254.169.254").rstrip("/")
+        # IMDSv2: a session token first, then the role name, then its keys.
+        try:
+            status, token = self._http("PUT", base + "/latest/api/token",
+                                       headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+                                       timeout=1.0)
+            if status != 200:
+                return None
+            hdr = {"X-aws-ec2-metadata-token": token.decode("ascii").strip()}
+            status, roles = self._http("GET", base + "/latest/meta-data/iam/security-credentials/",
+                                       headers=hdr)
+            if status != 200 or not roles.strip():
+                return None
+            role = roles.decode("utf-8").split()[0]
+            status, body = self._http("GET", base + "/latest/meta-data/iam/security-credentials/"
+                                      + urllib.parse.quote(role), headers=hdr)
+        except (OSError, http.client.HTTPException) as e:
+            log.debug("s3: no instance metadata: %s", e)
+            return None
+        if status != 200:
+            raise LitestreamError("s3: instance metadata credentials: status %d" % status)
+        return self._from_json(body, "ec2 instance metadata")
+
+
+def _ssl_context(ca_bundle: str = "", skip_verify: bool = False, env=None):
+    """Return a TLS context: the system store, or ca_bundle / AWS_CA_BUNDLE."""
+    env = os.environ if env is None else env
+    cafile = ca_bundle or env.get("AWS_CA_BUNDLE") or None
+    ctx = ssl.create_default_context(cafile=cafile)
+    if skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+###############################################################################
+# S3ReplicaClient
+###############################################################################
+
+
+_HOST_PATTERNS = [
+    # (regex, endpoint template, region from group 2?)
+    (re.compile(r"^(?:(.+)\.)?localhost$"), "http://localhost", False),
+    (re.compile(r"^(?:(.+)\.)?s3.([^.]+)\.backblazeb2.com$"), "https://s3.%s.backblazeb2.com", True),
+    (re.compile(r"^(?:(.+)\.)?s3.filebase.com$"), "https://s3.filebase.com", False),
+    (re.compile(r"^(?:(.+)\.)?([^.]+)\.digitaloceanspaces.com$"), "https://%s.digitaloceanspaces.com", True),
+    (re.compile(r"^(?:(.+)\.)?s3.([^.]+)\.scw\.cloud$"), "https://s3.%s.scw.cloud", True),
+    (re.compile(r"^(?:(.+)\.)?([^.]+)\.linodeobjects.com$"), "https://%s.linodeobjects.com", True),
+]
+
+
+def parse_s3_host(host: str) -> "tuple[str, str, str, bool]":
+    """Return (bucket, region, endpoint, force_path_style) for a replica URL host.
+
+    A port of Go's s3.ParseHost: known providers and "BUCKET.localhost[:PORT]"
+    get an endpoint and path-style addressing; any other host is an AWS
+    bucket name, addressed virtual-hosted style.
+    """
+    hostname, port = host, ""
+    m = re.match(r"^(.*):(\d+)$", host)
+    if m:
+        hostname, port = m.group(1), m.group(2)
+    for rx, endpoint, has_region in _HOST_PATTERNS:
+        m = rx.match(hostname)
+        if not m:
+            continue
+        bucket = m.group(1) or ""
+        region = ""
+        if has_region:
+            region = m.group(2)
+            endpoint = endpoint % region
+        elif endpoint == "http://localhost":
+            region = S3_DEFAULT_REGION
+        if port:
+            endpoint += ":" + port
+        return bucket, region, endpoint, True
+    return host, "", "", False
+
+
+class S3ReplicaClient(ReplicaClient):
+    """Store a replica in an S3 bucket, under the key prefix `path`.
+
+    Tunables (constructor keywords):
+      region, endpoint: with neither, the bucket's region is looked up
+        (GetBucketLocation, then HEAD bucket); an endpoint alone means us-east-1.
+      force_path_style: "endpoint/bucket/key" URLs; default True with an endpoint.
+      skip_verify: accept any TLS certificate (logged as a warning).
+      ca_bundle: a PEM file to verify TLS with instead of the system store
+        (AWS_CA_BUNDLE is used when unset).
+      access_key_id, secret_access_key, session_token: explicit keys; else the
+        CredentialsProvider chain (credentials= to pass one).
+      sse: "" | "AES256" | "aws:kms"; sse_kms_key_id; sse_c_key (base64 of 32 bytes).
+      sign_payload: sign the body's SHA-256 (default) or send UNSIGNED-PAYLOAD.
+      part_size: multipart part size and single-PUT threshold (min 5 MiB).
+      concurrency: parallel parts on upload and ranges on download.
+      max_retries: retries per request after the first attempt (0 = none).
+      retry_base_delay, retry_max_delay: backoff bounds in seconds; jittered.
+      connect_timeout, timeout: seconds to connect, and per socket operation.
+      pool_size: idle keep-alive connections kept.
+      list_page_size: keys per list request (max 1000).
+      verify_deletes: list after DeleteObjects to catch servers that answer 200
+        but keep objects.
+    """
+
+    client_type = "s3"
+
+    def __init__(self, bucket: str, path: str = "", region: str = "", endpoint: str = "",
+                 force_path_style: Optional[bool] = None, skip_verify: bool = False,
+                 access_key_id: str = "", secret_access_key: str = "", *,
+                 session_token: str = "", sse: str = "", sse_kms_key_id: str = "",
+                 sse_c_key: str = "", ca_bundle: str = "", sign_payload: bool = True,
+                 part_size: int = S3_MIN_PART_SIZE, concurrency: int = S3_DEFAULT_CONCURRENCY,
+                 max_retries: int = 5, retry_base_delay: float = 0.1,
+                 retry_max_delay: float = 20.0, connect_timeout: float = 10.0,
+                 timeout: float = 60.0, pool_size: int = 8, list_page_size: int = S3_MAX_KEYS,
+                 verify_deletes: bool = True, credentials: Optional[CredentialsProvider] = None,
+                 clock=time.time):
+        if not bucket:
+            raise ConfigError("s3: bucket required")
+        if part_size < S3_MIN_PART_SIZE:
+            raise ConfigError("s3: part size must be at least %d bytes" % S3_MIN_PART_SIZE)
+        if sse not in ("", "AES256", "aws:kms"):
+            raise ConfigError("s3: sse must be AES256 or aws:kms, not %r" % sse)
+        if sse and sse_c_key:
+            raise ConfigError("s3: sse and sse-c-key cannot be used together")
+        self.bucket = bucket
+        self.path = path.strip("/") if path not in (".", "/") else ""
+        self.region = region
+        self.endpoint = endpoint.rstrip("/")
+        self.force_path_style = bool(endpoint) if force_path_style is None else force_path_style
+        self.skip_verify = skip_verify
+        self.ca_bundle = ca_bundle
+        self.sse = sse
+        self.sse_kms_key_id = sse_kms_key_id
+        self.sign_payload = sign_payload
+        self.part_size = part_size
+        self.concurrency = max(1, concurrency)
+        self.max_retries = max(0, max_retries)
+        self.retry_base_delay = retry_base_delay
+        self.retry_max_delay = retry_max_delay
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self.list_page_size = max(1, min(S3_MAX_KEYS, list_page_size))
+        self.verify_deletes = verify_deletes
+        self._clock = clock
+        self._clock_offset = 0.0
+        self._sse_c_headers = {}
+        self._secrets = [secret_access_key] if secret_access_key else []
+        if sse_c_key:
+            try:
+                raw = base64.b64decode(sse_c_key, validate=True)
+            except ValueError as e:
+                raise ConfigError("s3: sse-c-key must be base64") from e
+            if len(raw) != 32:
+                raise ConfigError("s3: sse-c-key must be 32 bytes, base64 encoded")
+            self._sse_c_headers = {
+                "x-amz-server-side-encryption-customer-algorithm": "AES256",
+                "x-amz-server-side-encryption-customer-key": sse_c_key,
+                "x-amz-server-side-encryption-customer-key-md5":
+                    base64.b64encode(hashlib.md5(raw).digest()).decode("ascii"),
+            }
+            self._secrets.append(sse_c_key)
+        self._credentials = credentials or CredentialsProvider(
+            access_key_id, secret_access_key, session_token, clock=clock)
+        self._init_lock = threading.Lock()
+        self._pool = None  # type: Optional[_HTTPPool]
+        self._list_v2 = True
+        self._base_path = ""
+
+    def __repr__(self) -> str:
+        return "S3ReplicaClient(bucket=%r, path=%r, endpoint=%r)" % (self.bucket, self.path, self.endpoint)
+
+    def __str__(self) -> str:
+        return "s3://%s/%s" % (self.bucket, self.path)
+
+    # -- connection setup ------------------------------------------------
+
+    def init(self) -> None:
+        """Resolve the region and endpoint and set up the connection pool (Go's Init)."""
+        with self._init_lock:
+            if self._pool is not None:
+                return
+            region = self.region
+            if not region:
+                region = self.find_bucket_region() if not self.endpoint else S3_DEFAULT_REGION
+            self.region = region
+            self._pool = self._new_pool(self._endpoint_url())
+
+    def _endpoint_url(self) -> str:
+        if self.endpoint:
+            ep = self.endpoint if "://" in self.endpoint else "https://" + self.endpoint
+        elif self.region == S3_DEFAULT_REGION:
+            ep = "https://s3.amazonaws.com"
+        else:
+            ep = "https://s3.%s.amazonaws.com" % (self.region or S3_DEFAULT_REGION)
+        u = urllib.parse.urlsplit(ep)
+        # Dotted bucket names do not match the wildcard certificate, so they go path style.
+        if self.force_path_style or "." in self.bucket:
+            self._base_path = "/" + s3_uri_encode(self.bucket)
+            return "%s://%s" % (u.scheme, u.netloc)
+        self._base_path = ""
+        return "%s://%s.%s" % (u.scheme, self.bucket, u.netloc)
+
+    def _new_pool(self, url: str) -> _HTTPPool:
+        u = urllib.parse.urlsplit(url)
+        ctx = None
+        if u.scheme == "https":
+            if self.skip_verify:
+                log.warning("s3: skip-verify is set: TLS certificates of %s are not checked", u.hostname)
+            ctx = _ssl_context(self.ca_bundle, self.skip_verify)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        return _HTTPPool(u.scheme, u.hostname, port, ctx, self.pool_size,
+                         self.connect_timeout, self.timeout)
+
+    def find_bucket_region(self) -> str:
+        """Return the bucket's region: GetBucketLocation, then HEAD bucket's x-amz-bucket-region."""
+        if self.endpoint:
+            url = self.endpoint if "://" in self.endpoint else "https://" + self.endpoint
+        else:
+            url = "https://s3.amazonaws.com"
+        path = "/" + s3_uri_encode(self.bucket)
+        pool = self._new_pool(url)
+        try:
+            try:
+                resp = self._do(pool, S3_DEFAULT_REGION, "GET", path, {"location": ""}, {}, b"")
+                loc = (_xml_root(resp.body).text or "").strip() if resp.body else ""
+                # Legacy names: an empty constraint is us-east-1, "EU" is eu-west-1.
+                return {"": S3_DEFAULT_REGION, "EU": "eu-west-1"}.get(loc, loc)
+            except (S3Error, ET.ParseError) as e:
+                log.debug("s3: GetBucketLocation %s: %s; trying HEAD", self.bucket, e)
+            resp = self._do(pool, S3_DEFAULT_REGION, "HEAD", path, {}, {}, b"",
+                            expect=(200, 301, 307, 400, 403))
+            region = resp.headers.get("x-amz-bucket-region", "")
+            if not region:
+                raise S3Error(resp.status, "RegionNotFound", "cannot find the bucket's region",
+                              bucket=self.bucket)
+            return region
+        finally:
+            pool.close()
+
+    def close(self) -> None:
+        with self._init_lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    # -- request machinery -----------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock() + self._clock_offset
+
+    def _key_path(self, key: str) -> str:
+        return self._base_path + "/" + s3_uri_encode(key, safe="/")
+
+    def _sleep_backoff(self, attempt: int) -> None:
+        # "Full jitter": uniform in [0, min(cap, base * 2^attempt)], never below base/2.
+        cap = min(self.retry_max_delay, self.retry_base_delay * (2 ** attempt))
+        time.sleep(max(self.retry_base_delay / 2, random.uniform(0, cap)))
+
+    def _redact(self, text: str) -> str:
+        for s in self._secrets + [self._current_secret()]:
+            if s:
+                text = text.replace(s, "<redacted>")
+        return text
+
+    def _current_secret(self) -> str:
+        c = self._credentials._creds
+        return c.secret_access_key if c is not None else ""
+
+    def _error_from(self, status: int, headers: dict, body: bytes, key: str) -> S3Error:
+        code, message, request_id, bucket = "", "", headers.get("x-amz-request-id", ""), ""
+        if body:
+            try:
+                root = _xml_root(body)
+                err = root if root.tag == "Error" else root.find(".//Error")
+                code = _xml_text(err, "Code")
+                message = _xml_text(err, "Message")
+                request_id = _xml_text(err, "RequestId", request_id)
+                bucket = _xml_text(err, "BucketName")
+                key = _xml_text(err, "Key", key)
+            except ET.ParseError:
+                message = body[:200].decode("utf-8", "replace")
+        if not code:
+            code = {301: "PermanentRedirect", 403: "Forbidden", 404: "NotFound",
+                    412: "PreconditionFailed"}.get(status, "HTTP%d" % status)
+        if code == "NoSuchBucket" and not bucket:
+            bucket = self.bucket
+        return S3Error(status, code, self._redact(message), key=key, request_id=request_id,
+                       bucket=bucket)
+
+    def _send(self, pool: _HTTPPool, region: str, method: str, path: str, query: dict,
+              headers: dict, body: bytes):
+        """Sign and send one request; return (conn, response) with the body unread.
+
+        A failure to connect or send raises _Retryable; TLS verification
+        failures are not retried.
+        """
+        qs = "&".join("%s=%s" % (s3_uri_encode(k), s3_uri_encode(v)) for k, v in sorted(query.items()))
+        target = path + ("?" + qs if qs else "")
+        url = "%s://%s%s" % (pool.scheme, pool.host_header, target)
+        creds = self._credentials.get()
+        signer = SigV4Signer(creds.access_key_id, creds.secret_access_key, region,
+                             session_token=creds.session_token)
+        hdrs = dict(headers)
+        hdrs["host"] = pool.host_header
+        has_body = bool(body) or method in ("PUT", "POST")
+        if has_body:
+            hdrs["content-length"] = str(len(body))
+        payload = hashlib.sha256(body).hexdigest() if self.sign_payload else S3_UNSIGNED_PAYLOAD
+        now = datetime.datetime.fromtimestamp(self._now(), datetime.timezone.utc)
+        hdrs.update(signer.sign(method, url, hdrs, payload, now))
+        reused = False
+        conn = None
+        try:
+            conn, reused = pool.get()
+            conn.request(method, target, body=body if has_body else None, headers=hdrs)
+            return conn, conn.getresponse()
+        except ssl.SSLCertVerificationError:
+            if conn is not None:
+                conn.close()
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            if conn is not None:
+                conn.close()
+            r = _Retryable(e)
+            r.reused = reused
+            raise r from e
+
+    def _attempts(self, fn, key: str = ""):
+        """Call fn() until it returns, retrying _Retryable failures with backoff."""
+        attempt = 0
+        free_retry = True
+        while True:
+            try:
+                return fn()
+            except _Retryable as r:
+                e = r.err
+                # A kept-alive connection the server already closed fails at once:
+                # one immediate retry on a new connection, not counted.
+                if getattr(r, "reused", False) and free_retry and not isinstance(e, S3Error):
+                    free_retry = False
+                    continue
+                attempt += 1
+                if attempt > self.max_retries:
+                    if isinstance(e, S3Error):
+                        raise e
+                    pool = self._pool
+                    where = "%s://%s:%s" % (pool.scheme, pool.host, pool.port) if pool else "server"
+                    raise S3Error(0, "RequestError", "cannot reach %s after %d attempts: %s" % (
+                        where, attempt, e), key=key, bucket=self.bucket) from e
+                log.debug("s3: retry %d/%d: %s", attempt, self.max_retries, e)
+                self._sleep_backoff(attempt)
+
+    def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key=""):
+        """Send a request with retries and read its whole response."""
+        def once():
+            conn, resp = self._send(pool, region, method, path, query, headers, body)
+            try:
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise _Retryable(e) from e
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+            if resp.will_close:
+                conn.close()
+            else:
+                pool.put(conn)
+            if resp.status in expect:
+                # CompleteMultipartUpload can answer 200 with an error document.
+                if method == "POST" and b"<Error>" in data[:300]:
+                    err = self._error_from(500, hdrs, data, key)
+                    raise _Retryable(err) if err.code in _RETRYABLE_CODES else err
+                return _Response(resp.status, hdrs, data)
+            raise self._classify(self._error_from(resp.status, hdrs, data, key), hdrs)
+        return self._attempts(once, key)
+
+    def _classify(self, err: S3Error, headers: dict) -> Exception:
+        """Wrap retryable S3 errors; fix clock skew; leave the rest to fail fast."""
+        if err.code == "RequestTimeTooSkewed" and headers.get("date"):
+            try:
+                server = email.utils.parsedate_to_datetime(headers["date"]).timestamp()
+            except (TypeError, ValueError):
+                return err
+            self._clock_offset = server - self._clock()
+            log.warning("s3: clock skew of %.0fs with the server, adjusting", self._clock_offset)
+            return _Retryable(err)
+        if err.code == "ExpiredToken":
+            self._credentials.invalidate()
+        if err.status == 501 or err.code == "NotImplemented":
+            return err  # a missing feature does not appear on retry
+        if err.status >= 500 or err.status == 429 or err.code in _RETRYABLE_CODES:
+            return _Retryable(err)
+        return err
+
+    def _request(self, method: str, key: Optional[str], query=None, headers=None, body: bytes = b"",
+                 expect=(200,)) -> _Response:
+        """Send a request for a key (None: the bucket) with retries; return the response."""
+        self.init()
+        path = self._key_path(key) if key is not None else (self._base_path or "/")
+        return self._do(self._pool, self.region, method, path, query or {}, headers or {}, body,
+                        expect=expect, key=key or "")
+
+    def _open(self, method: str, key: str, headers=None, expect=(200,)):
+        """Send a GET with retries and return (conn, response) with its body unread."""
+        self.init()
+
+        def once():
+            conn, resp = self._send(self._pool, self.region, method, self._key_path(key),
+                                    {}, headers or {}, b"")
+            if resp.status in expect:
+                return conn, resp
+            try:
+                data = resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise _Retryable(e) from e
+            finally:
+                conn.close()
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+            raise self._classify(self._error_from(resp.status, hdrs, data, key), hdrs)
+        return self._attempts(once, key)
+
+    # -- object primitives -----------------------------------------------
+
+    def _sse_headers(self, for_write: bool) -> dict:
+        h = dict(self._sse_c_headers)
+        if for_write and self.sse:
+            h["x-amz-server-side-encryption"] = self.sse
+            if self.sse == "aws:kms" and self.sse_kms_key_id:
+                h["x-amz-server-side-encryption-aws-kms-key-id"] = self.sse_kms_key_id
+        return h
+
+    def create_bucket(self) -> None:
+        """Create the bucket (setup and tests; replication never creates buckets, as in Go)."""
+        body = b""
+        if self.region and self.region != S3_DEFAULT_REGION:
+            body = ('<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                    "<LocationConstraint>%s</LocationConstraint></CreateBucketConfiguration>"
+                    % self.region).encode()
+        self._request("PUT", None, body=body)
+
+    def head_object(self, key: str) -> dict:
+        """Return {"size", "etag", "last_modified"} of an object; FileNotFoundError if missing."""
+        try:
+            resp = self._request("HEAD", key, headers=self._sse_headers(False))
+        except S3Error as e:
+            if e.status == 404:
+                raise FileNotFoundError(errno.ENOENT, "s3: no such key", key) from e
+            raise
+        return {
+            "size": int(resp.headers.get("content-length", "0")),
+            "etag": resp.headers.get("etag", ""),
+            "last_modified": email.utils.parsedate_to_datetime(resp.headers["last-modified"])
+            if "last-modified" in resp.headers else None,
+        }
+
+    def put_object(self, key: str, data: bytes) -> None:
+        """Store data under key with a single PutObject."""
+        headers = self._sse_headers(True)
+        headers["content-md5"] = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+        self._request("PUT", key, headers=headers, body=data)
+
+    def upload(self, key: str, rd: BinaryIO) -> int:
+        """Stream rd to key and return the byte count.
+
+        One PutObject when the stream ends within part_size bytes, else a
+        multipart upload whose memory is bounded by part_size x (concurrency+1).
+        """
+        first = _read_full(rd, self.part_size)
+        second = _read_full(rd, self.part_size) if len(first) == self.part_size else b""
+        if not second:
+            self.put_object(key, first)
+            return len(first)
+        return self._multipart_upload(key, rd, first, second)
+
+    def _multipart_upload(self, key: str, rd: BinaryIO, first: bytes, second: bytes) -> int:
+        resp = self._request("POST", key, query={"uploads": ""}, headers=self._sse_headers(True))
+        upload_id = _xml_text(_xml_root(resp.body), "UploadId")
+        if not upload_id:
+            raise S3Error(resp.status, "InvalidResponse", "no UploadId in CreateMultipartUpload",
+                          key=key, bucket=self.bucket)
+        etags = {}
+        total = 0
+        slots = threading.BoundedSemaphore(self.concurrency)
+
+        def put_part(n: int, data: bytes) -> None:
+            try:
+                headers = dict(self._sse_c_headers)
+                md5 = hashlib.md5(data)
+                headers["content-md5"] = base64.b64encode(md5.digest()).decode("ascii")
+                r = self._request("PUT", key, query={"partNumber": str(n), "uploadId": upload_id},
+                                  headers=headers, body=data)
+                etags[n] = r.headers.get("etag", "")
+            finally:
+                slots.release()
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(self.concurrency,
+                                                       thread_name_prefix="litestream-s3-upload") as ex:
+                futures = []
+                n, data = 1, first
+                while data:
+                    if n > S3_MAX_PARTS:
+                        raise LitestreamError("s3: %s: stream exceeds %d parts of %d bytes" % (
+                            key, S3_MAX_PARTS, self.part_size))
+                    slots.acquire()
+                    # Stop reading as soon as a part failed.
+                    for f in futures:
+                        if f.done() and f.exception() is not None:
+                            slots.release()
+                            raise f.exception()
+                    futures.append(ex.submit(put_part, n, data))
+                    total += len(data)
+                    if second is not None:
+                        data, second = second, None
+                    else:
+                        data = _read_full(rd, self.part_size)
+                    n += 1
+                for f in futures:
+                    f.result()
+            root = ET.Element("CompleteMultipartUpload")
+            for i in sorted(etags):
+                part = ET.SubElement(root, "Part")
+                ET.SubElement(part, "PartNumber").text = str(i)
+                ET.SubElement(part, "ETag").text = etags[i]
+            try:
+                self._request("POST", key, query={"uploadId": upload_id}, body=ET.tostring(root),
+                              headers={"content-type": "application/xml"})
+            except S3Error as e:
+                # A retried Complete whose first answer was lost finds the upload gone.
+                if e.code != "NoSuchUpload" or not self.head_object(key)["etag"].strip('"').endswith(
+                        "-%d" % len(etags)):
+                    raise
+        except BaseException:
+            try:
+                self._request("DELETE", key, query={"uploadId": upload_id}, expect=(200, 204, 404))
+            except (LitestreamError, OSError) as e:
+                log.warning("s3: abort multipart upload %s: %s", key, e)
+            raise
+        return total
+
+    def open_object(self, key: str) -> BinaryIO:
+        """Return a streaming reader of an object; FileNotFoundError if it is missing."""
+        try:
+            conn, resp = self._open("GET", key, headers=self._sse_headers(False))
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NotFound") or (e.status == 404 and e.code != "NoSuchBucket"):
+                raise FileNotFoundError(errno.ENOENT, "s3: no such key", key) from e
+            raise
+        length = resp.getheader("content-length")
+        if length is None:
+            # No length to resume against: hand out the body as it comes.
+            return _ObjectReader(self, key, conn, resp, 0, _UNKNOWN_LENGTH, "")
+        return _ObjectReader(self, key, conn, resp, 0, int(length), resp.getheader("etag", ""))
+
+    def download(self, key: str, w: BinaryIO, chunk_size: Optional[int] = None,
+                 concurrency: Optional[int] = None) -> int:
+        """Copy an object into w with parallel ranged GETs; return the byte count.
+
+        Ranges are written in order, so w need not be seekable; memory is
+        bounded by chunk_size x concurrency.  FileNotFoundError if missing.
+        """
+        chunk = chunk_size or self.part_size
+        conc = concurrency or self.concurrency
+        headers = dict(self._sse_headers(False))
+        headers["range"] = "bytes=0-%d" % (chunk - 1)
+        try:
+            resp = self._request("GET", key, headers=headers, expect=(200, 206))
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NotFound") or (e.status == 404 and e.code != "NoSuchBucket"):
+                raise FileNotFoundError(errno.ENOENT, "s3: no such key", key) from e
+            if e.code == "InvalidRange":  # empty object
+                return 0
+            raise
+        w.write(resp.body)
+        if resp.status == 200:
+            return len(resp.body)
+        m = re.match(r"bytes \d+-\d+/(\d+)", resp.headers.get("content-range", ""))
+        if not m:
+            raise S3Error(resp.status, "InvalidResponse", "bad Content-Range %r"
+                          % resp.headers.get("content-range"), key=key, bucket=self.bucket)
+        size = int(m.group(1))
+        etag = resp.headers.get("etag", "")
+
+        def get_range(start: int) -> bytes:
+            end = min(size, start + chunk) - 1
+            h = dict(self._sse_headers(False))
+            h["range"] = "bytes=%d-%d" % (start, end)
+            if etag:
+                h["if-match"] = etag
+            r = self._request("GET", key, headers=h, expect=(206,))
+            if len(r.body) != end - start + 1:
+                raise S3Error(r.status, "InvalidResponse", "short range %d-%d" % (start, end), key=key)
+            return r.body
+
+        with concurrent.futures.ThreadPoolExecutor(conc, thread_name_prefix="litestream-s3-get") as ex:
+            pending = []
+            starts = iter(range(len(resp.body), size, chunk))
+            for start in starts:
+                pending.append(ex.submit(get_range, start))
+                if len(pending) >= conc:
+                    w.write(pending.pop(0).result())
+            for f in pending:
+                w.write(f.result())
+        return size
+
+    def list_objects(self, prefix: str, delimiter: str = "") -> "tuple[list, list]":
+        """Return ([(key, size, last_modified, etag)], [common prefixes]) under prefix, all pages."""
+        objects, prefixes = [], []
+        token = marker = ""
+        while True:
+            query = {"prefix": prefix, "max-keys": str(self.list_page_size)}
+            if delimiter:
+                query["delimiter"] = delimiter
+            if self._list_v2:
+                query["list-type"] = "2"
+                if token:
+                    query["continuation-token"] = token
+            elif marker:
+                query["marker"] = marker
+            try:
+                resp = self._request("GET", None, query=query)
+            except S3Error as e:
+                if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
+                    log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
+                    self._list_v2, token, marker = False, "", ""
+                    continue
+                raise
+            root = _xml_root(resp.body)
+            if self._list_v2 and root.find("KeyCount") is None and not token:
+                # A V1-only server ignored list-type=2 and answered V1: keep paging V1.
+                self._list_v2 = False
+            last = ""
+            for c in root.findall("Contents"):
+                k = _xml_text(c, "Key")
+                objects.append((k, int(_xml_text(c, "Size", "0")),
+                                _parse_s3_time(_xml_text(c, "LastModified")), _xml_text(c, "ETag")))
+                last = k
+            for p in root.findall("CommonPrefixes"):
+                prefixes.append(_xml_text(p, "Prefix"))
+                last = max(last, _xml_text(p, "Prefix"))
+            if _xml_text(root, "IsTruncated").lower() != "true":
+                return objects, prefixes
+            if self._list_v2:
+                token = _xml_text(root, "NextContinuationToken")
+                if not token:
+                    raise S3Error(resp.status, "InvalidResponse", "truncated list without token",
+                                  bucket=self.bucket)
+            else:
+                marker = _xml_text(root, "NextMarker") or last
+                if not marker:
+                    raise S3Error(resp.status, "InvalidResponse", "truncated list without marker",
+                                  bucket=self.bucket)
+
+    def delete_objects(self, keys: Iterable[str]) -> None:
+        """Delete keys with DeleteObjects in batches of S3_MAX_KEYS.
+
+        Every per-key error is raised.  With verify_deletes, a list afterwards
+        catches a server that answers success but keeps the objects.
+        """
+        keys = list(dict.fromkeys(keys))
+        for i in range(0, len(keys), S3_MAX_KEYS):
+            batch = keys[i:i + S3_MAX_KEYS]
+            root = ET.Element("Delete")
+            ET.SubElement(root, "Quiet").text = "true"
+            for k in batch:
+                ET.SubElement(ET.SubElement(root, "Object"), "Key").text = k
+            body = ET.tostring(root, encoding="utf-8")
+            resp = self._request("POST", None, query={"delete": ""}, body=body, headers={
+                "content-md5": base64.b64encode(hashlib.md5(body).digest()).decode("ascii"),
+                "content-type": "application/xml"})
+            errors = _xml_root(resp.body).findall("Error") if resp.body.strip() else []
+            if errors:
+                first = errors[0]
+                detail = "; ".join("%s: %s %s" % (_xml_text(e, "Key"), _xml_text(e, "Code"),
+                                                  _xml_text(e, "Message")) for e in errors)
+                raise S3Error(resp.status, _xml_text(first, "Code") or "DeleteError",
+                              self._redact("%d keys not deleted: %s" % (len(errors), detail)),
+                              key=_xml_text(first, "Key"), bucket=self.bucket)
+            if self.verify_deletes:
+                self._verify_deleted(batch)
+
+    def _verify_deleted(self, keys: List[str]) -> None:
+        wanted = set(keys)
+        dirs = sorted({k.rsplit("/", 1)[0] + "/" if "/" in k else "" for k in keys})
+        left = []
+        for d in dirs:
+            objs, _ = self.list_objects(d, delimiter="/")
+            left.extend(o[0] for o in objs if o[0] in wanted)
+        if left:
+            raise S3Error(200, "DeleteNotApplied", "server reported success but %d of %d objects "
+                          "remain, e.g. %s" % (len(left), len(keys), left[0]), key=left[0],
+                          bucket=self.bucket)
+
+    # -- ReplicaClient ----------------------------------------------------
+
+    def generations(self) -> List[str]:
+        _, prefixes = self.list_objects(_join(self.path, "generations") + "/", delimiter="/")
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes]
+        return sorted(n for n in names if is_generation_name(n))
+
+    def delete_generation(self, generation: str) -> None:
+        objs, _ = self.list_objects(generation_path(self.path, generation) + "/")
+        self.delete_objects(o[0] for o in objs)
+
+    def snapshots(self, generation: str) -> List[SnapshotInfo]:
+        prefix = _join(generation_path(self.path, generation), "snapshots") + "/"
+        objs, _ = self.list_objects(prefix, delimiter="/")
+        out = []
+        for key, size, mtime, _etag in objs:
+            try:
+                index = parse_snapshot_path(key.rsplit("/", 1)[-1])
+            except ValueError:
+                continue
+            out.append(SnapshotInfo(generation, index, size, mtime))
+        out.sort(key=lambda s: s.index)
+        return out
+
+    def write_snapshot(self, generation: str, index: int, rd: BinaryIO) -> SnapshotInfo:
+        started = datetime.datetime.now(datetime.timezone.utc)
+        n = self.upload(snapshot_path(self.path, generation, index), rd)
+        return SnapshotInfo(generation, index, n, started)
+
+    def delete_snapshot(self, generation: str, index: int) -> None:
+        self.delete_objects([snapshot_path(self.path, generation, index)])
+
+    def snapshot_reader(self, generation: str, index: int) -> BinaryIO:
+        return self.open_object(snapshot_path(self.path, generation, index))
+
+    def wal_segments(self, generation: str) -> List[WALSegmentInfo]:
+        prefix = _join(generation_path(self.path, generation), "wal") + "/"
+        objs, _ = self.list_objects(prefix, delimiter="/")
+        out = []
+        for key, size, mtime, _etag in objs:
+            try:
+                index, offset = parse_wal_segment_path(key.rsplit("/", 1)[-1])
+            except ValueError:
+                continue
+            out.append(WALSegmentInfo(generation, index, offset, size, mtime))
+        out.sort(key=lambda s: (s.index, s.offset))
+        return out
+
+    def write_wal_segment(self, pos: Pos, rd: BinaryIO) -> WALSegmentInfo:
+        started = datetime.datetime.now(datetime.timezone.utc)
+        n = self.upload(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), rd)
+        return WALSegmentInfo(pos.generation, pos.index, pos.offset, n, started)
+
+    def delete_wal_segments(self, positions: Iterable[Pos]) -> None:
+        self.delete_objects(wal_segment_path(self.path, p.generation, p.index, p.offset)
+                            for p in positions)
+
+    def wal_segment_reader(self, pos: Pos) -> BinaryIO:
+        return self.open_object(wal_segment_path(self.path, pos.generation, pos.index, pos.offset))
+
+
+def _read_full(rd: BinaryIO, n: int) -> bytes:
+    """Read up to n bytes, stopping early only at EOF."""
+    chunks, got = [], 0
+    while got < n:
+        b = rd.read(n - got)
+        if not b:
+            break
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+###############################################################################
 # ShadowWAL and DB
 ###############################################################################
 
@@ -1580,10 +2992,16 @@ class DB:
             else:
                 # Copy in bounded chunks and wake the replicas after each,
                 # so they upload while a large backlog is still being copied.
-                while self._copy_to_shadow(max_bytes=SHADOW_COPY_CHUNK) > 0:
+                # (One notification per sync otherwise: a second one would
+                # put the replicas a whole interval out of phase.)
+                n = self._copy_to_shadow(max_bytes=SHADOW_COPY_CHUNK)
+                while n > 0:
                     changed = True
+                    if n < SHADOW_COPY_CHUNK:
+                        break  # caught up with the WAL as it was at the start
                     self._notify.set()
                     self._notify = threading.Event()
+                    n = self._copy_to_shadow(max_bytes=SHADOW_COPY_CHUNK)
 
             try:
                 mode = self._checkpoint_mode(frame_align(wal_size, self.page_size),
@@ -2942,8 +4360,17 @@ def new_replica_client_from_config(rc: "ReplicaConfig") -> ReplicaClient:
     """Return the storage client a replica config describes."""
     if rc.type == "file":
         return FileReplicaClient(rc.path)
-    if rc.type == "s3" and "S3ReplicaClient" in globals():
-        return globals()["S3ReplicaClient"].from_config(rc)
+    if rc.type == "s3":
+        bucket, region, endpoint, path_style = parse_s3_host(rc.host) if rc.host else ("", "", "", None)
+        # Keys set in the config win over what the URL's host implies (as Go).
+        endpoint = rc.endpoint or endpoint
+        return S3ReplicaClient(
+            rc.bucket or bucket, rc.path, region=rc.region or region, endpoint=endpoint,
+            force_path_style=rc.force_path_style or bool(path_style) or bool(endpoint),
+            skip_verify=rc.skip_verify, access_key_id=rc.access_key_id,
+            secret_access_key=rc.secret_access_key, sse=rc.sse, sse_kms_key_id=rc.sse_kms_key_id,
+            sse_c_key=rc.sse_c_key, ca_bundle=rc.ca_bundle, sign_payload=rc.sign_payload,
+            part_size=rc.part_size, concurrency=rc.concurrency, max_retries=rc.max_retries)
     raise ConfigError("replica %s: type %r is not supported yet" % (rc.name or rc.url, rc.type))
 
 
