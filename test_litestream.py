@@ -930,6 +930,25 @@ class TestDBSync(TempDirTestCase):
         self.assertEqual(db.pos().index, before.index)
         self.assertGreater(db.pos().offset, before.offset)
 
+    def test_truncate_checkpoint_shrinks_wal(self):
+        """Ensure a TRUNCATE-threshold checkpoint restarts and shrinks the WAL file, losing nothing."""
+        db = open_db(self.dbpath, truncate_page_n=50, max_checkpoint_page_n=0, min_checkpoint_page_n=100000)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        self.app.insert(3)
+        db.sync()
+        r.sync()
+        self.app.insert(80, size=3000)   # > 50 pages of WAL
+        big = os.path.getsize(self.dbpath + "-wal")
+        self.assertGreater(big, ls.calc_wal_size(4096, 50))
+        db.sync()
+        r.sync()
+        self.assertEqual(db.pos().index, 1)
+        self.assertLess(os.path.getsize(self.dbpath + "-wal"), ls.calc_wal_size(4096, 3))
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, db.pos().generation))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
     def test_resume_same_generation(self):
         """Ensure reopening while the app keeps the WAL continues the generation with nothing re-uploaded."""
         db = open_db(self.dbpath)
@@ -3069,6 +3088,31 @@ class TestSwiftS3ClientContract(ReplicaClientContract, unittest.TestCase):
         self.addCleanup(c.close)
         self.assertEqual(c.generations(), [])
         self.assertAlmostEqual(c._clock_offset, 7200, delta=60)
+
+
+class TestLiveS3ClientContract(ReplicaClientContract, unittest.TestCase):
+    """The contract against a real bucket (AWS, R2, B2, ...), when configured.
+
+    Set LITESTREAM_S3_BUCKET (required to run), and as needed
+    LITESTREAM_S3_ENDPOINT, LITESTREAM_S3_REGION, LITESTREAM_S3_ACCESS_KEY_ID,
+    LITESTREAM_S3_SECRET_ACCESS_KEY and LITESTREAM_S3_PATH (a prefix under
+    which each test writes to a random subfolder and deletes it after).
+    """
+
+    def make_client(self):
+        env = os.environ
+        if not env.get("LITESTREAM_S3_BUCKET"):
+            raise unittest.SkipTest("live S3 not configured: set LITESTREAM_S3_BUCKET (see README)")
+        prefix = "%s/%016x" % (env.get("LITESTREAM_S3_PATH", "litestream-test").strip("/"),
+                               random.getrandbits(64))
+        c = ls.S3ReplicaClient(env["LITESTREAM_S3_BUCKET"], prefix,
+                               region=env.get("LITESTREAM_S3_REGION", ""),
+                               endpoint=env.get("LITESTREAM_S3_ENDPOINT", ""),
+                               access_key_id=env.get("LITESTREAM_S3_ACCESS_KEY_ID", ""),
+                               secret_access_key=env.get("LITESTREAM_S3_SECRET_ACCESS_KEY", ""))
+        self.addCleanup(c.close)
+        self.addCleanup(lambda: [c.delete_generation(g) for g in c.generations()])
+        return c
 
 
 class TestFileClientContract(ReplicaClientContract, TempDirTestCase):
