@@ -4498,6 +4498,11 @@ def cmd_replicate(args) -> int:
     else:
         cfg = _load(args)
     _setup_logging(cfg.log_level, cfg.log_stderr)
+    if cfg.addr:
+        # Serving nothing while the config asks for metrics would be a
+        # silent failure; say so until the server exists.
+        raise ConfigError("%s:[litestream] addr: the /metrics server is not implemented in "
+                          "litestream.py yet; remove the key" % (cfg.config_path or "config"))
     if not cfg.dbs:
         raise ConfigError("no databases specified in configuration")
     exec_cmd = args.exec if args.exec is not None else cfg.exec

@@ -3809,6 +3809,17 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(code, 1)
         self.assertIn("validation-interval", err)
 
+    def test_addr_refused_until_metrics_exist(self):
+        """Ensure replicate refuses addr instead of silently serving no metrics."""
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = :9090\n[db:a]\npath = %s\nreplica = %s\n"
+                    % (self.path("a.db"), self.path("r")))
+        code, _, err = self.cli("replicate", "-config", cfg)
+        self.assertEqual(code, 1)
+        self.assertIn("addr", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
     def test_index_and_timestamp_flags(self):
         """Ensure bad -index and -timestamp values are one-line usage errors."""
         for args, want in ((["-index", "zz"], "-index"), (["-timestamp", "yesterday"], "ISO 8601"),
