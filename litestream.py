@@ -259,12 +259,16 @@ def format_snapshot_path(index: int) -> str:
     return "%08x%s" % (index, SNAPSHOT_EXT)
 
 
+def _match_name(rx, name: str, kind: str):
+    m = rx.match(name)
+    if not m:
+        raise ValueError("invalid %s path: %r" % (kind, name))
+    return m
+
+
 def parse_snapshot_path(name: str) -> int:
     """Return the index in a snapshot file name; ValueError if it is not one."""
-    m = _SNAPSHOT_RE.match(name)
-    if not m:
-        raise ValueError("invalid snapshot path: %r" % name)
-    return int(m.group(1), 16)
+    return int(_match_name(_SNAPSHOT_RE, name, "snapshot").group(1), 16)
 
 
 def format_wal_segment_path(index: int, offset: int) -> str:
@@ -276,9 +280,7 @@ def format_wal_segment_path(index: int, offset: int) -> str:
 
 def parse_wal_segment_path(name: str) -> "tuple[int, int]":
     """Return (index, offset) from a WAL segment file name."""
-    m = _WAL_SEGMENT_RE.match(name)
-    if not m:
-        raise ValueError("invalid wal segment path: %r" % name)
+    m = _match_name(_WAL_SEGMENT_RE, name, "wal segment")
     return int(m.group(1), 16), int(m.group(2), 16)
 
 
@@ -289,10 +291,7 @@ def format_wal_path(index: int) -> str:
 
 def parse_wal_path(name: str) -> int:
     """Return the index in a shadow WAL file name."""
-    m = _WAL_RE.match(name)
-    if not m:
-        raise ValueError("invalid wal path: %r" % name)
-    return int(m.group(1), 16)
+    return int(_match_name(_WAL_RE, name, "wal").group(1), 16)
 
 
 def generation_path(root: str, generation: str) -> str:
@@ -1800,19 +1799,18 @@ class CredentialsProvider:
             return Credentials(ak, sk, tok, source="config")
         return None
 
-    def _from_litestream_env(self):
-        ak = self._env.get("LITESTREAM_ACCESS_KEY_ID", "")
-        sk = self._env.get("LITESTREAM_SECRET_ACCESS_KEY", "")
+    def _from_env_prefix(self, prefix: str):
+        ak = self._env.get(prefix + "_ACCESS_KEY_ID", "")
+        sk = self._env.get(prefix + "_SECRET_ACCESS_KEY", "")
         if ak and sk:
-            return Credentials(ak, sk, self._env.get("AWS_SESSION_TOKEN", ""), source="env LITESTREAM_*")
+            return Credentials(ak, sk, self._env.get("AWS_SESSION_TOKEN", ""), source="env %s_*" % prefix)
         return None
 
+    def _from_litestream_env(self):
+        return self._from_env_prefix("LITESTREAM")
+
     def _from_aws_env(self):
-        ak = self._env.get("AWS_ACCESS_KEY_ID", "")
-        sk = self._env.get("AWS_SECRET_ACCESS_KEY", "")
-        if ak and sk:
-            return Credentials(ak, sk, self._env.get("AWS_SESSION_TOKEN", ""), source="env AWS_*")
-        return None
+        return self._from_env_prefix("AWS")
 
     def _from_shared_files(self):
         profile = self._env.get("AWS_PROFILE") or self._env.get("AWS_DEFAULT_PROFILE") or "default"

@@ -752,6 +752,16 @@ class TestDBSync(TempDirTestCase):
         self.app = AppDB(self.dbpath)
         self.addCleanup(self.app.close)
 
+    def open_synced(self, **kw):
+        """Open the DB with a file replica, after 5 app rows synced to both."""
+        db = open_db(self.dbpath, **kw)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        self.app.insert(5)
+        db.sync()
+        r.sync()
+        return db, r
+
     def shadow_bytes(self, db, index=None):
         p = db.pos()
         with open(db.shadow_wal_path(p.generation, p.index if index is None else index), "rb") as f:
@@ -836,12 +846,7 @@ class TestDBSync(TempDirTestCase):
 
     def test_no_commit_between_copy_and_checkpoint(self):
         """Ensure the app cannot commit between the last copy and the checkpoint (format note §12.2)."""
-        db = open_db(self.dbpath)
-        self.addCleanup(db.close)
-        r = open_replica(db, self.path("rep"))
-        self.app.insert(5)
-        db.sync()
-        r.sync()
+        db, r = self.open_synced()
         other = sqlite3.connect(self.dbpath, isolation_level=None, timeout=0)
         self.addCleanup(other.close)
         attempts = []
@@ -872,12 +877,7 @@ class TestDBSync(TempDirTestCase):
 
     def test_app_restarts_wal_after_checkpoint(self):
         """Ensure frames the app writes right after our checkpoint, restarting the WAL itself, are kept."""
-        db = open_db(self.dbpath)
-        self.addCleanup(db.close)
-        r = open_replica(db, self.path("rep"))
-        self.app.insert(5)
-        db.sync()
-        r.sync()
+        db, r = self.open_synced()
         real_upsert = ls._SEQ_UPSERT
         # The app wins the race to write after the lock is released: its
         # write restarts the WAL before our own forcing write.
