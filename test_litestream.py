@@ -3729,6 +3729,360 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
 
 
 ###############################################################################
+# Interop over S3 (moto and Swift) and an S3 outage
+###############################################################################
+
+
+def boto3_s3(endpoint, key, secret):
+    """A boto3 S3 client: an independent view of what is stored in a bucket."""
+    if not have_module("boto3"):
+        skip_or_fail("boto3 not installed: pip install boto3")
+    import boto3
+    from botocore.config import Config
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key,
+                        aws_secret_access_key=secret,
+                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+
+
+def s3_replica_keys(s3, bucket, prefix) -> list:
+    """Return (key, ETag) of every object under prefix, listed by boto3."""
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        out += [(o["Key"], o["ETag"]) for o in page.get("Contents", ())]
+    return out
+
+
+def s3_wal_indices(s3, bucket, prefix) -> list:
+    """Return the sorted distinct WAL indices under prefix/generations/*/wal/ (Go's key layout)."""
+    return sorted({int(m.group(1), 16) for k, _ in s3_replica_keys(s3, bucket, prefix)
+                   for m in [re.search(r"/generations/[0-9a-f]{16}/wal/([0-9a-f]{8})_[0-9a-f]{8}\.wal\.lz4$", k)]
+                   if m})
+
+
+def s3_snapshots(s3, bucket, prefix) -> list:
+    """Return (key, ETag) of every snapshot object under prefix."""
+    return [(k, e) for k, e in s3_replica_keys(s3, bucket, prefix)
+            if re.search(r"/generations/[0-9a-f]{16}/snapshots/[0-9a-f]{8}\.snapshot\.lz4$", k)]
+
+
+def py_s3_ini(db, srv, prefix, *, min_ckpt=None, endpoint=None) -> str:
+    """A litestream.py config replicating db to an s3:// URL replica on srv."""
+    lines = ["[litestream]", "access-key-id = %s" % srv.key, "secret-access-key = %s" % srv.secret,
+             "[db:x]", "path = %s" % db, "monitor-interval = 100ms"]
+    if min_ckpt:
+        lines.append("min-checkpoint-page-count = %d" % min_ckpt)
+    lines += ["[replica:x:s3]", "url = s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true"
+              % (srv.bucket, prefix, endpoint or srv.endpoint), "sync-interval = 100ms"]
+    return "\n".join(lines) + "\n"
+
+
+def go_s3_yml(db, srv, prefix, *, min_ckpt=None) -> str:
+    """A Go Litestream 0.3.13 config replicating db to an S3 replica on srv."""
+    q = json.dumps
+    lines = ["dbs:", "  - path: %s" % q(db), "    monitor-interval: 100ms"]
+    if min_ckpt:
+        lines.append("    min-checkpoint-page-count: %d" % min_ckpt)
+    lines += ["    replicas:", "      - type: s3", "        bucket: %s" % q(srv.bucket),
+              "        path: %s" % q(prefix), "        endpoint: %s" % q(srv.endpoint),
+              "        region: us-east-1", "        force-path-style: true",
+              "        access-key-id: %s" % q(srv.key), "        secret-access-key: %s" % q(srv.secret),
+              "        sync-interval: 100ms"]
+    return "\n".join(lines) + "\n"
+
+
+S3Server = collections.namedtuple("S3Server", "endpoint bucket key secret")
+
+
+def create_blob_db(path, rnd, rows=4300, size=4000) -> None:
+    """Create a WAL-mode DB of random blobs (incompressible: the snapshot stays as big as the file)."""
+    c = sqlite3.connect(path)
+    c.execute("PRAGMA page_size=4096")
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+    c.executemany("INSERT INTO t (v, b) VALUES (?, ?)", [("row %d" % i, rand_bytes(rnd, size)) for i in range(rows)])
+    c.commit()
+    c.close()  # Checkpointed into the DB file: the snapshot is the big object.
+
+
+_swift = None
+
+
+def swift_with_bucket() -> S3Server:
+    """Start (once per module) a Swift with s3api and the test bucket in it."""
+    global _swift
+    if _swift is None:
+        srv = SwiftServer()
+        srv.start()
+        try:
+            c = ls.S3ReplicaClient(bucket=SWIFT_BUCKET, endpoint=srv.endpoint, region="us-east-1",
+                                   access_key_id=SWIFT_KEY, secret_access_key=SWIFT_SECRET, max_retries=3,
+                                   retry_base_delay=0.05, timeout=20)
+            deadline = time.monotonic() + 30
+            while True:  # the account and container servers may lag the proxy
+                try:
+                    c.create_bucket()
+                    break
+                except ls.S3Error as e:
+                    if time.monotonic() > deadline or e.status < 500:
+                        raise
+                    time.sleep(0.3)
+            c.close()
+        except BaseException:
+            srv.stop()
+            raise
+        _swift = srv
+    return S3Server(_swift.endpoint, SWIFT_BUCKET, SWIFT_KEY, SWIFT_SECRET)
+
+
+_tear_down_module = tearDownModule
+
+
+def tearDownModule():  # noqa: F811 -- extends the one above with Swift
+    global _swift
+    if _swift is not None:
+        _swift.stop()
+        _swift = None
+    _tear_down_module()
+
+
+class S3InteropMixin(RowsMixin):
+    """Go Litestream 0.3.13 and litestream.py exchange replicas through a real S3 server."""
+
+    def server(self) -> S3Server:
+        raise NotImplementedError
+
+    def setUp(self):
+        super().setUp()
+        self.go = require_go()
+        self.srv = self.server()
+        self.s3 = boto3_s3(self.srv.endpoint, self.srv.key, self.srv.secret)
+        self.prefix = "%016x" % random.getrandbits(64)
+        c = ls.S3ReplicaClient(bucket=self.srv.bucket, path=self.prefix, endpoint=self.srv.endpoint,
+                               region="us-east-1", access_key_id=self.srv.key, secret_access_key=self.srv.secret,
+                               max_retries=3, retry_base_delay=0.05, timeout=20)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, self.prefix)
+
+    def write_cfg(self, name, text) -> str:
+        p = self.path(name)
+        with open(p, "w") as f:
+            f.write(text)
+        return p
+
+    def indices(self) -> list:
+        return s3_wal_indices(self.s3, self.srv.bucket, self.prefix)
+
+    def replicate_with_indices(self, tool, db, rnd) -> None:
+        """Replicate db with tool, write until there are 3+ WAL indices, stop with SIGTERM."""
+        if tool == "go":
+            cfg = self.write_cfg("go.yml", go_s3_yml(db, self.srv, self.prefix, min_ckpt=50))
+        else:
+            cfg = self.write_cfg("py.ini", py_s3_ini(db, self.srv, self.prefix, min_ckpt=50))
+        r = Replicator(self, ["-config", cfg], go=self.go if tool == "go" else "")
+        r.wait_log("replicating to")
+        wait_for(self.indices, "the first WAL segment", timeout=60)
+        app = sqlite3.connect(db)
+        for i in range(3):  # ~70 pages each, over min-checkpoint-page-count: one more index each.
+            app.executemany("INSERT INTO t (v, b) VALUES (?, ?)",
+                            [("after %d/%d" % (i, j), rand_bytes(rnd, 3500)) for j in range(70)])
+            app.commit()
+            if i < 2:
+                n = 2 + i
+                wait_for(lambda: len(self.indices()) >= n, "WAL index %d" % n, timeout=30)
+        app.execute("INSERT INTO t (v) VALUES ('last')")
+        app.commit()
+        app.close()
+        code = r.stop()
+        if tool == "go":
+            # Go 0.3.13 can exit 1 after its final sync when a checkpoint was due.
+            self.assertIn(code, (0, 1), r.log())
+            self.assertIn("litestream shut down", r.log())
+        else:
+            self.assertEqual(code, 0, r.log())
+        self.assertGreaterEqual(len(self.indices()), 3)
+        (key, etag), = s3_snapshots(self.s3, self.srv.bucket, self.prefix)
+        # A multipart object's ETag is "<md5 of part md5s>-<part count>" on AWS, moto and Swift.
+        self.assertRegex(etag, r'-([2-9]|\d\d+)"?$', "snapshot %s was not a multipart upload" % key)
+
+    def check_restore(self, out, p, want):
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(integrity(out), "ok")
+        self.assertSameRows(out, want)
+
+    def test_go_restores_our_replica(self):
+        """Ensure Go 0.3.13 and we restore our S3 replica (multipart snapshot, several WAL indices) row for row."""
+        rnd = random.Random(11)
+        db = self.path("src.db")
+        create_blob_db(db, rnd)
+        self.assertGreater(os.path.getsize(db), 16 << 20)
+        self.replicate_with_indices("py", db, rnd)
+        want = table_rows(db)
+        go_cfg = self.write_cfg("restore.yml", go_s3_yml(db, self.srv, self.prefix))
+        out = self.path("out-go.db")
+        p = subprocess.run([self.go, "restore", "-config", go_cfg, "-o", out, db],
+                           capture_output=True, text=True, timeout=120)
+        self.check_restore(out, p, want)
+        out = self.path("out-py.db")
+        self.check_restore(out, run_cli("restore", "-config", self.path("py.ini"), "-o", out, db), want)
+
+    def test_we_restore_go_replica(self):
+        """Ensure we restore Go 0.3.13's S3 replica (multipart snapshot, several WAL indices) by URL and by config."""
+        rnd = random.Random(12)
+        db = self.path("src.db")
+        create_blob_db(db, rnd)
+        self.assertGreater(os.path.getsize(db), 16 << 20)
+        self.replicate_with_indices("go", db, rnd)
+        want = table_rows(db)
+        url = "s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true" % (
+            self.srv.bucket, self.prefix, self.srv.endpoint)
+        env = child_env()
+        env.update(LITESTREAM_ACCESS_KEY_ID=self.srv.key, LITESTREAM_SECRET_ACCESS_KEY=self.srv.secret)
+        out = self.path("out-url.db")
+        p = subprocess.run([sys.executable, SCRIPT, "restore", "-o", out, url],
+                           capture_output=True, text=True, timeout=120, env=env)
+        self.check_restore(out, p, want)
+        cfg = self.write_cfg("restore.ini", py_s3_ini(db, self.srv, self.prefix))
+        out = self.path("out-cfg.db")
+        self.check_restore(out, run_cli("restore", "-config", cfg, "-o", out, db), want)
+
+
+class TestS3InteropMoto(S3InteropMixin, TempDirTestCase):
+    def server(self):
+        return S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+
+
+class TestS3InteropSwift(S3InteropMixin, TempDirTestCase):
+    def server(self):
+        return swift_with_bucket()
+
+
+class TCPProxy:
+    """A loopback TCP forwarder that can be switched off (connections refused, open ones reset) and on again."""
+
+    def __init__(self, upstream):
+        u = urllib.parse.urlsplit(upstream)
+        self.upstream = (u.hostname, u.port)
+        self.port = free_port()
+        self.endpoint = "http://127.0.0.1:%d" % self.port
+        self.lock = threading.Lock()
+        self.socks = set()
+        self.lsock = None
+
+    def up(self):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        s.settimeout(0.1)
+        self.lsock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self):
+        s, self.lsock = self.lsock, None
+        if s is None:
+            return
+        s.close()
+        with self.lock:
+            socks, self.socks = list(self.socks), set()
+        for c in socks:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, s):
+        while self.lsock is s:
+            try:
+                c, _ = s.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            c.settimeout(None)
+            try:
+                u = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                c.close()
+                continue
+            u.settimeout(None)
+            with self.lock:
+                self.socks.update((c, u))
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a, b):
+        with contextlib.suppress(OSError):
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+
+class TestS3Outage(RowsMixin, TempDirTestCase):
+    def setUp(self):
+        super().setUp()
+        self.moto = moto()
+        self.srv = S3Server(self.moto.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        self.prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(self.prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, self.prefix)
+        self.s3 = boto3_s3(self.srv.endpoint, MOTO_KEY, MOTO_SECRET)
+
+    def restore_rows(self, out):
+        """Restore the replica straight from moto; return t's rows, or None while it is not restorable."""
+        for p in (out, out + "-wal", out + "-shm"):
+            if os.path.exists(p):
+                os.unlink(p)
+        url = "s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true" % (
+            MOTO_BUCKET, self.prefix, self.moto.endpoint)
+        env = child_env()
+        env.update(LITESTREAM_ACCESS_KEY_ID=MOTO_KEY, LITESTREAM_SECRET_ACCESS_KEY=MOTO_SECRET)
+        p = subprocess.run([sys.executable, SCRIPT, "restore", "-o", out, url],
+                           capture_output=True, text=True, timeout=60, env=env)
+        return table_rows(out) if p.returncode == 0 else None
+
+    def test_replicate_survives_unreachable_endpoint(self):
+        """Ensure replicate keeps running and logs while S3 refuses connections, then catches up with nothing lost."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=50)
+        proxy = TCPProxy(self.moto.endpoint)
+        proxy.up()
+        self.addCleanup(proxy.down)
+        cfg = self.path("py.ini")
+        with open(cfg, "w") as f:
+            f.write(py_s3_ini(db, self.srv, self.prefix, endpoint=proxy.endpoint))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        wait_for(lambda: s3_wal_indices(self.s3, MOTO_BUCKET, self.prefix), "the first WAL segment")
+        app = AppDB(db)
+        app.insert(10, tag="before")
+        proxy.down()
+        for i in range(8):  # ~3 s of writes while the endpoint refuses connections
+            app.insert(5, size=200, tag="outage%d-" % i)
+            time.sleep(0.4)
+        self.assertIsNone(r.p.poll(), "replicate exited during the outage:\n" + r.log())
+        self.assertRegex(r.log(), r"ERROR .*127\.0\.0\.1:%d" % proxy.port, "the outage was not logged")
+        last = table_rows(db)[-1]
+        self.assertTrue(last[1].startswith("outage7-4-"), last)
+        proxy.up()  # No more writes: the backlog alone must be shipped.
+        out = self.path("poll.db")
+        wait_for(lambda: (self.restore_rows(out) or [None])[-1] == last,
+                 "a restore holding the last row written during the outage", timeout=30, interval=0.3)
+        app.insert(3, tag="after")
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        out = self.path("final.db")
+        got = self.restore_rows(out)
+        self.assertIsNotNone(got, "final restore failed")
+        self.assertEqual(integrity(out), "ok")
+        self.assertSameRows(out, table_rows(db))
+
+
+###############################################################################
 # CLI
 ###############################################################################
 
