@@ -1669,7 +1669,8 @@ class _ObjectReader(io.RawIOBase):
                     raise http.client.IncompleteRead(b"", self._end - self._pos)
             except (OSError, http.client.HTTPException) as e:
                 if isinstance(e, ssl.SSLCertVerificationError):
-                    raise
+                    raise S3Error(0, "TLSError", "TLS certificate verification failed: %s" % e,
+                                  key=self._key, bucket=self._client.bucket) from e
                 self._drop()
                 self._failures += 1
                 if self._failures > self._client.max_retries:
@@ -2265,10 +2266,12 @@ class S3ReplicaClient(ReplicaClient):
             conn, reused = pool.get()
             conn.request(method, target, body=body if has_body else None, headers=hdrs)
             return conn, conn.getresponse()
-        except ssl.SSLCertVerificationError:
+        except ssl.SSLCertVerificationError as e:
             if conn is not None:
                 conn.close()
-            raise
+            # Not retried: a certificate will not verify on the next try either.
+            raise S3Error(0, "TLSError", "TLS certificate verification failed: %s" % e,
+                          bucket=self.bucket) from e
         except (OSError, http.client.HTTPException) as e:
             if conn is not None:
                 conn.close()
@@ -2816,6 +2819,8 @@ class DB:
         try:
             if self._conn is not None or os.path.exists(self.path):
                 self.sync()
+            with self._lock:
+                self._write_shutdown_record()
         except Exception as e:  # Keep closing; report the first error.
             first = first or e
             self.logger.error("%s: final sync: %s", self.name, e)
@@ -2903,16 +2908,125 @@ class DB:
             self._close_sqlite_after_failed_init(f)
             raise
         os.makedirs(self.meta_path, mode=0o700, exist_ok=True)
+        record = self._take_shutdown_record()
         self._ensure_wal_exists()
         # If the real WAL no longer continues the last shadow WAL, the
-        # position is unknown: clear the generation so sync starts a new one.
+        # position is unknown unless our clean-shutdown record proves the
+        # database file is still exactly what the shadow WAL describes;
+        # otherwise clear the generation so sync starts a new one.
         gen = self.current_generation()
         if gen and not self._headers_match(gen):
-            self.logger.info("%s: init: cannot determine last wal position, clearing generation", self.name)
-            os.unlink(self.generation_name_path())
+            why = self._resume_after_shutdown(gen, record)
+            if why:
+                self.logger.info("%s: init: cannot determine last wal position, clearing generation (%s)",
+                                 self.name, why)
+                os.unlink(self.generation_name_path())
         self._load_pos()
         self._clean_generations()
         self.logger.info("%s: initialized db path=%s", self.name, self.path)
+
+    # Clean-shutdown record ----------------------------------------------------
+    #
+    # When our connection is the last to close, SQLite checkpoints the WAL
+    # into the database and deletes it, so a restart cannot match the WAL
+    # against the shadow WAL (Go avoids this with SQLITE_FCNTL_PERSIST_WAL,
+    # which Python's sqlite3 cannot set).  At a clean shutdown we therefore
+    # take the write lock, copy every committed frame, and checkpoint; if
+    # that backfilled the whole WAL, the database file is now exactly the
+    # state S that replaying the shadow WAL produces, and nothing can change
+    # it while we hold the lock.  We record S's SHA-256 with the shadow
+    # position.  At restart, if the WAL no longer matches, we continue the
+    # generation only if the file still hashes to S: then the new WAL (if
+    # any) holds frames written on top of S, so replaying it as the next
+    # index gives the live database.  Any other change (a TRUNCATE or
+    # RESTART checkpoint of later writes, VACUUM, a replaced file, or a
+    # commit that slipped in before our last close) changes the file and
+    # starts a new generation.
+
+    def shutdown_record_path(self) -> str:
+        return os.path.join(self.meta_path, "shutdown")
+
+    def _hash_db_file(self) -> str:
+        h = hashlib.sha256()
+        fd = self._db_file.fileno()
+        off = 0
+        while True:
+            b = os.pread(fd, 4 << 20, off)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+            off += len(b)
+
+    def _write_shutdown_record(self) -> None:
+        """Record the database's state at a clean shutdown (see above)."""
+        pos = self._pos
+        if self._conn is None or not pos.generation:
+            return
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            self.logger.info("%s: shutdown: no shutdown record: %s", self.name, e)
+            return
+        try:
+            self._copy_to_shadow()
+            self._release_read_lock()
+            _, n_log, n_ckpt = self._rconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if n_log != n_ckpt:
+                self.logger.info("%s: shutdown: other readers hold the wal; no shutdown record", self.name)
+                return
+            pos = self._pos
+            with open(self.shadow_wal_path(pos.generation, pos.index), "rb") as f:
+                hdr = f.read(WAL_HEADER_SIZE)
+            rec = {"generation": pos.generation, "index": pos.index, "offset": pos.offset,
+                   "wal_header": hdr.hex(), "db_size": os.fstat(self._db_file.fileno()).st_size,
+                   "db_sha256": self._hash_db_file()}
+            tmp = self.shutdown_record_path() + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(rec, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.shutdown_record_path())
+            fsync_dir(self.meta_path)
+        finally:
+            self._conn.execute("ROLLBACK")
+
+    def _take_shutdown_record(self) -> Optional[dict]:
+        """Read and remove the shutdown record; it is good for one start only."""
+        path = self.shutdown_record_path()
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            rec = None
+        os.unlink(path)
+        return rec if isinstance(rec, dict) else None
+
+    def _resume_after_shutdown(self, gen: str, rec: Optional[dict]) -> str:
+        """Continue gen at the next index if rec proves the file unchanged.
+
+        Returns "" when resumed, else why not.
+        """
+        if rec is None:
+            return "no clean-shutdown record"
+        idx = self._shadow_indexes(gen)
+        if not idx or rec.get("generation") != gen or rec.get("index") != idx[-1]:
+            return "shutdown record is for another position"
+        spath = self.shadow_wal_path(gen, idx[-1])
+        with open(spath, "rb") as f:
+            hdr = f.read(WAL_HEADER_SIZE)
+        if (frame_align(os.path.getsize(spath), self.page_size) != rec.get("offset")
+                or hdr.hex() != rec.get("wal_header")):
+            return "shadow wal changed since shutdown"
+        if (os.fstat(self._db_file.fileno()).st_size != rec.get("db_size")
+                or self._hash_db_file() != rec.get("db_sha256")):
+            return "database file changed while litestream was stopped"
+        self._pos = Pos(gen, idx[-1], rec["offset"])
+        self._init_shadow_wal(gen, idx[-1] + 1)
+        self.logger.info("%s: init: database unchanged since clean shutdown, continuing generation %s "
+                         "at index %08x", self.name, gen, idx[-1] + 1)
+        return ""
 
     def _close_sqlite_after_failed_init(self, f) -> None:
         if self._db_file is None:

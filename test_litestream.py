@@ -25,11 +25,13 @@ import os
 import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -4122,6 +4124,173 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
 
 
 ###############################################################################
+# S3ReplicaClient over TLS (a throwaway CA, a TLS-terminating proxy before moto)
+###############################################################################
+
+
+def make_test_pki(d):
+    """Write a throwaway CA and a server certificate for 127.0.0.1 and localhost into d.
+
+    Return (ca_pem, server_pem, server_key). Made with the openssl CLI, not the code under test.
+    """
+    if not shutil.which("openssl"):
+        skip_or_fail("openssl not installed: apt-get install openssl")
+    ca_key, ca_pem = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
+    srv_key, srv_csr, srv_pem = (os.path.join(d, n) for n in ("srv.key", "srv.csr", "srv.pem"))
+    cnf = os.path.join(d, "openssl.cnf")
+    with open(cnf, "w") as f:
+        f.write("[req]\ndistinguished_name = dn\n[dn]\n"
+                "[ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n"
+                "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid:always\n"
+                "[srv]\nbasicConstraints = critical,CA:FALSE\n"
+                "keyUsage = critical,digitalSignature,keyEncipherment\nextendedKeyUsage = serverAuth\n"
+                "subjectAltName = IP:127.0.0.1,DNS:localhost\n"
+                "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid:always\n")
+    for args in (
+            ["req", "-x509", "-config", cnf, "-extensions", "ca", "-newkey", "ec",
+             "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", ca_key, "-out", ca_pem,
+             "-days", "2", "-subj", "/CN=litestream-test-ca"],
+            ["req", "-new", "-config", cnf, "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", srv_key, "-out", srv_csr, "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", srv_csr, "-CA", ca_pem, "-CAkey", ca_key, "-set_serial", "2",
+             "-days", "2", "-extfile", cnf, "-extensions", "srv", "-out", srv_pem]):
+        subprocess.run(["openssl"] + args, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    return ca_pem, srv_pem, srv_key
+
+
+class TLSProxy(TCPProxy):
+    """A loopback TLS terminator: HTTPS in, moto's plain HTTP out. Counts TCP connections and handshakes."""
+
+    def __init__(self, upstream, cert, key):
+        super().__init__(upstream)
+        self.endpoint = "https://127.0.0.1:%d" % self.port
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.connections = 0
+        self.handshakes = 0
+
+    def _accept(self, s):
+        while self.lsock is s:
+            try:
+                c, _ = s.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                self.socks.add(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def down(self):
+        s, self.lsock = self.lsock, None
+        if s is not None:
+            s.close()
+        with self.lock:
+            socks, self.socks = list(self.socks), set()
+        for x in socks:
+            with contextlib.suppress(OSError):
+                x.close()
+
+    def _serve(self, c):
+        # One thread per connection moves bytes both ways: an SSLSocket is not
+        # safe to read and write from two threads at once.
+        c.settimeout(10)
+        t = u = None
+        try:
+            t = self.ctx.wrap_socket(c, server_side=True)  # c is detached now; t owns the fd
+            with self.lock:
+                self.handshakes += 1
+                self.socks.discard(c)
+                self.socks.add(t)
+            u = socket.create_connection(self.upstream, timeout=10)
+            with self.lock:
+                self.socks.add(u)
+            while True:
+                ready = [t] if t.pending() else select.select([t, u], [], [], 10)[0]
+                if not ready:
+                    return
+                for a, b in ((t, u), (u, t)):
+                    if a in ready:
+                        data = a.recv(65536)
+                        if not data:
+                            return
+                        b.sendall(data)
+        except (OSError, ValueError):
+            return  # a refused handshake, a reset, or down()
+        finally:
+            with self.lock:
+                self.socks.difference_update((t, c, u))
+            for x in (t, c, u):
+                if x is not None:
+                    x.close()
+
+
+class TestS3TLS(MotoTestCase):
+    """S3ReplicaClient over real TLS: moto behind a TLS-terminating proxy with a throwaway CA."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._pki_dir = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(cls._pki_dir.cleanup)
+        cls.ca, cls.cert, cls.key = make_test_pki(cls._pki_dir.name)
+
+    def setUp(self):
+        super().setUp()
+        self.proxy = TLSProxy(self.moto.endpoint, self.cert, self.key)
+        self.proxy.up()
+        self.addCleanup(self.proxy.down)
+        # Only what a test sets may point at our CA.
+        env = {k: v for k, v in os.environ.items() if k not in ("AWS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")}
+        p = mock.patch.dict(os.environ, env, clear=True)
+        p.start()
+        self.addCleanup(p.stop)
+
+    def tls_client(self, **kw):
+        return self.new_client(endpoint=self.proxy.endpoint, **kw)
+
+    def assert_round_trip(self, c):
+        gen = "%016x" % random.getrandbits(64)
+        data = os.urandom(3000) + b"litestream over tls"
+        self.addCleanup(delete_all, self.new_client(), self.prefix)
+        c.write_snapshot(gen, 7, io.BytesIO(data))
+        self.assertEqual([s.index for s in c.snapshots(gen)], [7])
+        with c.snapshot_reader(gen, 7) as r:
+            self.assertEqual(r.read(), data)
+        self.assertGreaterEqual(self.proxy.handshakes, 1)  # it did go through the TLS port
+
+    def test_ca_bundle(self):
+        """Ensure ca_bundle= verifies moto's certificate over https://127.0.0.1:PORT: write, list, read."""
+        self.assert_round_trip(self.tls_client(ca_bundle=self.ca))
+
+    def test_system_store_rejects_unknown_ca(self):
+        """Ensure the system store alone refuses the throwaway CA at once, with no retries."""
+        c = self.tls_client(max_retries=5, retry_base_delay=0.5)
+        t0 = time.monotonic()
+        with self.assertRaises(ls.LitestreamError) as cm:
+            c.write_snapshot("%016x" % random.getrandbits(64), 1, io.BytesIO(b"x"))
+        self.assertEqual(self.proxy.connections, 1)  # one attempt, not 1 + max_retries
+        self.assertLess(time.monotonic() - t0, 10)
+        self.assertRegex(str(cm.exception), r"(?i)certificate verif")
+
+    def test_aws_ca_bundle_env(self):
+        """Ensure AWS_CA_BUNDLE in the environment is used when ca_bundle is unset."""
+        with mock.patch.dict(os.environ, {"AWS_CA_BUNDLE": self.ca}):
+            self.assert_round_trip(self.tls_client())
+
+    def test_skip_verify(self):
+        """Ensure skip_verify=True talks TLS without the CA and warns about skip-verify."""
+        c = self.tls_client(skip_verify=True)
+        with self.assertLogs("litestream", "WARNING") as logs:
+            c.init()
+        self.assertTrue(any(r.levelname == "WARNING" and "skip-verify" in r.getMessage()
+                            for r in logs.records), logs.output)
+        self.assert_round_trip(c)
+
+
+###############################################################################
 # CLI
 ###############################################################################
 
@@ -4222,6 +4391,110 @@ class TestCLI(TempDirTestCase):
                 self.assertEqual(code, 2)
                 self.assertIn(want, err)
                 self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+class TestShutdownRecord(TempDirTestCase):
+    """The clean-shutdown record, exercised as on Python 3.8-3.11 (no NO_CKPT_ON_CLOSE)."""
+
+    def setUp(self):
+        super().setUp()
+        p = mock.patch.object(ls, "_keep_wal_on_close", lambda conn: False)
+        p.start()
+        self.addCleanup(p.stop)
+        self.dbpath = self.path("db")
+
+    def cycle(self, tag, app_action=None):
+        """Open, let the app write and leave, close last; return the generation."""
+        if not os.path.exists(self.dbpath):
+            AppDB(self.dbpath).close()
+        db = open_db(self.dbpath)
+        db.sync()  # replicate is connected before the app comes and goes
+        r = open_replica(db, self.path("rep"))
+        app = AppDB(self.dbpath)
+        app.insert(3, tag=tag)
+        app.close()
+        db.sync()
+        r.sync()
+        gen = db.pos().generation
+        db.close()
+        if app_action:
+            app_action()
+        return gen, r
+
+    def test_last_close_keeps_generation(self):
+        """Ensure closing last (SQLite deletes the WAL) still lets a restart continue the generation."""
+        gens = []
+        for i in range(3):
+            gen, r = self.cycle("c%d" % i)
+            gens.append(gen)
+            self.assertFalse(os.path.exists(self.dbpath + "-wal") and os.path.getsize(self.dbpath + "-wal") > 0)
+        self.assertEqual(len(set(gens)), 1, gens)
+        self.assertEqual(len(r.client.snapshots(gens[0])), 1)
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, gens[0]))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
+    def test_writes_while_down_continue(self):
+        """Ensure rows the app adds while we are down (WAL only) are picked up in the same generation."""
+        def append_and_stay():
+            # Stays connected, so nothing checkpoints these rows into the file.
+            self.stayer = AppDB(self.dbpath)
+            self.addCleanup(self.stayer.close)
+            self.stayer.insert(4, tag="down")
+
+        gen, _ = self.cycle("a", append_and_stay)
+        gen2, r = self.cycle("b")
+        self.assertEqual(gen2, gen)
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, gen))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+        self.assertIn("down0-", str(table_rows(out)))
+
+    def test_no_record_while_another_reader_holds_wal(self):
+        """Ensure no record vouches for a file that a partial backfill left behind the shadow WAL."""
+        AppDB(self.dbpath).close()
+        db = open_db(self.dbpath)
+        db.sync()
+        app = AppDB(self.dbpath)
+        self.addCleanup(app.close)
+        reader = sqlite3.connect(self.dbpath, isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()  # pins the WAL snapshot
+        app.insert(3)
+        db.sync()
+        db.close()
+        self.assertFalse(os.path.exists(db.shutdown_record_path()))
+
+    def test_changed_file_starts_new_generation(self):
+        """Ensure a checkpointed write, VACUUM or a replaced file while down starts a logged new generation."""
+        def checkpointed_write():
+            c = sqlite3.connect(self.dbpath, isolation_level=None)
+            c.execute("INSERT INTO t (v) VALUES ('while down')")
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            c.close()
+
+        def vacuum():
+            c = sqlite3.connect(self.dbpath, isolation_level=None)
+            c.execute("DELETE FROM t WHERE id % 2 = 0")
+            c.execute("VACUUM")
+            c.close()
+
+        def replace_file():
+            other = self.path("other.db")
+            create_wal_db(other, rows=7)
+            os.replace(other, self.dbpath)
+
+        for name, action in (("checkpoint", checkpointed_write), ("vacuum", vacuum), ("replace", replace_file)):
+            with self.subTest(name):
+                gen, _ = self.cycle(name, action)
+                with self.assertLogs("litestream", "INFO") as cm:
+                    gen2, r = self.cycle(name + "2")
+                self.assertNotEqual(gen2, gen)
+                self.assertTrue(any("new generation" in m for m in cm.output), cm.output)
+                out = self.path("out-%s.db" % name)
+                ls.restore_replica(r, ls.RestoreOptions(out, gen2))
+                self.assertEqual(table_rows(out), table_rows(self.dbpath))
 
 
 class TestKeepWAL(TempDirTestCase):
