@@ -2710,6 +2710,13 @@ class TestS3ReplicaClient(MotoTestCase):
         self.assertEqual((e.code, e.key), ("AccessDenied", "a/b"))
         self.assertIn("a/c: InternalError", str(e))
 
+    def test_region_lookup_falls_back_to_head(self):
+        """Ensure a denied GetBucketLocation falls back to HEAD bucket's x-amz-bucket-region."""
+        with FaultProxy(self.moto.endpoint, deny_location=True) as proxy:
+            client = self.new_client(bucket=MOTO_EU_BUCKET, endpoint=proxy.endpoint)
+            self.assertEqual(client.find_bucket_region(), "eu-west-1")
+        self.assertEqual(proxy.counts["403"], 1)
+
     def test_region_lookup(self):
         """Ensure the bucket region is found with GetBucketLocation (us-east-1 and eu-west-1)."""
         self.assertEqual(self.new_client().find_bucket_region(), "us-east-1")
@@ -2850,11 +2857,12 @@ class FaultProxy:
     """
 
     def __init__(self, upstream, rate=0.0, faults=("500", "503", "reset", "stall", "truncate"),
-                 seed=1, stall=1.5, max_stalls=2, reject_list_v2=False):
+                 seed=1, stall=1.5, max_stalls=2, reject_list_v2=False, deny_location=False):
         u = urllib.parse.urlsplit(upstream)
         self.upstream = (u.hostname, u.port)
         self.rate, self.faults, self.stall, self.max_stalls = rate, faults, stall, max_stalls
         self.reject_list_v2 = reject_list_v2
+        self.deny_location = deny_location
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = collections.Counter()
@@ -2870,8 +2878,9 @@ class FaultProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
                 fault = proxy.pick(self.command, self.path)
-                if fault in ("500", "503", "501"):
-                    code = {"500": "InternalError", "503": "SlowDown", "501": "NotImplemented"}[fault]
+                if fault in ("500", "503", "501", "403"):
+                    code = {"500": "InternalError", "503": "SlowDown", "501": "NotImplemented",
+                            "403": "AccessDenied"}[fault]
                     doc = ("<?xml version=\"1.0\"?><Error><Code>%s</Code><Message>injected</Message>"
                            "<RequestId>proxy</RequestId></Error>" % code).encode()
                     self.send_response(int(fault))
@@ -2928,6 +2937,10 @@ class FaultProxy:
             if self.reject_list_v2 and method == "GET" and "list-type=2" in path:
                 self.counts["501"] += 1
                 return "501"
+            if self.deny_location and method == "GET" and "?location" in path:
+                # A least-privilege policy without s3:GetBucketLocation.
+                self.counts["403"] += 1
+                return "403"
             if self.rng.random() >= self.rate:
                 self.counts["ok"] += 1
                 return None
