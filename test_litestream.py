@@ -4304,6 +4304,325 @@ class TestS3TLS(MotoTestCase):
 
 
 ###############################################################################
+# Restarts keep the generation: ours against Go 0.3.13, scenario by scenario
+###############################################################################
+
+
+def replica_counts(rep: str) -> "tuple[int, int]":
+    """Count (generations, snapshots) in a file replica by listing its directories."""
+    gens_dir = os.path.join(rep, "generations")
+    gens = sorted(g for g in os.listdir(gens_dir) if os.path.isdir(os.path.join(gens_dir, g))) \
+        if os.path.isdir(gens_dir) else []
+    snaps = 0
+    for g in gens:
+        d = os.path.join(gens_dir, g, "snapshots")
+        if os.path.isdir(d):
+            snaps += len([n for n in os.listdir(d) if n.endswith(".snapshot.lz4")])
+    return len(gens), snaps
+
+
+class AppWriter:
+    """The application: one connection kept open, committing a row every ~0.2 s in a thread."""
+
+    def __init__(self, tc, path, tag):
+        self.c = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+        self.c.execute("PRAGMA journal_mode=WAL")
+        self.tag, self.failures, self.n = tag, [], 0
+        self.halt = threading.Event()
+        self.t = threading.Thread(target=self.run)
+        self.t.start()
+        tc.addCleanup(self.stop)
+
+    def run(self):
+        try:
+            while not self.halt.wait(0.2):
+                self.c.execute("BEGIN IMMEDIATE")
+                self.c.execute("INSERT INTO t (v) VALUES (?)", ("%s-%d-%s" % (self.tag, self.n, "z" * 200),))
+                self.c.execute("COMMIT")
+                self.n += 1
+        except sqlite3.Error as e:  # Reported by the test.
+            self.failures.append(e)
+
+    def stop(self):
+        if self.c is not None:
+            self.halt.set()
+            self.t.join()
+            self.c.close()
+            self.c = None
+
+
+class TestGenerationContinuity(RowsMixin, TempDirTestCase):
+    """Restarts of `replicate` keep the generation unless the DB changed; compared with Go 0.3.13."""
+
+    TOOLS = ("py", "go")
+    COUNTS = {}  # scenario -> {tool: (generations, snapshots)}; printed for the report
+
+    def setUp(self):
+        super().setUp()
+        self.go = require_go()
+
+    @classmethod
+    def tearDownClass(cls):
+        for k in sorted(cls.COUNTS):
+            c = cls.COUNTS[k]
+            sys.stderr.write("COUNTS %-28s py=%s go=%s\n" % (k, c.get("py"), c.get("go")))
+
+    # Helpers -----------------------------------------------------------------
+
+    def files(self, tool, name):
+        """Return (db, replica dir) of one tool's copy in a scenario."""
+        return self.path("%s-%s.db" % (name, tool)), self.path("rep-%s-%s" % (name, tool))
+
+    def start(self, tool, db, rep) -> Replicator:
+        cfg = self.path("%s.%s" % (os.path.basename(db), "yml" if tool == "go" else "ini"))
+        if not os.path.exists(cfg):
+            with open(cfg, "w") as f:
+                f.write(go_yml(db, rep) if tool == "go" else py_ini(db, rep))
+        r = Replicator(self, ["-config", cfg], go=self.go if tool == "go" else "")
+        r.wait_log("replicating to")
+        # Go opens its SQLite connection at its first sync, not at start: wait
+        # until the process holds the WAL open, so the app's connections are
+        # not the last ones to close (Linux /proc).
+        wal = os.path.realpath(db + "-wal")
+
+        def holds_wal():
+            self.assertIsNone(r.p.poll(), r.log())
+            fds = "/proc/%d/fd" % r.p.pid
+            for fd in os.listdir(fds):
+                try:
+                    if os.readlink(os.path.join(fds, fd)) == wal:
+                        return True
+                except OSError:
+                    pass
+            return False
+        wait_for(holds_wal, "replicate to open %s" % wal, timeout=30)
+        return r
+
+    def stop(self, tool, r, sig=signal.SIGTERM):
+        code = r.stop(sig)
+        if sig == signal.SIGKILL:
+            self.assertEqual(code, -signal.SIGKILL)
+        elif tool == "go":
+            # Go 0.3.13 can exit 1 after its final sync ("release read lock: context canceled").
+            self.assertIn(code, (0, 1), r.log())
+            self.assertIn("litestream shut down", r.log())
+        else:
+            self.assertEqual(code, 0, r.log())
+
+    def caught_up(self, db, rep):
+        """Wait until a restore of rep holds every row db has now (only while db has another connection)."""
+        want = table_rows(db)
+        probe = self.path("probe.db")
+
+        def ok():
+            try:
+                got = try_restore_rows(rep, probe)
+            except sqlite3.Error:
+                return False
+            return got is not None and got[:len(want)] == want
+        wait_for(ok, "replica %s to catch up with %d rows" % (rep, len(want)), timeout=20)
+
+    def check_restore(self, db, rep):
+        """Restore rep with our CLI; integrity ok and equal row by row to db (call with everything stopped)."""
+        out = self.path("out-%s.db" % secrets_hex())
+        p = run_cli("restore", "-o", out, "file://" + rep, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(integrity(out), "ok")
+        self.assertSameRows(out, table_rows(db))
+
+    def record(self, scenario, counts):
+        self.COUNTS[scenario] = counts
+        if set(counts) != set(self.TOOLS):
+            self.fail("%s: a tool's run failed (see the subtest above): %r" % (scenario, counts))
+        py, go = counts["py"], counts["go"]
+        self.assertLessEqual(py[0], go[0], "%s: our generations > Go's: %r" % (scenario, counts))
+        self.assertLessEqual(py[1], go[1], "%s: our snapshots > Go's: %r" % (scenario, counts))
+
+    # 1. App stays up ---------------------------------------------------------
+
+    def test_app_stays_up_sigterm_restarts(self):
+        """Ensure 3 SIGTERM restarts while the app keeps committing give 1 generation and 1 snapshot."""
+        counts = {}
+        for tool in self.TOOLS:
+            with self.subTest(tool=tool):
+                db, rep = self.files(tool, "up")
+                create_wal_db(db, rows=20)
+                app = AppWriter(self, db, "up")
+                r = self.start(tool, db, rep)
+                for i in range(4):
+                    wait_for(lambda: app.n >= 2 * (i + 1), "app commits")
+                    self.caught_up(db, rep)
+                    if i == 3:
+                        app.stop()
+                        self.assertEqual(app.failures, [])
+                        self.caught_up(db, rep)
+                    self.stop(tool, r)
+                    if tool == "py" and i > 0:
+                        self.assertNotIn("new generation", r.log())
+                    if i < 3:
+                        n = app.n
+                        wait_for(lambda: app.n >= n + 2, "app commits while replicate is down")
+                        r = self.start(tool, db, rep)
+                counts[tool] = replica_counts(rep)
+                self.check_restore(db, rep)
+        self.record("1 app stays up", counts)
+        self.assertEqual(counts["py"], (1, 1))
+
+    # 2. App stops first ------------------------------------------------------
+
+    def app_stops_first(self, sig, scenario):
+        counts = {}
+        for tool in self.TOOLS:
+            with self.subTest(tool=tool):
+                db, rep = self.files(tool, "stops")
+                create_wal_db(db, rows=20)
+                for i in range(3):
+                    r = self.start(tool, db, rep)
+                    app = AppDB(db)
+                    app.insert(15, size=300, tag="cycle%d-" % i)
+                    app.close()  # replicate's connections are now the last ones open
+                    self.caught_up(db, rep)
+                    self.stop(tool, r, sig)
+                    if tool == "py" and i > 0:
+                        self.assertNotIn("new generation", r.log())
+                counts[tool] = replica_counts(rep)
+                self.check_restore(db, rep)
+        self.record(scenario, counts)
+        self.assertEqual(counts["py"][0], 1, counts)
+
+    def test_app_stops_first_sigterm(self):
+        """Ensure 3 cycles of start, app commits and disconnects, SIGTERM keep 1 generation."""
+        self.app_stops_first(signal.SIGTERM, "2 app stops first, SIGTERM")
+
+    def test_app_stops_first_sigkill(self):
+        """Ensure 3 cycles of start, app commits and disconnects, SIGKILL keep 1 generation."""
+        self.app_stops_first(signal.SIGKILL, "2 app stops first, SIGKILL")
+
+    # 3. Writes while replicate is down -------------------------------------
+
+    def while_down(self, scenario, before_stop, while_stopped, new_generation):
+        """Run replicate, stop it, let while_stopped(db) change things, restart, and compare.
+
+        before_stop(db) returns the app connection to keep open across the stop
+        (or None: the app disconnects first, so replicate's connection closes last).
+        while_stopped(db, app) returns the app connection to keep open until the end.
+        """
+        counts = {}
+        for tool in self.TOOLS:
+            with self.subTest(tool=tool):
+                db, rep = self.files(tool, "down")
+                create_wal_db(db, rows=40)
+                r = self.start(tool, db, rep)
+                app = before_stop(db)
+                self.caught_up(db, rep)
+                self.stop(tool, r)
+                app = while_stopped(db, app)
+                r = self.start(tool, db, rep)
+                if app is not None:
+                    self.caught_up(db, rep)
+                    app.close()
+                else:
+                    # Only replicate is connected: wait on a reader of our own.
+                    self.caught_up(db, rep)
+                self.stop(tool, r)
+                counts[tool] = replica_counts(rep)
+                log = r.log()
+                if tool == "py":
+                    lines = [ln for ln in log.splitlines() if "new generation" in ln]
+                    if new_generation:
+                        self.assertTrue(lines and re.search(r"reason=\S", lines[0]), log)
+                    else:
+                        self.assertEqual(lines, [], log)
+                self.check_restore(db, rep)
+        if not new_generation:
+            self.record(scenario, counts)
+        else:  # Go's count is reported, not compared: here a new generation is what is right.
+            self.COUNTS[scenario] = counts
+            if "py" not in counts:
+                self.fail("%s: our run failed (see the subtest above)" % scenario)
+        self.assertEqual(counts["py"][0], 2 if new_generation else 1, counts)
+
+    @staticmethod
+    def app_disconnects(db):
+        app = AppDB(db)
+        app.insert(10, size=300, tag="before-")
+        app.close()
+        return None
+
+    @staticmethod
+    def app_stays(db):
+        app = AppDB(db)
+        app.insert(10, size=300, tag="before-")
+        return app
+
+    def test_wal_appends_while_down_continue(self):
+        """Ensure rows appended to the WAL (no checkpoint) while replicate is down continue the generation."""
+        def appends(db, app):
+            app = AppDB(db)  # A fresh WAL when ours closed last and deleted it.
+            app.insert(12, size=300, tag="down-")
+            return app  # Kept open: closing last would checkpoint.
+        self.while_down("3a appends while down", self.app_disconnects, appends, new_generation=False)
+
+    def test_truncate_checkpoint_while_down_new_generation(self):
+        """Ensure writes checkpointed with TRUNCATE while replicate is down start a new generation."""
+        def truncates(db, app):
+            app.insert(12, size=300, tag="down-")
+            app.c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            app.insert(2, size=300, tag="after-")
+            return app
+        self.while_down("3b TRUNCATE while down", self.app_stays, truncates, new_generation=True)
+
+    def test_vacuum_while_down_new_generation(self):
+        """Ensure a delete and VACUUM by a maintenance connection while replicate is down start a new generation."""
+        def vacuums(db, app):
+            c = sqlite3.connect(db, isolation_level=None)
+            c.execute("DELETE FROM t WHERE id % 2 = 0")
+            c.execute("VACUUM")
+            c.close()  # Last connection: checkpoints into the DB file.
+            return None
+        self.while_down("3c VACUUM while down", self.app_disconnects, vacuums, new_generation=True)
+
+    def test_db_replaced_while_down_new_generation(self):
+        """Ensure a DB file replaced by a different database while replicate is down starts a new generation."""
+        def replaces(db, app):
+            tmp = db + ".new"
+            c = sqlite3.connect(tmp)
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            c.executemany("INSERT INTO t (v) VALUES (?)", [("other %d" % i,) for i in range(30)])
+            c.commit()
+            c.close()
+            for p in (db + "-wal", db + "-shm"):
+                if os.path.exists(p):
+                    os.unlink(p)
+            os.replace(tmp, db)
+            return None
+        self.while_down("3d DB replaced", self.app_disconnects, replaces, new_generation=True)
+
+    def test_db_rewritten_in_place_same_size_and_mtime_new_generation(self):
+        """Ensure a DB file rewritten in place (same inode, size and mtime; one row differs) starts a new generation."""
+        def rewrites(db, app):
+            work = self.path("work-%s" % secrets_hex())
+            os.mkdir(work)
+            copy = os.path.join(work, "x.db")
+            for suffix in ("", "-wal"):
+                if os.path.exists(db + suffix):
+                    shutil.copyfile(db + suffix, copy + suffix)
+            c = sqlite3.connect(copy, isolation_level=None)
+            c.execute("UPDATE t SET v = upper(v) WHERE id = 3")  # same length
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            c.close()
+            st = os.stat(db)
+            for p in (db + "-wal", db + "-shm"):
+                if os.path.exists(p):
+                    os.unlink(p)
+            shutil.copyfile(copy, db)  # O_TRUNC: same inode
+            os.utime(db, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return None
+        self.while_down("3d' DB rewritten in place", self.app_disconnects, rewrites, new_generation=True)
+
+
+###############################################################################
 # CLI
 ###############################################################################
 
