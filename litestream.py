@@ -337,83 +337,6 @@ def fsync_dir(path: str) -> None:
 
 
 ###############################################################################
-# Replica clients
-###############################################################################
-
-
-class ReplicaClient(abc.ABC):
-    """The storage contract a Replica uses: list, read, write, delete objects.
-
-    Clients store bytes as given: they never compress or decompress.  Lists
-    come back sorted.  A missing object raises FileNotFoundError from every
-    client, the counterpart of Go's os.ErrNotExist.
-    """
-
-    client_type = ""
-
-    @abc.abstractmethod
-    def generations(self) -> List[str]:
-        """Return the generation names in the replica, sorted."""
-
-    @abc.abstractmethod
-    def delete_generation(self, generation: str) -> None:
-        """Delete every object of a generation.  A missing one is not an error."""
-
-    @abc.abstractmethod
-    def snapshots(self, generation: str) -> List[SnapshotInfo]:
-        """Return a generation's snapshots sorted by index."""
-
-    @abc.abstractmethod
-    def write_snapshot(self, generation: str, index: int, rd: BinaryIO) -> SnapshotInfo:
-        """Store the stream rd (read until EOF) as the snapshot at index."""
-
-    @abc.abstractmethod
-    def delete_snapshot(self, generation: str, index: int) -> None:
-        """Delete a snapshot.  A missing one is not an error."""
-
-    @abc.abstractmethod
-    def snapshot_reader(self, generation: str, index: int) -> BinaryIO:
-        """Return a reader of a snapshot's stored bytes.
-
-        Raises FileNotFoundError if the snapshot does not exist.
-        """
-
-    @abc.abstractmethod
-    def wal_segments(self, generation: str) -> List[WALSegmentInfo]:
-        """Return a generation's WAL segments sorted by (index, offset)."""
-
-    @abc.abstractmethod
-    def write_wal_segment(self, pos: Pos, rd: BinaryIO) -> WALSegmentInfo:
-        """Store the stream rd (read until EOF) as the WAL segment at pos."""
-
-    @abc.abstractmethod
-    def delete_wal_segments(self, positions: Iterable[Pos]) -> None:
-        """Delete WAL segments.  Missing ones are not an error."""
-
-    @abc.abstractmethod
-    def wal_segment_reader(self, pos: Pos) -> BinaryIO:
-        """Return a reader of a WAL segment's stored bytes.
-
-        Raises FileNotFoundError if the segment does not exist.
-        """
-
-    def close(self) -> None:
-        """Release connections and other resources."""
-
-    # Clients that can fetch one object with parallel ranged reads set this
-    # and implement download_snapshot; restore then stages big snapshots.
-    parallel_download = False
-
-    def download_snapshot(self, generation: str, index: int, w: BinaryIO) -> int:
-        """Copy a snapshot's stored bytes into w; return the byte count."""
-        rd = self.snapshot_reader(generation, index)
-        try:
-            return copy_stream(rd, w)
-        finally:
-            rd.close()
-
-
-###############################################################################
 # SQLite WAL format
 ###############################################################################
 
@@ -1233,6 +1156,83 @@ def copy_stream(rd, wr, bufsize: int = 1 << 20) -> int:
             return n
         wr.write(b)
         n += len(b)
+
+
+###############################################################################
+# Replica clients
+###############################################################################
+
+
+class ReplicaClient(abc.ABC):
+    """The storage contract a Replica uses: list, read, write, delete objects.
+
+    Clients store bytes as given: they never compress or decompress.  Lists
+    come back sorted.  A missing object raises FileNotFoundError from every
+    client, the counterpart of Go's os.ErrNotExist.
+    """
+
+    client_type = ""
+
+    @abc.abstractmethod
+    def generations(self) -> List[str]:
+        """Return the generation names in the replica, sorted."""
+
+    @abc.abstractmethod
+    def delete_generation(self, generation: str) -> None:
+        """Delete every object of a generation.  A missing one is not an error."""
+
+    @abc.abstractmethod
+    def snapshots(self, generation: str) -> List[SnapshotInfo]:
+        """Return a generation's snapshots sorted by index."""
+
+    @abc.abstractmethod
+    def write_snapshot(self, generation: str, index: int, rd: BinaryIO) -> SnapshotInfo:
+        """Store the stream rd (read until EOF) as the snapshot at index."""
+
+    @abc.abstractmethod
+    def delete_snapshot(self, generation: str, index: int) -> None:
+        """Delete a snapshot.  A missing one is not an error."""
+
+    @abc.abstractmethod
+    def snapshot_reader(self, generation: str, index: int) -> BinaryIO:
+        """Return a reader of a snapshot's stored bytes.
+
+        Raises FileNotFoundError if the snapshot does not exist.
+        """
+
+    @abc.abstractmethod
+    def wal_segments(self, generation: str) -> List[WALSegmentInfo]:
+        """Return a generation's WAL segments sorted by (index, offset)."""
+
+    @abc.abstractmethod
+    def write_wal_segment(self, pos: Pos, rd: BinaryIO) -> WALSegmentInfo:
+        """Store the stream rd (read until EOF) as the WAL segment at pos."""
+
+    @abc.abstractmethod
+    def delete_wal_segments(self, positions: Iterable[Pos]) -> None:
+        """Delete WAL segments.  Missing ones are not an error."""
+
+    @abc.abstractmethod
+    def wal_segment_reader(self, pos: Pos) -> BinaryIO:
+        """Return a reader of a WAL segment's stored bytes.
+
+        Raises FileNotFoundError if the segment does not exist.
+        """
+
+    def close(self) -> None:
+        """Release connections and other resources."""
+
+    # Clients that can fetch one object with parallel ranged reads set this
+    # and implement download_snapshot; restore then stages big snapshots.
+    parallel_download = False
+
+    def download_snapshot(self, generation: str, index: int, w: BinaryIO) -> int:
+        """Copy a snapshot's stored bytes into w; return the byte count."""
+        rd = self.snapshot_reader(generation, index)
+        try:
+            return copy_stream(rd, w)
+        finally:
+            rd.close()
 
 
 ###############################################################################
