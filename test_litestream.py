@@ -1894,6 +1894,19 @@ def moto():
 SWIFT_KEY, SWIFT_SECRET, SWIFT_BUCKET = "test:tester", "testing", "litestream-test"
 
 
+def create_bucket_when_ready(c, timeout=30.0):
+    """Create c's bucket, retrying while Swift's account and container servers catch up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            c.create_bucket()
+            return
+        except ls.S3Error as e:
+            if time.monotonic() > deadline or e.status < 500:
+                raise
+            time.sleep(0.3)
+
+
 class SwiftServer:
     """A one-node OpenStack Swift with s3api on loopback (Debian's swift 2.30)."""
 
@@ -3044,15 +3057,7 @@ class TestSwiftS3ClientContract(ReplicaClientContract, unittest.TestCase):
         cls.swift = swift
         try:
             c = cls.swift_client()
-            deadline = time.monotonic() + 30
-            while True:  # the account and container servers may lag the proxy
-                try:
-                    c.create_bucket()
-                    break
-                except ls.S3Error as e:
-                    if time.monotonic() > deadline or e.status < 500:
-                        raise
-                    time.sleep(0.3)
+            create_bucket_when_ready(c)
             c.close()
         except BaseException:
             swift.stop()
@@ -3303,6 +3308,18 @@ def try_restore_rows(rep, out, go=""):
     if p.returncode != 0:
         return None
     return table_rows(out)
+
+
+def stop_replicator(test, tool, r):
+    """SIGTERM a replicator and check it shut down after its final sync."""
+    code = r.stop()
+    if tool == "go":
+        # Go 0.3.13 can exit 1 after its final sync when a checkpoint was due:
+        # "checkpoint: mode=PASSIVE err=release read lock: context canceled".
+        test.assertIn(code, (0, 1), r.log())
+        test.assertIn("litestream shut down", r.log())
+    else:
+        test.assertEqual(code, 0, r.log())
 
 
 class RowsMixin:
@@ -3625,14 +3642,7 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
         return out
 
     def stop(self, tool, r):
-        code = r.stop()
-        if tool == "go":
-            # Go 0.3.13 can exit 1 after its final sync when a checkpoint was due:
-            # "checkpoint: mode=PASSIVE err=release read lock: context canceled".
-            self.assertIn(code, (0, 1), r.log())
-            self.assertIn("litestream shut down", r.log())
-        else:
-            self.assertEqual(code, 0, r.log())
+        stop_replicator(self, tool, r)
 
     def other(self, tool):
         return "go" if tool == "py" else "py"
@@ -3871,15 +3881,7 @@ def swift_with_bucket() -> S3Server:
             c = ls.S3ReplicaClient(bucket=SWIFT_BUCKET, endpoint=srv.endpoint, region="us-east-1",
                                    access_key_id=SWIFT_KEY, secret_access_key=SWIFT_SECRET, max_retries=3,
                                    retry_base_delay=0.05, timeout=20)
-            deadline = time.monotonic() + 30
-            while True:  # the account and container servers may lag the proxy
-                try:
-                    c.create_bucket()
-                    break
-                except ls.S3Error as e:
-                    if time.monotonic() > deadline or e.status < 500:
-                        raise
-                    time.sleep(0.3)
+            create_bucket_when_ready(c)
             c.close()
         except BaseException:
             srv.stop()
@@ -3946,13 +3948,7 @@ class S3InteropMixin(RowsMixin):
         app.execute("INSERT INTO t (v) VALUES ('last')")
         app.commit()
         app.close()
-        code = r.stop()
-        if tool == "go":
-            # Go 0.3.13 can exit 1 after its final sync when a checkpoint was due.
-            self.assertIn(code, (0, 1), r.log())
-            self.assertIn("litestream shut down", r.log())
-        else:
-            self.assertEqual(code, 0, r.log())
+        stop_replicator(self, tool, r)
         self.assertGreaterEqual(len(self.indices()), 3)
         (key, etag), = s3_snapshots(self.s3, self.srv.bucket, self.prefix)
         # A multipart object's ETag is "<md5 of part md5s>-<part count>" on AWS, moto and Swift.
