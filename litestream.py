@@ -43,6 +43,7 @@ import base64
 import calendar
 import concurrent.futures
 import configparser
+import contextlib
 import datetime
 import decimal
 import difflib
@@ -486,27 +487,29 @@ def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frame
             return
 
 
-def count_committed_frames(data, page_size: int) -> int:
-    """Return how many frames of a WAL image lie up to its last commit frame.
+def count_committed_frames(path: str, page_size: int) -> int:
+    """Return how many frames of a WAL file lie up to its last commit frame.
 
     Only salts and commit fields are read; the checksum chain is SQLite's to
     verify when it opens the WAL.
     """
-    hdr = parse_wal_header(bytes(data[:WAL_HEADER_SIZE]))
-    if hdr.page_size != page_size:
-        raise CorruptFrameError("wal page size %d does not match database page size %d"
-                                % (hdr.page_size, page_size))
-    fs = page_size + WAL_FRAME_HEADER_SIZE
-    salt = struct.pack(">II", hdr.salt1, hdr.salt2)
-    last = 0
-    n = (len(data) - WAL_HEADER_SIZE) // fs
-    for i in range(n):
-        o = WAL_HEADER_SIZE + i * fs
-        if data[o + 8:o + 16] != salt:
-            break
-        if data[o + 4:o + 8] != b"\0\0\0\0":
-            last = i + 1
-    return last
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        hdr = parse_wal_header(os.pread(fd, WAL_HEADER_SIZE, 0))
+        if hdr.page_size != page_size:
+            raise CorruptFrameError("wal page size %d does not match database page size %d"
+                                    % (hdr.page_size, page_size))
+        salt = struct.pack(">II", hdr.salt1, hdr.salt2)
+        fs = page_size + WAL_FRAME_HEADER_SIZE
+        n = (os.fstat(fd).st_size - WAL_HEADER_SIZE) // fs
+        last = 0
+        for i in range(n):
+            fh = os.pread(fd, WAL_FRAME_HEADER_SIZE, WAL_HEADER_SIZE + i * fs)
+            if fh[8:16] != salt:
+                break
+            if fh[4:8] != b"\0\0\0\0":
+                last = i + 1
+        return last
 
 
 ###############################################################################
@@ -2963,32 +2966,29 @@ class DB:
         if self._conn is None or not pos.generation:
             return
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
+            with self._locked_backfill(False, reacquire=False) as (n_log, n_ckpt):
+                self._record_if_backfilled(n_log, n_ckpt)
+        except _WriteLockBusy as e:
             self.logger.info("%s: shutdown: no shutdown record: %s", self.name, e)
+
+    def _record_if_backfilled(self, n_log: int, n_ckpt: int) -> None:
+        """Write the shutdown record, if the whole WAL is in the database file."""
+        if n_log != n_ckpt:
+            self.logger.info("%s: shutdown: other readers hold the wal; no shutdown record", self.name)
             return
-        try:
-            self._copy_to_shadow()
-            self._release_read_lock()
-            _, n_log, n_ckpt = self._rconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if n_log != n_ckpt:
-                self.logger.info("%s: shutdown: other readers hold the wal; no shutdown record", self.name)
-                return
-            pos = self._pos
-            with open(self.shadow_wal_path(pos.generation, pos.index), "rb") as f:
-                hdr = f.read(WAL_HEADER_SIZE)
-            rec = {"generation": pos.generation, "index": pos.index, "offset": pos.offset,
-                   "wal_header": hdr.hex(), "db_size": os.fstat(self._db_file.fileno()).st_size,
-                   "db_sha256": self._hash_db_file()}
-            tmp = self.shutdown_record_path() + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(rec, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.shutdown_record_path())
-            fsync_dir(self.meta_path)
-        finally:
-            self._conn.execute("ROLLBACK")
+        pos = self._pos
+        with open(self.shadow_wal_path(pos.generation, pos.index), "rb") as f:
+            hdr = f.read(WAL_HEADER_SIZE)
+        rec = {"generation": pos.generation, "index": pos.index, "offset": pos.offset,
+               "wal_header": hdr.hex(), "db_size": os.fstat(self._db_file.fileno()).st_size,
+               "db_sha256": self._hash_db_file()}
+        tmp = self.shutdown_record_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.shutdown_record_path())
+        fsync_dir(self.meta_path)
 
     def _take_shutdown_record(self) -> Optional[dict]:
         """Read and remove the shutdown record; it is good for one start only."""
@@ -3297,31 +3297,49 @@ class DB:
             finally:
                 self._chk_lock.release()
 
-    def _checkpoint(self, mode: str) -> bool:
-        pos = self._pos
+    @contextlib.contextmanager
+    def _locked_backfill(self, wait_for_readers: bool, reacquire: bool):
+        """Hold the write lock, copy every committed frame, then backfill.
+
+        Yields (frames in the WAL, frames backfilled) while the write lock
+        is still held, so nothing can commit meanwhile.  Our read
+        transaction is released for the backfill; with reacquire it is taken
+        again before the write lock goes (see checkpoint()).  With
+        wait_for_readers, other readers are waited for up to the busy
+        timeout.  Raises _WriteLockBusy if the lock stays busy.
+        """
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            # A writer held the lock for the whole busy timeout: try again
-            # at the next sync rather than failing this one.
-            self.logger.warning("%s: checkpoint skipped: mode=%s: %s", self.name, mode, e)
-            return False
+            raise _WriteLockBusy(str(e)) from e
         try:
             self._copy_to_shadow()
             self._release_read_lock()
             try:
                 deadline = time.monotonic() + BUSY_TIMEOUT
                 while True:
-                    busy, n_log, n_ckpt = self._rconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if mode == CHECKPOINT_MODE_PASSIVE or n_log == n_ckpt or time.monotonic() >= deadline:
+                    _, n_log, n_ckpt = self._rconn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if not wait_for_readers or n_log == n_ckpt or time.monotonic() >= deadline:
                         break
-                    self._stop.wait(0.01)
-                self.logger.debug("%s: checkpoint mode=%s log=%d checkpointed=%d",
-                                  self.name, mode, n_log, n_ckpt)
+                    time.sleep(0.01)
+                yield n_log, n_ckpt
             finally:
-                self._acquire_read_lock()
+                if reacquire:
+                    self._acquire_read_lock()
         finally:
             self._conn.execute("ROLLBACK")
+
+    def _checkpoint(self, mode: str) -> bool:
+        pos = self._pos
+        try:
+            with self._locked_backfill(mode != CHECKPOINT_MODE_PASSIVE, reacquire=True) as (n_log, n_ckpt):
+                self.logger.debug("%s: checkpoint mode=%s log=%d checkpointed=%d",
+                                  self.name, mode, n_log, n_ckpt)
+        except _WriteLockBusy as e:
+            # A writer held the lock for the whole busy timeout: try again
+            # at the next sync rather than failing this one.
+            self.logger.warning("%s: checkpoint skipped: mode=%s: %s", self.name, mode, e)
+            return False
 
         # Write to force the WAL to restart if it was fully backfilled.
         if mode == CHECKPOINT_MODE_TRUNCATE:
@@ -3425,6 +3443,10 @@ class DB:
                     raise LitestreamError("shadow wal shrank while reading %s" % pos)
                 off += len(b)
                 yield b
+
+
+class _WriteLockBusy(LitestreamError):
+    """Another writer held the write lock for the whole busy timeout."""
 
 
 class _SnapshotSource:
@@ -3820,27 +3842,6 @@ def _plan_wal(segs: List[WALSegmentInfo], snap: SnapshotInfo, opt: RestoreOption
     return plan
 
 
-def _count_committed_frames_file(path: str, page_size: int) -> int:
-    """Return how many frames of a WAL file lie up to its last commit frame."""
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        hdr = parse_wal_header(os.pread(fd, WAL_HEADER_SIZE, 0))
-        if hdr.page_size != page_size:
-            raise CorruptFrameError("wal page size %d does not match database page size %d"
-                                    % (hdr.page_size, page_size))
-        salt = struct.pack(">II", hdr.salt1, hdr.salt2)
-        fs = page_size + WAL_FRAME_HEADER_SIZE
-        n = (os.fstat(fd).st_size - WAL_HEADER_SIZE) // fs
-        last = 0
-        for i in range(n):
-            fh = os.pread(fd, WAL_FRAME_HEADER_SIZE, WAL_HEADER_SIZE + i * fs)
-            if fh[8:16] != salt:
-                break
-            if fh[4:8] != b"\0\0\0\0":
-                last = i + 1
-        return last
-
-
 def _remove_quietly(*paths: str) -> None:
     for p in paths:
         try:
@@ -3970,7 +3971,7 @@ def _apply_wal_plan(replica, plan, tmp, page_size, parallelism, staged, progress
 
 def _apply_wal(db_path: str, wal_file: str, page_size: int, ends, name) -> None:
     """Checkpoint one WAL index into the database through SQLite."""
-    expect = _count_committed_frames_file(wal_file, page_size)
+    expect = count_committed_frames(wal_file, page_size)
     os.replace(wal_file, db_path + "-wal")
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=5)
     try:
@@ -4502,12 +4503,17 @@ def new_replica_client_from_config(rc: "ReplicaConfig") -> ReplicaClient:
     if rc.type == "file":
         return FileReplicaClient(rc.path)
     if rc.type == "s3":
-        bucket, region, endpoint, path_style = parse_s3_host(rc.host) if rc.host else ("", "", "", None)
-        # Keys set in the config win over what the URL's host implies (as Go).
-        endpoint = rc.endpoint or endpoint
+        bucket, region, endpoint, path_style = parse_s3_host(rc.host) if rc.host else ("", "", "", False)
+        # Keys set in the config win over what the URL's host implies (as
+        # Go); the config already defaults force-path-style to true when it
+        # sets an endpoint, so an explicit false stays false.
+        if rc.endpoint:
+            endpoint, path_style = rc.endpoint, rc.force_path_style
+        else:
+            path_style = rc.force_path_style or path_style
         return S3ReplicaClient(
             rc.bucket or bucket, rc.path, region=rc.region or region, endpoint=endpoint,
-            force_path_style=rc.force_path_style or bool(path_style) or bool(endpoint),
+            force_path_style=path_style,
             skip_verify=rc.skip_verify, access_key_id=rc.access_key_id,
             secret_access_key=rc.secret_access_key, sse=rc.sse, sse_kms_key_id=rc.sse_kms_key_id,
             sse_c_key=rc.sse_c_key, ca_bundle=rc.ca_bundle, sign_payload=rc.sign_payload,

@@ -877,6 +877,31 @@ class TestDBSync(TempDirTestCase):
         ls.restore_replica(r, ls.RestoreOptions(out, db.pos().generation))
         self.assertEqual(table_rows(out), table_rows(self.dbpath))
 
+    def test_read_lock_retaken_before_write_lock_released(self):
+        """Ensure our read transaction is held again before the checkpoint lets writers in."""
+        db, r = self.open_synced()
+        seen = []
+
+        class Conn:
+            def __init__(self, c):
+                self.c = c
+
+            def execute(self, sql, *a):
+                if sql == "ROLLBACK":
+                    seen.append(db._rconn.in_transaction)
+                return self.c.execute(sql, *a)
+
+            def __getattr__(self, k):
+                return getattr(self.c, k)
+
+        db._conn = Conn(db._conn)
+        try:
+            self.assertTrue(db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        finally:
+            db._conn = db._conn.c
+        self.assertEqual(seen, [True])
+        self.assertTrue(db._rconn.in_transaction)
+
     def test_app_restarts_wal_after_checkpoint(self):
         """Ensure frames the app writes right after our checkpoint, restarting the WAL itself, are kept."""
         db, r = self.open_synced()
@@ -4709,6 +4734,24 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(code, 1)
         self.assertIn("addr", err)
         self.assertEqual(len(err.strip().splitlines()), 1)
+
+    def test_s3_addressing_from_config(self):
+        """Ensure path style follows Go: default with an endpoint or a provider host, explicit false kept."""
+        cases = (
+            ("url = s3://bkt/app?endpoint=http://127.0.0.1:9000&region=us-east-1\n", True, "http://127.0.0.1:9000"),
+            ("url = s3://bkt/app\nendpoint = https://s3.example.com\nforce-path-style = false\n",
+             False, "https://s3.example.com"),
+            ("url = s3://bkt.localhost:9000/app\n", True, "http://localhost:9000"),
+            ("url = s3://bkt/app\nregion = eu-west-1\n", False, ""),
+        )
+        for keys, path_style, endpoint in cases:
+            with self.subTest(keys=keys):
+                cfg = self.path("s3.ini")
+                with open(cfg, "w") as f:
+                    f.write("[db:a]\npath = %s\n[replica:a:s3]\n%s" % (self.path("a.db"), keys))
+                (rc,) = ls.load_config(cfg).dbs[0].replicas
+                c = ls.new_replica_client_from_config(rc)
+                self.assertEqual((c.bucket, c.force_path_style, c.endpoint), ("bkt", path_style, endpoint))
 
     def test_index_and_timestamp_flags(self):
         """Ensure bad -index and -timestamp values are one-line usage errors."""
