@@ -44,15 +44,20 @@ import calendar
 import concurrent.futures
 import configparser
 import contextlib
+import dataclasses
 import datetime
 import decimal
 import difflib
 import email.utils
 import errno
+import fcntl
+import functools
 import hashlib
+import heapq
 import hmac
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -60,6 +65,7 @@ import posixpath
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -69,6 +75,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain
@@ -106,7 +113,11 @@ S3_DEFAULT_CONCURRENCY = 5  # s3manager.DefaultUploadConcurrency
 S3_DEFAULT_REGION = "us-east-1"
 S3_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 S3_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-S3_CREDENTIALS_REFRESH_WINDOW = 5 * 60.0  # refresh temporary keys this long before expiry
+S3_CREDENTIALS_REFRESH_WINDOW = 5 * 60.0
+STALE_UPLOAD_AGE = 6 * 3600.0  # incomplete multipart uploads this old are a crash's leftovers  # refresh temporary keys this long before expiry
+
+DEFAULT_MAX_RETRY_DELAY = 60.0  # the longest wait between retries of a failed replica sync
+DEFAULT_SHUTDOWN_TIMEOUT = 25.0  # fits Kubernetes' default 30 s grace period, with room to exit
 
 WAL_HEADER_SIZE = 32
 SHADOW_COPY_CHUNK = 64 << 20  # replicas are woken after each chunk of a big backlog
@@ -337,6 +348,70 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def remove_quietly(*paths: str) -> None:
+    """Unlink each path; one that is already gone is not an error."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def atomic_write(path: str, data) -> None:
+    """Replace path with data (bytes, or a binary reader read to EOF), whole or not at all.
+
+    The data goes to "<path>.tmp", is fsynced and renamed over path, and
+    the directory is fsynced, so a crash leaves the old or the new file.
+    """
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                copy_stream(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of data at offset, or raise OSError.
+
+    os.pwrite may write fewer bytes than asked (a disk filling up does
+    exactly that); the rest is retried, and a write that makes no progress
+    is ENOSPC.
+    """
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        mv = mv[n:]
+        offset += n
+
+
+def pread_chunks(fd: int, start: int = 0, end: Optional[int] = None, chunk: int = 4 << 20):
+    """Yield the bytes [start, end) of fd (end None: to EOF) in chunks of at most chunk bytes.
+
+    With an end, a file that ends early raises LitestreamError.
+    """
+    off = start
+    while end is None or off < end:
+        want = chunk if end is None else min(chunk, end - off)
+        b = os.pread(fd, want, off)
+        if not b:
+            if end is None:
+                return
+            raise LitestreamError("short read at offset %d of %d" % (off, end))
+        off += len(b)
+        yield b
+
+
 ###############################################################################
 # SQLite WAL format
 ###############################################################################
@@ -439,33 +514,23 @@ def calc_wal_size(page_size: int, n: int) -> int:
     return WAL_HEADER_SIZE + (WAL_FRAME_HEADER_SIZE + page_size) * n
 
 
-def read_last_checksum(f, size: int, page_size: int) -> "tuple[int, int]":
-    """Return the running checksum at the end of a WAL prefix of size bytes."""
-    if size <= WAL_HEADER_SIZE:
-        b = os.pread(f.fileno(), 8, 24)
-    else:
-        b = os.pread(f.fileno(), 8, size - page_size - WAL_FRAME_HEADER_SIZE + 16)
-    if len(b) != 8:
-        raise CorruptFrameError("short read of wal checksum")
-    return struct.unpack(">II", b)
-
-
 def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frames: int = 256,
                     end: Optional[int] = None):
-    """Yield (offset, frame bytes, is_commit) for each valid frame from start.
+    """Yield (offset, frame bytes, is_commit) for each valid frame of f (a file or an fd) from start.
 
     Iteration stops at end (default: end of file), at a partial frame, at a
     frame whose salt differs from hdr's, or at one whose checksum breaks the
-    chain.
+    chain.  The first read is one frame, so finding nothing new is cheap.
     """
     ps = hdr.page_size
     fs = ps + WAL_FRAME_HEADER_SIZE
     be = hdr.big_endian
     salt = struct.pack(">II", hdr.salt1, hdr.salt2)
     off = start
-    fd = f.fileno()
+    fd = f if isinstance(f, int) else f.fileno()
+    frames = 1
     while True:
-        want = fs * chunk_frames
+        want = fs * frames
         if end is not None:
             want = min(want, end - off)
         buf = os.pread(fd, want, off) if want > 0 else b""
@@ -483,8 +548,9 @@ def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frame
                 return
             yield off, fr, fr[4:8] != b"\0\0\0\0"
             off += fs
-        if n < chunk_frames:
+        if n < frames:
             return
+        frames = min(chunk_frames, frames * 16)
 
 
 def count_committed_frames(path: str, page_size: int) -> int:
@@ -1225,6 +1291,9 @@ class ReplicaClient(abc.ABC):
     def close(self) -> None:
         """Release connections and other resources."""
 
+    def abort(self) -> None:
+        """Make operations in progress fail soon, and later ones at once (shutdown out of time)."""
+
     # Clients that can fetch one object with parallel ranged reads set this
     # and implement download_snapshot; restore then stages big snapshots.
     parallel_download = False
@@ -1270,7 +1339,6 @@ class FileReplicaClient(ReplicaClient):
                       and os.path.isdir(os.path.join(self.path, "generations", n)))
 
     def delete_generation(self, generation: str) -> None:
-        import shutil
         d = self._gen_dir(generation)
         try:
             shutil.rmtree(d)
@@ -1310,22 +1378,8 @@ class FileReplicaClient(ReplicaClient):
         return sorted(out, key=lambda s: (s.index, s.offset))
 
     def _write(self, path: str, rd: BinaryIO) -> os.stat_result:
-        d = os.path.dirname(path)
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "wb") as f:
-                copy_stream(rd, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        fsync_dir(d)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        atomic_write(path, rd)
         return os.stat(path)
 
     def write_snapshot(self, generation: str, index: int, rd: BinaryIO) -> SnapshotInfo:
@@ -1337,20 +1391,14 @@ class FileReplicaClient(ReplicaClient):
         return WALSegmentInfo(pos.generation, pos.index, pos.offset, st.st_size,
                               utc_from_timestamp(st.st_mtime))
 
-    def _remove(self, path: str) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
     def delete_snapshot(self, generation: str, index: int) -> None:
-        self._remove(snapshot_path(self.path, generation, index))
+        remove_quietly(snapshot_path(self.path, generation, index))
 
     def delete_wal_segments(self, positions: Iterable[Pos]) -> None:
         dirs = set()
         for p in positions:
             path = wal_segment_path(self.path, p.generation, p.index, p.offset)
-            self._remove(path)
+            remove_quietly(path)
             dirs.add(os.path.dirname(path))
         for d in dirs:
             fsync_dir(d)
@@ -1589,26 +1637,46 @@ class _HTTPPool:
         self._timeout = timeout
         self._idle = []
         self._lock = threading.Lock()
+        self._out = weakref.WeakSet()  # connections handed out, for abort()
+        self._aborted = False
         netloc = "[%s]" % host if ":" in host else host
         self.host_header = SigV4Signer.host_header("%s://%s:%d" % (scheme, netloc, port))
 
     def get(self):
         """Return (connection, reused)."""
         with self._lock:
+            if self._aborted:
+                raise ConnectionAbortedError(errno.ECONNABORTED, "client aborted")
             if self._idle:
-                return self._idle.pop(), True
+                conn = self._idle.pop()
+                self._out.add(conn)
+                return conn, True
         if self.scheme == "https":
             conn = http.client.HTTPSConnection(self.host, self.port, timeout=self._connect_timeout,
                                                context=self._ssl)
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self._connect_timeout)
+        with self._lock:
+            self._out.add(conn)
         conn.connect()
         conn.sock.settimeout(self._timeout)
         return conn, False
 
+    def abort(self) -> None:
+        """Fail every request in flight now, and every later one."""
+        with self._lock:
+            self._aborted = True
+            out = list(self._out)
+        for c in out:
+            sock = getattr(c, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     def put(self, conn) -> None:
         with self._lock:
-            if len(self._idle) < self._size:
+            self._out.discard(conn)
+            if len(self._idle) < self._size and not self._aborted:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -2117,6 +2185,7 @@ class S3ReplicaClient(ReplicaClient):
         self._credentials = credentials or CredentialsProvider(
             access_key_id, secret_access_key, session_token, clock=clock)
         self._init_lock = threading.Lock()
+        self._aborted = threading.Event()
         self._pool = None  # type: Optional[_HTTPPool]
         self._list_v2 = True
         self._base_path = ""
@@ -2209,7 +2278,18 @@ class S3ReplicaClient(ReplicaClient):
     def _sleep_backoff(self, attempt: int) -> None:
         # "Full jitter": uniform in [0, min(cap, base * 2^attempt)], never below base/2.
         cap = min(self.retry_max_delay, self.retry_base_delay * (2 ** attempt))
-        time.sleep(max(self.retry_base_delay / 2, random.uniform(0, cap)))
+        self._aborted.wait(max(self.retry_base_delay / 2, random.uniform(0, cap)))
+
+    def abort(self) -> None:
+        """Fail the requests in flight and every later one at once (a shutdown that ran out of time)."""
+        self._aborted.set()
+        pool = self._pool
+        if pool is not None:
+            pool.abort()
+
+    def _check_aborted(self, key: str) -> None:
+        if self._aborted.is_set():
+            raise S3Error(0, "Aborted", "request abandoned: the client was aborted", key=key, bucket=self.bucket)
 
     def _redact(self, text: str) -> str:
         for s in self._secrets + [self._current_secret()]:
@@ -2282,14 +2362,22 @@ class S3ReplicaClient(ReplicaClient):
             r.reused = reused
             raise r from e
 
-    def _attempts(self, fn, key: str = ""):
-        """Call fn() until it returns, retrying _Retryable failures with backoff."""
+    def _attempts(self, fn, key: str = "", stats: Optional[dict] = None):
+        """Call fn() until it returns, retrying _Retryable failures with backoff.
+
+        stats["sent"] counts the attempts made, for callers that must know
+        whether a request may have taken effect more than once.
+        """
         attempt = 0
         free_retry = True
         while True:
+            self._check_aborted(key)
+            if stats is not None:
+                stats["sent"] = stats.get("sent", 0) + 1
             try:
                 return fn()
             except _Retryable as r:
+                self._check_aborted(key)
                 e = r.err
                 # A kept-alive connection the server already closed fails at once:
                 # one immediate retry on a new connection, not counted.
@@ -2307,7 +2395,7 @@ class S3ReplicaClient(ReplicaClient):
                 log.debug("s3: retry %d/%d: %s", attempt, self.max_retries, e)
                 self._sleep_backoff(attempt)
 
-    def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key=""):
+    def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key="", stats=None):
         """Send a request with retries and read its whole response."""
         def once():
             conn, resp = self._send(pool, region, method, path, query, headers, body)
@@ -2328,7 +2416,7 @@ class S3ReplicaClient(ReplicaClient):
                     raise _Retryable(err) if err.code in _RETRYABLE_CODES else err
                 return _Response(resp.status, hdrs, data)
             raise self._classify(self._error_from(resp.status, hdrs, data, key), hdrs)
-        return self._attempts(once, key)
+        return self._attempts(once, key, stats)
 
     def _classify(self, err: S3Error, headers: dict) -> Exception:
         """Wrap retryable S3 errors; fix clock skew; leave the rest to fail fast."""
@@ -2349,12 +2437,12 @@ class S3ReplicaClient(ReplicaClient):
         return err
 
     def _request(self, method: str, key: Optional[str], query=None, headers=None, body: bytes = b"",
-                 expect=(200,)) -> _Response:
+                 expect=(200,), stats: Optional[dict] = None) -> _Response:
         """Send a request for a key (None: the bucket) with retries; return the response."""
         self.init()
         path = self._key_path(key) if key is not None else (self._base_path or "/")
         return self._do(self._pool, self.region, method, path, query or {}, headers or {}, body,
-                        expect=expect, key=key or "")
+                        expect=expect, key=key or "", stats=stats)
 
     def _open(self, method: str, key: str, headers=None, expect=(200,)):
         """Send a GET with retries and return (conn, response) with its body unread."""
@@ -2429,7 +2517,25 @@ class S3ReplicaClient(ReplicaClient):
         return self._multipart_upload(key, rd, first, second)
 
     def _multipart_upload(self, key: str, rd: BinaryIO, first: bytes, second: bytes) -> int:
-        resp = self._request("POST", key, query={"uploads": ""}, headers=self._sse_headers(True))
+        # A CreateMultipartUpload sent more than once may have created
+        # uploads whose answers were lost: nobody knows their ids, so they
+        # would cost storage until a lifecycle rule removed them.  Once this
+        # upload is over (done or aborted), every other upload of the key
+        # is one of those (one replicator per database writes its keys).
+        stats: dict = {}
+        try:
+            return self._multipart_upload_once(key, rd, first, second, stats)
+        finally:
+            if stats.get("sent", 1) > 1:
+                try:
+                    n = self.abort_uploads(key, exact=True)
+                    if n:
+                        log.info("s3: aborted %d orphaned multipart uploads of %s", n, key)
+                except (LitestreamError, OSError) as e:
+                    log.warning("s3: cannot clean up multipart uploads of %s: %s", key, e)
+
+    def _multipart_upload_once(self, key: str, rd: BinaryIO, first: bytes, second: bytes, stats: dict) -> int:
+        resp = self._request("POST", key, query={"uploads": ""}, headers=self._sse_headers(True), stats=stats)
         upload_id = _xml_text(_xml_root(resp.body), "UploadId")
         if not upload_id:
             raise S3Error(resp.status, "InvalidResponse", "no UploadId in CreateMultipartUpload",
@@ -2493,6 +2599,51 @@ class S3ReplicaClient(ReplicaClient):
                 log.warning("s3: abort multipart upload %s: %s", key, e)
             raise
         return total
+
+    def list_multipart_uploads(self, prefix: str) -> "List[tuple[str, str, Optional[datetime.datetime]]]":
+        """Return (key, upload id, initiated) of every incomplete multipart upload under prefix."""
+        out = []
+        key_marker = id_marker = ""
+        while True:
+            query = {"uploads": "", "prefix": prefix}
+            if key_marker:
+                query["key-marker"] = key_marker
+                query["upload-id-marker"] = id_marker
+            root = _xml_root(self._request("GET", None, query=query).body)
+            for u in root.findall("Upload"):
+                t = _xml_text(u, "Initiated")
+                out.append((_xml_text(u, "Key"), _xml_text(u, "UploadId"), _parse_s3_time(t) if t else None))
+            if _xml_text(root, "IsTruncated").lower() != "true":
+                return out
+            key_marker = _xml_text(root, "NextKeyMarker")
+            id_marker = _xml_text(root, "NextUploadIdMarker")
+            if not key_marker:
+                raise S3Error(200, "InvalidResponse", "truncated upload list without a marker", bucket=self.bucket)
+
+    def abort_uploads(self, prefix: str, exact: bool = False, older_than: Optional[float] = None) -> int:
+        """Abort incomplete multipart uploads under prefix (exact: of that key only); return how many.
+
+        With older_than (seconds), only uploads initiated longer ago than that.
+        """
+        now = utc_from_timestamp(self._now())
+        n = 0
+        for k, upload_id, initiated in self.list_multipart_uploads(prefix):
+            if exact and k != prefix:
+                continue
+            if older_than is not None and (initiated is None or (now - initiated).total_seconds() < older_than):
+                continue
+            self._request("DELETE", k, query={"uploadId": upload_id}, expect=(200, 204, 404))
+            n += 1
+        return n
+
+    def abort_stale_uploads(self, older_than: float = STALE_UPLOAD_AGE) -> int:
+        """Abort this replica's multipart uploads older than older_than seconds (left by a crash); log how many."""
+        prefix = _join(self.path, "generations") + "/"
+        n = self.abort_uploads(prefix, older_than=older_than)
+        if n:
+            log.info("s3: aborted %d incomplete multipart uploads older than %dh under s3://%s/%s",
+                     n, older_than // 3600, self.bucket, prefix)
+        return n
 
     def open_object(self, key: str) -> BinaryIO:
         """Return a streaming reader of an object; FileNotFoundError if it is missing."""
@@ -2726,6 +2877,195 @@ def _read_full(rd: BinaryIO, n: int) -> bytes:
 
 
 ###############################################################################
+# Scheduler
+###############################################################################
+
+
+class Task:
+    """A job that a Scheduler runs when it is due.
+
+    fn() runs on a scheduler thread and returns the delay in seconds until
+    its next run, or None to wait until schedule() is called.  A task
+    never runs on two threads at once: schedule() while it runs asks for
+    one more run as soon as it finishes (at the earlier of the two times).
+    """
+
+    def __init__(self, scheduler: "Scheduler", fn, name: str):
+        self.scheduler = scheduler
+        self.fn = fn
+        self.name = name
+        self.due: Optional[float] = None  # monotonic time of the next run, while queued
+        self.running = False
+        self.cancelled = False
+        self._rerun: Optional[float] = None
+
+    def schedule(self, delay: float = 0.0) -> None:
+        """Run the task within delay seconds (an earlier run already queued stays)."""
+        self.scheduler._schedule(self, delay)
+
+    def cancel(self) -> None:
+        """Run the task no more; a run in progress finishes."""
+        self.scheduler._cancel(self)
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the task is not running; return False on timeout."""
+        return self.scheduler._wait_idle(self, timeout)
+
+
+class Scheduler:
+    """Run many timed tasks on a few named threads.
+
+    Hundreds of databases each want a sync every second and their replicas
+    an upload after each change; Go gives each loop a goroutine, but a
+    thread per loop costs memory and wake-ups.  Here every task waits in
+    one heap, and up to max_workers daemon threads run whatever is due.
+    A worker starts when work is due and none is free, and stops after
+    idle_timeout seconds without work (the last one stays while tasks
+    wait).  Threads are daemons: closing a DB runs its final sync itself,
+    so no interpreter exit waits on a task stuck in I/O.
+    """
+
+    def __init__(self, name: str = "litestream", max_workers: int = 4, idle_timeout: float = 30.0):
+        self.name = name
+        self.max_workers = max(1, max_workers)
+        self.idle_timeout = idle_timeout
+        self._cond = threading.Condition()
+        self._heap: list = []  # (due, seq, task); entries whose task.due moved on are stale
+        self._seq = itertools.count()
+        self._names = itertools.count(1)
+        self._workers = 0
+        self._idle = 0
+        self._closed = False
+
+    def task(self, fn, name: str) -> Task:
+        """Return a new, unscheduled task running fn."""
+        return Task(self, fn, name)
+
+    def close(self) -> None:
+        """Stop every worker once its current task is done; queued tasks never run."""
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify_all()
+
+    def _schedule(self, task: Task, delay: float) -> None:
+        with self._cond:
+            if self._closed or task.cancelled:
+                return
+            due = time.monotonic() + max(0.0, delay)
+            if task.running:
+                if task._rerun is None or due < task._rerun:
+                    task._rerun = due
+                return
+            if task.due is not None and task.due <= due:
+                return
+            task.due = due
+            heapq.heappush(self._heap, (due, next(self._seq), task))
+            if self._idle:
+                self._cond.notify()
+            elif self._workers < self.max_workers:
+                self._spawn()
+
+    def _cancel(self, task: Task) -> None:
+        with self._cond:
+            task.cancelled = True
+            task.due = task._rerun = None
+
+    def _wait_idle(self, task: Task, timeout: Optional[float]) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while task.running:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def _spawn(self) -> None:
+        self._workers += 1
+        t = threading.Thread(target=self._work, daemon=True,
+                             name="litestream-%s-%d" % (self.name, next(self._names)))
+        t.start()
+
+    def _work(self) -> None:
+        with self._cond:
+            try:
+                self._work_locked()
+            finally:
+                self._workers -= 1
+
+    def _work_locked(self) -> None:
+        while not self._closed:
+            now = time.monotonic()
+            if self._heap and self._heap[0][0] <= now:
+                due, _, task = heapq.heappop(self._heap)
+                if task.due != due or task.cancelled:
+                    continue  # stale entry
+                task.due, task.running, task._rerun = None, True, None
+                # More is due and nobody is free to take it: add a hand.
+                if self._heap and self._heap[0][0] <= now and not self._idle \
+                        and self._workers < self.max_workers:
+                    self._spawn()
+                self._cond.release()
+                try:
+                    delay = self._run(task)
+                finally:
+                    self._cond.acquire()
+                task.running = False
+                if not task.cancelled and not self._closed:
+                    nxt = [d for d in (task._rerun, None if delay is None else time.monotonic() + delay)
+                           if d is not None]
+                    if nxt:
+                        task.due = min(nxt)
+                        heapq.heappush(self._heap, (task.due, next(self._seq), task))
+                task._rerun = None
+                self._cond.notify_all()  # wait_idle callers, and workers to re-check the heap
+                continue
+            timeout = min(self._heap[0][0] - now, self.idle_timeout) if self._heap else self.idle_timeout
+            self._idle += 1
+            woken = self._cond.wait(timeout)
+            self._idle -= 1
+            if not woken and not self._heap and self._workers > 1:
+                return  # idle for a while and others remain
+
+    @staticmethod
+    def _run(task: Task) -> Optional[float]:
+        try:
+            return task.fn()
+        except Exception as e:  # A task's own errors are its business; this is the last guard.
+            log.error("%s: unexpected error: %s: %s", task.name, type(e).__name__, e)
+            return 1.0
+
+
+class _Deadline:
+    """A point in time work must finish by (None: no bound), which abort() moves to now."""
+
+    def __init__(self, timeout: Optional[float] = None):
+        self.end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        self.aborted = threading.Event()
+
+    def remaining(self) -> Optional[float]:
+        """Return the seconds left (0 when past or aborted), or None without a bound."""
+        if self.aborted.is_set():
+            return 0.0
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> bool:
+        r = self.remaining()
+        return r is not None and r <= 0
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    def join(self, thread: threading.Thread) -> bool:
+        """Wait for thread until the deadline; return whether it finished."""
+        while thread.is_alive() and not self.expired():
+            r = self.remaining()
+            thread.join(0.1 if r is None else min(0.1, r))
+        return not thread.is_alive()
+
+
+###############################################################################
 # ShadowWAL and DB
 ###############################################################################
 
@@ -2736,21 +3076,520 @@ CHECKPOINT_MODE_TRUNCATE = "TRUNCATE"
 _SEQ_UPSERT = ("INSERT INTO _litestream_seq (id, seq) VALUES (1, 1) "
                "ON CONFLICT (id) DO UPDATE SET seq = seq + 1")
 
+# The shadow WAL's invariant, which makes every partial step harmless:
+#
+#   For the current index, bytes [0, pos.offset) of its shadow file are a
+#   byte-exact copy of the real WAL's, end at a commit frame, and were
+#   fsynced before pos moved past them.  Finished indices are whole.
+#
+# Replicas read only below pos, so whatever lies past pos belongs to an
+# unfinished step and is never uploaded.  A step writes its frames past
+# pos, checks that every write wrote every byte (pwrite_all: a disk that
+# fills up returns short writes), truncates the file to the last commit
+# frame it actually wrote (shrinking only: a file is never extended over
+# bytes we did not write), fsyncs, and only then moves pos.  A step that
+# fails part way (short write, full disk, fsync error) keeps the whole
+# transactions it did write and cuts the rest, so the next step continues
+# from a consistent point; a crash leaves bytes past the last durable pos,
+# which start-up checks frame by frame and cuts after the last valid commit.
+#
+# What the copy trusts.  Frames are normally checked one by one against
+# the index's salt and the running checksum, as Go does.  When SQLite's
+# wal-index header in "-shm" (read with SQLite's two-copy and checksum
+# protocol) carries this index's salts, its mxFrame names the last
+# committed frame, and those frames are final: a committed frame is only
+# ever overwritten after a WAL restart, a restart rewrites the WAL header
+# before any frame, and the copy re-reads the header after copying (and
+# checks the last frame's salt and checksum against the wal-index).  Such
+# frames are copied without recomputing checksums SQLite already computed.
+# Without a usable "-shm" (locking_mode=EXCLUSIVE, a torn or stale header,
+# another cycle's salts) the frame-by-frame copy runs.
+
+SHADOW_WRITE_CHUNK = 4 << 20
+SHM_HEADER_SIZE = 136  # two WalIndexHdr copies (48 bytes each) and the WalCkptInfo
+WAL_INDEX_VERSION = 3007000
+
+
+@dataclass(frozen=True)
+class WALIndexHeader:
+    """The fields of SQLite's wal-index header (the start of "-shm") that the copy uses."""
+
+    change: int
+    page_size: int
+    max_frame: int
+    frame_checksum: "tuple[int, int]"
+    salt: bytes  # the 8 salt bytes exactly as in the WAL header
+
+
+def parse_wal_index_header(b: bytes, big_endian: bool = sys.byteorder == "big") -> Optional[WALIndexHeader]:
+    """Return the wal-index header in the first bytes of "-shm", or None if it is not usable.
+
+    Spec: https://www.sqlite.org/walformat.html#the_wal_index_file_format
+    The header is stored twice, in the writer's native byte order:
+      0 iVersion (3007000)  8 iChange  12 isInit  13 bigEndCksum  14 szPage
+      16 mxFrame  20 nPage  24 aFrameCksum[2]  32 aSalt[2]  40 aCksum[2]
+    aCksum is the WAL checksum (native order) of bytes 0..40.  Writers
+    store copy 2 then copy 1; a reader that sees both equal and the
+    checksum right has a consistent header, else it must not use it.
+    """
+    if len(b) < 96:
+        return None
+    h1, h2 = b[0:48], b[48:96]
+    if h1 != h2:
+        return None
+    order = ">" if big_endian else "<"
+    version, _, change, is_init, _, sz, mx, _, fc1, fc2 = struct.unpack(order + "IIIBBHIIII", h1[:32])
+    if version != WAL_INDEX_VERSION or is_init != 1:
+        return None
+    if wal_checksum(big_endian, h1[:40], 0, 0) != struct.unpack(order + "II", h1[40:48]):
+        return None
+    page_size = 65536 if sz == 1 else sz
+    return WALIndexHeader(change, page_size, mx, (fc1, fc2), bytes(h1[32:40]))
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    """What one copy step did: bytes appended to the shadow WAL, and the write error that cut it short."""
+
+    copied: int = 0
+    error: Optional[OSError] = None
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one DB.sync did.
+
+    exists is False while the database file does not exist (nothing was
+    done).  new_generation names the reason a generation was started;
+    copied counts bytes appended to the shadow WAL; checkpoint is the mode
+    of a checkpoint that ran ("" for none).
+    """
+
+    exists: bool = True
+    pos: Pos = Pos()
+    copied: int = 0
+    new_generation: str = ""
+    checkpoint: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.copied or self.new_generation or self.checkpoint)
+
+
+class ShadowWAL:
+    """The shadow WAL of one database: durable, byte-exact copies of the real WAL's cycles.
+
+    Files live in "<meta>/generations/<gen>/wal/<index %08x>.wal", one per
+    WAL cycle (index); "<meta>/generation" names the current generation.
+    pos is the end of what has been copied and made durable in the current
+    index, always at a commit frame (see the invariant above).  Only the DB
+    holding the meta directory's lock writes here; replicas read below pos.
+    """
+
+    def __init__(self, meta_path: str, logger=None):
+        self.meta_path = meta_path
+        self.logger = logger or log
+        self.page_size = 0
+        self.pos = Pos()
+        self.header = b""        # the current index's 32-byte WAL header
+        self._hdr: Optional[WALHeader] = None
+        self._checksum = (0, 0)  # the running checksum at pos
+        self._fd = -1            # the current index, open for writing
+
+    # Paths -------------------------------------------------------------------
+
+    def generation_name_path(self) -> str:
+        return os.path.join(self.meta_path, "generation")
+
+    def dir(self, generation: str) -> str:
+        return os.path.join(self.meta_path, "generations", generation, "wal")
+
+    def path(self, generation: str, index: int) -> str:
+        return os.path.join(self.dir(generation), format_wal_path(index))
+
+    def current_generation(self) -> str:
+        """Return the generation the meta directory names, or ""."""
+        try:
+            with open(self.generation_name_path()) as f:
+                g = f.read().strip()
+        except FileNotFoundError:
+            return ""
+        return g if is_generation_name(g) else ""
+
+    def indexes(self, generation: str) -> List[int]:
+        """Return the indexes with a shadow file in a generation, sorted."""
+        try:
+            names = os.listdir(self.dir(generation))
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            try:
+                out.append(parse_wal_path(n))
+            except ValueError:
+                pass
+        return sorted(out)
+
+    def size(self) -> int:
+        """Return the bytes the current generation's shadow files take."""
+        gen = self.pos.generation
+        total = 0
+        for i in self.indexes(gen) if gen else ():
+            try:
+                total += os.path.getsize(self.path(gen, i))
+            except FileNotFoundError:
+                pass
+        return total
+
+    # Opening and starting ----------------------------------------------------
+
+    def open(self, page_size: int) -> Pos:
+        """Load the current generation's last index and cut it after its last valid commit.
+
+        A crash can leave bytes past the last durable position (see the
+        invariant); they are checked frame by frame here.  Returns pos,
+        zero when there is no usable generation.
+        """
+        self.close()
+        self.page_size = page_size
+        self.pos = Pos()
+        gen = self.current_generation()
+        idx = self.indexes(gen) if gen else []
+        if not idx:
+            return self.pos
+        path = self.path(gen, idx[-1])
+        fd = os.open(path, os.O_RDWR)
+        try:
+            header = os.pread(fd, WAL_HEADER_SIZE, 0)
+            hdr = parse_wal_header(header)
+            if hdr.page_size != page_size:
+                raise CorruptFrameError("page size %d, database has %d" % (hdr.page_size, page_size))
+        except CorruptFrameError as e:
+            os.close(fd)
+            self.logger.info("shadow wal %s unusable (%s): a new generation will start", path, e)
+            return self.pos
+        s0, s1 = hdr.checksum1, hdr.checksum2
+        end = WAL_HEADER_SIZE
+        fs = page_size + WAL_FRAME_HEADER_SIZE
+        for off, frame, is_commit in iter_wal_frames(fd, WAL_HEADER_SIZE, hdr, s0, s1):
+            if is_commit:
+                end = off + fs
+                s0, s1 = struct.unpack(">II", frame[16:24])
+        size = os.fstat(fd).st_size
+        if size > end:
+            self.logger.info("shadow wal %s: cut %d bytes after the last commit frame", path, size - end)
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        self._fd, self.header, self._hdr = fd, header, hdr
+        self._checksum = (s0, s1) if end > WAL_HEADER_SIZE else (hdr.checksum1, hdr.checksum2)
+        self.pos = Pos(gen, idx[-1], end)
+        return self.pos
+
+    def new_generation(self) -> str:
+        """Create a new generation's directory and return its name (not yet current)."""
+        gen = new_generation_name()
+        os.makedirs(self.dir(gen), mode=0o700, exist_ok=True)
+        return gen
+
+    def set_current(self, generation: str) -> None:
+        """Make generation the one the meta directory names, durably."""
+        atomic_write(self.generation_name_path(), (generation + "\n").encode())
+
+    def start_index(self, generation: str, index: int, header: bytes) -> None:
+        """Start index with the real WAL's header; pos moves to just after it."""
+        hdr = parse_wal_header(header)  # A bad header checksum is an error, as in Go.
+        if hdr.page_size != self.page_size:
+            raise LitestreamError("wal page size %d does not match db page size %d"
+                                  % (hdr.page_size, self.page_size))
+        path = self.path(generation, index)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            pwrite_all(fd, header, 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fsync_dir(os.path.dirname(path))
+        self.close()
+        self._fd, self.header, self._hdr = fd, bytes(header), hdr
+        self._checksum = (hdr.checksum1, hdr.checksum2)
+        self.pos = Pos(generation, index, WAL_HEADER_SIZE)
+
+    def last_frame(self) -> bytes:
+        """Return the last frame before pos ("" at the header)."""
+        fs = self.page_size + WAL_FRAME_HEADER_SIZE
+        if self.pos.offset <= WAL_HEADER_SIZE:
+            return b""
+        return os.pread(self._fd, fs, self.pos.offset - fs)
+
+    # Copying -----------------------------------------------------------------
+
+    def copy(self, wal_fd: int, end: int, max_bytes: int = 0,
+             trusted: Optional[WALIndexHeader] = None) -> CopyResult:
+        """Append the real WAL's committed frames in [pos.offset, end) to the current index.
+
+        Only whole transactions are kept: copying stops at the first frame
+        of another salt or with a broken checksum chain, and the shadow
+        file is cut after the last commit frame written.  With max_bytes,
+        stop after the first commit at or past that many bytes.  With a
+        trusted wal-index header of this index's salts, the frames up to
+        its mxFrame are copied without checksumming (see above).  Write
+        errors do not raise: the result carries the error and the whole
+        transactions that were written before it.
+        """
+        fs = self.page_size + WAL_FRAME_HEADER_SIZE
+        start = self.pos.offset
+        if trusted is not None and trusted.salt == self.header[16:24] and trusted.page_size == self.page_size:
+            trusted_end = calc_wal_size(self.page_size, trusted.max_frame)
+            if trusted_end == start:
+                return CopyResult()  # nothing committed since the last copy
+            if start < trusted_end <= end:
+                res = self._copy_trusted(wal_fd, trusted_end, trusted, max_bytes)
+                if res is not None:
+                    return res
+        written = start  # [start, written) of the file now holds frames of this step
+        kept = start     # ... of which [start, kept) ends at a commit frame
+        kept_sum = self._checksum
+        commit_end, commit_sum = start, self._checksum
+        buf = bytearray()
+        try:
+            for off, frame, is_commit in iter_wal_frames(wal_fd, start, self._hdr, *self._checksum, end=end):
+                buf += frame
+                if is_commit:
+                    commit_end, commit_sum = off + fs, struct.unpack(">II", frame[16:24])
+                    if max_bytes and commit_end - start >= max_bytes:
+                        break
+                if len(buf) >= SHADOW_WRITE_CHUNK:
+                    pwrite_all(self._fd, buf, written)
+                    written += len(buf)
+                    buf.clear()
+                    kept, kept_sum = commit_end, commit_sum
+            if commit_end > written:
+                pwrite_all(self._fd, memoryview(buf)[:commit_end - written], written)
+                written = commit_end
+            kept, kept_sum = commit_end, commit_sum
+            err = None
+        except OSError as e:
+            err = e
+        return self._finish(start, written, kept, kept_sum, err)
+
+    def _copy_trusted(self, wal_fd: int, trusted_end: int, trusted: WALIndexHeader,
+                      max_bytes: int) -> Optional[CopyResult]:
+        # Copy [pos.offset, trusted_end) as it is, finding commit frames by
+        # their header; None means "not trusted after all": use the checked copy.
+        fs = self.page_size + WAL_FRAME_HEADER_SIZE
+        start = self.pos.offset
+        written = kept = start
+        kept_sum = self._checksum
+        step = max(1, SHADOW_WRITE_CHUNK // fs) * fs
+        err = None
+        try:
+            while written < trusted_end:
+                data = os.pread(wal_fd, min(step, trusted_end - written), written)
+                n = len(data) // fs
+                if n == 0:
+                    break
+                mv = memoryview(data)[:n * fs]
+                last_commit = -1
+                stop = False
+                for i in range(n):
+                    if mv[i * fs + 4:i * fs + 8] != b"\0\0\0\0":
+                        last_commit = i
+                        if max_bytes and written + (i + 1) * fs - start >= max_bytes:
+                            stop = True
+                            break
+                chunk_start = written
+                if last_commit < 0:
+                    pwrite_all(self._fd, mv, written)
+                    written += n * fs
+                    continue
+                upto = (last_commit + 1) * fs if stop else n * fs
+                pwrite_all(self._fd, mv[:upto], written)
+                written = chunk_start + upto
+                kept = chunk_start + (last_commit + 1) * fs
+                fh = mv[last_commit * fs:last_commit * fs + WAL_FRAME_HEADER_SIZE]
+                kept_sum = struct.unpack(">II", fh[16:24])
+                if stop:
+                    break
+        except OSError as e:
+            err = e
+        if kept > start:
+            # Trust only what is provably this cycle's committed frames: the
+            # WAL did not restart while we read (its header is unchanged),
+            # and the last frame is what the wal-index says it is.
+            last = os.pread(wal_fd, WAL_FRAME_HEADER_SIZE, kept - fs)
+            ok = os.pread(wal_fd, WAL_HEADER_SIZE, 0) == self.header and last[8:16] == self.header[16:24]
+            if ok and kept == trusted_end:
+                ok = struct.unpack(">II", last[16:24]) == trusted.frame_checksum
+            if not ok:
+                self._cut(start)
+                return None if err is None else CopyResult(0, err)
+        return self._finish(start, written, kept, kept_sum, err)
+
+    def _finish(self, start: int, written: int, kept: int, kept_sum, err: Optional[OSError]) -> CopyResult:
+        # Cut what is past the last whole transaction, make the rest durable, then move pos.
+        try:
+            if written > kept:
+                os.ftruncate(self._fd, kept)
+            if kept > start:
+                os.fsync(self._fd)
+        except OSError as e:
+            self._cut(start)
+            return CopyResult(0, err or e)
+        if kept > start:
+            self.pos = Pos(self.pos.generation, self.pos.index, kept)
+            self._checksum = tuple(kept_sum)
+        return CopyResult(kept - start, err)
+
+    def _cut(self, offset: int) -> None:
+        # Best effort: bytes past pos are never read, and the next step overwrites them.
+        try:
+            os.ftruncate(self._fd, offset)
+        except OSError:
+            pass
+
+    # Reading -----------------------------------------------------------------
+
+    def range(self, pos: Pos) -> "Optional[tuple[Pos, int]]":
+        """Return (start, end) of the shadow bytes a replica at pos has not sent.
+
+        Moves to the next index when pos is at the end of a finished one;
+        returns None when there is nothing new.
+        """
+        cur = self.pos
+        if pos.generation != cur.generation:
+            raise LitestreamError("generation changed: replica at %s, db at %s" % (pos, cur))
+        while True:
+            if pos.index == cur.index:
+                end = cur.offset
+            else:
+                try:
+                    end = frame_align(os.path.getsize(self.path(pos.generation, pos.index)), self.page_size)
+                except FileNotFoundError:
+                    raise LitestreamError("shadow wal missing for %s" % pos) from None
+            if pos.offset > end:
+                raise LitestreamError("wal reader offset too high: %s > %d" % (pos, end))
+            if pos.offset < end:
+                return pos, end
+            if pos.index >= cur.index:
+                return None
+            pos = Pos(pos.generation, pos.index + 1, 0)
+
+    def read_chunks(self, pos: Pos, end: int, chunk: int = 1 << 20):
+        """Yield the shadow bytes [pos.offset, end) of pos.index."""
+        with open(self.path(pos.generation, pos.index), "rb") as f:
+            try:
+                yield from pread_chunks(f.fileno(), pos.offset, end, chunk)
+            except LitestreamError:
+                raise LitestreamError("shadow wal shrank while reading %s" % pos) from None
+
+    # Cleanup -----------------------------------------------------------------
+
+    def remove_below(self, index: int) -> None:
+        """Delete the current generation's files of indexes below index."""
+        gen = self.pos.generation
+        for i in self.indexes(gen) if gen else ():
+            if i < index:
+                remove_quietly(self.path(gen, i))
+
+    def remove_other_generations(self) -> None:
+        """Delete every generation directory but the current one."""
+        gen = self.current_generation()
+        d = os.path.join(self.meta_path, "generations")
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return
+        for n in names:
+            if n != gen:
+                shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+
+    def remove_generation(self) -> None:
+        """Forget the current generation and delete its files."""
+        gen = self.pos.generation or self.current_generation()
+        self.close()
+        remove_quietly(self.generation_name_path())
+        if gen:
+            shutil.rmtree(os.path.join(self.meta_path, "generations", gen), ignore_errors=True)
+        self.pos = Pos()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _DBLock:
+    """One replicator per database: an exclusive flock on "<meta>/lock" for the replicator's life.
+
+    flock locks are separate from SQLite's fcntl locks (and on another
+    file), so they never block the application, restore or listings.  The
+    holder's PID is written into the file for the error a second replicator
+    gets; restore and the listing commands never take the lock.
+    """
+
+    def __init__(self, meta_path: str, db_path: str):
+        self.path = os.path.join(meta_path, "lock")
+        os.makedirs(meta_path, mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LitestreamError("%s: cannot lock %s: %s" % (db_path, self.path, e.strerror)) from None
+            raise LitestreamError("%s: already replicated by another litestream (pid %s, lock %s)"
+                                  % (db_path, pid or "unknown", self.path)) from None
+        os.ftruncate(fd, 0)
+        pwrite_all(fd, ("%d\n" % os.getpid()).encode(), 0)
+        self._fd = fd
+
+    @staticmethod
+    def holder(meta_path: str) -> int:
+        """Return the PID of the replicator holding a meta directory's lock, or 0."""
+        path = os.path.join(meta_path, "lock")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return 0
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
+
 
 class DB:
-    """A SQLite database being replicated: the shadow WAL and checkpoints.
+    """A SQLite database being replicated: the shadow WAL, checkpoints and the sync loop.
 
     Tunables (as Go's DB fields):
-      monitor_interval       seconds between syncs; 0 starts no thread.
+      monitor_interval       seconds between syncs; 0 runs no background work.
       checkpoint_interval    PASSIVE checkpoint once the DB file is this old.
       min_checkpoint_page_n  PASSIVE checkpoint at this many WAL pages.
       max_checkpoint_page_n  RESTART checkpoint at this many pages; 0 = never.
       truncate_page_n        TRUNCATE checkpoint at this many pages; 0 = never.
+      scheduler, replica_scheduler  the Scheduler running this DB's syncs and
+        its replicas' uploads (shared by a Replicator); a DB makes its own
+        when none is given.
 
-    The shadow WAL lives in meta_path ("<dir>/.<file>-litestream"): a
-    "generation" file naming the current generation, and per generation
-    "generations/<gen>/wal/<index>.wal", byte-exact copies of the real WAL,
-    one file per WAL cycle (index), cut at commit boundaries.
+    Lifecycle: open() takes the database's replicator lock, initialises it
+    if the file exists (else waits for it) and starts the background sync,
+    which starts the replicas when the database is first initialised (as
+    Go's does).  sync() runs one step by hand.  close() runs the final sync
+    of the DB and of every replica and releases everything; a DB is also a
+    context manager doing both.
     """
 
     def __init__(self, path: str, *, name: str = "", meta_path: str = "",
@@ -2759,6 +3598,8 @@ class DB:
                  min_checkpoint_page_n: int = DEFAULT_MIN_CHECKPOINT_PAGE_N,
                  max_checkpoint_page_n: int = DEFAULT_MAX_CHECKPOINT_PAGE_N,
                  truncate_page_n: int = DEFAULT_TRUNCATE_PAGE_N,
+                 scheduler: Optional[Scheduler] = None,
+                 replica_scheduler: Optional[Scheduler] = None,
                  clock=time.time):
         self.path = os.path.abspath(os.path.expanduser(path))
         self.name = name or self.path
@@ -2769,20 +3610,35 @@ class DB:
         self.min_checkpoint_page_n = min_checkpoint_page_n
         self.max_checkpoint_page_n = max_checkpoint_page_n
         self.truncate_page_n = truncate_page_n
+        self.scheduler = scheduler
+        self.replica_scheduler = replica_scheduler
         self.clock = clock
         self.replicas: List[Replica] = []
         self.page_size = 0
+        self.logger = logging.LoggerAdapter(log, {})
+        self.shadow = ShadowWAL(self.meta_path, self.logger)
 
         self._lock = threading.RLock()       # Go's db.mu: one sync at a time.
         self._chk_lock = threading.Lock()    # Go's chkMu: snapshots hold off checkpoints.
         self._notify = threading.Event()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self._conn: Optional[sqlite3.Connection] = None    # writes and checkpoints
         self._rconn: Optional[sqlite3.Connection] = None   # the long-running read tx
-        self._db_file = None                                # kept open: see open_db_file
-        self._pos = Pos()
-        self.logger = logging.LoggerAdapter(log, {})
+        self._db_file = None     # kept open for the process's life: see _init
+        self._wal_fd = -1        # the WAL of the database we opened, read through this fd
+        self._shm_fd = -1        # its wal-index, when there is one
+        self._db_lock: Optional[_DBLock] = None
+        self._task: Optional[Task] = None
+        self._own_schedulers: List[Scheduler] = []
+        self._background = False
+        self._opened = False
+        self._closed = False
+        self._replicas_started = False
+        self._new_generation_reason = ""   # set when the next sync must start a generation
+        self._enospc = 0                   # syncs in a row that could not copy anything: disk full
+        self._enospc_replica_pos: Dict[str, Pos] = {}
+
+    def __repr__(self) -> str:
+        return "DB(%r)" % self.path
 
     # Paths -------------------------------------------------------------------
 
@@ -2790,55 +3646,147 @@ class DB:
     def wal_path(self) -> str:
         return self.path + "-wal"
 
+    @property
+    def shm_path(self) -> str:
+        return self.path + "-shm"
+
     def generation_name_path(self) -> str:
-        return os.path.join(self.meta_path, "generation")
+        return self.shadow.generation_name_path()
 
     def shadow_wal_dir(self, generation: str) -> str:
-        return os.path.join(self.meta_path, "generations", generation, "wal")
+        return self.shadow.dir(generation)
 
     def shadow_wal_path(self, generation: str, index: int) -> str:
-        return os.path.join(self.shadow_wal_dir(generation), format_wal_path(index))
+        return self.shadow.path(generation, index)
+
+    def current_generation(self) -> str:
+        """Return the current generation from the meta dir, or ""."""
+        return self.shadow.current_generation()
 
     # Lifecycle ---------------------------------------------------------------
 
-    def open(self) -> None:
-        """Start the monitor thread (unless monitor_interval is 0)."""
-        os.makedirs(self.meta_path, mode=0o700, exist_ok=True)
-        if self.monitor_interval > 0:
-            self._thread = threading.Thread(target=self._monitor, daemon=False,
-                                            name="litestream-sync:%s" % self.name)
-            self._thread.start()
+    def open(self, background: Optional[bool] = None) -> "DB":
+        """Lock the database for this replicator, initialise it if it exists, and start syncing.
 
-    def close(self) -> None:
-        """Stop syncing, run a final sync of the DB and every replica, release SQLite.
-
-        The first error is raised after everything has been closed.
+        background (default: monitor_interval > 0) runs the sync loop and,
+        once the database is initialised, the replicas' loops.  Raises
+        LitestreamError if another replicator holds the database, or if the
+        file exists but cannot be replicated (not SQLite, stuck in rollback
+        mode); nothing is left locked then.
         """
-        first = None
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._opened:
+            raise LitestreamError("%s: already open" % self.path)
+        self._db_lock = _DBLock(self.meta_path, self.path)
+        self._opened = True
+        self._background = self.monitor_interval > 0 if background is None else background
         try:
-            if self._conn is not None or os.path.exists(self.path):
+            if self._background:
+                if self.scheduler is None:
+                    self.scheduler = Scheduler("sync", 1)
+                    self._own_schedulers.append(self.scheduler)
+                if self.replica_scheduler is None:
+                    self.replica_scheduler = Scheduler("replica", max(2, len(self.replicas)))
+                    self._own_schedulers.append(self.replica_scheduler)
+            # A database that exists must be usable now: a file that is not
+            # SQLite fails at start instead of logging an error every second.
+            if os.path.exists(self.path):
                 self.sync()
-            with self._lock:
-                self._write_shutdown_record()
-        except Exception as e:  # Keep closing; report the first error.
-            first = first or e
-            self.logger.error("%s: final sync: %s", self.name, e)
+        except BaseException:
+            self._release()
+            raise
+        if self._background:
+            self._task = self.scheduler.task(self._monitor_step, "sync:%s" % self.name)
+            # Spread many databases over the interval instead of waking them together.
+            self._task.schedule(random.uniform(0, self.monitor_interval) if self.monitor_interval > 0 else 0)
+        return self
+
+    def __enter__(self) -> "DB":
+        if not self._opened:
+            self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self, timeout: Optional[float] = None, *, deadline: Optional[_Deadline] = None) -> None:
+        """Stop syncing, run the final sync of the DB and then of every replica, release everything.
+
+        With timeout (or a shared deadline), replicas still uploading when
+        it passes are abandoned and reported.  Closing always finishes; the
+        first error is raised afterwards.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        dl = deadline or _Deadline(timeout)
+        first: Optional[BaseException] = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task.wait_idle(dl.remaining())
         for r in self.replicas:
             r.stop()
-            try:
-                r.sync()
-            except Exception as e:
-                first = first or e
-                self.logger.error("%s(%s): final replica sync: %s", self.name, r.name, e)
+        try:
+            if self._lock.acquire(timeout=-1 if dl.remaining() is None else dl.remaining()):
+                try:
+                    if self._conn is not None or (self._opened and os.path.exists(self.path)):
+                        self.sync()
+                        self._write_shutdown_record()
+                finally:
+                    self._lock.release()
+            else:
+                raise LitestreamError("%s: final sync: timed out waiting for a sync in progress" % self.name)
+        except Exception as e:  # Keep closing; report the first error.
+            first = e
+            self.logger.error("%s: final sync: %s", self.name, e)
+        if self._conn is not None:
+            e = self._final_replica_syncs(dl)
+            first = first or e
+        for r in self.replicas:
             r.client.close()
         with self._lock:
             self._close_sqlite()
+            self.shadow.close()
+        self._release()
         if first is not None:
             raise first
+
+    def _final_replica_syncs(self, dl: _Deadline) -> Optional[BaseException]:
+        # Each replica uploads on its own thread so one slow store cannot
+        # use up the others' time; a replica still busy at the deadline is
+        # aborted and reported with what it is missing.
+        errors: Dict[str, BaseException] = {}
+
+        def run(r):
+            try:
+                r.final_sync(dl)
+            except BaseException as e:
+                errors[r.name] = e
+
+        threads = [threading.Thread(target=run, args=(r,), daemon=True,
+                                    name="litestream-final:%s:%s" % (self.name, r.name)) for r in self.replicas]
+        for t in threads:
+            t.start()
+        first = None
+        for r, t in zip(self.replicas, threads):
+            if not dl.join(t):
+                r.client.abort()
+                t.join(2.0)
+                errors.setdefault(r.name, LitestreamError(
+                    "%s(%s): final sync did not finish in time" % (self.name, r.name)))
+            e = errors.get(r.name)
+            if e is not None:
+                self.logger.error("%s(%s): not replicated: replica at %s, db at %s (%s): %s",
+                                  self.name, r.name, r.pos or "nothing", self.pos(), r.behind(), e)
+                first = first or e
+        return first
+
+    def _release(self) -> None:
+        for s in self._own_schedulers:
+            s.close()
+        self._own_schedulers = []
+        if self._db_lock is not None:
+            self._db_lock.release()
+            self._db_lock = None
 
     def _close_sqlite(self) -> None:
         for c in (self._rconn, self._conn):
@@ -2848,6 +3796,10 @@ class DB:
                 except sqlite3.Error:
                     pass
         self._rconn = self._conn = None
+        for fd in (self._wal_fd, self._shm_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._wal_fd = self._shm_fd = -1
         # Closing our fd of the DB file last: POSIX drops every lock this
         # process holds on the file when any of its fds closes, and SQLite's
         # connections are gone by now.
@@ -2855,20 +3807,27 @@ class DB:
             self._db_file.close()
             self._db_file = None
 
-    def _monitor(self) -> None:
-        while not self._stop.wait(self.monitor_interval):
-            try:
-                self.sync()
-            except Exception as e:
-                self.logger.error("%s: sync error: %s", self.name, e)
+    def _monitor_step(self) -> Optional[float]:
+        t0 = time.monotonic()
+        try:
+            self.sync()
+        except Exception as e:
+            self.logger.error("%s: sync error: %s", self.name, e)
+        return max(0.0, self.monitor_interval - (time.monotonic() - t0))
 
     def notify(self) -> threading.Event:
         """Return the event that is set the next time the shadow WAL changes."""
         return self._notify
 
+    def _broadcast(self) -> None:
+        self._notify.set()
+        self._notify = threading.Event()
+        for r in self.replicas:
+            r.wake()
+
     def pos(self) -> Pos:
         """Return the shadow WAL position: (generation, index, committed size)."""
-        return self._pos
+        return self.shadow.pos
 
     # Init --------------------------------------------------------------------
 
@@ -2904,6 +3863,15 @@ class DB:
             _keep_wal_on_close(rconn)
             rconn.execute("PRAGMA wal_autocheckpoint = 0")
             self._acquire_read_lock()
+            self._ensure_wal_exists()
+            # The WAL and wal-index of the database we opened: while our
+            # connections are open SQLite keeps them, and reading through
+            # our own fds keeps a database renamed over ours from mixing in.
+            self._wal_fd = os.open(self.wal_path, os.O_RDONLY)
+            try:
+                self._shm_fd = os.open(self.shm_path, os.O_RDONLY)
+            except OSError:
+                self._shm_fd = -1
         except sqlite3.DatabaseError as e:
             self._close_sqlite_after_failed_init(f)
             raise LitestreamError("%s: %s" % (self.path, e)) from e
@@ -2912,21 +3880,24 @@ class DB:
             raise
         os.makedirs(self.meta_path, mode=0o700, exist_ok=True)
         record = self._take_shutdown_record()
-        self._ensure_wal_exists()
+        self.shadow.open(self.page_size)
         # If the real WAL no longer continues the last shadow WAL, the
         # position is unknown unless our clean-shutdown record proves the
         # database file is still exactly what the shadow WAL describes;
         # otherwise clear the generation so sync starts a new one.
-        gen = self.current_generation()
-        if gen and not self._headers_match(gen):
+        gen = self.shadow.pos.generation
+        if gen and not self._new_generation_reason and not self._headers_match():
             why = self._resume_after_shutdown(gen, record)
             if why:
                 self.logger.info("%s: init: cannot determine last wal position, clearing generation (%s)",
                                  self.name, why)
-                os.unlink(self.generation_name_path())
-        self._load_pos()
-        self._clean_generations()
+                self.shadow.remove_generation()
+        self.shadow.remove_other_generations()
         self.logger.info("%s: initialized db path=%s", self.name, self.path)
+        if self._background and not self._replicas_started:
+            self._replicas_started = True
+            for r in self.replicas:
+                r.start()
 
     # Clean-shutdown record ----------------------------------------------------
     #
@@ -2951,19 +3922,13 @@ class DB:
 
     def _hash_db_file(self) -> str:
         h = hashlib.sha256()
-        fd = self._db_file.fileno()
-        off = 0
-        while True:
-            b = os.pread(fd, 4 << 20, off)
-            if not b:
-                return h.hexdigest()
+        for b in pread_chunks(self._db_file.fileno()):
             h.update(b)
-            off += len(b)
+        return h.hexdigest()
 
     def _write_shutdown_record(self) -> None:
         """Record the database's state at a clean shutdown (see above)."""
-        pos = self._pos
-        if self._conn is None or not pos.generation:
+        if self._conn is None or not self.shadow.pos.generation:
             return
         try:
             with self._locked_backfill(False, reacquire=False) as (n_log, n_ckpt):
@@ -2976,19 +3941,11 @@ class DB:
         if n_log != n_ckpt:
             self.logger.info("%s: shutdown: other readers hold the wal; no shutdown record", self.name)
             return
-        pos = self._pos
-        with open(self.shadow_wal_path(pos.generation, pos.index), "rb") as f:
-            hdr = f.read(WAL_HEADER_SIZE)
+        pos = self.shadow.pos
         rec = {"generation": pos.generation, "index": pos.index, "offset": pos.offset,
-               "wal_header": hdr.hex(), "db_size": os.fstat(self._db_file.fileno()).st_size,
+               "wal_header": self.shadow.header.hex(), "db_size": os.fstat(self._db_file.fileno()).st_size,
                "db_sha256": self._hash_db_file()}
-        tmp = self.shutdown_record_path() + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rec, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.shutdown_record_path())
-        fsync_dir(self.meta_path)
+        atomic_write(self.shutdown_record_path(), json.dumps(rec).encode())
 
     def _take_shutdown_record(self) -> Optional[dict]:
         """Read and remove the shutdown record; it is good for one start only."""
@@ -3000,7 +3957,7 @@ class DB:
             return None
         except (OSError, ValueError):
             rec = None
-        os.unlink(path)
+        remove_quietly(path)
         return rec if isinstance(rec, dict) else None
 
     def _resume_after_shutdown(self, gen: str, rec: Optional[dict]) -> str:
@@ -3010,22 +3967,17 @@ class DB:
         """
         if rec is None:
             return "no clean-shutdown record"
-        idx = self._shadow_indexes(gen)
-        if not idx or rec.get("generation") != gen or rec.get("index") != idx[-1]:
+        pos = self.shadow.pos
+        if rec.get("generation") != gen or rec.get("index") != pos.index:
             return "shutdown record is for another position"
-        spath = self.shadow_wal_path(gen, idx[-1])
-        with open(spath, "rb") as f:
-            hdr = f.read(WAL_HEADER_SIZE)
-        if (frame_align(os.path.getsize(spath), self.page_size) != rec.get("offset")
-                or hdr.hex() != rec.get("wal_header")):
+        if pos.offset != rec.get("offset") or self.shadow.header.hex() != rec.get("wal_header"):
             return "shadow wal changed since shutdown"
         if (os.fstat(self._db_file.fileno()).st_size != rec.get("db_size")
                 or self._hash_db_file() != rec.get("db_sha256")):
             return "database file changed while litestream was stopped"
-        self._pos = Pos(gen, idx[-1], rec["offset"])
-        self._init_shadow_wal(gen, idx[-1] + 1)
+        self._start_index(gen, pos.index + 1)
         self.logger.info("%s: init: database unchanged since clean shutdown, continuing generation %s "
-                         "at index %08x", self.name, gen, idx[-1] + 1)
+                         "at index %08x", self.name, gen, pos.index + 1)
         return ""
 
     def _close_sqlite_after_failed_init(self, f) -> None:
@@ -3034,8 +3986,9 @@ class DB:
         self._close_sqlite()
 
     def _acquire_read_lock(self) -> None:
-        self._rconn.execute("BEGIN")
-        self._rconn.execute("SELECT COUNT(1) FROM _litestream_seq").fetchone()
+        if not self._rconn.in_transaction:
+            self._rconn.execute("BEGIN")
+            self._rconn.execute("SELECT COUNT(1) FROM _litestream_seq").fetchone()
 
     def _release_read_lock(self) -> None:
         if self._rconn.in_transaction:
@@ -3049,103 +4002,159 @@ class DB:
             pass
         self._conn.execute(_SEQ_UPSERT)
 
-    def current_generation(self) -> str:
-        """Return the current generation from the meta dir, or ""."""
-        try:
-            with open(self.generation_name_path()) as f:
-                g = f.read().strip()
-        except FileNotFoundError:
-            return ""
-        return g if is_generation_name(g) else ""
+    def _headers_match(self) -> bool:
+        return os.pread(self._wal_fd, WAL_HEADER_SIZE, 0) == self.shadow.header
 
-    def _shadow_indexes(self, generation: str) -> List[int]:
-        out = []
+    def _replaced(self) -> str:
+        """Return why the files at our paths are no longer the ones we opened, or ""."""
         try:
-            names = os.listdir(self.shadow_wal_dir(generation))
+            st = os.stat(self.path)
         except FileNotFoundError:
-            return out
-        for n in names:
-            try:
-                out.append(parse_wal_path(n))
-            except ValueError:
-                pass
-        return sorted(out)
-
-    def _load_pos(self) -> None:
-        gen = self.current_generation()
-        idx = self._shadow_indexes(gen) if gen else []
-        if not idx:
-            self._pos = Pos()
-            return
-        size = os.path.getsize(self.shadow_wal_path(gen, idx[-1]))
-        self._pos = Pos(gen, idx[-1], frame_align(size, self.page_size))
-
-    def _headers_match(self, gen: str) -> bool:
-        idx = self._shadow_indexes(gen)
-        if not idx:
-            return False
+            return "database file removed"
+        fst = os.fstat(self._db_file.fileno())
+        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+            return "database file replaced"
         try:
-            with open(self.wal_path, "rb") as f:
-                h0 = f.read(WAL_HEADER_SIZE)
-            with open(self.shadow_wal_path(gen, idx[-1]), "rb") as f:
-                h1 = f.read(WAL_HEADER_SIZE)
+            st = os.stat(self.wal_path)
         except FileNotFoundError:
-            return False
-        return len(h0) == WAL_HEADER_SIZE and h0 == h1
+            return "wal file removed"
+        fst = os.fstat(self._wal_fd)
+        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+            return "wal file replaced"
+        return ""
 
     # Sync --------------------------------------------------------------------
 
-    def sync(self) -> bool:
+    def sync(self) -> SyncResult:
         """Copy new committed WAL frames to the shadow WAL and checkpoint if due.
 
-        Returns False (and does nothing) while the database file does not
-        exist.  Wakes the replicas when the shadow WAL changed.
+        Does nothing while the database file does not exist (the result's
+        exists is False).  Wakes the replicas when the shadow WAL changed,
+        and raises LitestreamError when the shadow WAL could not be written
+        (after waking them for what was written).
         """
         with self._lock:
+            if self._conn is not None:
+                why = self._replaced()
+                if why:
+                    # A database renamed over ours (or removed): never mix
+                    # its WAL with our file.  Start again from the new file.
+                    self.logger.warning("%s: %s while replicating: reopening", self.name, why)
+                    self._close_sqlite()
+                    self.shadow.close()
+                    self._new_generation_reason = why
             if self._conn is None:
                 if not os.path.exists(self.path):
-                    return False
+                    return SyncResult(exists=False)
                 self._init()
             self._ensure_wal_exists()
-
-            changed = False
-            reason, restart, wal_size, db_mtime = self._verify()
-            if reason:
-                self._create_generation(reason)
-                changed = True
-            elif restart:
-                # The real WAL restarted but our last frame is intact: copy
-                # what is left of the old cycle, then start the next index.
-                self._copy_to_shadow()
-                self._init_shadow_wal(self._pos.generation, self._pos.index + 1)
-                changed = True
-            else:
-                # Copy in bounded chunks and wake the replicas after each,
-                # so they upload while a large backlog is still being copied.
-                # (One notification per sync otherwise: a second one would
-                # put the replicas a whole interval out of phase.)
-                n = self._copy_to_shadow(max_bytes=SHADOW_COPY_CHUNK)
-                while n > 0:
-                    changed = True
-                    if n < SHADOW_COPY_CHUNK:
-                        break  # caught up with the WAL as it was at the start
-                    self._notify.set()
-                    self._notify = threading.Event()
-                    n = self._copy_to_shadow(max_bytes=SHADOW_COPY_CHUNK)
-
+            copied, new_gen, mode, changed = 0, "", "", False
             try:
-                mode = self._checkpoint_mode(frame_align(wal_size, self.page_size),
-                                             self._pos.offset, db_mtime)
-                if mode and self.checkpoint(mode):
+                reason, restart, wal_size = self._verify()
+                if reason:
+                    self._create_generation(reason)
+                    new_gen, changed = reason, True
+                elif restart:
+                    # The real WAL restarted but our last frame is intact: copy
+                    # what is left of the old cycle, then start the next index.
+                    copied += self._copy_or_raise(None, trusted=False)
+                    self._start_index(self.shadow.pos.generation, self.shadow.pos.index + 1)
                     changed = True
-                self._clean_wal()
+                else:
+                    # Copy in bounded chunks and wake the replicas after each,
+                    # so they upload while a large backlog is still being copied.
+                    # (One notification per sync otherwise: a second one would
+                    # put the replicas a whole interval out of phase.)
+                    limit = frame_align(wal_size, self.page_size)
+                    while True:
+                        n = self._copy_or_raise(limit, SHADOW_COPY_CHUNK)
+                        copied += n
+                        if n < SHADOW_COPY_CHUNK:
+                            break  # caught up with the WAL as it was at the start
+                        self._broadcast()
+                self._enospc = 0
+                db_mtime = os.fstat(self._db_file.fileno()).st_mtime
+                mode = self._checkpoint_mode(frame_align(wal_size, self.page_size), self.shadow.pos.offset, db_mtime)
+                if mode and not self.checkpoint(mode):
+                    mode = ""
+            except _ShadowWriteError as e:
+                self._shadow_write_failed(e.err, e.copied + copied)
             finally:
-                # Wake the replicas for what was copied even if the
-                # checkpoint failed.
-                if changed:
-                    self._notify.set()
-                    self._notify = threading.Event()
-            return True
+                # Wake the replicas for what was copied even if a later step failed.
+                if copied or changed or mode:
+                    self._broadcast()
+                self._clean_wal()
+            return SyncResult(True, self.shadow.pos, copied, new_gen, mode)
+
+    def _copy_or_raise(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True) -> int:
+        res = self._copy(end, max_bytes, trusted)
+        if res.error is not None:
+            raise _ShadowWriteError(res.error, res.copied)
+        return res.copied
+
+    def _copy(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True) -> CopyResult:
+        """Copy committed frames up to end (None: the WAL's current size) into the shadow WAL."""
+        if end is None:
+            end = frame_align(os.fstat(self._wal_fd).st_size, self.page_size)
+        hdr = self._wal_index_header() if trusted else None
+        return self.shadow.copy(self._wal_fd, end, max_bytes, hdr)
+
+    def _wal_index_header(self) -> Optional[WALIndexHeader]:
+        if self._shm_fd < 0:
+            return None
+        for _ in range(3):  # A header caught mid-update is read again.
+            try:
+                h = parse_wal_index_header(os.pread(self._shm_fd, SHM_HEADER_SIZE, 0))
+            except OSError:
+                return None
+            if h is not None:
+                return h
+        return None
+
+    def _shadow_write_failed(self, err: OSError, copied: int) -> None:
+        """Report a shadow WAL write error; give up the generation if a full disk will not let it go on."""
+        path = self.shadow_wal_path(self.shadow.pos.generation, self.shadow.pos.index) \
+            if self.shadow.pos.generation else self.meta_path
+        full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        if full and copied == 0:
+            if self._enospc == 0:
+                self._enospc_replica_pos = {r.name: r.pos for r in self.replicas}
+            self._enospc += 1
+        else:
+            self._enospc = 0
+        # A full disk that replicas cannot drain (they are stuck, or what
+        # they would free is the current index itself) would pin the WAL
+        # and grow it until the application's disk fills too: after a few
+        # tries, drop the generation (its replica stays a clean prefix) and
+        # let a new one start from a snapshot once space returns.
+        if self._enospc >= 3:
+            gen = self.shadow.pos.generation
+            moving = any(r.pos != self._enospc_replica_pos.get(r.name) for r in self.replicas)
+            drainable = any(r.pos.generation == gen and r.pos.index < self.shadow.pos.index - 1
+                            for r in self.replicas)
+            if not (moving and drainable):
+                self._abandon_generation("shadow wal disk full (%s)" % path)
+                self._enospc = 0
+        raise LitestreamError("%s: cannot write shadow wal %s: %s" % (self.name, path, err)) from err
+
+    def _abandon_generation(self, why: str) -> None:
+        pos = self.shadow.pos
+        self.logger.warning("%s: sync: giving up generation %s at %s: %s; a new generation will start "
+                            "from a snapshot", self.name, pos.generation, pos, why)
+        self.shadow.remove_generation()
+        self._new_generation_reason = why
+        # Nothing in the WAL needs protecting now: let it be checkpointed
+        # and truncated, so the new generation starts from a small WAL.
+        try:
+            with self._locked_backfill(True, reacquire=False, copy=False):
+                pass
+            self._conn.execute("PRAGMA journal_size_limit = 0")
+            try:
+                self._conn.execute(_SEQ_UPSERT)
+            finally:
+                self._conn.execute("PRAGMA journal_size_limit = -1")
+        except (LitestreamError, sqlite3.Error) as e:
+            self.logger.warning("%s: sync: checkpoint after giving up the generation: %s", self.name, e)
 
     def _checkpoint_mode(self, orig_wal_size: int, shadow_size: int, db_mtime: float) -> str:
         ps = self.page_size
@@ -3161,115 +4170,52 @@ class DB:
             return CHECKPOINT_MODE_PASSIVE
         return ""
 
-    def _verify(self) -> "tuple[str, bool, int, float]":
-        """Return (new-generation reason or "", restart, real WAL size, DB mtime)."""
-        db_mtime = os.stat(self.path).st_mtime
-        wal_size = os.path.getsize(self.wal_path)
-        gen = self.current_generation()
-        if not gen:
-            return "no generation exists", False, wal_size, db_mtime
-        idx = self._shadow_indexes(gen)
-        if not idx:
-            return "no shadow wal", False, wal_size, db_mtime
-        index = idx[-1]
-        if index >= MAX_INDEX:
-            return "max index exceeded", False, wal_size, db_mtime
-        spath = self.shadow_wal_path(gen, index)
-        shadow_size = frame_align(os.path.getsize(spath), self.page_size)
-        if self._pos.generation == gen and self._pos.index == index:
-            shadow_size = min(shadow_size, self._pos.offset)
-        if shadow_size < WAL_HEADER_SIZE:
-            return "short shadow wal", False, wal_size, db_mtime
-        if shadow_size > wal_size:
-            return "wal truncated by another process", False, wal_size, db_mtime
-        with open(self.wal_path, "rb") as wf, open(spath, "rb") as sf:
-            restart = wf.read(WAL_HEADER_SIZE) != sf.read(WAL_HEADER_SIZE)
-            if shadow_size == WAL_HEADER_SIZE and restart:
-                return "wal header only, mismatched", False, wal_size, db_mtime
-            if shadow_size > WAL_HEADER_SIZE:
-                fs = self.page_size + WAL_FRAME_HEADER_SIZE
-                off = shadow_size - fs
-                if os.pread(wf.fileno(), fs, off) != os.pread(sf.fileno(), fs, off):
-                    return "wal overwritten by another process", False, wal_size, db_mtime
-        self._pos = Pos(gen, index, shadow_size)
-        return "", restart, wal_size, db_mtime
+    def _verify(self) -> "tuple[str, bool, int]":
+        """Return (new-generation reason or "", WAL restarted, real WAL size)."""
+        wal_size = os.fstat(self._wal_fd).st_size
+        if self._new_generation_reason:
+            return self._new_generation_reason, False, wal_size
+        pos = self.shadow.pos
+        if not pos.generation:
+            return "no generation exists", False, wal_size
+        if pos.index >= MAX_INDEX:
+            return "max index exceeded", False, wal_size
+        if pos.offset < WAL_HEADER_SIZE:
+            return "short shadow wal", False, wal_size
+        if pos.offset > wal_size:
+            return "wal truncated by another process", False, wal_size
+        restart = not self._headers_match()
+        if pos.offset == WAL_HEADER_SIZE and restart:
+            return "wal header only, mismatched", False, wal_size
+        if pos.offset > WAL_HEADER_SIZE:
+            fs = self.page_size + WAL_FRAME_HEADER_SIZE
+            if os.pread(self._wal_fd, fs, pos.offset - fs) != self.shadow.last_frame():
+                return "wal overwritten by another process", False, wal_size
+        return "", restart, wal_size
 
     def _create_generation(self, reason: str) -> None:
-        gen = new_generation_name()
-        os.makedirs(self.shadow_wal_dir(gen), mode=0o700, exist_ok=True)
-        self._init_shadow_wal(gen, 0)
-        tmp = self.generation_name_path() + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(gen + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.generation_name_path())
-        fsync_dir(self.meta_path)
+        # The read lock protects the frames about to be copied; it is not
+        # held while there is no generation (see _shadow_write_failed).
+        self._acquire_read_lock()
+        gen = self.shadow.new_generation()
+        try:
+            self._start_index(gen, 0)
+            self.shadow.set_current(gen)
+        except BaseException:
+            self.shadow.remove_generation()
+            self._release_read_lock()
+            raise
+        self._new_generation_reason = ""
         self.logger.info("%s: sync: new generation %s reason=%s", self.name, gen, reason)
-        self._clean_generations()
+        self.shadow.remove_other_generations()
 
-    def _init_shadow_wal(self, generation: str, index: int) -> None:
+    def _start_index(self, generation: str, index: int) -> None:
         """Start shadow index from the real WAL's header, then copy its frames."""
-        with open(self.wal_path, "rb") as f:
-            hb = f.read(WAL_HEADER_SIZE)
-        hdr = parse_wal_header(hb)  # A bad header checksum is an error, as in Go.
-        if hdr.page_size != self.page_size:
-            raise LitestreamError("%s: wal page size %d does not match db page size %d"
-                                  % (self.path, hdr.page_size, self.page_size))
-        path = self.shadow_wal_path(generation, index)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(hb)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(os.path.dirname(path))
-        self._pos = Pos(generation, index, WAL_HEADER_SIZE)
-        self._copy_to_shadow()
-
-    def _copy_to_shadow(self, max_bytes: int = 0) -> int:
-        """Append the real WAL's new committed frames to the current shadow WAL.
-
-        Frames are checked against the shadow header's salt and the running
-        checksum; copying stops at the first frame that fails, and only
-        whole transactions (up to the last commit frame) are kept.  Frames go
-        to the file as they are read, so a large transaction costs no memory;
-        self._pos only moves past them once their commit frame is on disk.
-        With max_bytes, stop after the first commit at or past that many
-        bytes.  Returns the number of bytes added.
-        """
-        pos = self._pos
-        path = self.shadow_wal_path(pos.generation, pos.index)
-        fs = self.page_size + WAL_FRAME_HEADER_SIZE
-        with open(self.wal_path, "rb") as wf, open(path, "r+b") as sf:
-            hdr = parse_wal_header(os.pread(sf.fileno(), WAL_HEADER_SIZE, 0))
-            s0, s1 = read_last_checksum(sf, pos.offset, self.page_size)
-            commit_end = pos.offset
-            write_off = pos.offset
-            buf = bytearray()
-            # Copy only what the WAL holds now: under a steady stream of
-            # commits, reading to EOF would never finish, and the replicas
-            # are only woken when a sync returns.
-            limit = frame_align(os.fstat(wf.fileno()).st_size, self.page_size)
-            for off, frame, is_commit in iter_wal_frames(wf, pos.offset, hdr, s0, s1, end=limit):
-                buf += frame
-                if is_commit:
-                    commit_end = off + fs
-                    if max_bytes and commit_end - pos.offset >= max_bytes:
-                        break
-                if len(buf) >= (4 << 20):
-                    os.pwrite(sf.fileno(), buf, write_off)
-                    write_off += len(buf)
-                    buf.clear()
-            if commit_end == pos.offset:
-                if write_off != pos.offset:
-                    os.ftruncate(sf.fileno(), pos.offset)
-                return 0
-            if buf and write_off < commit_end:
-                os.pwrite(sf.fileno(), bytes(buf[:commit_end - write_off]), write_off)
-            os.ftruncate(sf.fileno(), commit_end)
-            os.fsync(sf.fileno())
-        self._pos = Pos(pos.generation, pos.index, commit_end)
-        return commit_end - pos.offset
+        try:
+            self.shadow.start_index(generation, index, os.pread(self._wal_fd, WAL_HEADER_SIZE, 0))
+        except OSError as e:
+            raise _ShadowWriteError(e, 0) from e
+        self._copy_or_raise(None)
 
     # Checkpoint --------------------------------------------------------------
 
@@ -3279,12 +4225,13 @@ class DB:
         Go's version copies, then checkpoints, then takes the write lock, so
         frames committed in between can be overwritten by a restarted WAL
         before they are copied (format note §12.2).  Here the write lock is
-        held from the copy until the checkpoint is done, so the old WAL cycle
-        is complete in the shadow WAL before anything can restart it; our
-        read transaction is taken again before the lock is released, which
-        keeps anyone from backfilling (and so restarting) a second time
-        before we copy the new cycle.  RESTART and TRUNCATE wait up to the
-        busy timeout for other readers; TRUNCATE also shrinks the WAL file.
+        held from the last copy until the checkpoint is done (the copy
+        before it, in sync, leaves little for that last copy), so the old
+        WAL cycle is complete in the shadow WAL before anything can restart
+        it; our read transaction is taken again before the lock is released,
+        which keeps anyone from backfilling (and so restarting) a second
+        time before we copy the new cycle.  RESTART and TRUNCATE wait up to
+        the busy timeout for other readers; TRUNCATE also shrinks the WAL.
 
         Returns False if a snapshot holds checkpoints off or the write lock
         stayed busy for the whole busy timeout.
@@ -3298,7 +4245,7 @@ class DB:
                 self._chk_lock.release()
 
     @contextlib.contextmanager
-    def _locked_backfill(self, wait_for_readers: bool, reacquire: bool):
+    def _locked_backfill(self, wait_for_readers: bool, reacquire: bool, copy: bool = True):
         """Hold the write lock, copy every committed frame, then backfill.
 
         Yields (frames in the WAL, frames backfilled) while the write lock
@@ -3306,14 +4253,16 @@ class DB:
         transaction is released for the backfill; with reacquire it is taken
         again before the write lock goes (see checkpoint()).  With
         wait_for_readers, other readers are waited for up to the busy
-        timeout.  Raises _WriteLockBusy if the lock stays busy.
+        timeout.  Raises _WriteLockBusy if the lock stays busy, and the
+        copy's write error if the copy fails (nothing is backfilled then).
         """
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
             raise _WriteLockBusy(str(e)) from e
         try:
-            self._copy_to_shadow()
+            if copy:
+                self._copy_or_raise(None)
             self._release_read_lock()
             try:
                 deadline = time.monotonic() + BUSY_TIMEOUT
@@ -3330,7 +4279,7 @@ class DB:
             self._conn.execute("ROLLBACK")
 
     def _checkpoint(self, mode: str) -> bool:
-        pos = self._pos
+        pos = self.shadow.pos
         try:
             with self._locked_backfill(mode != CHECKPOINT_MODE_PASSIVE, reacquire=True) as (n_log, n_ckpt):
                 self.logger.debug("%s: checkpoint mode=%s log=%d checkpointed=%d",
@@ -3352,12 +4301,10 @@ class DB:
 
         # A changed header means the WAL restarted after the old cycle was
         # copied whole: begin the next index.  Otherwise keep copying.
-        with open(self.wal_path, "rb") as wf, open(self.shadow_wal_path(pos.generation, pos.index), "rb") as sf:
-            restarted = wf.read(WAL_HEADER_SIZE) != sf.read(WAL_HEADER_SIZE)
-        if restarted:
-            self._init_shadow_wal(pos.generation, pos.index + 1)
+        if not self._headers_match():
+            self._start_index(pos.generation, pos.index + 1)
         else:
-            self._copy_to_shadow()
+            self._copy_or_raise(None)
         return True
 
     # Snapshots ---------------------------------------------------------------
@@ -3373,80 +4320,42 @@ class DB:
 
     # Cleanup -----------------------------------------------------------------
 
-    def _clean_generations(self) -> None:
-        gen = self.current_generation()
-        d = os.path.join(self.meta_path, "generations")
-        try:
-            names = os.listdir(d)
-        except FileNotFoundError:
-            return
-        import shutil
-        for n in names:
-            if n != gen:
-                shutil.rmtree(os.path.join(d, n), ignore_errors=True)
-
     def _clean_wal(self) -> None:
         # Keep shadow files from the lowest replica index - 1 upward; a
-        # replica on another generation pins everything.
-        gen = self._pos.generation
-        if not gen or not self.replicas:
+        # replica on another generation pins everything.  Without replicas
+        # only the current index and the one before it are kept.
+        pos = self.shadow.pos
+        if not pos.generation:
             return
-        lo = None
+        lo = pos.index
         for r in self.replicas:
             p = r.pos
-            i = p.index if p.generation == gen else 0
-            lo = i if lo is None else min(lo, i)
-        if not lo or lo <= 0:
-            return
-        for i in self._shadow_indexes(gen):
-            if i < lo - 1:
-                try:
-                    os.unlink(self.shadow_wal_path(gen, i))
-                except FileNotFoundError:
-                    pass
+            lo = min(lo, p.index if p.generation == pos.generation else 0)
+        if lo > 0:
+            self.shadow.remove_below(lo - 1)
 
     # Shadow WAL reading -------------------------------------------------------
 
     def shadow_wal_range(self, pos: Pos) -> "Optional[tuple[Pos, int]]":
-        """Return (start, end) of the shadow bytes a replica at pos has not sent.
-
-        Moves to the next index when pos is at the end of a finished one;
-        returns None when there is nothing new.
-        """
-        cur = self._pos
-        if pos.generation != cur.generation:
-            raise LitestreamError("generation changed: replica at %s, db at %s" % (pos, cur))
-        while True:
-            if pos.index == cur.index:
-                end = cur.offset
-            else:
-                path = self.shadow_wal_path(pos.generation, pos.index)
-                try:
-                    end = frame_align(os.path.getsize(path), self.page_size)
-                except FileNotFoundError:
-                    raise LitestreamError("shadow wal missing for %s" % pos) from None
-            if pos.offset > end:
-                raise LitestreamError("wal reader offset too high: %s > %d" % (pos, end))
-            if pos.offset < end:
-                return pos, end
-            if pos.index >= cur.index:
-                return None
-            pos = Pos(pos.generation, pos.index + 1, 0)
+        """Return (start, end) of the shadow bytes a replica at pos has not sent."""
+        return self.shadow.range(pos)
 
     def read_shadow_chunks(self, pos: Pos, end: int, chunk: int = 1 << 20):
         """Yield the shadow WAL bytes [pos.offset, end) of pos.index."""
-        with open(self.shadow_wal_path(pos.generation, pos.index), "rb") as f:
-            off = pos.offset
-            while off < end:
-                b = os.pread(f.fileno(), min(chunk, end - off), off)
-                if not b:
-                    raise LitestreamError("shadow wal shrank while reading %s" % pos)
-                off += len(b)
-                yield b
+        return self.shadow.read_chunks(pos, end, chunk)
 
 
 class _WriteLockBusy(LitestreamError):
     """Another writer held the write lock for the whole busy timeout."""
+
+
+class _ShadowWriteError(Exception):
+    """Writing the shadow WAL failed (err) after copied bytes of whole transactions were kept."""
+
+    def __init__(self, err: OSError, copied: int):
+        super().__init__(str(err))
+        self.err = err
+        self.copied = copied
 
 
 class _SnapshotSource:
@@ -3461,6 +4370,11 @@ class _SnapshotSource:
             with db._lock:
                 if db._conn is None:
                     raise NoGenerationError()
+                why = db._replaced()
+                if why:
+                    # Never snapshot through a descriptor of a file that is
+                    # no longer the database: the next sync reopens it.
+                    raise LitestreamError("%s: %s: snapshot deferred until the next sync" % (db.name, why))
                 # Backfill what we can so the replay after the snapshot is short.
                 db._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 self.pos = db.pos()
@@ -3473,14 +4387,7 @@ class _SnapshotSource:
 
     def chunks(self, chunk: int = 4 << 20):
         """Yield the database file from offset 0 to EOF through the long-lived fd."""
-        fd = self.db._db_file.fileno()
-        off = 0
-        while True:
-            b = os.pread(fd, chunk, off)
-            if not b:
-                return
-            off += len(b)
-            yield b
+        return pread_chunks(self.db._db_file.fileno(), 0, None, chunk)
 
     def __exit__(self, *exc):
         self.db._chk_lock.release()
@@ -3530,13 +4437,18 @@ def _tty_progress(what: str, total: int, min_total: int = 64 << 20):
 
 
 class Replica:
-    """A DB's copy in one place: sync, snapshots, retention and the loops.
+    """A DB's copy in one place: sync, snapshots, retention, and their timers.
 
     Tunables (as Go's Replica fields):
       sync_interval             seconds between uploads while the DB changes.
       retention                 keep snapshots this long; 0 disables the retainer.
       retention_check_interval  how often retention is enforced.
       snapshot_interval         take a snapshot this often; 0 = only when needed.
+      max_retry_delay           the longest wait between retries of a failed sync.
+
+    A failed sync or snapshot is retried on a timer, with jittered
+    exponential backoff from about sync_interval up to max_retry_delay,
+    whether or not the database changes, until the replica has caught up.
     """
 
     def __init__(self, db: Optional[DB], name: str, client: ReplicaClient, *,
@@ -3544,6 +4456,7 @@ class Replica:
                  retention: float = DEFAULT_RETENTION,
                  retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL,
                  snapshot_interval: float = 0.0,
+                 max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY,
                  clock=time.time):
         self.db = db
         self.name = name or client.client_type
@@ -3552,83 +4465,152 @@ class Replica:
         self.retention = retention
         self.retention_check_interval = retention_check_interval
         self.snapshot_interval = snapshot_interval
+        self.max_retry_delay = max_retry_delay
         self.clock = clock
         self.pos = Pos()
-        self._mu = threading.Lock()    # one sync or snapshot at a time
-        self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
+        self.failures = 0             # failed syncs in a row
+        self.last_error = ""
+        self.last_success = 0.0       # clock() of the last successful sync
+        self._failing_since = 0.0
+        self._mu = threading.Lock()    # one sync, snapshot or retention pass at a time
+        self._changed = threading.Condition()  # notified when pos moves
+        self._tasks: List[Task] = []
+        self._sync_task: Optional[Task] = None
+        self._last_sync_start = -1e9   # monotonic
+
+    def __repr__(self) -> str:
+        return "Replica(%r, %s)" % (self.name, self.client)
 
     def _label(self) -> str:
         return "%s(%s)" % (self.db.name if self.db else "", self.name)
 
-    # Loops -------------------------------------------------------------------
+    # Lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the sync loop, and the retention and snapshot loops if enabled."""
-        self._stop.clear()
-        loops = [("sync", self._monitor)]
+        """Start syncing on the DB's replica scheduler, with the retention and snapshot timers if enabled."""
+        sched = self.db.replica_scheduler
+        if sched is None:
+            raise LitestreamError("%s: no scheduler: open the DB with background work" % self._label())
+        self.stop()
+        label = self._label()
+        self._sync_task = sched.task(self._sync_step, "sync:" + label)
+        self._tasks = [self._sync_task]
+        self._sync_task.schedule(0)
         if self.retention > 0:
-            loops.append(("retention", self._retainer))
+            t = sched.task(self._retention_step, "retention:" + label)
+            t.schedule(min(self.retention_check_interval, self.retention))
+            self._tasks.append(t)
         if self.snapshot_interval > 0:
-            loops.append(("snapshot", self._snapshotter))
-        for kind, fn in loops:
-            t = threading.Thread(target=fn, name="litestream-%s:%s:%s" % (kind, self.db.name, self.name))
-            t.start()
-            self._threads.append(t)
+            t = sched.task(self._snapshot_step, "snapshot:" + label)
+            t.schedule(0)
+            self._tasks.append(t)
+        if hasattr(self.client, "abort_stale_uploads"):
+            t = sched.task(self._stale_uploads_step, "uploads:" + label)
+            t.schedule(0)
+            self._tasks.append(t)
 
     def stop(self) -> None:
-        """Stop the loops and wait for them to finish."""
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-        self._threads = []
+        """Stop the timers; a step in progress finishes on its own."""
+        for t in self._tasks:
+            t.cancel()
+        self._tasks = []
+        self._sync_task = None
 
-    def _monitor(self) -> None:
-        notify = self.db.notify()
-        first = True
-        while not self._stop.is_set():
-            if not first:
-                # At most one upload per sync interval, and only after a change.
-                if self._stop.wait(self.sync_interval):
-                    return
-                while not notify.wait(0.5):
-                    if self._stop.is_set():
-                        return
-            first = False
-            notify = self.db.notify()
-            try:
-                self.sync()
-            except Exception as e:
-                self.db.logger.error("%s: monitor error: %s", self._label(), e)
+    def wake(self) -> None:
+        """Ask for an upload: the DB's shadow WAL changed.
 
-    def _retainer(self) -> None:
+        At most one upload per sync interval; while failing, the retry
+        timer decides.
+        """
+        t = self._sync_task
+        if t is not None and not self.failures:
+            t.schedule(max(0.0, self._last_sync_start + self.sync_interval - time.monotonic()))
+
+    def final_sync(self, deadline: Optional[_Deadline] = None) -> None:
+        """Wait for a step in progress (until deadline), then upload everything the DB has copied."""
+        r = None if deadline is None else deadline.remaining()
+        if not self._mu.acquire(timeout=-1 if r is None else r):
+            raise LitestreamError("%s: timed out waiting for an upload in progress" % self._label())
+        try:
+            self._sync_locked()
+        finally:
+            self._mu.release()
+
+    def behind(self) -> str:
+        """Describe how far the replica is behind the DB, e.g. "12345 bytes behind"."""
+        dpos = self.db.pos() if self.db else Pos()
+        if not dpos.generation:
+            return "nothing to replicate"
+        if self.pos.generation != dpos.generation:
+            return "generation %s not started" % dpos.generation
+        if self.pos.index == dpos.index:
+            return "%d bytes behind" % max(0, dpos.offset - self.pos.offset)
+        return "%d indexes behind" % (dpos.index - self.pos.index)
+
+    # Timers ------------------------------------------------------------------
+
+    def _retry_delay(self) -> float:
+        # Jittered ("equal jitter") exponential backoff: the first retry
+        # comes after about one sync interval.
+        d = min(self.max_retry_delay, max(self.sync_interval, 0.1) * (2 ** min(self.failures - 1, 30)))
+        return d / 2 + random.uniform(0, d / 2)
+
+    def _failed(self, what: str, e: BaseException) -> float:
+        if not self.failures:
+            self._failing_since = self.clock()
+        self.failures += 1
+        self.last_error = str(e)
+        delay = self._retry_delay()
+        self.db.logger.warning("%s: %s failed (attempt %d), retrying in %.1fs: %s",
+                               self._label(), what, self.failures, delay, e)
+        return delay
+
+    def _recovered(self) -> None:
+        if self.failures:
+            self.db.logger.info("%s: replica caught up after %d failed attempts; it was behind for %.1fs",
+                                self._label(), self.failures, self.clock() - self._failing_since)
+        self.failures = 0
+        self.last_error = ""
+
+    def _sync_step(self) -> Optional[float]:
+        self._last_sync_start = time.monotonic()
+        try:
+            self.sync()
+        except Exception as e:
+            return self._failed("sync", e)
+        self._recovered()
+        return None
+
+    def _retention_step(self) -> Optional[float]:
         interval = min(self.retention_check_interval, self.retention)
-        while not self._stop.wait(interval):
-            try:
-                self.enforce_retention()
-            except NoGenerationError:
-                pass
-            except Exception as e:
-                self.db.logger.error("%s: retainer error: %s", self._label(), e)
+        try:
+            self.enforce_retention()
+        except NoGenerationError:
+            pass
+        except Exception as e:
+            self.db.logger.error("%s: retainer error: %s", self._label(), e)
+        return interval
 
-    def _snapshotter(self) -> None:
+    def _snapshot_step(self) -> Optional[float]:
         # Time the next snapshot from the newest one in the replica, so a
         # restart does not reset the clock (upstream #479).
-        while True:
-            try:
-                delay = self._next_snapshot_delay()
-            except Exception as e:
-                self.db.logger.error("%s: snapshotter: %s", self._label(), e)
-                delay = self.snapshot_interval
-            if self._stop.wait(delay):
-                return
-            try:
-                if self._next_snapshot_delay() <= 0:
-                    self.snapshot()
-            except NoGenerationError:
-                pass
-            except Exception as e:
-                self.db.logger.error("%s: snapshotter error: %s", self._label(), e)
+        try:
+            delay = self._next_snapshot_delay()
+            if delay > 0:
+                return delay
+            self.snapshot()
+        except NoGenerationError:
+            return min(self.snapshot_interval, 1.0)
+        except Exception as e:
+            return self._failed("snapshot", e)
+        return self.snapshot_interval
+
+    def _stale_uploads_step(self) -> Optional[float]:
+        try:
+            self.client.abort_stale_uploads()
+        except Exception as e:
+            self.db.logger.warning("%s: cannot list incomplete uploads: %s", self._label(), e)
+        return None
 
     def _next_snapshot_delay(self) -> float:
         gen = self.db.pos().generation
@@ -3642,18 +4624,33 @@ class Replica:
 
     # Sync --------------------------------------------------------------------
 
-    def sync(self) -> None:
-        """Upload the shadow WAL written since the replica's position.
+    def sync(self) -> Pos:
+        """Upload the shadow WAL written since the replica's position; return the new position.
 
         The position is recomputed from the replica when the generation
         changes or after any error, so nothing already stored is sent again.
         """
         with self._mu:
-            try:
-                self._sync()
-            except BaseException:
-                self.pos = Pos()
-                raise
+            return self._sync_locked()
+
+    def _sync_locked(self) -> Pos:
+        try:
+            self._sync()
+        except BaseException:
+            self._set_pos(Pos())
+            raise
+        self.last_success = self.clock()
+        return self.pos
+
+    def _set_pos(self, pos: Pos) -> None:
+        with self._changed:
+            self.pos = pos
+            self._changed.notify_all()
+
+    def wait_pos(self, pred, timeout: Optional[float]) -> bool:
+        """Wait until pred(self.pos) holds; return False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: pred(self.pos), timeout)
 
     def _sync(self) -> None:
         dpos = self.db.pos()
@@ -3662,7 +4659,7 @@ class Replica:
         if self.pos.generation != dpos.generation:
             if not self.client.snapshots(dpos.generation):
                 self._snapshot()
-            self.pos = self.calc_pos(dpos.generation)
+            self._set_pos(self.calc_pos(dpos.generation))
             self.db.logger.info("%s: replicating to %s position=%s",
                                 self._label(), self.client.client_type, self.pos)
         while True:
@@ -3672,7 +4669,7 @@ class Replica:
             start, end = rng
             rd = CompressingReader(self.db.read_shadow_chunks(start, end))
             self.client.write_wal_segment(start, rd)
-            self.pos = Pos(start.generation, start.index, end)
+            self._set_pos(Pos(start.generation, start.index, end))
 
     def calc_pos(self, generation: str) -> Pos:
         """Return where the replica's copy of a generation ends."""
@@ -3842,14 +4839,6 @@ def _plan_wal(segs: List[WALSegmentInfo], snap: SnapshotInfo, opt: RestoreOption
     return plan
 
 
-def _remove_quietly(*paths: str) -> None:
-    for p in paths:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-
-
 def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> None:
     """Restore opt.generation of a replica to opt.output_path.
 
@@ -3889,7 +4878,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Non
             decompress_object(snap_rd, name(snap), f)
             f.flush()
             os.fsync(f.fileno())
-        _remove_quietly(staged_snap)
+        remove_quietly(staged_snap)
         with open(tmp, "rb") as f:
             head = f.read(100)
         if not head.startswith(b"SQLite format 3\0"):
@@ -3907,7 +4896,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Non
             conn.close()
         if rows != ["ok"]:
             raise LitestreamError("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
-        _remove_quietly(tmp + "-wal", tmp + "-shm")
+        remove_quietly(tmp + "-wal", tmp + "-shm")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         try:
@@ -3921,7 +4910,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Non
         fsync_dir(d)
         log.info("%s: restored to %s", replica._label(), out)
     finally:
-        _remove_quietly(tmp, tmp + "-wal", tmp + "-shm", staged_snap, *staged.values())
+        remove_quietly(tmp, tmp + "-wal", tmp + "-shm", staged_snap, *staged.values())
 
 
 def _apply_wal_plan(replica, plan, tmp, page_size, parallelism, staged, progress) -> None:
@@ -4068,6 +5057,7 @@ class Config:
     log_level: str = "INFO"
     log_stderr: bool = False
     log_type: str = "text"
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     dbs: Tuple[DBConfig, ...] = ()
     config_path: str = ""
 
@@ -4262,6 +5252,7 @@ def _sse_c_key(v):
 _GLOBAL_KEYS = {
     "addr": _addr, "access-key-id": str, "secret-access-key": str, "exec": str,
     "log-level": _log_level, "log-stderr": _bool, "log-type": _choice("text", "json"),
+    "shutdown-timeout": _duration(),
 }
 _DB_KEYS = {
     "path": _abspath, "meta-path": _abspath, "replica": str,
@@ -4479,23 +5470,33 @@ def load_config(path: str, expand_env: bool = True, env: Optional[Mapping[str, s
     return Config(dbs=tuple(db_configs), config_path=path, **g)
 
 
-def config_from_cli(db_path: str, replica_urls: Sequence[str]) -> Config:
+def config_from_cli(db_path: str, replica_urls: Sequence[str], **tunables) -> Config:
     """Return the Config of `replicate DB_PATH REPLICA_URL...` (Go's CLI mode).
 
     Each replica is a URL or a directory path with default settings.  The DB
     is named by its absolute path; replicas are named by type, and a second
     replica of the same type is "<type>-2", then "<type>-3" (Go refuses
-    the duplicate name instead).
+    the duplicate name instead).  tunables set DBConfig fields (e.g.
+    monitor_interval) and ReplicaConfig fields (e.g. sync_interval) by
+    their snake_case names, for the Python API.
     """
     if not replica_urls:
         raise ConfigError("must specify at least one replica URL for %s" % db_path)
+    db_fields = {f.name for f in dataclasses.fields(DBConfig)} - {"name", "path", "replicas"}
+    rep_fields = {f.name for f in dataclasses.fields(ReplicaConfig)} - {"name", "type", "url", "host", "path"}
+    for k in tunables:
+        if k not in db_fields | rep_fields:
+            raise ConfigError("unknown setting %r%s" % (k, _did_you_mean(k, db_fields | rep_fields)))
     path, replicas, counts = _abspath(db_path), [], {}
     for url in replica_urls:
         raw = {"url" if is_url(url) else "path": url}
         rc = _replica_config(raw, "", lambda _, url=url: "replica %s" % url)
         counts[rc.type] = n = counts.get(rc.type, 0) + 1
+        rc = replace(rc, **{k: v for k, v in tunables.items() if k in rep_fields})
         replicas.append(replace(rc, name="%s-%d" % (rc.type, n)) if n > 1 else rc)
-    return Config(dbs=(DBConfig(name=path, path=path, replicas=tuple(replicas)),))
+    dbc = DBConfig(name=path, path=path, replicas=tuple(replicas),
+                   **{k: v for k, v in tunables.items() if k in db_fields})
+    return Config(dbs=(dbc,))
 
 
 def new_replica_client_from_config(rc: "ReplicaConfig") -> ReplicaClient:
@@ -4534,15 +5535,311 @@ def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
                    snapshot_interval=rc.snapshot_interval)
 
 
-def new_db_from_config(dc: "DBConfig") -> DB:
+def new_db_from_config(dc: "DBConfig", scheduler: Optional[Scheduler] = None,
+                       replica_scheduler: Optional[Scheduler] = None) -> DB:
     """Return a DB with its replicas for a DB config (Go's NewDBFromConfig)."""
     db = DB(dc.path, name=dc.name, meta_path=dc.meta_path,
             monitor_interval=dc.monitor_interval,
             checkpoint_interval=dc.checkpoint_interval,
             min_checkpoint_page_n=dc.min_checkpoint_page_count,
-            max_checkpoint_page_n=dc.max_checkpoint_page_count)
+            max_checkpoint_page_n=dc.max_checkpoint_page_count,
+            scheduler=scheduler, replica_scheduler=replica_scheduler)
     db.replicas = [new_replica_from_config(db, rc) for rc in dc.replicas]
     return db
+
+
+###############################################################################
+# Replicator: the engine for programs (and for `replicate`)
+###############################################################################
+
+
+class ShutdownError(LitestreamError):
+    """The final sync did not complete: the message names what is not replicated."""
+
+
+class Replicator:
+    """Replicate SQLite databases from inside a Python program, as `replicate` does.
+
+        with litestream.Replicator("app.db", ["s3://bkt/app", "/mnt/backup/app"]) as r:
+            ...                               # the app writes through its own connections
+            pos = r.sync()                    # copy the WAL and upload now
+            r.wait_replicated(timeout=10.0)   # everything committed so far is in every replica
+
+    replicas are URLs (s3://, file://) or directory paths; keywords set the
+    DB and replica tunables of CLI mode (sync_interval, monitor_interval,
+    snapshot_interval, retention).  Replicator.from_config(path) runs every
+    database of a config file instead.  open() takes each database's
+    replicator lock (a second Replicator on the same database, in any
+    process, raises LitestreamError), initialises the databases that exist
+    and starts the background work on a few shared threads; close() runs
+    the final syncs within shutdown_timeout seconds.  Every method may be
+    called from any thread.  Threads do not survive fork(): create the
+    Replicator in the process that will keep running (see README).
+    """
+
+    def __init__(self, db_path: Optional[str] = None, replicas: Sequence[str] = (), *,
+                 config: Optional["Config"] = None, background: bool = True,
+                 shutdown_timeout: Optional[float] = None, **tunables):
+        if config is None:
+            if db_path is None:
+                raise ConfigError("Replicator: a database path or a config is required")
+            if isinstance(replicas, str):
+                replicas = [replicas]
+            config = config_from_cli(db_path, list(replicas), **tunables)
+        elif db_path is not None or replicas or tunables:
+            raise ConfigError("Replicator: give either a config or a database path with replicas")
+        self.config = config
+        self.background = background
+        self.shutdown_timeout = config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        self.dbs: List[DB] = []
+        self._schedulers: List[Scheduler] = []
+        self._lock = threading.Lock()
+        self._opened = self._closed = False
+        self._deadline: Optional[_Deadline] = None
+
+    @classmethod
+    def from_config(cls, path: str, *, expand_env: bool = True, **kw) -> "Replicator":
+        """Return a Replicator for every database in a config file."""
+        return cls(config=load_config(path, expand_env=expand_env), **kw)
+
+    def __enter__(self) -> "Replicator":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return "Replicator(%s)" % ", ".join(repr(dc.path) for dc in self.config.dbs)
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def open(self) -> "Replicator":
+        """Lock and initialise every database and start replicating; return self.
+
+        Raises (with nothing left locked or running) if a database is held
+        by another replicator or exists but cannot be replicated.
+        """
+        with self._lock:
+            if self._opened:
+                return self
+            self._opened = True
+        cfg = self.config
+        if not cfg.dbs:
+            raise ConfigError("no databases specified in configuration")
+        n_replicas = sum(len(dc.replicas) for dc in cfg.dbs)
+        db_sched = rep_sched = None
+        if self.background:
+            # A few threads copy WALs (local I/O); more upload, since a slow
+            # store holds a thread for as long as a request takes.
+            db_sched = Scheduler("sync", min(4, len(cfg.dbs)))
+            rep_sched = Scheduler("replica", min(64, max(2, n_replicas)))
+            self._schedulers = [db_sched, rep_sched]
+        self.dbs = [new_db_from_config(dc, scheduler=db_sched, replica_scheduler=rep_sched) for dc in cfg.dbs]
+        for db in self.dbs:
+            for r in db.replicas:
+                log.info("%s(%s): replicating to: name=%s type=%s db=%s replica=%s", db.name, r.name, r.name,
+                         r.client.client_type, db.path, r.client)
+        try:
+            _parallel([functools.partial(db.open, self.background) for db in self.dbs], "litestream-open")
+        except BaseException:
+            for db in self.dbs:
+                if db._opened:
+                    with contextlib.suppress(Exception):
+                        db.close(0)
+            for s in self._schedulers:
+                s.close()
+            raise
+        return self
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop, run the final sync of every database and replica, and release everything.
+
+        Databases close in parallel, all within timeout seconds (default:
+        shutdown_timeout; None and no default = no bound).  Raises
+        ShutdownError naming what is not replicated if any final sync did not
+        complete; everything is closed either way.
+        """
+        with self._lock:
+            if self._closed or not self._opened:
+                self._closed = True
+                return
+            self._closed = True
+            self._deadline = dl = _Deadline(self.shutdown_timeout if timeout is None else timeout)
+        failed: List[str] = []
+
+        def close_db(db):
+            try:
+                db.close(deadline=dl)
+            except Exception as e:
+                failed.append("%s: %s" % (db.name, e))
+
+        _parallel([functools.partial(close_db, db) for db in self.dbs], "litestream-close", deadline=dl,
+                  on_timeout=lambda: failed.append("final sync did not finish within the shutdown timeout"))
+        for s in self._schedulers:
+            s.close()
+        if failed:
+            raise ShutdownError("not everything was replicated: " + "; ".join(sorted(failed)))
+
+    def abort(self) -> None:
+        """Cut a close() in progress short: replicas still uploading are abandoned now."""
+        dl = self._deadline
+        if dl is not None:
+            dl.abort()
+
+    # Syncing -----------------------------------------------------------------
+
+    def _db(self, path: Optional[str]) -> DB:
+        if not self._opened or self._closed:
+            raise LitestreamError("replicator is not open")
+        if path is None:
+            if len(self.dbs) != 1:
+                raise LitestreamError("replicator has %d databases: name one (%s)"
+                                      % (len(self.dbs), ", ".join(db.path for db in self.dbs)))
+            return self.dbs[0]
+        p = os.path.abspath(os.path.expanduser(path))
+        for db in self.dbs:
+            if db.path == p:
+                return db
+        raise LitestreamError("database not replicated here: %s" % p)
+
+    def sync(self, path: Optional[str] = None) -> Pos:
+        """Copy the WAL and upload to every replica now; return the position now in all of them.
+
+        path names the database when there are several.  Raises the first
+        replica's error (the others are still tried).
+        """
+        db = self._db(path)
+        db.sync()
+        target = db.pos()
+        first = None
+        for r in db.replicas:
+            try:
+                r.sync()
+            except Exception as e:
+                first = first or e
+        if first is not None:
+            raise first
+        return target
+
+    def sync_all(self) -> Dict[str, Pos]:
+        """Sync every database and replica once (as `replicate -once`); return {path: position}.
+
+        Failures are logged and the rest still run; raises ShutdownError
+        naming every failure at the end.
+        """
+        out: Dict[str, Pos] = {}
+        failed: List[str] = []
+
+        def one(db):
+            try:
+                out[db.path] = self.sync(db.path)
+            except Exception as e:
+                db.logger.error("%s: sync: %s", db.name, e)
+                failed.append("%s: %s" % (db.name, e))
+
+        _parallel([functools.partial(one, db) for db in self.dbs], "litestream-sync")
+        if failed:
+            raise ShutdownError("sync failed: " + "; ".join(sorted(failed)))
+        return out
+
+    def wait_replicated(self, timeout: Optional[float] = None, path: Optional[str] = None) -> Pos:
+        """Block until everything committed so far is in every replica; return that position.
+
+        Raises TimeoutError naming the replicas still behind.
+        """
+        db = self._db(path)
+        db.sync()
+        target = db.pos()
+        if not self.background:
+            return self.sync(path)
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def done(p):
+            # A newer generation holds everything the old one had (it starts from a snapshot).
+            return p.generation == target.generation and p >= target or (
+                p.generation and p.generation != target.generation and p.generation == db.pos().generation)
+
+        for r in db.replicas:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            r.wake()
+            if not r.wait_pos(done, left):
+                behind = [x for x in db.replicas if not done(x.pos)]
+                raise TimeoutError("%s: not replicated within %ss: %s" % (db.name, timeout, ", ".join(
+                    "%s at %s (%s%s)" % (x.name, x.pos or "nothing", x.behind(),
+                                         ", last error: " + x.last_error if x.last_error else "")
+                    for x in behind)))
+        return target
+
+
+def _parallel(fns, name: str, limit: int = 16, deadline: Optional[_Deadline] = None, on_timeout=None) -> None:
+    """Run fns on up to limit daemon threads; raise the first exception.
+
+    With a deadline, stop waiting when it passes (calling on_timeout once).
+    """
+    fns = list(fns)
+    if len(fns) == 1 and deadline is None:
+        fns[0]()
+        return
+    it = iter(fns)
+    lock = threading.Lock()
+    errors: List[BaseException] = []
+
+    def worker():
+        while True:
+            with lock:
+                fn = next(it, None)
+            if fn is None:
+                return
+            try:
+                fn()
+            except BaseException as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker, daemon=True, name="%s-%d" % (name, i))
+               for i in range(min(limit, len(fns)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        if deadline is None:
+            t.join()
+        elif not deadline.join(t):
+            # Everything still running was told about the deadline; give it
+            # a moment to notice, then stop waiting.
+            for t2 in threads:
+                t2.join(2.0)
+            if any(t2.is_alive() for t2 in threads) and on_timeout:
+                on_timeout()
+            break
+    if errors:
+        raise errors[0]
+
+
+def restore(replica, output_path: str, *, timestamp: Optional[datetime.datetime] = None,
+            generation: str = "", index: Optional[int] = None,
+            parallelism: int = DEFAULT_RESTORE_PARALLELISM) -> None:
+    """Restore a replica (a URL or a directory; or a list of them) to output_path, as `restore` does.
+
+    Picks the generation as Go does, replays to the latest state, or to
+    index (inclusive) or timestamp (an aware datetime), checks the result
+    with PRAGMA integrity_check and links it into place.  Never overwrites
+    output_path; on any failure nothing is left there.  Raises
+    NoGenerationError when no backup matches.
+    """
+    urls = [replica] if isinstance(replica, str) else list(replica)
+    if index is not None and timestamp is not None:
+        raise ConfigError("cannot specify index & timestamp to restore")
+    reps = []
+    for i, url in enumerate(urls):
+        rc = config_from_cli("/nonexistent-litestream-db", [url]).dbs[0].replicas[0]
+        reps.append(new_replica_from_config(None, replace(rc, name=rc.type if len(urls) == 1 else "%s-%d" % (rc.type, i + 1))))
+    try:
+        rep, gen = calc_restore_target(reps, generation, timestamp)
+        if not gen:
+            raise NoGenerationError("no matching backups found in %s" % ", ".join(str(r.client) for r in reps))
+        restore_replica(rep, RestoreOptions(output_path, gen, index, timestamp, parallelism))
+    finally:
+        for r in reps:
+            r.client.close()
 
 
 ###############################################################################
@@ -4635,6 +5932,48 @@ def _parse_timestamp(s: str) -> datetime.datetime:
     return t.astimezone(datetime.timezone.utc)
 
 
+class _Signals:
+    """SIGINT and SIGTERM as flags for the main thread: handlers only record, never raise.
+
+    The first signal asks for shutdown.  Later ones never cut a final sync
+    short, except a repeated SIGINT from a person at a terminal (stdin is a
+    TTY), which aborts it.
+    """
+
+    def __init__(self):
+        self.received: List[int] = []
+        self.stop = threading.Event()
+        self.abort = threading.Event()
+        self._old: Dict[int, object] = {}
+        self._interactive = sys.stdin is not None and sys.stdin.isatty()
+
+    def install(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        if len(self.received) > 1 and signum == signal.SIGINT and self._interactive:
+            self.abort.set()
+        self.stop.set()
+
+
+def _parse_exec(cmd: str) -> List[str]:
+    import shlex
+    try:
+        argv = shlex.split(cmd)
+    except ValueError as e:
+        raise ConfigError("-exec: cannot parse %r: %s" % (cmd, e)) from None
+    if not argv:
+        raise ConfigError("-exec: empty command")
+    return argv
+
+
 def cmd_replicate(args) -> int:
     if args.target:
         if args.config:
@@ -4653,63 +5992,122 @@ def cmd_replicate(args) -> int:
     if not cfg.dbs:
         raise ConfigError("no databases specified in configuration")
     exec_cmd = args.exec if args.exec is not None else cfg.exec
+    argv = _parse_exec(exec_cmd) if exec_cmd else None
+    if args.once and argv:
+        raise _CLIError("cannot use -once with -exec")
+    timeout = cfg.shutdown_timeout
+    if args.shutdown_timeout:
+        try:
+            timeout = _duration()(args.shutdown_timeout)
+        except ValueError as e:
+            raise _CLIError("invalid -shutdown-timeout: %s" % e) from None
 
-    stop = threading.Event()
-    got = []
-
-    def on_signal(signum, frame):
-        got.append(signum)
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    dbs = [new_db_from_config(dc) for dc in cfg.dbs]
-    # A database that exists must be usable now: a file that is not SQLite,
-    # or one stuck in rollback mode, fails at start instead of logging an
-    # error every second.  Databases that do not exist yet are waited for.
+    sigs = _Signals()
+    sigs.install()
     try:
-        for db in dbs:
-            db.sync()
+        rep = Replicator(config=cfg, background=not args.once, shutdown_timeout=timeout)
+        rep.open()
     except BaseException:
-        for db in dbs:
-            with db._lock:
-                db._close_sqlite()
-        for s, h in old.items():
-            signal.signal(s, h)
+        sigs.restore()
         raise
-    child = None
-    code = 0
+    code, err = 0, None
     try:
-        for db in dbs:
-            db.open()
-            for r in db.replicas:
-                log.info("%s(%s): replicating to: name=%s type=%s db=%s replica=%s", db.name, r.name, r.name,
-                         r.client.client_type, db.path, r.client)
-                r.start()
-        if exec_cmd:
-            import shlex
-            import subprocess
-            child = subprocess.Popen(shlex.split(exec_cmd))
-        while not stop.wait(1.0 if child else None):
-            if child is not None and child.poll() is not None:
-                code = child.returncode
-                log.info("subprocess exited with code %d, litestream shutting down", code)
-                break
-        else:
-            log.info("signal received, litestream shutting down")
-            if child is not None and child.poll() is None:
-                child.send_signal(got[0] if got else signal.SIGTERM)
-                code = child.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        for db in dbs:
+        if args.once:
             try:
-                db.close()
-            except Exception as e:
-                log.error("%s: close: %s", db.name, e)
-                code = code or 1
+                rep.sync_all()
+            except ShutdownError:
+                code = 1  # each failure was logged
+        else:
+            code, err = _run_until_stopped(sigs, argv, timeout)
+    finally:
+        try:
+            _close_replicator(rep, sigs)
+        except ShutdownError as e:
+            log.error("%s", e)
+            code = code or 1
+        finally:
+            sigs.restore()
     log.info("litestream shut down")
+    if err is not None:
+        raise err
     return code
+
+
+def _run_until_stopped(sigs: _Signals, argv: Optional[List[str]], timeout: float):
+    """Wait for a signal or the -exec child; return (exit code, error to raise after shutdown)."""
+    import subprocess
+    child = None
+    if argv:
+        try:
+            child = subprocess.Popen(argv)
+        except OSError as e:
+            log.error("cannot start exec command: %s", e)
+            return 1, LitestreamError("cannot start exec command %r: %s" % (argv[0], e.strerror or e))
+    while not sigs.stop.wait(0.2 if child else None):
+        if child is not None and child.poll() is not None:
+            log.info("subprocess exited with code %d, litestream shutting down", child.returncode)
+            return _child_code(child.returncode, None), None
+    log.info("signal received, litestream shutting down")
+    if child is None:
+        return 0, None
+    # Forward every signal to the child and give it until the shutdown
+    # bound to exit; replication keeps running meanwhile.
+    forwarded = 0
+    end = time.monotonic() + timeout
+    while child.poll() is None:
+        while forwarded < len(sigs.received):
+            with contextlib.suppress(OSError):
+                child.send_signal(sigs.received[forwarded])
+            forwarded += 1
+        if time.monotonic() >= end or sigs.abort.is_set():
+            log.error("subprocess did not exit within the shutdown timeout (%s); killing it", _fmt_seconds(timeout))
+            child.kill()
+            child.wait()
+            return 1, None
+        time.sleep(0.05)
+    log.info("subprocess exited with code %d", child.returncode)
+    return _child_code(child.returncode, sigs.received[:forwarded]), None
+
+
+def _child_code(rc: int, forwarded) -> int:
+    # A child that died of the signal we passed on stopped as asked: that
+    # is a clean exit, as in Go.  Other deaths by signal are 128 + signal.
+    if rc < 0:
+        return 0 if forwarded and -rc in forwarded else 128 - rc
+    return rc
+
+
+def _close_replicator(rep: "Replicator", sigs: _Signals) -> None:
+    """Close rep within its shutdown timeout, answering repeated signals while it runs."""
+    done = threading.Event()
+    errors: List[BaseException] = []
+
+    def run():
+        try:
+            rep.close()
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run, name="litestream-shutdown", daemon=True)
+    seen = len(sigs.received)
+    t.start()
+    while not done.wait(0.1):
+        if len(sigs.received) > seen:
+            seen = len(sigs.received)
+            if sigs.abort.is_set():
+                log.warning("signal received again: abandoning the final sync")
+                rep.abort()
+            else:
+                log.info("signal received again: still running the final sync (bounded by the "
+                         "shutdown timeout, %s)", _fmt_seconds(rep.shutdown_timeout))
+    if errors:
+        raise errors[0]
+
+
+def _fmt_seconds(s: float) -> str:
+    return ("%gs" % s) if s < 60 else "%dm%02ds" % divmod(int(s), 60)
 
 
 def cmd_restore(args) -> int:
@@ -4830,6 +6228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("replicate", "replicate databases until SIGINT/SIGTERM", cmd_replicate)
     sp.add_argument("-exec", "--exec", default=None, metavar="CMD", help="run CMD while replicating; exit with it")
+    sp.add_argument("-once", "--once", action="store_true",
+                    help="sync every database and replica once (a snapshot if none), then exit")
+    sp.add_argument("-shutdown-timeout", "--shutdown-timeout", default="", metavar="DURATION",
+                    help="bound on the final sync after a signal (default: config's shutdown-timeout, %gs)"
+                    % DEFAULT_SHUTDOWN_TIMEOUT)
     sp.add_argument("target", nargs="*", metavar="DB_PATH REPLICA_URL", help="database and replica URLs or directories")
 
     sp = cmd("restore", "restore a database from a replica", cmd_restore)

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import http.client
 import http.server
@@ -167,6 +168,16 @@ def open_replica(db: "ls.DB", replica_dir: str, **kw) -> "ls.Replica":
     r = ls.Replica(db, "file", ls.FileReplicaClient(replica_dir), **kw)
     db.replicas.append(r)
     return r
+
+
+class RowsMixin:
+    def assertSameRows(self, got_path, want, table="t"):
+        """Compare a restored table with the source's rows one by one."""
+        got = table_rows(got_path, table)
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g != w:
+                self.fail("%s row %d differs: restored %r..., source %r..." % (table, i, repr(g)[:80], repr(w)[:80]))
+        self.assertEqual(len(got), len(want), "%s: restored %d rows, source has %d" % (table, len(got), len(want)))
 
 
 class TempDirTestCase(unittest.TestCase):
@@ -725,6 +736,124 @@ class TestFileReplicaClient(TempDirTestCase):
 
 
 ###############################################################################
+# Scheduler
+###############################################################################
+
+
+class TestScheduler(unittest.TestCase):
+    def setUp(self):
+        self.s = ls.Scheduler("test", max_workers=2, idle_timeout=0.5)
+        self.addCleanup(self.s.close)
+
+    def test_task_reschedules_itself_until_none(self):
+        """Ensure a task runs again after the delay it returns, and stops when it returns None."""
+        runs = []
+        done = threading.Event()
+
+        def fn():
+            runs.append(1)
+            if len(runs) == 3:
+                done.set()
+                return None
+            return 0.01
+
+        self.s.task(fn, "t").schedule(0)
+        self.assertTrue(done.wait(10))
+        time.sleep(0.1)
+        self.assertEqual(len(runs), 3)
+
+    def test_schedule_while_running_runs_once_more(self):
+        """Ensure a task never runs on two threads at once, and a schedule() during a run gives one more run."""
+        gate, started = threading.Event(), threading.Event()
+        active, peak, runs = [0], [0], []
+        lock = threading.Lock()
+
+        def fn():
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            runs.append(1)
+            started.set()
+            gate.wait(10)
+            with lock:
+                active[0] -= 1
+            return None
+
+        t = self.s.task(fn, "t")
+        t.schedule(0)
+        self.assertTrue(started.wait(10))
+        for _ in range(5):
+            t.schedule(0)  # all while the first run is blocked
+        gate.set()
+        wait_for(lambda: len(runs) == 2 and not t.running, "the second run")
+        time.sleep(0.2)
+        self.assertEqual(len(runs), 2)
+        self.assertEqual(peak[0], 1)
+
+    def test_cancel_and_wait_idle(self):
+        """Ensure cancel() stops further runs and wait_idle() waits for the one in progress."""
+        gate, started = threading.Event(), threading.Event()
+        runs = []
+
+        def fn():
+            runs.append(1)
+            started.set()
+            gate.wait(10)
+            return 0.0
+
+        t = self.s.task(fn, "t")
+        t.schedule(0)
+        self.assertTrue(started.wait(10))
+        t.cancel()
+        self.assertFalse(t.wait_idle(0.05))
+        gate.set()
+        self.assertTrue(t.wait_idle(10))
+        time.sleep(0.1)
+        self.assertEqual(len(runs), 1)
+
+    def test_workers_are_capped_and_all_tasks_run(self):
+        """Ensure no more than max_workers tasks run at once, and every due task still runs."""
+        gate = threading.Event()
+        lock = threading.Lock()
+        active, peak, finished = [0], [0], []
+
+        def fn(i):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            gate.wait(10)
+            with lock:
+                active[0] -= 1
+            finished.append(i)
+            return None
+
+        for i in range(6):
+            self.s.task(functools.partial(fn, i), "t%d" % i).schedule(0)
+        wait_for(lambda: active[0] == 2, "two tasks running")
+        time.sleep(0.1)
+        self.assertEqual(peak[0], 2)
+        gate.set()
+        wait_for(lambda: len(finished) == 6, "every task")
+        self.assertEqual(peak[0], 2)
+
+    def test_failing_task_is_logged_and_retried(self):
+        """Ensure an unexpected exception in a task is logged at ERROR and the task runs again."""
+        runs = []
+        done = threading.Event()
+
+        def fn():
+            runs.append(1)
+            if len(runs) == 1:
+                raise RuntimeError("boom")
+            done.set()
+
+        with self.assertLogs("litestream", "ERROR") as cm:
+            self.s.task(fn, "flaky").schedule(0)
+            self.assertTrue(done.wait(10))
+        self.assertTrue(any("flaky: unexpected error: RuntimeError: boom" in m for m in cm.output), cm.output)
+
+
+###############################################################################
 # ShadowWAL and DB
 ###############################################################################
 
@@ -1016,10 +1145,9 @@ class TestDBSync(TempDirTestCase):
         self.app.insert(5)
         self.app.c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.app.insert(1)
-        db = open_db(self.dbpath)
-        self.addCleanup(db.close)
         with self.assertLogs("litestream", "INFO") as cm:
-            db.sync()
+            db = open_db(self.dbpath)  # opening an existing database initialises it
+        self.addCleanup(db.close)
         self.assertNotEqual(db.pos().generation, gen)
         self.assertTrue(any("new generation" in m and "reason=" in m for m in cm.output), cm.output)
 
@@ -1028,10 +1156,13 @@ class TestDBSync(TempDirTestCase):
         p = self.path("junk.db")
         with open(p, "wb") as f:
             f.write(b"hello, not sqlite" * 100)
-        db = open_db(p)
         with self.assertRaises(ls.LitestreamError) as cm:
-            db.sync()
+            open_db(p)
         self.assertIn(p, str(cm.exception))
+        # Nothing stays locked: a second try gets the same answer, not "already replicated".
+        with self.assertRaises(ls.LitestreamError) as cm:
+            open_db(p)
+        self.assertIn("not a SQLite database", str(cm.exception))
         self.assertEqual(read_file(p), b"hello, not sqlite" * 100)
 
 
@@ -1769,6 +1900,148 @@ if __name__ == "__main__":
 
 ###############################################################################
 # S3: SigV4, credentials and S3ReplicaClient against real servers
+###############################################################################
+# Replicator: the Python API
+###############################################################################
+
+
+class Writers:
+    """Threads committing rows into table t through their own connections until stopped."""
+
+    def __init__(self, tc, path, n=3, size=200):
+        self.stop = threading.Event()
+        self.errors = []
+        self.counts = [0] * n
+        self.threads = [threading.Thread(target=self._run, args=(path, i, size)) for i in range(n)]
+        for t in self.threads:
+            t.start()
+        tc.addCleanup(self.join)
+
+    def _run(self, path, i, size):
+        c = sqlite3.connect(path, isolation_level=None, timeout=30)
+        try:
+            while not self.stop.is_set():
+                c.execute("BEGIN IMMEDIATE")
+                c.executemany("INSERT INTO t (v) VALUES (?)",
+                              [("w%d-%d-%s" % (i, self.counts[i] + j, "x" * size),) for j in range(3)])
+                c.execute("COMMIT")
+                self.counts[i] += 3
+                time.sleep(0.002)
+        except sqlite3.Error as e:
+            self.errors.append(e)
+        finally:
+            c.close()
+
+    def join(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+class TestReplicatorAPI(RowsMixin, TempDirTestCase):
+    def setUp(self):
+        super().setUp()
+        self.db = self.path("app.db")
+        self.rep = self.path("rep")
+        create_wal_db(self.db, rows=10)
+
+    def test_writers_wait_replicated_and_restore(self):
+        """Ensure wait_replicated returns once every commit so far is in the replica, and litestream.restore gives the source back."""
+        with ls.Replicator(self.db, [self.rep], sync_interval=0.05, monitor_interval=0.05) as r:
+            w = Writers(self, self.db)
+            wait_for(lambda: sum(w.counts) >= 600, "600 rows written")
+            w.join()
+            self.assertEqual(w.errors, [])
+            pos = r.wait_replicated(timeout=30)
+            self.assertEqual(pos.generation, r.dbs[0].pos().generation)
+            out = self.path("out.db")
+            ls.restore(self.rep, out)  # while the replicator still runs
+            self.assertEqual(integrity(out), "ok")
+            self.assertSameRows(out, table_rows(self.db))
+        with self.assertRaises(ls.LitestreamError):
+            ls.restore(self.rep, out)  # never over an existing file
+
+    def test_used_from_two_threads(self):
+        """Ensure sync() and wait_replicated() called from two threads while the app writes lose nothing."""
+        errors = []
+        with ls.Replicator(self.db, ["file://" + self.rep], sync_interval=0.2) as r:
+            w = Writers(self, self.db, n=2)
+
+            def caller(fn):
+                try:
+                    while not w.stop.is_set():
+                        fn()
+                except Exception as e:
+                    errors.append(e)
+
+            callers = [threading.Thread(target=caller, args=(r.sync,)),
+                       threading.Thread(target=caller, args=(lambda: r.wait_replicated(timeout=30),))]
+            for t in callers:
+                t.start()
+            wait_for(lambda: sum(w.counts) >= 600, "600 rows written")
+            w.join()
+            for t in callers:
+                t.join()
+            self.assertEqual(errors, [])
+            r.sync()
+        out = self.path("out.db")
+        ls.restore("file://" + self.rep, out)
+        self.assertSameRows(out, table_rows(self.db))
+
+    def test_second_replicator_on_same_db_refused(self):
+        """Ensure a second Replicator on a DB that one already replicates raises, naming the DB and the PID."""
+        with ls.Replicator(self.db, [self.rep]) as r:
+            with self.assertRaises(ls.LitestreamError) as cm:
+                ls.Replicator(self.db, [self.path("rep2")]).open()
+            self.assertIn(self.db, str(cm.exception))
+            self.assertIn("pid %d" % os.getpid(), str(cm.exception))
+            self.assertFalse(os.path.exists(self.path("rep2")))
+            AppDB(self.db).insert(5, tag="still-replicating")
+            r.sync()
+        out = self.path("out.db")
+        ls.restore(self.rep, out)
+        self.assertSameRows(out, table_rows(self.db))
+        # Once closed, the database can be replicated again.
+        with ls.Replicator(self.db, [self.rep]) as r:
+            r.sync()
+
+    def test_failed_sync_retried_without_new_writes(self):
+        """Ensure a replica that cannot be written is retried on a timer and catches up with no further writes."""
+        with open(self.rep, "w") as f:
+            f.write("a file where the replica directory should be")
+        with ls.Replicator(self.db, [self.rep], sync_interval=0.05, monitor_interval=0.05) as r, \
+                self.assertLogs("litestream", "INFO") as cm:
+            replica = r.dbs[0].replicas[0]
+            wait_for(lambda: replica.failures >= 2, "two failed attempts")
+            self.assertIn(self.rep, replica.last_error)
+            want = table_rows(self.db)
+            os.unlink(self.rep)  # the store is back; the app writes nothing more
+            wait_for(lambda: replica.failures == 0 and replica.pos == r.dbs[0].pos(), "the replica to catch up",
+                     timeout=30)
+        warns = [m for m in cm.output if m.startswith("WARNING:") and "sync failed (attempt 2)" in m]
+        self.assertTrue(warns and self.rep in warns[0], cm.output)
+        self.assertTrue(any(m.startswith("INFO:") and "caught up after" in m for m in cm.output), cm.output)
+        out = self.path("out.db")
+        ls.restore(self.rep, out)
+        self.assertEqual(table_rows(out), want)
+
+    def test_from_config_and_errors(self):
+        """Ensure from_config replicates a config's databases, and bad arguments are clear errors."""
+        ini = self.path("ls.ini")
+        with open(ini, "w") as f:
+            f.write(py_ini(self.db, self.rep))
+        with ls.Replicator.from_config(ini) as r:
+            self.assertEqual([db.path for db in r.dbs], [self.db])
+            r.sync(self.db)
+            with self.assertRaises(ls.LitestreamError):
+                r.sync(self.path("other.db"))
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.Replicator(self.db, [self.rep], sync_intervall=1.0)
+        self.assertIn("sync_interval", str(cm.exception))
+        with self.assertRaises(ls.LitestreamError):
+            ls.Replicator(self.db, [self.rep]).sync()  # not open
+
+
 ###############################################################################
 
 MIB = 1024 * 1024
@@ -2895,7 +3168,12 @@ class FaultProxy:
     """
 
     def __init__(self, upstream, rate=0.0, faults=("500", "503", "reset", "stall", "truncate"),
-                 seed=1, stall=1.5, max_stalls=2, reject_list_v2=False, deny_location=False):
+                 seed=1, stall=1.5, max_stalls=2, reject_list_v2=False, deny_location=False,
+                 lose_answer=None):
+        # lose_answer(method, path) -> bool: forward the request, then reset
+        # the connection instead of answering (the server acted; the client
+        # never hears of it).
+        self.lose_answer = lose_answer
         u = urllib.parse.urlsplit(upstream)
         self.upstream = (u.hostname, u.port)
         self.rate, self.faults, self.stall, self.max_stalls = rate, faults, stall, max_stalls
@@ -2947,6 +3225,12 @@ class FaultProxy:
                     headers = resp.getheaders()
                 finally:
                     conn.close()
+                if proxy.lose_answer is not None and proxy.lose_answer(self.command, self.path):
+                    with proxy.lock:
+                        proxy.counts["lost"] += 1
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
                 self.send_response(resp.status)
                 for k, v in headers:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
@@ -3031,6 +3315,55 @@ class TestS3Faults(MotoTestCase):
             self.assertEqual(c.generations(), [])
         for fault in ("500", "503", "reset", "stall", "truncate"):
             self.assertGreater(proxy.counts[fault], 0, (fault, proxy.counts))
+
+    def incomplete_uploads(self):
+        s3 = boto3_s3(self.moto.endpoint, MOTO_KEY, MOTO_SECRET)
+        return s3.list_multipart_uploads(Bucket=MOTO_BUCKET, Prefix=self.prefix + "/").get("Uploads", [])
+
+    def test_lost_create_multipart_answers_leave_no_uploads(self):
+        """Ensure uploads whose CreateMultipartUpload answer was lost are found and aborted, on success and on failure."""
+        gen = new_generation()
+        creates = collections.Counter()
+
+        def lose(method, path):
+            if method == "POST" and re.search(r"\?uploads=?$", path):
+                creates[path] += 1
+                return creates[path] % 3 != 0  # two answers lost, the third arrives
+            return False
+
+        big = os.urandom(11 * MIB)
+        with FaultProxy(self.moto.endpoint, lose_answer=lose) as proxy:
+            c = self.new_client(endpoint=proxy.endpoint, max_retries=4, timeout=5.0)
+            c.write_snapshot(gen, 0, io.BytesIO(big))
+            self.assertEqual(proxy.counts["lost"], 2)
+            self.assertEqual(self.incomplete_uploads(), [])
+            with c.snapshot_reader(gen, 0) as rd:
+                self.assertEqual(hashlib.sha256(rd.read()).digest(), hashlib.sha256(big).digest())
+            # Every answer lost: the upload fails, and still leaves nothing behind.
+            creates.clear()
+            proxy.lose_answer = lambda m, p: m == "POST" and bool(re.search(r"\?uploads=?$", p))
+            c2 = self.new_client(endpoint=proxy.endpoint, max_retries=2, timeout=5.0)
+            with self.assertRaises(ls.S3Error):
+                c2.write_snapshot(gen, 1, io.BytesIO(big))
+        self.assertEqual(self.incomplete_uploads(), [])
+
+    def test_stale_uploads_aborted(self):
+        """Ensure abort_stale_uploads aborts this replica's incomplete uploads older than the limit, and only those."""
+        s3 = boto3_s3(self.moto.endpoint, MOTO_KEY, MOTO_SECRET)
+        mine = "%s/generations/%s/snapshots/00000000.snapshot.lz4" % (self.prefix, new_generation())
+        other = "%s/other-app/file" % self.prefix
+        for k in (mine, other):
+            s3.create_multipart_upload(Bucket=MOTO_BUCKET, Key=k)
+        c = self.new_client()
+        # The age is the server's: moto reports a fixed Initiated time.
+        initiated = [u["Initiated"] for u in self.incomplete_uploads() if u["Key"] == mine][0]
+        age = (datetime.datetime.now(datetime.timezone.utc) - initiated).total_seconds()
+        self.assertEqual(c.abort_stale_uploads(older_than=age + 3600), 0)  # not old enough
+        with self.assertLogs("litestream", "INFO") as cm:
+            self.assertEqual(c.abort_stale_uploads(older_than=max(0, age - 3600)), 1)
+        self.assertIn("aborted 1 incomplete multipart uploads", cm.output[0])
+        self.assertEqual([u["Key"] for u in self.incomplete_uploads()], [other])
+        s3.abort_multipart_upload(Bucket=MOTO_BUCKET, Key=other, UploadId=self.incomplete_uploads()[0]["UploadId"])
 
     def test_stream_resumes_after_truncation(self):
         """Ensure a streamed read cut off midway resumes at its offset and returns exact bytes."""
@@ -3272,11 +3605,12 @@ def lz4_block_count(frame: bytes) -> int:
 class Replicator:
     """`replicate` (ours or Go's) as a subprocess, its stdout and stderr in one log file."""
 
-    def __init__(self, tc, args, go=""):
+    def __init__(self, tc, args, go="", stdin=None, env=None):
         self.logpath = tc.path("replicate-%s.log" % secrets_hex())
         cmd = ([go, "replicate"] if go else [sys.executable, SCRIPT, "replicate"]) + [str(a) for a in args]
         with open(self.logpath, "wb") as f:
-            self.p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env())
+            self.p = subprocess.Popen(cmd, stdin=stdin, stdout=f, stderr=subprocess.STDOUT,
+                                      env=env or child_env())
         tc.addCleanup(self.kill)
 
     def log(self) -> str:
@@ -3345,16 +3679,6 @@ def stop_replicator(test, tool, r):
         test.assertIn("litestream shut down", r.log())
     else:
         test.assertEqual(code, 0, r.log())
-
-
-class RowsMixin:
-    def assertSameRows(self, got_path, want, table="t"):
-        """Compare a restored table with the source's rows one by one."""
-        got = table_rows(got_path, table)
-        for i, (g, w) in enumerate(zip(got, want)):
-            if g != w:
-                self.fail("%s row %d differs: restored %r..., source %r..." % (table, i, repr(g)[:80], repr(w)[:80]))
-        self.assertEqual(len(got), len(want), "%s: restored %d rows, source has %d" % (table, len(got), len(want)))
 
 
 class TestReplicateProcess(RowsMixin, TempDirTestCase):
@@ -4032,9 +4356,14 @@ class TestS3InteropSwift(S3InteropMixin, TempDirTestCase):
 
 
 class TCPProxy:
-    """A loopback TCP forwarder that can be switched off (connections refused, open ones reset) and on again."""
+    """A loopback TCP forwarder that can be switched off (connections refused, open ones reset) and on again.
 
-    def __init__(self, upstream):
+    delay holds each chunk from the client that long before forwarding it
+    (a slow link); with blackhole set, new connections are accepted and
+    read but never answered (a server that stopped responding).
+    """
+
+    def __init__(self, upstream, delay=0.0):
         u = urllib.parse.urlsplit(upstream)
         self.upstream = (u.hostname, u.port)
         self.port = free_port()
@@ -4042,11 +4371,23 @@ class TCPProxy:
         self.lock = threading.Lock()
         self.socks = set()
         self.lsock = None
+        self.delay = delay
+        self.blackhole = False
 
     def up(self):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                s.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                # The accept loop of a down() holds the port for a moment.
+                if time.monotonic() > deadline:
+                    s.close()
+                    raise
+                time.sleep(0.05)
         s.listen(64)
         s.settimeout(0.1)
         self.lsock = s
@@ -4074,6 +4415,11 @@ class TCPProxy:
             except OSError:
                 return
             c.settimeout(None)
+            if self.blackhole:
+                with self.lock:
+                    self.socks.add(c)
+                threading.Thread(target=self._swallow, args=(c,), daemon=True).start()
+                continue
             try:
                 u = socket.create_connection(self.upstream, timeout=5)
             except OSError:
@@ -4082,15 +4428,22 @@ class TCPProxy:
             u.settimeout(None)
             with self.lock:
                 self.socks.update((c, u))
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, d in ((c, u, True), (u, c, False)):
+                threading.Thread(target=self._pipe, args=(a, b, d), daemon=True).start()
 
-    def _pipe(self, a, b):
+    def _swallow(self, c):
+        with contextlib.suppress(OSError):
+            while c.recv(65536):
+                pass
+
+    def _pipe(self, a, b, delayed=False):
         with contextlib.suppress(OSError):
             while True:
                 data = a.recv(65536)
                 if not data:
                     break
+                if delayed and self.delay:
+                    time.sleep(self.delay)
                 b.sendall(data)
         with contextlib.suppress(OSError):
             b.shutdown(socket.SHUT_WR)
@@ -4140,7 +4493,7 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
             app.insert(5, size=200, tag="outage%d-" % i)
             time.sleep(0.4)
         self.assertIsNone(r.p.poll(), "replicate exited during the outage:\n" + r.log())
-        self.assertRegex(r.log(), r"ERROR .*127\.0\.0\.1:%d" % proxy.port, "the outage was not logged")
+        self.assertRegex(r.log(), r"WARN(ING)? .*127\.0\.0\.1:%d" % proxy.port, "the outage was not logged")
         last = table_rows(db)[-1]
         self.assertTrue(last[1].startswith("outage7-4-"), last)
         proxy.up()  # No more writes: the backlog alone must be shipped.
@@ -4155,6 +4508,253 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
         self.assertIsNotNone(got, "final restore failed")
         self.assertEqual(integrity(out), "ok")
         self.assertSameRows(out, table_rows(db))
+
+
+def remove_files(*paths):
+    for p in paths:
+        if os.path.exists(p):
+            os.unlink(p)
+
+
+def s3_restore_rows(prefix, out, endpoint=None):
+    """Restore the replica under prefix straight from moto; return t's rows, or None if restore fails."""
+    remove_files(out, out + "-wal", out + "-shm")
+    url = "s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true" % (
+        MOTO_BUCKET, prefix, endpoint or moto().endpoint)
+    env = child_env()
+    env.update(LITESTREAM_ACCESS_KEY_ID=MOTO_KEY, LITESTREAM_SECRET_ACCESS_KEY=MOTO_SECRET)
+    p = subprocess.run([sys.executable, SCRIPT, "restore", "-o", out, url],
+                       capture_output=True, text=True, timeout=60, env=env)
+    return table_rows(out) if p.returncode == 0 else None
+
+
+class TestShutdown(RowsMixin, TempDirTestCase):
+    """Signals and the final sync of `replicate`, against moto behind a proxy that can slow down or go silent."""
+
+    def setUp(self):
+        super().setUp()
+        self.moto = moto()
+        self.srv = S3Server(self.moto.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        self.prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(self.prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, self.prefix)
+        self.s3 = boto3_s3(self.srv.endpoint, MOTO_KEY, MOTO_SECRET)
+        self.db = self.path("app.db")
+        create_wal_db(self.db, rows=20)
+        self.proxy = TCPProxy(self.moto.endpoint)
+        self.proxy.up()
+        self.addCleanup(self.proxy.down)
+        self.ini = self.path("py.ini")
+        with open(self.ini, "w") as f:
+            f.write(py_s3_ini(self.db, self.srv, self.prefix, endpoint=self.proxy.endpoint))
+
+    def start(self, *extra, **kw):
+        r = Replicator(self, ["-config", self.ini] + list(extra), **kw)
+        r.wait_log("replicating to")
+        wait_for(lambda: s3_wal_indices(self.s3, MOTO_BUCKET, self.prefix), "the first WAL segment")
+        return r
+
+    def silence(self):
+        """Make the endpoint accept connections and never answer (open ones are reset)."""
+        self.proxy.down()
+        self.proxy.blackhole = True
+        self.proxy.up()
+
+    def test_second_sigterm_does_not_abort_final_sync(self):
+        """Ensure a second SIGTERM during a slow final sync still ends with every pre-signal row replicated and exit 0."""
+        r = self.start()
+        app = AppDB(self.db)
+        app.insert(20, size=300, tag="before-signal")
+        app.close()
+        self.proxy.delay = 1.0  # every request now takes a second or more
+        r.p.send_signal(signal.SIGTERM)
+        r.wait_log("signal received")
+        time.sleep(0.5)
+        r.p.send_signal(signal.SIGTERM)
+        self.assertEqual(r.p.wait(60), 0, r.log())
+        self.assertIn("still running the final sync", r.log())
+        got = s3_restore_rows(self.prefix, self.path("out.db"))
+        self.assertIsNotNone(got, "restore failed")
+        self.assertSameRows(self.path("out.db"), table_rows(self.db))
+
+    def test_double_sigint_at_a_terminal_exits(self):
+        """Ensure a second Ctrl-C at a terminal abandons a slow final sync: the process exits, non-zero, saying what is missing."""
+        import pty
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        r = self.start(stdin=slave)
+        os.close(slave)
+        app = AppDB(self.db)
+        app.insert(20, size=300, tag="before-signal")
+        app.close()
+        self.proxy.delay = 5.0
+        r.p.send_signal(signal.SIGINT)
+        r.wait_log("signal received")
+        time.sleep(0.3)
+        r.p.send_signal(signal.SIGINT)
+        try:
+            code = r.p.wait(15)
+        except subprocess.TimeoutExpired:
+            self.fail("replicate still running 15 s after a second SIGINT:\n" + r.log())
+        self.assertNotEqual(code, 0, r.log())
+        self.assertRegex(r.log(), r"ERROR .*\(s3\): not replicated: replica at .*db at [0-9a-f]{16}/")
+
+    def test_unresponsive_endpoint_bounded_by_shutdown_timeout(self):
+        """Ensure shutdown against an endpoint that stopped answering ends within -shutdown-timeout, non-zero, with what is missing logged."""
+        r = self.start("-shutdown-timeout", "3s")
+        self.silence()
+        app = AppDB(self.db)
+        app.insert(10, size=300, tag="unsent")
+        app.close()
+        time.sleep(0.5)
+        r.p.send_signal(signal.SIGTERM)
+        try:
+            code = r.p.wait(3 + 10)
+        except subprocess.TimeoutExpired:
+            self.fail("replicate still running 13 s after SIGTERM with -shutdown-timeout 3s:\n" + r.log())
+        self.assertNotEqual(code, 0, r.log())
+        self.assertRegex(r.log(), r"ERROR .*\(s3\): not replicated: replica at .*db at [0-9a-f]{16}/")
+        self.assertIn("litestream shut down", r.log())
+
+    def test_failed_sync_retried_without_new_writes(self):
+        """Ensure a replica that failed during an outage catches up afterwards with no further writes."""
+        r = self.start()
+        self.proxy.down()
+        app = AppDB(self.db)
+        app.insert(10, size=300, tag="during-outage")
+        app.close()
+        want = table_rows(self.db)
+        time.sleep(4)  # longer than the S3 client's own retries: the sync fails
+        self.proxy.up()
+        out = self.path("poll.db")
+        wait_for(lambda: s3_restore_rows(self.prefix, out) == want,
+                 "the rows written during the outage in the replica", timeout=45, interval=0.5)
+        self.assertRegex(r.log(), r"WARN(ING)? .*\(s3\): sync failed \(attempt 1\), retrying in")
+        self.assertIn("replica caught up after", r.log())
+        self.assertEqual(r.stop(), 0, r.log())
+
+
+class TestOneReplicatorPerDB(RowsMixin, TempDirTestCase):
+    def test_second_replicate_refused(self):
+        """Ensure a second replicate on the same DB exits non-zero naming the DB and the holder's PID, and the first keeps going."""
+        db, rep, ini = self.path("app.db"), self.path("rep"), self.path("ls.ini")
+        create_wal_db(db, rows=20)
+        with open(ini, "w") as f:
+            f.write(py_ini(db, rep))
+        r = Replicator(self, ["-config", ini])
+        r.wait_log("replicating to")
+        for args in (["-config", ini], [db, self.path("rep2")]):
+            with self.subTest(args=args):
+                try:
+                    p = run_cli("replicate", *args, timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.fail("a second replicate on %s kept running" % db)
+                self.assertNotEqual(p.returncode, 0)
+                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                self.assertEqual(len(lines), 1, p.stderr)
+                self.assertIn(db, lines[0])
+                self.assertIn("pid %d" % r.p.pid, lines[0])
+                self.assertFalse(os.path.exists(self.path("rep2")))
+        app = AppDB(db)
+        app.insert(30, tag="after-refusal")
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        out = self.path("out.db")
+        self.assertEqual(run_cli("restore", "-o", out, "file://" + rep).returncode, 0)
+        self.assertSameRows(out, table_rows(db))
+
+
+class TestExec(TempDirTestCase):
+    def run_both(self, cmd, sig=None):
+        """Run `replicate -exec cmd` with Go 0.3.13 and with us; return {tool: exit code}."""
+        go = require_go()
+        out = {}
+        for tool in ("go", "py"):
+            db, rep = self.path("%s.db" % tool), self.path("%s-rep" % tool)
+            if not os.path.exists(db):
+                create_wal_db(db, rows=5)
+            r = Replicator(self, ["-exec", cmd, db, "file://" + rep], go=go if tool == "go" else "")
+            if sig is not None:
+                wait_for(lambda: os.path.isdir(os.path.join(rep, "generations")), "%s replicating" % tool)
+                time.sleep(0.5)
+                r.p.send_signal(sig)
+            out[tool] = r.p.wait(60)
+        return out
+
+    def test_exit_codes_match_go(self):
+        """Ensure -exec exit codes (0, non-zero, child killed by the forwarded signal) are Go 0.3.13's."""
+        codes = self.run_both("sh -c 'exit 0'")
+        self.assertEqual(codes, {"go": 0, "py": 0})
+        codes = self.run_both("sh -c 'exit 3'")
+        self.assertNotEqual(codes["go"], 0)
+        self.assertEqual(codes["py"], 3)  # Go says 1; we pass the child's status through
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(sig=sig):
+                codes = self.run_both("sleep 30", sig=sig)
+                self.assertEqual(codes, {"go": 0, "py": 0})
+
+    def test_bad_exec_strings(self):
+        """Ensure an -exec string that cannot be parsed or is empty is one clear line, not a traceback."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=5)
+        for cmd, needle in (("echo 'unclosed", "-exec: cannot parse"), ("   ", "-exec: empty command"),
+                            ("/nonexistent/x", "cannot start exec command '/nonexistent/x'")):
+            with self.subTest(cmd=cmd):
+                p = run_cli("replicate", "-exec", cmd, db, self.path("rep"), timeout=30)
+                self.assertNotEqual(p.returncode, 0)
+                self.assertNotIn("Traceback", p.stderr + p.stdout)
+                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                self.assertEqual(len(lines), 1, p.stderr)
+                self.assertIn(needle, lines[0])
+
+
+class TestOnce(RowsMixin, TempDirTestCase):
+    def test_once_file_replica(self):
+        """Ensure replicate -once syncs and snapshots a file replica, exits 0, and a later -once continues it."""
+        db, rep = self.path("app.db"), self.path("rep")
+        create_wal_db(db, rows=50)
+        p = run_cli("replicate", "-once", db, rep, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(len(replica_objects(rep, "snapshots")), 1)
+        out = self.path("out.db")
+        self.assertEqual(run_cli("restore", "-o", out, "file://" + rep).returncode, 0)
+        self.assertSameRows(out, table_rows(db))
+        app = AppDB(db)
+        app.insert(25, tag="second-run")
+        app.close()
+        p = run_cli("replicate", "-once", db, rep, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        remove_files(out)
+        self.assertEqual(run_cli("restore", "-o", out, "file://" + rep).returncode, 0)
+        self.assertSameRows(out, table_rows(db))
+
+    def test_once_s3_replica(self):
+        """Ensure replicate -once against S3 (moto) leaves a replica that restores equal to the source."""
+        m = moto()
+        srv = S3Server(m.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, prefix)
+        db, ini = self.path("app.db"), self.path("py.ini")
+        create_wal_db(db, rows=80)
+        with open(ini, "w") as f:
+            f.write(py_s3_ini(db, srv, prefix))
+        p = run_cli("replicate", "-once", "-config", ini, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        out = self.path("out.db")
+        self.assertIsNotNone(s3_restore_rows(prefix, out))
+        self.assertSameRows(out, table_rows(db))
+
+    def test_once_failure_exits_non_zero(self):
+        """Ensure replicate -once exits 1 when a replica cannot be written."""
+        db, rep = self.path("app.db"), self.path("rep")
+        create_wal_db(db, rows=5)
+        with open(rep, "w") as f:
+            f.write("a file where the replica directory should be")
+        p = run_cli("replicate", "-once", db, rep, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
 
 
 ###############################################################################
