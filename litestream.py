@@ -469,6 +469,19 @@ def _keep_wal_on_close(conn: sqlite3.Connection) -> bool:
     return True
 
 
+_KEPT_FOREVER: list = []
+
+
+def _keep_forever(obj) -> None:
+    """Make sure obj is never deallocated, not even when the interpreter exits."""
+    _KEPT_FOREVER.append(obj)
+    try:
+        import ctypes
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    except (ImportError, AttributeError, OSError):
+        pass  # the list alone keeps it until interpreter teardown
+
+
 def parse_wal_header(b: bytes) -> WALHeader:
     """Parse and verify a 32-byte WAL header; CorruptFrameError if invalid."""
     if len(b) < WAL_HEADER_SIZE:
@@ -3430,8 +3443,8 @@ class ShadowWAL:
     def _finish(self, start: int, written: int, kept: int, kept_sum, err: Optional[OSError]) -> CopyResult:
         # Cut what is past the last whole transaction, make the rest durable, then move pos.
         try:
-            if written > kept:
-                os.ftruncate(self._fd, kept)
+            if written > kept or err is not None:
+                os.ftruncate(self._fd, kept)  # never beyond what was written: kept <= written
             if kept > start:
                 os.fsync(self._fd)
         except OSError as e:
@@ -3634,6 +3647,7 @@ class DB:
         self._closed = False
         self._replicas_started = False
         self._new_generation_reason = ""   # set when the next sync must start a generation
+        self._no_ckpt_on_close = False     # closing our connections leaves the WAL alone (3.12+)
         self._enospc = 0                   # syncs in a row that could not copy anything: disk full
         self._enospc_replica_pos: Dict[str, Pos] = {}
 
@@ -3807,6 +3821,20 @@ class DB:
             self._db_file.close()
             self._db_file = None
 
+    def _drop_stale_sqlite(self) -> None:
+        """Let go of a database file that was replaced or removed under us, without touching the new one."""
+        if not self._no_ckpt_on_close:
+            # Before Python 3.12 the last connection to close checkpoints and
+            # then deletes "<path>-wal" and "<path>-shm" by name: by now those
+            # may be the new database's, which the application is using.  So
+            # the old connections are never closed (their reference is kept
+            # for good); the OS releases them when the process exits.
+            for c in (self._rconn, self._conn):
+                if c is not None:
+                    _keep_forever(c)
+            self._rconn = self._conn = None
+        self._close_sqlite()
+
     def _monitor_step(self) -> Optional[float]:
         t0 = time.monotonic()
         try:
@@ -3843,7 +3871,7 @@ class DB:
                                    check_same_thread=False)
             self._conn = conn
             self._db_file = f
-            _keep_wal_on_close(conn)
+            self._no_ckpt_on_close = _keep_wal_on_close(conn)
             try:
                 mode = conn.execute("PRAGMA journal_mode = wal").fetchone()[0]
             except sqlite3.OperationalError as e:
@@ -3860,7 +3888,7 @@ class DB:
             rconn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                     check_same_thread=False)
             self._rconn = rconn
-            _keep_wal_on_close(rconn)
+            self._no_ckpt_on_close = _keep_wal_on_close(rconn) and self._no_ckpt_on_close
             rconn.execute("PRAGMA wal_autocheckpoint = 0")
             self._acquire_read_lock()
             self._ensure_wal_exists()
@@ -4040,7 +4068,7 @@ class DB:
                     # A database renamed over ours (or removed): never mix
                     # its WAL with our file.  Start again from the new file.
                     self.logger.warning("%s: %s while replicating: reopening", self.name, why)
-                    self._close_sqlite()
+                    self._drop_stale_sqlite()
                     self.shadow.close()
                     self._new_generation_reason = why
             if self._conn is None:

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import http.client
@@ -4755,6 +4756,246 @@ class TestOnce(RowsMixin, TempDirTestCase):
             f.write("a file where the replica directory should be")
         p = run_cli("replicate", "-once", db, rep, timeout=60)
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+
+
+def mount_tmpfs(tc, size: int) -> str:
+    """Mount a tmpfs of size bytes for the test (unmounted at cleanup); skip where mounting is not permitted."""
+    d = tc.path("small-%s" % secrets_hex())
+    os.mkdir(d)
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d,mode=0755" % size, "tmpfs", d],
+                           capture_output=True, text=True, timeout=30)
+        ok = p.returncode == 0
+    except OSError:
+        ok = False
+    require_peer(ok, "a small filesystem (mount -t tmpfs) for full-disk tests",
+                 "run the tests as root, or where mount is permitted (CI does)")
+    tc.addCleanup(subprocess.run, ["umount", "-l", d], capture_output=True, timeout=30)
+    return d
+
+
+def fill_fs(d: str, leave: int = 0) -> str:
+    """Fill the filesystem holding d until at most leave bytes are free; return the filler's path."""
+    path = os.path.join(d, "filler-%s" % secrets_hex())
+    st = os.statvfs(d)
+    want = max(0, st.f_bavail * st.f_frsize - leave)
+    chunk = b"\0" * (1 << 20)
+    try:
+        f = open(path, "wb")
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        return ""  # already full
+    with f:
+        try:
+            while want > 0:
+                f.write(chunk[:min(len(chunk), want)])
+                f.flush()
+                want -= min(len(chunk), want)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+    return path
+
+
+class TestShadowFullDisk(TempDirTestCase):
+    def test_short_write_fails_the_step_and_leaves_no_hole(self):
+        """Ensure a shadow WAL write cut short by a full disk fails the sync, leaves no hole, and the next sync continues exactly."""
+        small = mount_tmpfs(self, 1 << 20)
+        dbpath = self.path("db")
+        app = AppDB(dbpath)
+        self.addCleanup(app.close)
+        db = open_db(dbpath, meta_path=os.path.join(small, "meta"))
+        self.addCleanup(db.close)
+        r = open_replica(db, self.path("rep"))
+        app.insert(5)
+        db.sync()
+        r.sync()
+        before = db.pos()
+        filler = fill_fs(small, leave=64 << 10)
+        app.insert(60, size=3000)  # about 250 KB of frames: the write is cut short after 64 KiB
+        with self.assertRaises(ls.LitestreamError) as cm:
+            db.sync()
+        self.assertIn("No space left on device", str(cm.exception))
+        self.assertIn(small, str(cm.exception))
+        self.assertEqual(db.pos(), before)
+        r.sync()
+        wal = read_file(dbpath + "-wal")
+        shadow = read_file(db.shadow_wal_path(before.generation, before.index))
+        self.assertEqual(shadow, wal[:len(shadow)])
+        self.assertEqual(len(shadow), before.offset)
+        os.unlink(filler)
+        db.sync()
+        r.sync()
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, db.pos().generation))
+        self.assertEqual(integrity(out), "ok")
+        self.assertEqual(table_rows(out), table_rows(dbpath))
+
+    def test_partial_copy_keeps_whole_transactions_only(self):
+        """Ensure a copy that fails part way keeps the whole transactions it wrote, ending at a commit frame."""
+        small = mount_tmpfs(self, 8 << 20)
+        dbpath = self.path("db")
+        app = AppDB(dbpath)
+        self.addCleanup(app.close)
+        db = open_db(dbpath, meta_path=os.path.join(small, "meta"), min_checkpoint_page_n=100000,
+                     max_checkpoint_page_n=0)
+        self.addCleanup(db.close)
+        app.insert(1)
+        db.sync()
+        start = db.pos().offset
+        for i in range(40):  # 40 commits of ~130 KB: more than one 4 MiB write
+            app.insert(40, size=3000, tag="c%d-" % i)
+        filler = fill_fs(small, leave=4 << 20)
+        with self.assertRaises(ls.LitestreamError):
+            db.sync()
+        p = db.pos()
+        self.assertGreater(p.offset, start, "nothing kept")
+        shadow = read_file(db.shadow_wal_path(p.generation, p.index))
+        self.assertEqual(len(shadow), p.offset)
+        self.assertEqual(shadow, read_file(dbpath + "-wal")[:len(shadow)])
+        fs = db.page_size + 24
+        self.assertNotEqual(shadow[-fs + 4:-fs + 8], b"\0\0\0\0")  # ends at a commit frame
+        os.unlink(filler)
+        db.sync()
+        self.assertEqual(read_file(db.shadow_wal_path(p.generation, p.index)), read_file(dbpath + "-wal"))
+
+
+class SeqWriter:
+    """The application: one thread committing one numbered row per transaction until stopped.
+
+    Errors are recorded and the commit is retried, as an application would.
+    """
+
+    def __init__(self, tc, path, size=2000):
+        self.path, self.size = path, size
+        self.n = 0
+        self.errors = []
+        self.stop_ev = threading.Event()
+        self.t = threading.Thread(target=self.run)
+        self.t.start()
+        tc.addCleanup(self.stop)
+
+    def run(self):
+        c = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+        try:
+            while not self.stop_ev.is_set():
+                try:
+                    c.execute("INSERT INTO t (v) VALUES (?)", ("c%06d-%s" % (self.n, "y" * self.size),))
+                    self.n += 1
+                except sqlite3.Error as e:
+                    self.errors.append(str(e))
+                    time.sleep(0.05)
+                time.sleep(0.005)
+        finally:
+            c.close()
+
+    def stop(self):
+        self.stop_ev.set()
+        self.t.join()
+
+
+class TestFullDiskProcess(RowsMixin, TempDirTestCase):
+    """`replicate` while a disk fills up and is freed: the shadow WAL's, the replica's, the database's."""
+
+    def run_scenario(self, where):
+        small = mount_tmpfs(self, 8 << 20)
+        dbdir = small if where == "db" else self.path("dbdir")
+        os.makedirs(dbdir, exist_ok=True)
+        db = os.path.join(dbdir, "app.db")
+        rep = os.path.join(small, "rep") if where == "replica" else self.path("rep")
+        create_wal_db(db, rows=1)
+        ini = self.path("ls.ini")
+        with open(ini, "w") as f:
+            f.write("[db:app]\npath = %s\nmonitor-interval = 100ms\nmin-checkpoint-page-count = 200\n" % db)
+            if where == "shadow":
+                f.write("meta-path = %s\n" % os.path.join(small, "meta"))
+            f.write("[replica:app:r]\npath = %s\nsync-interval = 100ms\n" % rep)
+        r = Replicator(self, ["-config", ini])
+        r.wait_log("replicating to")
+        w = SeqWriter(self, db)
+        wait_for(lambda: w.n >= 200, "200 commits")
+        filler = fill_fs(small)
+        n0 = w.n
+        time.sleep(3)  # the disk stays full while the application keeps writing
+        remove_files(filler)
+        wait_for(lambda: w.n >= n0 + 100, "100 more commits after the disk was freed", timeout=60)
+        w.stop()
+        src = table_rows(db)
+        out = self.path("poll.db")
+        wait_for(lambda: try_restore_rows(rep, out) == src, "the replica to catch up with no intervention",
+                 timeout=90, interval=0.5)
+        self.assertIsNone(r.p.poll(), r.log())
+        self.assertEqual(r.stop(), 0, r.log())
+        if where != "db":
+            self.assertEqual(w.errors, [], "the application saw errors caused by replication")
+        gens = sorted(os.listdir(os.path.join(rep, "generations")))
+        for g in gens:
+            with self.subTest(generation=g):
+                out = self.path("gen-%s.db" % g)
+                p = run_cli("restore", "-generation", g, "-o", out, "file://" + rep)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertEqual(integrity(out), "ok")
+                got = table_rows(out)
+                self.assertEqual(got, src[:len(got)], "generation %s is not a prefix of the source" % g)
+        return r.log(), gens
+
+    def test_shadow_wal_disk_fills(self):
+        """Ensure a full shadow WAL disk is survived: no application error, recovery, every generation a clean prefix."""
+        log, _ = self.run_scenario("shadow")
+        self.assertRegex(log, r"cannot write shadow wal .*No space left on device")
+
+    def test_replica_disk_fills(self):
+        """Ensure a full replica disk is survived: no application error, retries until the replica catches up."""
+        log, _ = self.run_scenario("replica")
+        self.assertRegex(log, r"WARN(ING)? .*sync failed \(attempt \d+\).*No space left on device")
+
+    def test_database_disk_fills(self):
+        """Ensure a full database disk (the application's own) is survived and replication recovers once it is freed."""
+        self.run_scenario("db")
+
+
+class TestReplacedDB(RowsMixin, TempDirTestCase):
+    def test_database_renamed_over_while_replicating(self):
+        """Ensure a DB renamed over ours gives a new generation restoring to the new DB, leaves the new DB intact, and SIGTERM exits 0."""
+        db, rep, ini = self.path("app.db"), self.path("rep"), self.path("ls.ini")
+        create_wal_db(db, rows=30)
+        with open(ini, "w") as f:
+            f.write(py_ini(db, rep))
+        r = Replicator(self, ["-config", ini])
+        r.wait_log("replicating to")
+        app = AppDB(db)
+        app.insert(20, tag="old-db")
+        app.close()
+        out = self.path("poll.db")
+        wait_for(lambda: try_restore_rows(rep, out) == table_rows(db), "the old DB in the replica")
+        other = self.path("other.db")
+        create_wal_db(other, rows=7)
+        # Replace the database while the replicator is stopped, and let the
+        # application commit to the new one before the replicator looks:
+        # the new database's -wal then holds committed, unchecked frames.
+        os.kill(r.p.pid, signal.SIGSTOP)
+        try:
+            for suffix in ("-wal", "-shm"):
+                remove_files(db + suffix)
+            os.rename(other, db)
+            app = AppDB(db)
+            self.addCleanup(app.close)
+            app.insert(15, tag="new-db")
+        finally:
+            os.kill(r.p.pid, signal.SIGCONT)
+        r.wait_log("database file replaced")
+        r.wait_log("reason=database file replaced")
+        app.insert(10, tag="after-detect")
+        src = table_rows(db)
+        self.assertEqual(len(src), 7 + 15 + 10)
+        wait_for(lambda: try_restore_rows(rep, out) == src, "the new DB in the replica", timeout=60)
+        self.assertEqual(len(os.listdir(os.path.join(rep, "generations"))), 2)
+        app.close()
+        self.assertEqual(integrity(db), "ok")
+        self.assertEqual(table_rows(db), src)  # the application's new database lost nothing
+        self.assertEqual(r.stop(), 0, r.log())
+        self.assertEqual(try_restore_rows(rep, out), src)
 
 
 ###############################################################################
