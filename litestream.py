@@ -3584,6 +3584,24 @@ class _DBLock:
             self._fd = -1
 
 
+_OPEN_DBS: "weakref.WeakSet[DB]" = weakref.WeakSet()
+
+
+def _forget_dbs_after_fork() -> None:
+    # A forked child inherits our SQLite connections and descriptors but
+    # none of our threads or POSIX locks.  If it closed those connections
+    # (at exit, say) SQLite would think it the last user: checkpoint, then
+    # delete the parent's -wal and -shm.  So the child never closes them,
+    # and drops its copies of our descriptors (the replicator lock stays
+    # with the parent).
+    for db in list(_OPEN_DBS):
+        db._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_dbs_after_fork)
+
+
 class DB:
     """A SQLite database being replicated: the shadow WAL, checkpoints and the sync loop.
 
@@ -3692,6 +3710,7 @@ class DB:
             raise LitestreamError("%s: already open" % self.path)
         self._db_lock = _DBLock(self.meta_path, self.path)
         self._opened = True
+        _OPEN_DBS.add(self)
         self._background = self.monitor_interval > 0 if background is None else background
         try:
             if self._background:
@@ -3794,7 +3813,31 @@ class DB:
                 first = first or e
         return first
 
+    def _forked(self) -> None:
+        """Make this copy of the DB, in a forked child, inert (see _forget_dbs_after_fork)."""
+        self._closed = True
+        for c in (self._rconn, self._conn):
+            if c is not None:
+                _keep_forever(c)
+        self._rconn = self._conn = None
+        fds = [self._wal_fd, self._shm_fd, self.shadow._fd]
+        if self._db_file is not None:
+            fds.append(self._db_file.fileno())
+            _keep_forever(self._db_file)  # its fd is closed below; never again through the object
+            self._db_file = None
+        if self._db_lock is not None:
+            fds.append(self._db_lock._fd)
+            self._db_lock._fd = -1
+            self._db_lock = None
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wal_fd = self._shm_fd = self.shadow._fd = -1
+        self._own_schedulers = []
+
     def _release(self) -> None:
+        _OPEN_DBS.discard(self)
         for s in self._own_schedulers:
             s.close()
         self._own_schedulers = []

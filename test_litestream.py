@@ -709,9 +709,6 @@ class TestLZ4Peer(unittest.TestCase):
         self.assertEqual(ls.lz4_decompress_frame(frame), b"abc")
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 ###############################################################################
 # FileReplicaClient
@@ -1895,9 +1892,6 @@ class TestConfig(TempDirTestCase):
                 self.assertEqual(str(cm.exception), want)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 ###############################################################################
 # S3: SigV4, credentials and S3ReplicaClient against real servers
@@ -2025,6 +2019,46 @@ class TestReplicatorAPI(RowsMixin, TempDirTestCase):
         out = self.path("out.db")
         ls.restore(self.rep, out)
         self.assertEqual(table_rows(out), want)
+
+    def test_forked_child_leaves_replication_alone(self):
+        """Ensure a forked child (a web server's worker) that closes its copy of the Replicator changes nothing."""
+        import gc
+        import warnings
+        r = ls.Replicator(self.db, [self.rep], sync_interval=0.05, monitor_interval=0.05).open()
+        self.addCleanup(r.close)
+        AppDB(self.db).insert(20, tag="before-fork")
+        r.wait_replicated(timeout=30)
+        wal = os.stat(self.db + "-wal")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                db = r.dbs[0]
+                # The child never uses the parent's SQLite connections (SQLite
+                # forbids carrying them across fork) nor its lock.
+                code = 2 if (db._conn, db._rconn, db._db_lock) != (None, None, None) else 3
+                r.close()  # what an atexit handler in a forked worker would do
+                r.dbs.clear()
+                gc.collect()
+                code = 0 if code == 3 else code
+            finally:
+                os._exit(code)
+        status = []
+        wait_for(lambda: status.append(os.waitpid(pid, os.WNOHANG)) or status[-1][0] == pid, "the child to exit",
+                 timeout=30)
+        self.assertEqual(status[-1][1], 0)
+        # The child ran no final sync: it wrote no clean-shutdown record.
+        self.assertFalse(os.path.exists(r.dbs[0].shutdown_record_path()))
+        st = os.stat(self.db + "-wal")
+        self.assertEqual((st.st_ino, st.st_dev), (wal.st_ino, wal.st_dev))
+        AppDB(self.db).insert(20, tag="after-fork")
+        r.wait_replicated(timeout=30)
+        r.close()
+        out = self.path("out.db")
+        ls.restore(self.rep, out)
+        self.assertSameRows(out, table_rows(self.db))
 
     def test_from_config_and_errors(self):
         """Ensure from_config replicates a config's databases, and bad arguments are clear errors."""
@@ -5857,6 +5891,87 @@ def bench_lz4(path: str) -> None:
     print("xxh32: %.1f MB/s" % (len(sample) / 1e6 / t))
 
 
+def _proc_stats(pid: int) -> dict:
+    """Return CPU seconds, threads and RSS (MiB, now and peak) of a process from /proc."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    status = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            status[k] = v.strip()
+    return {"cpu": cpu, "threads": int(status["Threads"]),
+            "rss": int(status["VmRSS"].split()[0]) / 1024, "peak": int(status["VmHWM"].split()[0]) / 1024}
+
+
+def bench_many_dbs(n: int = 1000, idle: float = 30.0) -> None:
+    """Many small databases in one replicator, ours next to Go 0.3.13 when it is installed.
+
+    python3 test_litestream.py bench-many-dbs [N [IDLE_SECONDS]]
+
+    For each tool: N WAL databases with 20 rows and a file replica each,
+    default intervals (1 s monitor and sync).  Reports start-up (start ->
+    every replica has its snapshot), idle CPU over IDLE_SECONDS, threads,
+    RSS, the time from SIGTERM to exit (and its code), and whether every
+    replica restores (with litestream.py) equal to its source.
+    """
+    go = go_litestream_path()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lsbench-") as d:
+        for tool in ["py"] + (["go"] if go else []):
+            root = os.path.join(d, tool)
+            os.makedirs(root)
+            dbs = [(os.path.join(root, "db%04d.db" % i), os.path.join(root, "rep%04d" % i)) for i in range(n)]
+            for db, _ in dbs:
+                create_wal_db(db, rows=20)
+            if tool == "py":
+                cfg = os.path.join(root, "ls.ini")
+                with open(cfg, "w") as f:
+                    for i, (db, rep) in enumerate(dbs):
+                        f.write("[db:d%d]\npath = %s\nreplica = %s\n" % (i, db, rep))
+                cmd = [sys.executable, SCRIPT, "replicate", "-config", cfg]
+            else:
+                cfg = os.path.join(root, "ls.yml")
+                with open(cfg, "w") as f:
+                    f.write("dbs:\n")
+                    for db, rep in dbs:
+                        f.write("  - path: %s\n    replicas:\n      - path: %s\n" % (db, rep))
+                cmd = [go, "replicate", "-config", cfg]
+            log = open(os.path.join(root, "replicate.log"), "wb")
+            t0 = time.monotonic()
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+            pending = list(dbs)
+            while pending:
+                if p.poll() is not None:
+                    raise SystemExit("%s replicate exited: see %s" % (tool, log.name))
+                pending = [x for x in pending if not replica_objects(x[1], "snapshots")]
+                time.sleep(0.2)
+            startup = time.monotonic() - t0
+            time.sleep(2.0)
+            s0 = _proc_stats(p.pid)
+            time.sleep(idle)
+            s1 = _proc_stats(p.pid)
+            t1 = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            code = p.wait(300)
+            stop = time.monotonic() - t1
+            log.close()
+            ok = 0
+            for i, (db, rep) in enumerate(dbs):
+                out = os.path.join(root, "out%04d.db" % i)
+                try:
+                    ls.restore(rep, out)
+                    ok += table_rows(out) == table_rows(db)
+                except ls.LitestreamError:
+                    pass
+            rows.append([tool, str(n), "%.1f" % startup, "%.2f" % (100 * (s1["cpu"] - s0["cpu"]) / idle),
+                         str(s1["threads"]), "%.0f" % s1["rss"], "%.0f" % s1["peak"], "%.2f" % stop, str(code),
+                         "%d/%d" % (ok, n)])
+    ls._table([["tool", "dbs", "startup s", "idle CPU %", "threads", "RSS MiB", "peak MiB", "SIGTERM s",
+                "exit", "restores equal"]] + rows, sys.stdout)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench-lz4"]:
         if len(sys.argv) > 2:
@@ -5865,5 +5980,7 @@ if __name__ == "__main__":
             with tempfile.TemporaryDirectory() as d:
                 make_bench_db(os.path.join(d, "bench.db"))
                 bench_lz4(os.path.join(d, "bench.db"))
+    elif sys.argv[1:2] == ["bench-many-dbs"]:
+        bench_many_dbs(*[f(a) for f, a in zip((int, float), sys.argv[2:4])])
     else:
         unittest.main()
