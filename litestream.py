@@ -3396,6 +3396,7 @@ class ShadowWAL:
         written = kept = start
         kept_sum = self._checksum
         step = max(1, SHADOW_WRITE_CHUNK // fs) * fs
+        salt = self.header[16:24]
         err = None
         try:
             while written < trusted_end:
@@ -3407,6 +3408,9 @@ class ShadowWAL:
                 last_commit = -1
                 stop = False
                 for i in range(n):
+                    if mv[i * fs + 8:i * fs + 16] != salt:
+                        self._cut(start)  # not this cycle's frame: never copied
+                        return None
                     if mv[i * fs + 4:i * fs + 8] != b"\0\0\0\0":
                         last_commit = i
                         if max_bytes and written + (i + 1) * fs - start >= max_bytes:

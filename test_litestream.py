@@ -874,6 +874,166 @@ class AppDB:
         self.c.close()
 
 
+def committed_frames(wal: bytes) -> "tuple[int, bytes]":
+    """Walk a WAL independently of the module: return (frames up to the last commit, last commit frame header).
+
+    Frames count while their salt matches the header's and the checksum
+    chain (recomputed with _ref_checksum) holds, as SQLite's recovery does.
+    """
+    magic, _, ps = struct.unpack(">III", wal[:12])
+    fmt = ">%dI" if magic & 1 else "<%dI"
+    s0, s1 = struct.unpack(">II", wal[24:32])
+    fs = ps + 24
+    n = last = 0
+    last_hdr = b""
+    off = 32
+    while off + fs <= len(wal):
+        fr = wal[off:off + fs]
+        if fr[8:16] != wal[16:24]:
+            break
+        s0, s1 = _ref_checksum(struct.unpack(fmt % 2, fr[:8]) + struct.unpack(fmt % (ps // 4), fr[24:]), s0, s1)
+        if struct.unpack(">II", fr[16:24]) != (s0, s1):
+            break
+        n += 1
+        if fr[4:8] != b"\0\0\0\0":
+            last, last_hdr = n, fr[:24]
+        off += fs
+    return last, last_hdr
+
+
+class TestWALIndexHeader(TempDirTestCase):
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("db")
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+        for i in range(5):
+            self.app.insert(7, size=500, tag="h%d" % i)
+
+    def shm(self) -> bytes:
+        return read_file(self.dbpath + "-shm")[:136]
+
+    def test_header_of_a_real_shm(self):
+        """Ensure the wal-index header read from SQLite's -shm matches the WAL walked independently."""
+        h = ls.parse_wal_index_header(self.shm())
+        wal = read_file(self.dbpath + "-wal")
+        n, last = committed_frames(wal)
+        self.assertEqual(h.max_frame, n)
+        self.assertEqual(h.salt, wal[16:24])
+        self.assertEqual(h.frame_checksum, struct.unpack(">II", last[16:24]))
+        self.assertEqual(h.page_size, 4096)
+
+    def test_unusable_headers_are_refused(self):
+        """Ensure a torn, unchecksummed, uninitialised, other-version or short header is refused."""
+        good = bytearray(self.shm())
+        self.assertIsNotNone(ls.parse_wal_index_header(bytes(good)))
+        order = "<" if sys.byteorder == "little" else ">"
+        cases = {}
+        torn = bytearray(good)
+        torn[48 + 16] ^= 1  # copy 2's mxFrame differs: caught mid-update
+        cases["torn"] = torn
+        for name, off in (("checksum", 40), ("mxFrame", 16)):
+            b = bytearray(good)
+            b[off] ^= 1
+            b[48 + off] ^= 1  # both copies agree, but the checksum no longer holds
+            cases[name] = b
+        b = bytearray(good)
+        b[12] = b[48 + 12] = 0
+        cases["not initialised"] = b
+        b = bytearray(good)
+        struct.pack_into(order + "I", b, 0, 3007001)
+        struct.pack_into(order + "I", b, 48, 3007001)
+        cases["version"] = b
+        cases["short"] = good[:90]
+        for name, b in cases.items():
+            with self.subTest(name):
+                self.assertIsNone(ls.parse_wal_index_header(bytes(b)))
+
+    def test_trusted_copy_equals_checked_copy_and_skips_checksums(self):
+        """Ensure a copy trusting the -shm gives the checked copy's bytes without recomputing frame checksums."""
+        fs = 4096 + 24
+        for mode in ("trusted", "checked"):
+            with self.subTest(mode):
+                path = self.path("%s.db" % mode)
+                app = AppDB(path)
+                self.addCleanup(app.close)
+                app.insert(5)
+                db = open_db(path, min_checkpoint_page_n=100000, checkpoint_interval=0)
+                if mode == "checked":
+                    os.close(db._shm_fd)
+                    db._shm_fd = -1
+                before = db.pos()
+                app.insert(40, size=2000, tag=mode)
+                with mock.patch.object(ls, "wal_checksum", wraps=ls.wal_checksum) as spy:
+                    db.sync()
+                p = db.pos()
+                shadow = read_file(db.shadow_wal_path(p.generation, p.index))
+                db.close()
+                self.assertEqual(p.index, before.index)
+                frames = (len(shadow) - before.offset) // fs
+                self.assertGreater(frames, 15)
+                self.assertEqual(shadow, read_file(path + "-wal")[:len(shadow)])
+                if mode == "trusted":
+                    self.assertLess(spy.call_count, 5)  # the wal-index header's own checksum
+                else:
+                    self.assertGreaterEqual(spy.call_count, 2 * frames)  # frame header and page, each frame
+
+    def test_lying_header_falls_back_to_checked_copy(self):
+        """Ensure a header whose salts or last frame do not match the WAL is not trusted: the checked copy runs."""
+        fs = 4096 + 24
+        for name in ("other salts", "wrong checksum", "past the commit", "forged frame"):
+            with self.subTest(name):
+                db = open_db(self.dbpath, meta_path=self.path(name))
+                self.addCleanup(db.close)
+                self.app.insert(10, size=2000, tag="x")
+                h = ls.parse_wal_index_header(self.shm())
+                liar = {"other salts": dataclasses.replace(h, salt=bytes(8)),
+                        "wrong checksum": dataclasses.replace(h, frame_checksum=(1, 2)),
+                        "past the commit": dataclasses.replace(h, max_frame=h.max_frame + 1)}.get(name)
+                if name == "forged frame":
+                    # A commit frame of this salt after the last commit, whose
+                    # stored checksum breaks the chain; the header claims it
+                    # with the checksum the chain would have had.
+                    wal = read_file(self.dbpath + "-wal")
+                    end = 32 + h.max_frame * fs
+                    fmt = ">%dI" if struct.unpack(">I", wal[:4])[0] & 1 else "<%dI"
+                    fh, page = struct.pack(">II", 2, 99), os.urandom(4096)
+                    chain = _ref_checksum(struct.unpack(fmt % 2, fh) + struct.unpack(fmt % 1024, page),
+                                          *struct.unpack(">II", wal[end - fs + 16:end - fs + 24]))
+                    with open(self.dbpath + "-wal", "r+b") as f:
+                        f.seek(end)
+                        f.write(fh + wal[16:24] + struct.pack(">II", chain[0] ^ 1, chain[1]) + page)
+                    liar = dataclasses.replace(h, max_frame=h.max_frame + 1, frame_checksum=chain)
+                wal = read_file(self.dbpath + "-wal")
+                res = db.shadow.copy(db._wal_fd, 32 + (len(wal) - 32) // fs * fs, 0, liar)
+                self.assertIsNone(res.error)
+                p = db.pos()
+                shadow = read_file(db.shadow_wal_path(p.generation, p.index))
+                self.assertEqual(shadow, wal[:len(shadow)])
+                self.assertEqual(len(shadow), 32 + committed_frames(wal)[0] * fs)
+
+    def test_frames_of_another_salt_never_copied(self):
+        """Ensure a frame of another WAL cycle inside the trusted range is never copied."""
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        base = db.pos()
+        self.app.insert(10, size=2000, tag="y")
+        h = ls.parse_wal_index_header(self.shm())
+        fs = 4096 + 24
+        # Stamp another salt on a frame in the middle of the new range, as
+        # a frame left by an older cycle would carry.
+        mid = base.offset + 3 * fs
+        with open(self.dbpath + "-wal", "r+b") as f:
+            f.seek(mid + 8)
+            f.write(b"\xde\xad\xbe\xef\x01\x02\x03\x04")
+        res = db.shadow.copy(db._wal_fd, 32 + h.max_frame * fs, 0, h)
+        self.assertIsNone(res.error)
+        p = db.pos()
+        self.assertLessEqual(p.offset, mid)
+        shadow = read_file(db.shadow_wal_path(p.generation, p.index))
+        self.assertNotIn(b"\xde\xad\xbe\xef\x01\x02\x03\x04", shadow)
+
+
 class TestDBSync(TempDirTestCase):
     def setUp(self):
         super().setUp()
