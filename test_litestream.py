@@ -6132,6 +6132,76 @@ def bench_many_dbs(n: int = 1000, idle: float = 30.0) -> None:
                 "exit", "restores equal"]] + rows, sys.stdout)
 
 
+def bench_big_tx(mib: int = 400) -> None:
+    """One large transaction through `replicate` to a file replica, ours next to Go 0.3.13 when installed.
+
+    python3 test_litestream.py bench-big-tx [MIB]
+
+    The application commits MIB MiB in one transaction (rows of 4 KiB: half
+    random bytes, half text) after the replicator has taken its first
+    snapshot.  Reports the seconds from the commit to the last replica
+    object written (the replica then idle for 3 s), the replicator's CPU
+    seconds over that time and its peak RSS, and checks that a restore
+    holds the transaction's last row.
+    """
+    go = go_litestream_path()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lsbench-") as d:
+        for tool in ["py"] + (["go"] if go else []):
+            root = os.path.join(d, tool)
+            os.makedirs(root)
+            db, rep = os.path.join(root, "app.db"), os.path.join(root, "rep")
+            create_wal_db(db, rows=10)
+            cmd = ([sys.executable, SCRIPT] if tool == "py" else [go]) + ["replicate", db, "file://" + rep]
+            log = open(os.path.join(root, "replicate.log"), "wb")
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+            wait_for(lambda: replica_objects(rep, "snapshots") and replica_objects(rep, "wal"), "replicating")
+            time.sleep(1.5)
+            s0 = _proc_stats(p.pid)
+            rnd = random.Random(7)
+            c = sqlite3.connect(db, isolation_level=None)
+            c.execute("BEGIN")
+            text = ("the quick brown fox jumps over the lazy dog %d " * 40)[:2048]
+            for i in range(mib * 256):
+                c.execute("INSERT INTO t (v) VALUES (?)", ("%08d" % i + rand_bytes(rnd, 1020).hex() + text,))
+            c.execute("COMMIT")
+            t_commit = time.time()
+            last_row = c.execute("SELECT max(id) FROM t").fetchone()[0]
+            c.close()
+            def replica_state():
+                # Every file under the replica, .tmp files of uploads in progress included.
+                out = set()
+                for dirpath, _, names in os.walk(rep):
+                    for n in names:
+                        with contextlib.suppress(FileNotFoundError):
+                            out.add((n, os.path.getsize(os.path.join(dirpath, n))))
+                return frozenset(out)
+
+            before = replica_state()
+            wait_for(lambda: replica_state() != before, "replication of the transaction to start", timeout=600)
+            seen, quiet_since = None, time.monotonic()
+            while time.monotonic() - quiet_since < 3.0:
+                state = replica_state()
+                if state != seen:
+                    seen, quiet_since = state, time.monotonic()
+                time.sleep(0.1)
+            objs = replica_objects(rep, "wal")
+            newest = max(os.path.getmtime(os.path.join(rep, "generations", g, "wal", n)) for g, n in objs)
+            s1 = _proc_stats(p.pid)
+            p.send_signal(signal.SIGTERM)
+            code = p.wait(300)
+            log.close()
+            out = os.path.join(root, "out.db")
+            ls.restore(rep, out)
+            c = sqlite3.connect(out)
+            ok = c.execute("SELECT max(id) FROM t").fetchone()[0] == last_row
+            c.close()
+            rows.append([tool, str(mib), "%.1f" % (newest - t_commit), "%.1f" % (s1["cpu"] - s0["cpu"]),
+                         "%.0f" % s1["peak"], str(code), "yes" if ok else "NO"])
+    ls._table([["tool", "tx MiB", "commit -> replicated s", "CPU s", "peak RSS MiB", "exit", "restore has it"]]
+              + rows, sys.stdout)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench-lz4"]:
         if len(sys.argv) > 2:
@@ -6140,6 +6210,8 @@ if __name__ == "__main__":
             with tempfile.TemporaryDirectory() as d:
                 make_bench_db(os.path.join(d, "bench.db"))
                 bench_lz4(os.path.join(d, "bench.db"))
+    elif sys.argv[1:2] == ["bench-big-tx"]:
+        bench_big_tx(*[int(a) for a in sys.argv[2:3]])
     elif sys.argv[1:2] == ["bench-many-dbs"]:
         bench_many_dbs(*[f(a) for f, a in zip((int, float), sys.argv[2:4])])
     else:
