@@ -1328,7 +1328,17 @@ CONFIG_DB = "[db:app]\npath = /data/app.db\n"
 KEY32 = base64.b64encode(bytes(range(32))).decode()
 
 
-class TestConfig(TempDirTestCase):
+def run_main(*args):
+    """Run ls.main(args) in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ls.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+class ConfigFiles:
+    """Helpers for config tests: files in self.dir, loaded or expected to fail."""
+
     def write(self, text, name="litestream.ini", mode="w"):
         path = os.path.join(self.dir, name)
         with open(path, mode) as f:
@@ -1350,6 +1360,8 @@ class TestConfig(TempDirTestCase):
             ls.load_config(path, **kw)
         self.assertEqual(str(cm.exception), path + expected)
 
+
+class TestConfig(ConfigFiles, TempDirTestCase):
     # Durations and environment.
 
     def test_parse_duration(self):
@@ -1891,6 +1903,613 @@ class TestConfig(TempDirTestCase):
                     ls.config_from_cli(db, urls)
                 self.assertEqual(str(cm.exception), want)
 
+
+# Go Litestream 0.3.2's README examples (benbjohnson/litestream, README.md at
+# v0.3.2), verbatim except where noted, and their INI twins.
+GO_README_S3 = """\
+access-key-id:     AKIAxxxxxxxxxxxxxxxx
+secret-access-key: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/xxxxxxxxx
+
+dbs:
+  - path: /path/to/db
+    replicas:
+      - url: s3://mybkt/db
+"""
+INI_S3 = """\
+[litestream]
+access-key-id = AKIAxxxxxxxxxxxxxxxx
+secret-access-key = xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/xxxxxxxxx
+[db:db]
+path = /path/to/db
+[replica:db:s3]
+url = s3://mybkt/db
+"""
+GO_README_FILE = """\
+dbs:
+  - path: /path/to/db
+    replicas:
+      - path: /path/to/replica
+"""
+INI_FILE = "[db:db]\npath = /path/to/db\nreplica = /path/to/replica\n"
+# The README writes "db:" here, which Go silently ignores (no databases).
+GO_README_RETENTION = """\
+db:
+  - path: /path/to/db
+    replicas:
+      - url: s3://mybkt/db
+        retention: 1h          # 1 hour retention
+"""
+INI_RETENTION = "[db:db]\npath = /path/to/db\n[replica:db:s3]\nurl = s3://mybkt/db\nretention = 1h\n"
+GO_README_ADDR = 'addr: ":9090"\n'
+INI_ADDR = "[litestream]\naddr = :9090\n"
+# Two databases with two replicas each: names, $VAR, durations, logging, exec.
+GO_TWO_BY_TWO = """\
+exec: myapp -port 8080
+logging:
+  level: warn
+  type: json
+  stderr: true
+dbs:
+  - path: $DATA/app.db
+    monitor-interval: 500ms
+    checkpoint-interval: 2m
+    min-checkpoint-page-count: 2000
+    replicas:
+      - name: local
+        path: ${DATA}/backup/app
+        retention: 72h
+        snapshot-interval: 6h
+      - name: offsite
+        type: s3
+        bucket: $BUCKET
+        path: app
+        region: eu-west-1
+        endpoint: http://127.0.0.1:9000
+        force-path-style: false
+        access-key-id: ${KEY}
+        secret-access-key: ${SECRET}
+        sync-interval: 10s
+        retention-check-interval: 30m
+  - path: $DATA/jobs.db
+    max-checkpoint-page-count: 0
+    replicas:
+    - url: s3://$BUCKET.s3.us-west-004.backblazeb2.com/jobs
+      sync-interval: 1m30s
+    - url: file://${DATA}/backup/jobs
+"""
+INI_TWO_BY_TWO = """\
+[litestream]
+exec = myapp -port 8080
+log-level = warn
+log-type = json
+log-stderr = true
+[db:app]
+path = $DATA/app.db
+monitor-interval = 500ms
+checkpoint-interval = 2m
+min-checkpoint-page-count = 2000
+[replica:app:local]
+path = ${DATA}/backup/app
+retention = 72h
+snapshot-interval = 6h
+[replica:app:offsite]
+type = s3
+bucket = $BUCKET
+path = app
+region = eu-west-1
+endpoint = http://127.0.0.1:9000
+force-path-style = false
+access-key-id = ${KEY}
+secret-access-key = ${SECRET}
+sync-interval = 10s
+retention-check-interval = 30m
+[db:jobs]
+path = $DATA/jobs.db
+max-checkpoint-page-count = 0
+[replica:jobs:s3]
+url = s3://$BUCKET.s3.us-west-004.backblazeb2.com/jobs
+sync-interval = 1m30s
+[replica:jobs:file]
+url = file://${DATA}/backup/jobs
+"""
+TWO_BY_TWO_ENV = {"DATA": "/srv/data", "BUCKET": "bk", "KEY": "AKIA1", "SECRET": "s3cr3t"}
+
+
+def same_settings(cfg):
+    """A Config without what differs by format alone: the file name and YAML's path-named DBs."""
+    return dataclasses.replace(cfg, config_path="", dbs=tuple(dataclasses.replace(d, name="") for d in cfg.dbs))
+
+
+class TestConfigYAML(ConfigFiles, TempDirTestCase):
+    """Go 0.3.13's YAML config: the same settings as the INI, checked the same way."""
+
+    def load_yaml(self, text, name="litestream.yml", **kw):
+        return ls.load_config(self.write(text, name), **kw)
+
+    def assertYAMLConfigError(self, text, expected, **kw):
+        path = self.write(text, "litestream.yml")
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path, **kw)
+        self.assertEqual(str(cm.exception), path + expected)
+
+    def test_go_readme_examples_match_ini_twins(self):
+        """Ensure Go's README configs and a 2x2 config load to the same settings as their INI twins."""
+        for yml, ini, env in [(GO_README_S3, INI_S3, {}), (GO_README_FILE, INI_FILE, {}),
+                              (GO_README_RETENTION.replace("db:", "dbs:", 1), INI_RETENTION, {}),
+                              (GO_README_ADDR, INI_ADDR, {}), (GO_TWO_BY_TWO, INI_TWO_BY_TWO, TWO_BY_TWO_ENV)]:
+            with self.subTest(yml=yml):
+                got = self.load_yaml(yml, env=env)
+                self.assertEqual(same_settings(got), same_settings(self.load(ini, env=env)))
+                self.assertEqual([d.name for d in got.dbs], [d.path for d in got.dbs])
+
+    def test_two_by_two_values(self):
+        """Ensure the 2x2 YAML config's values are the ones written (names, $VAR, durations, logging)."""
+        cfg = self.load_yaml(GO_TWO_BY_TWO, env=TWO_BY_TWO_ENV)
+        self.assertEqual((cfg.exec, cfg.log_level, cfg.log_type, cfg.log_stderr), ("myapp -port 8080", "WARN", "json", True))
+        app, jobs = cfg.dbs
+        self.assertEqual((app.path, app.monitor_interval, app.checkpoint_interval, app.min_checkpoint_page_count),
+                         ("/srv/data/app.db", 0.5, 120, 2000))
+        self.assertEqual([(r.name, r.type, r.path, r.retention, r.snapshot_interval, r.sync_interval) for r in app.replicas],
+                         [("local", "file", "/srv/data/backup/app", 259200, 21600, 1), ("offsite", "s3", "app", 86400, 0, 10)])
+        off = app.replicas[1]
+        self.assertEqual((off.bucket, off.region, off.endpoint, off.force_path_style, off.access_key_id,
+                          off.secret_access_key, off.retention_check_interval), ("bk", "eu-west-1", "http://127.0.0.1:9000",
+                                                                                False, "AKIA1", "s3cr3t", 1800))
+        self.assertEqual([(r.name, r.type, r.host, r.path, r.sync_interval) for r in jobs.replicas],
+                         [("s3", "s3", "bk.s3.us-west-004.backblazeb2.com", "jobs", 90), ("file", "file", "", "/srv/data/backup/jobs", 1)])
+        self.assertEqual(jobs.max_checkpoint_page_count, 0)
+
+    def test_go_readme_typo_refused(self):
+        """Ensure the README's "db:" (which Go ignores, replicating nothing) is refused with a suggestion."""
+        self.assertYAMLConfigError(GO_README_RETENTION, ":1: db: unknown key (did you mean 'dbs'?)")
+
+    def test_every_key_in_yaml(self):
+        """Ensure every key of the INI's key tables is accepted at its place in YAML (null: the default)."""
+        logging_ = {v: k for k, v in ls._YAML_LOGGING.items()}
+        places = ([(k, "logging:\n  %s:\n" % logging_[k] if k in logging_ else "%s:\n" % k) for k in ls._GLOBAL_KEYS] +
+                  [(k, "dbs:\n  - path: /a\n    %s:\n" % k) for k in ls._DB_KEYS if k not in ("replica", "path")] +
+                  [(k, "dbs:\n  - path: /a\n    replicas:\n      - path: /b\n        %s:\n" % k)
+                   for k in ls._REPLICA_KEYS if k != "path"])
+        self.assertGreater(len(places), 30)
+        for key, text in places:
+            with self.subTest(key=key):
+                base = self.load_yaml("".join(text.splitlines(True)[:-1]))  # The same without the key.
+                self.assertEqual(same_settings(self.load_yaml(text)), same_settings(base))
+
+    def test_example_ini_in_yaml(self):
+        """Ensure litestream.ini (every key) written as YAML loads to the same settings."""
+        code, out, err = run_main("config", "-format", "yaml", EXAMPLE_CONFIG)
+        self.assertEqual(code, 0, err)
+        got = self.load_yaml(out, env={})
+        self.assertEqual(same_settings(got), same_settings(ls.load_config(EXAMPLE_CONFIG, env={})))
+        self.assertEqual([d.name for d in got.dbs], ["app", "other"])
+
+    def test_config_command_round_trips(self):
+        """Ensure config -format ini of YAML, and -format yaml of INI, load to the same settings; $VAR stays."""
+        for src, name in [(GO_TWO_BY_TWO, "in.yml"), (INI_TWO_BY_TWO, "in.ini")]:
+            path = self.write(src, name)
+            for fmt, ext in [("ini", ".ini"), ("yaml", ".yml")]:
+                with self.subTest(src=name, fmt=fmt):
+                    with mock.patch.dict(os.environ, TWO_BY_TWO_ENV):
+                        code, out, err = run_main("config", "-format", fmt, path)
+                        self.assertEqual(code, 0, err)
+                        self.assertNotIn("s3cr3t", out)
+                        self.assertIn("${SECRET}", out)
+                        again = ls.load_config(self.write(out, "out" + ext))
+                        self.assertEqual(same_settings(again), same_settings(ls.load_config(path)))
+                        # A second conversion changes nothing.
+                        code, out2, err = run_main("config", "-format", fmt, self.path("out" + ext))
+                        self.assertEqual((code, out2), (0, out), err)
+
+    def test_config_yaml_read_by_go(self):
+        """Ensure Go 0.3.13 lists the DBs and replicas of config -format yaml output as we do."""
+        go = require_go()
+        path = self.write(INI_TWO_BY_TWO, "in.ini")
+        with mock.patch.dict(os.environ, TWO_BY_TWO_ENV):
+            code, out, err = run_main("config", "-format", "yaml", path)
+        self.assertEqual(code, 0, err)
+        yml = self.write(out, "out.yml")
+        env = dict(os.environ, **TWO_BY_TWO_ENV)
+        g = subprocess.run([go, "databases", "-config", yml], capture_output=True, text=True, env=env, timeout=60)
+        p = subprocess.run([sys.executable, SCRIPT, "databases", "-config", yml], capture_output=True, text=True,
+                           env=env, timeout=60)
+        self.assertEqual((g.returncode, g.stdout), (0, p.stdout), g.stderr)
+        self.assertEqual(p.stdout.splitlines()[1:], ["/srv/data/app.db   local,offsite", "/srv/data/jobs.db  s3,file"])
+
+    def test_config_command_secrets(self):
+        """Ensure config prints a secret written in the file only with -show-secrets."""
+        path = self.write(GO_README_S3, "s3.yml")
+        code, out, err = run_main("config", "-format", "ini", path)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "litestream: %s:2: secret-access-key: a secret written in the file is printed only "
+                              "with -show-secrets (or write it as ${VAR})\n" % path)
+        code, out, err = run_main("config", "-show-secrets", "-format", "ini", path)
+        self.assertEqual(code, 0, err)
+        self.assertIn("secret-access-key = xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/xxxxxxxxx\n", out)
+
+    def test_config_command_errors(self):
+        """Ensure config refuses a bad file as replicate would, and values the output format cannot hold."""
+        bad = self.write("dbs:\n  - path: /a\n    monitor-interval: 5\n", "bad.yml")
+        code, out, err = run_main("config", "-format", "ini", bad)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("bad.yml:3: dbs[0].monitor-interval: invalid duration '5'", err)
+        hashy = self.write("exec: \"run #1\"\n", "hash.yml")
+        code, out, err = run_main("config", "-format", "ini", hashy)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("hash.yml:1: exec: cannot be written as INI", err)
+        code, out, err = run_main("config", "-format", "yaml", hashy)
+        self.assertEqual((code, out), (0, 'exec: "run #1"\n'), err)
+
+    def test_unsupported_go_keys_refused_by_name(self):
+        """Ensure each key Go 0.3.13 accepts that we do not support is refused by name, never ignored."""
+        rep = "dbs:\n  - path: /a\n    replicas:\n      - %s\n"
+        at = ":4: dbs[0].replicas[0]."
+        table = [("url: s3://b/p\n        age:\n          recipients: [age1x]", at.replace("4", "5") + "age: client-side age encryption is not supported by litestream.py (use sse or sse-c-key)"),
+                 ("url: s3://b/p\n        age:\n          identities:\n            - AGE-SECRET-KEY-1X", at.replace("4", "5") + "age: client-side age encryption is not supported by litestream.py (use sse or sse-c-key)")]
+        for key, kind in [("account-name", "abs"), ("account-key", "abs"), ("host", "sftp"), ("user", "sftp"),
+                          ("password", "sftp"), ("key-path", "sftp")]:
+            table.append(("%s: x\n        url: s3://b/p" % key, at + "%s: %s replicas are not supported by litestream.py" % (key, kind)))
+        for kind in ["gcs", "abs", "sftp"]:
+            table.append(("type: %s\n        path: /p" % kind, at + "type: replica type %r is not supported by litestream.py (expected file or s3)" % kind))
+            table.append(("url: %s://h/p" % kind, at + "url: replica type %r is not supported by litestream.py (expected file or s3)" % kind))
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertYAMLConfigError(rep % text, want)
+
+    def test_yaml_errors_name_file_and_line(self):
+        """Ensure wrong keys, values and shapes name FILE:LINE and the dotted key, with did-you-mean."""
+        db = "dbs:\n  - path: /a\n"
+        r = db + "    replicas:\n      - path: /b\n"
+        table = [
+            (r + "        sync-intreval: 1s\n", ":5: dbs[0].replicas[0].sync-intreval: unknown key (did you mean 'sync-interval'?)"),
+            (db + "    monitor-intervals: 1s\n", ":3: dbs[0].monitor-intervals: unknown key (did you mean 'monitor-interval'?)"),
+            (db + "    replica: /b\n", ":3: dbs[0].replica: unknown key (did you mean 'replicas'?)"),
+            ("adr: :1\n", ":1: adr: unknown key (did you mean 'addr'?)"),
+            ("log-level: debug\n", ":1: log-level: unknown key (in YAML it is logging.level)"),
+            ("logging:\n  levle: debug\n", ":2: logging.levle: unknown key (did you mean 'level'?)"),
+            ("logging:\n  level: trace\n", ":2: logging.level: invalid log level 'trace' (expected DEBUG, INFO, WARN or ERROR)"),
+            ("logging: debug\n", ":1: logging: expected level, type and stderr keys"),
+            ("dbs: /a\n", ":1: dbs: expected a list of databases (\"- path: ...\" items)"),
+            ("dbs:\n  - /a\n", ":1: dbs: expected a list of databases (\"- path: ...\" items)"),
+            (db + "    replicas:\n      path: /b\n", ":3: dbs[0].replicas: expected a list of replicas (\"- path: ...\" items)"),
+            ("dbs:\n  - path: [a, b]\n", ":2: dbs[0].path: expected one value, not a list"),
+            (db + "    monitor-interval:\n      x: 1\n", ":3: dbs[0].monitor-interval: expected one value, not a mapping"),
+            ("dbs:\n  - replicas:\n      - path: /b\n", ":2: dbs[0].path: required"),
+            (db + "    monitor-interval: 5\n", ":3: dbs[0].monitor-interval: invalid duration '5' (missing unit; expected e.g. 1s, 500ms, 1h30m, 2d)"),
+            (r + "        sync-interval: 0s\n", ":5: dbs[0].replicas[0].sync-interval: duration '0s' must be greater than 0"),
+            (r + "      - path: /c\n", ":5: dbs[0].replicas[1]: duplicate replica name 'file' in db '/a'"),
+            (db + "  - path: /a\n", ":3: dbs[1].path: /a is also the path of dbs[0]"),
+            (db + "    replicas:\n      - url: s3://b/p\n        access-key-id: K\n", ":4: dbs[0].replicas[0].secret-access-key: required when the other S3 key is set"),
+            (db + "    replicas:\n      - url: s3://b/p\n        bucket: c\n", ":5: dbs[0].replicas[0].bucket: cannot be combined with url (put it in the url)"),
+            ("[db:app]\npath = /a\n", ":1: [section] headers are INI, not YAML (name the file .ini)"),
+            ("path = /a\n", ":1: expected 'key: value' lines (dbs, addr, logging, ...)"),
+            ("- path: /a\n", ":1: expected 'key: value' lines (dbs, addr, logging, ...)"),
+        ]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertYAMLConfigError(text, want)
+
+    def test_empty_and_commented_out(self):
+        """Ensure an empty YAML file and Go's packaged etc/litestream.yml (all comments) load with no DBs."""
+        for text in ["", "# AWS credentials\n# access-key-id: AKIA\n\n# dbs:\n#  - path: /p\n"]:
+            with self.subTest(text=text):
+                self.assertEqual(self.load_yaml(text).dbs, ())
+
+    def test_expansion_of_values(self):
+        """Ensure $VAR in YAML values is expanded after parsing, so a value cannot change the structure."""
+        cfg = self.load_yaml("exec: $CMD\ndbs:\n  - path: $P\n", env={"CMD": "run: now # x", "P": "/d.db"})
+        self.assertEqual((cfg.exec, cfg.dbs[0].path), ("run: now # x", "/d.db"))
+        cfg = self.load_yaml("exec: $CMD\n", env={"CMD": "x"}, expand_env=False)
+        self.assertEqual(cfg.exec, "$CMD")
+
+    def test_format_by_extension_or_content(self):
+        """Ensure .yml/.yaml are YAML, .ini is INI, and other names are INI when they start with [ or ;."""
+        ini, yml = "; c\n[db:a]\npath = /a.db\n", "# c\ndbs:\n  - path: /a.db\n"
+        for name, text in [("c.yml", yml), ("c.yaml", yml), ("c.YML", yml), ("c.ini", ini), ("conf", ini),
+                           ("conf2", yml), ("c.conf", "[db:a]\npath = /a.db\n")]:
+            with self.subTest(name=name):
+                self.assertEqual([d.path for d in ls.load_config(self.write(text, name)).dbs], ["/a.db"])
+        path = self.write(yml, "wrong.ini")
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path)
+        self.assertEqual(str(cm.exception), path + ":2: 'dbs:' comes before any [section] header "
+                                                   "(this looks like YAML: name the file .yml)")
+
+    def test_default_lookup(self):
+        """Ensure the default is $LITESTREAM_CONFIG, else /etc/litestream.ini, else /etc/litestream.yml."""
+        ini, yml = self.path("etc.ini"), self.path("etc.yml")
+        with mock.patch.object(ls, "DEFAULT_CONFIG_PATHS", (ini, yml)), mock.patch.dict(os.environ):
+            os.environ.pop("LITESTREAM_CONFIG", None)
+            self.assertEqual(ls.default_config_path(), ini)
+            code, _, err = run_main("databases")
+            self.assertEqual((code, err), (1, "litestream: config file not found: %s (nor %s; use -config FILE)\n"
+                                              % (ini, yml)))
+            self.write("dbs:\n  - path: /y.db\n", "etc.yml")
+            self.assertEqual(ls.default_config_path(), yml)
+            code, out, _ = run_main("databases")
+            self.assertEqual((code, out.splitlines()[1:]), (0, ["/y.db"]))
+            self.write("[db:x]\npath = /x.db\n", "etc.ini")
+            self.assertEqual(ls.default_config_path(), ini)
+            os.environ["LITESTREAM_CONFIG"] = yml
+            self.assertEqual(ls.default_config_path(), yml)
+
+
+def import_yaml():
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    require_peer(yaml is not None, "PyYAML", "pip install PyYAML")
+    return yaml
+
+
+def pyyaml_tree(text):
+    """Return PyYAML's reading of text in our terms: text scalars, plain nulls as "", and key lines."""
+    yaml = import_yaml()
+    lines = []
+
+    def conv(node):
+        if isinstance(node, yaml.ScalarNode):
+            nulls = ("", "~", "null", "Null", "NULL")
+            return "" if node.style is None and node.value in nulls else node.value
+        if isinstance(node, yaml.SequenceNode):
+            return [conv(n) for n in node.value]
+        out = {}
+        for k, v in node.value:
+            lines.append((k.value, k.start_mark.line + 1))
+            out[k.value] = conv(v)
+        return out
+
+    node = yaml.compose(text, Loader=yaml.BaseLoader)
+    return ("" if node is None else conv(node)), lines
+
+
+def our_tree(text, name="t.yml"):
+    """Return our reader's tree as plain dicts and lists, and the key lines."""
+    lines = []
+
+    def conv(v):
+        if isinstance(v, dict):
+            lines.extend(v.lines.items())
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(ls._YAMLReader(name, text).read()), lines
+
+
+# Values a generated document may hold: paths, URLs, durations, and text
+# that needs quoting in YAML.
+YAML_VALUES = ["/var/lib/db.sqlite", "s3://bkt/db?region=x&force-path-style=true", "1s", "-35ms", "1h30m",
+               ":9090", "127.0.0.1:9090", "a#b", "it's", 'say "hi"', "a: b", " lead", "trail ", "#x", "",
+               "~", "null", "true", "0", "\u00e9t\u00e9", "$VAR", "${X}/y", "x,y", "[x]", "a\\b", "tab\there",
+               "- dash", "? q", "&a", "*b", "!t", "|", ">", "{}", "@at", "`tick", "%p", "50%", "key:", "x: y: z"]
+YAML_KEYS = ["path", "url", "sync-interval", "a_b", "k.v", "x1", "name", "replicas", "dbs", "-k", "it's key"]
+
+
+class YAMLGen:
+    """Random documents in our YAML subset, with the tree each one means (the oracle)."""
+
+    def __init__(self, seed):
+        self.rnd = random.Random(seed)
+
+    def tree(self, depth=0):
+        rnd = self.rnd
+        keys = rnd.sample(YAML_KEYS, rnd.randint(1, 4))
+        out = {}
+        for k in keys:
+            kind = rnd.choice(["scalar"] * 3 + (["map", "maps", "scalars"] if depth < 3 else []))
+            if kind == "scalar":
+                out[k] = rnd.choice(YAML_VALUES)
+            elif kind == "map":
+                out[k] = self.tree(depth + 1)
+            elif kind == "maps":
+                out[k] = [self.tree(depth + 1) for _ in range(rnd.randint(0, 3))]
+            else:
+                out[k] = [rnd.choice(YAML_VALUES) for _ in range(rnd.randint(0, 4))]
+        return out
+
+    @staticmethod
+    def plain_ok(v, flow=False):
+        ok = re.fullmatch(r"[\w/$.][\w/$.:=&?{}-]*" if not flow else r"[\w/$.][\w/$.=&-]*", v, re.ASCII)
+        return bool(ok) and not v.endswith(":") and v not in ("~", "null", "true")
+
+    def scalar(self, v, flow=False):
+        rnd = self.rnd
+        if v == "" and not flow and rnd.random() < 0.5:
+            return ""
+        if self.plain_ok(v, flow) and rnd.random() < 0.7:
+            return v
+        if "\t" not in v and "\\" not in v and rnd.random() < 0.5:
+            return "'%s'" % v.replace("'", "''")
+        return '"%s"' % v.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
+
+    def comment(self):
+        return self.rnd.choice(["", "", "", "  # note", " #x: y"])
+
+    def render(self, tree, indent=0, first=None):
+        """Lines of a mapping; the first key goes after first ("- ") when given."""
+        rnd = self.rnd
+        step = rnd.choice([2, 4])
+        lines = []
+        for i, (k, v) in enumerate(tree.items()):
+            pad = first if i == 0 and first is not None else " " * indent
+            key = k if re.fullmatch(r"[\w.-]+", k) else "'%s'" % k.replace("'", "''")
+            if rnd.random() < 0.1:
+                lines.append(rnd.choice(["", "# a comment", "   # indented comment"]))
+            if isinstance(v, str):
+                s = self.scalar(v)
+                lines.append(("%s%s: %s%s" % (pad, key, s, self.comment())).rstrip() if s else
+                             "%s%s:%s" % (pad, key, self.comment()))
+            elif isinstance(v, dict):
+                lines.append("%s%s:%s" % (pad, key, self.comment()))
+                lines += self.render(v, indent + step)
+            elif v and all(isinstance(x, str) for x in v) and rnd.random() < 0.4:
+                lines.append("%s%s: [%s]%s" % (pad, key, ", ".join(self.scalar(x, flow=True) for x in v),
+                                               self.comment()))
+            elif not v:
+                lines.append("%s%s: []" % (pad, key))
+            else:
+                lines.append("%s%s:%s" % (pad, key, self.comment()))
+                inner = indent if rnd.random() < 0.4 else indent + step  # Compact or indented list.
+                for item in v:
+                    if isinstance(item, dict):
+                        lines += self.render(item, inner + 2, first=" " * inner + "- ")
+                    else:
+                        s = self.scalar(item)
+                        lines.append((" " * inner + "- " + s).rstrip())
+        return lines
+
+    def document(self):
+        tree = self.tree()
+        lines = self.render(tree)
+        if self.rnd.random() < 0.2:
+            lines.insert(0, "---")
+        return "\n".join(lines) + self.rnd.choice(["\n", "", "\n\n", "\r\n"]), tree
+
+
+class TestYAMLReader(TempDirTestCase):
+    """The YAML subset reader, checked against hand-written trees and against PyYAML."""
+
+    CORPUS = [
+        ("a: b\n", {"a": "b"}),
+        ("access-key-id:     AKIA\nsecret-access-key: x/y+z\n", {"access-key-id": "AKIA", "secret-access-key": "x/y+z"}),
+        ("addr: \":9090\"\n", {"addr": ":9090"}),
+        ("addr: :9090\n", {"addr": ":9090"}),
+        ("dbs:\n  - path: /a\n    replicas:\n      - url: s3://b/p\n        retention: 1h\n",
+         {"dbs": [{"path": "/a", "replicas": [{"url": "s3://b/p", "retention": "1h"}]}]}),
+        ("dbs:\n- path: /a\n  replicas:\n  - path: /r\n  - url: file:///s\n",
+         {"dbs": [{"path": "/a", "replicas": [{"path": "/r"}, {"url": "file:///s"}]}]}),
+        ("dbs:\n  -\n    path: /a\n  -   path: /b\n      name: x\n",
+         {"dbs": [{"path": "/a"}, {"path": "/b", "name": "x"}]}),
+        ("a:\n  b:\n    c: d\n  e: f\ng: h\n", {"a": {"b": {"c": "d"}, "e": "f"}, "g": "h"}),
+        ("exec: echo \"hi # there\"\n", {"exec": "echo \"hi"}),
+        ("a: b#c # comment\nd: 'e # f'\n", {"a": "b#c", "d": "e # f"}),
+        ("a: 'it''s'\nb: \"\\x41\\u00e9\\t\\\"\\\\\"\n", {"a": "it's", "b": "A\u00e9\t\"\\"}),
+        ("a:\nb: ~\nc: null\nd: ''\ne: \"~\"\nf: #c\n", {"a": "", "b": "", "c": "", "d": "", "e": "~", "f": ""}),
+        ("l: [a, 'b c', \"d\", ]\nm: []\nn: [ x ]\n", {"l": ["a", "b c", "d"], "m": [], "n": ["x"]}),
+        ("- a\n- b\n", ["a", "b"]),
+        ("- - a\n  - b\n- c\n", [["a", "b"], "c"]),
+        ("key : v\n'quoted key': w\n\"k2\" : x\n", {"key": "v", "quoted key": "w", "k2": "x"}),
+        ("---\na: b\n...\n", {"a": "b"}),
+        ("# only a comment\n\n", ""),
+        ("\ufeffa: b\r\nc: d\r\n", {"a": "b", "c": "d"}),
+        ("a: -35ms\nb: x,y\nc: x]\nd: b:c\ne: 50%\n", {"a": "-35ms", "b": "x,y", "c": "x]", "d": "b:c", "e": "50%"}),
+        ("a:\n  value on next line\nb: c\n", {"a": "value on next line", "b": "c"}),
+        ("a: \"tab\tinside\"\n", {"a": "tab\tinside"}),
+        ("a: b # tab\tin a comment\n", {"a": "b"}),
+    ]
+
+    def read(self, text):
+        return our_tree(text)[0]
+
+    def test_corpus(self):
+        """Ensure each document of the subset reads to the tree written by hand."""
+        for text, want in self.CORPUS:
+            with self.subTest(text=text):
+                self.assertEqual(self.read(text), want)
+
+    def test_corpus_matches_pyyaml(self):
+        """Ensure PyYAML reads each corpus document to the same tree, with keys on the same lines."""
+        for text, want in self.CORPUS:
+            with self.subTest(text=text):
+                self.assertEqual(pyyaml_tree(text)[0], want)
+                self.assertEqual(sorted(our_tree(text)[1]), sorted(pyyaml_tree(text)[1]))
+
+    def test_generated_documents(self):
+        """Ensure 400 random documents of the subset read back to the tree they were written from."""
+        for seed in range(400):
+            text, tree = YAMLGen(seed).document()
+            with self.subTest(seed=seed, text=text):
+                self.assertEqual(self.read(text), tree)
+
+    def test_generated_documents_match_pyyaml(self):
+        """Ensure PyYAML reads the same 400 documents to the same trees and key lines."""
+        for seed in range(400):
+            text, tree = YAMLGen(seed).document()
+            with self.subTest(seed=seed, text=text):
+                got, lines = pyyaml_tree(text)
+                self.assertEqual(got, tree)
+                self.assertEqual(sorted(our_tree(text)[1]), sorted(lines))
+
+    # Valid YAML outside the subset: one line naming FILE:LINE and the construct.
+    OUTSIDE = [
+        ("dbs:\n  - path: &p /a\n", 2, "anchors (&) are not supported"),
+        ("a: &x 1\nb: *x\n", 1, "anchors (&) are not supported"),
+        ("a: !!str 1\n", 1, "tags (!) are not supported"),
+        ("a: b\nexec: |\n  run\n", 2, "block scalars (| and >) are not supported"),
+        ("exec: >-\n  run\n", 1, "block scalars (| and >) are not supported"),
+        ("logging: {level: debug}\n", 1, "flow mappings ({...}) are not supported"),
+        ("a: {}\n", 1, "flow mappings ({...}) are not supported"),
+        ("a: [x, [y]]\n", 1, "nested flow collections are not supported"),
+        ("a: [x: y]\n", 1, "quote values that hold ':' or '?' inside [...]"),
+        ("a: [x,\n  y]\n", 1, "flow sequence not closed on this line"),
+        ("exec: run\n  --flag\n", 2, "multi-line values are not supported"),
+        ("a:\n  one\n  two\n", 3, "multi-line values are not supported"),
+        ("exec: \"run\n  it\"\n", 1, "quoted value not closed on this line"),
+        ("a: 1\n---\nb: 2\n", 2, "multiple documents are not supported"),
+        ("---\na: 1\n---\n", 3, "multiple documents are not supported"),
+        ("%YAML 1.1\n---\na: 1\n", 1, "directives (%) are not supported"),
+        ("? a\n: b\n", 1, "complex keys (?) are not supported"),
+        ("a: 1\nb: 2\na: 3\n", 3, "duplicate key 'a' (first on line 1)"),
+    ]
+
+    def assertYAMLError(self, text, line, msg):
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls._YAMLReader("/etc/x.yml", text).read()
+        err = str(cm.exception)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("/etc/x.yml:%d: %s" % (line, msg)), err)
+
+    def test_outside_subset(self):
+        """Ensure every construct outside the subset is refused on one line naming FILE:LINE."""
+        for text, line, msg in self.OUTSIDE:
+            with self.subTest(text=text):
+                self.assertYAMLError(text, line, msg)
+
+    def test_outside_subset_is_valid_yaml(self):
+        """Ensure PyYAML reads each refused construct: they are refused by design, not by misreading."""
+        yaml = import_yaml()
+        for text, _, _ in self.OUTSIDE:
+            with self.subTest(text=text):
+                self.assertIsNotNone(list(yaml.compose_all(text, Loader=yaml.BaseLoader)))
+
+    INVALID = [
+        ("a: b: c\n", 1, "mapping values are not allowed here"),
+        ("a: x:\n", 1, "mapping values are not allowed here"),
+        ("a: - x\n", 1, "a value cannot start with '-'"),
+        ("a: @x\n", 1, "a value cannot start with '@'"),
+        ("a: 'x' y\n", 1, "unexpected 'y' after the value"),
+        ("a: \"\\q\"\n", 1, "invalid escape '\\\\q'"),
+        ("a: \"x\n", 1, "quoted value not closed on this line"),
+        ("a:\tb\n", 1, "tab character"),
+        ("a:\n\tb: c\n", 2, "tab character"),
+        ("a: b\tc\n", 1, "tab character"),
+        ("a: 1\n  b: 2\n", 2, "unexpected indentation"),
+        ("a:\n    b: 1\n  c: 2\n", 3, "unexpected indentation"),
+        ("a: 1\n- b\n", 2, "list item without a key"),
+        ("- a\nb: c\n", 2, "unexpected 'b: c' at this indentation"),
+        ("a: [x, y\n", 1, "flow sequence not closed on this line"),
+        ("a: [x y] z\n", 1, "unexpected 'z' after the value"),
+        ("b: 1\nc: *x\n", 2, "aliases (*) are not supported"),
+        ("base: 1\n<<: *base\n", 2, "aliases (*) are not supported"),
+        ("a: 1\n...\nb: 2\n", 3, "multiple documents are not supported"),
+    ]
+
+    def test_invalid_yaml(self):
+        """Ensure text that is not YAML is refused on one line naming FILE:LINE."""
+        for text, line, msg in self.INVALID:
+            with self.subTest(text=text):
+                self.assertYAMLError(text, line, msg)
+
+    def test_invalid_yaml_refused_by_pyyaml(self):
+        """Ensure PyYAML refuses the same texts, so the reader is not stricter than YAML there."""
+        yaml = import_yaml()
+        for text, _, _ in self.INVALID:
+            with self.subTest(text=text):
+                with self.assertRaises(yaml.YAMLError):
+                    list(yaml.compose_all(text, Loader=yaml.BaseLoader))
 
 
 ###############################################################################
@@ -2698,12 +3317,23 @@ class TestCredentialsChain(unittest.TestCase):
         return p
 
     def test_order_of_static_sources(self):
-        """Ensure explicit keys beat LITESTREAM_* which beat AWS_* (with AWS_SESSION_TOKEN)."""
+        """Ensure explicit keys beat AWS_* (with AWS_SESSION_TOKEN), which LITESTREAM_* only fill in (Go's rule)."""
         self.env.update(AWS_ACCESS_KEY_ID="AWSKEY", AWS_SECRET_ACCESS_KEY="awssecret", AWS_SESSION_TOKEN="tok")
         c = self.provider().get()
         self.assertEqual((c.access_key_id, c.secret_access_key, c.session_token), ("AWSKEY", "awssecret", "tok"))
         self.env.update(LITESTREAM_ACCESS_KEY_ID="LSKEY", LITESTREAM_SECRET_ACCESS_KEY="lssecret")
+        self.assertEqual(self.provider().get().access_key_id, "AWSKEY")
+        # Go's applyLitestreamEnv fills each AWS_* variable that is not set, one at a time.
+        del self.env["AWS_SECRET_ACCESS_KEY"]
+        self.assertEqual(self.provider().get().secret_access_key, "lssecret")
+        self.assertEqual(self.provider().get().access_key_id, "AWSKEY")
+        del self.env["AWS_ACCESS_KEY_ID"]
         self.assertEqual(self.provider().get().access_key_id, "LSKEY")
+        # Set but empty is set: it is not filled in, so the environment gives no keys.
+        self.env["AWS_ACCESS_KEY_ID"] = ""
+        with self.assertRaises(ls.LitestreamError):
+            self.provider().get()
+        self.assertEqual(self.env["AWS_ACCESS_KEY_ID"], "")  # The provider does not write the environment.
         c = self.provider(access_key_id="EXPL", secret_access_key="explsecret").get()
         self.assertEqual((c.access_key_id, c.secret_access_key, c.session_token), ("EXPL", "explsecret", ""))
         self.assertNotIn("explsecret", repr(c))
@@ -5555,7 +6185,7 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(code, 1)
         self.assertEqual(err.strip(), "litestream: unknown command 'replcate' (did you mean 'replicate'?)")
         code, _, err = self.cli("restore", "-generaton", "x", "file:///nowhere")
-        self.assertEqual(code, 2)
+        self.assertEqual(code, 1)
         self.assertEqual(len(err.strip().splitlines()), 1)
         self.assertIn("did you mean -generation?", err)
 
@@ -5634,7 +6264,7 @@ class TestCLI(TempDirTestCase):
                            (["-index", "1", "-timestamp", "2020-01-01T00:00:00Z"], "index & timestamp")):
             with self.subTest(args=args):
                 code, _, err = self.cli("restore", "-o", self.path("o.db"), *args, "file:///nowhere")
-                self.assertEqual(code, 2)
+                self.assertEqual(code, 1)
                 self.assertIn(want, err)
                 self.assertEqual(len(err.strip().splitlines()), 1)
 
