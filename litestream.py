@@ -6594,12 +6594,29 @@ def _go_bool_args(sp: argparse.ArgumentParser, args: List[str]) -> List[str]:
             for a in out if not isinstance(a, argparse.Action) or final[a.dest]]
 
 
-def _setup_logging(level: str = "INFO", stderr: bool = False) -> None:
+class _LogFormatter(logging.Formatter):
+    """Go's log lines: "2006/01/02 15:04:05 INFO msg", or slog's JSON objects for log-type json."""
+
+    def __init__(self, log_type: str = "text"):
+        super().__init__("%(asctime)s %(levelname)s %(message)s", _GO_TIME)
+        self.json = log_type == "json"
+
+    def format(self, record):
+        level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(record.levelname, record.levelname)
+        if self.json:
+            t = datetime.datetime.fromtimestamp(record.created).astimezone()
+            return json.dumps({"time": t.isoformat(timespec="microseconds"), "level": level,
+                               "msg": record.getMessage()})
+        record = logging.makeLogRecord(dict(record.__dict__, levelname=level))
+        return super().format(record)
+
+
+def _setup_logging(level: str = "INFO", stderr: bool = False, log_type: str = "text") -> None:
     root = logging.getLogger("litestream")
     for h in list(root.handlers):
         root.removeHandler(h)
     h = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", _GO_TIME))
+    h.setFormatter(_LogFormatter(log_type))
     root.addHandler(h)
     root.setLevel({"WARN": logging.WARNING}.get(level.upper(), getattr(logging, level.upper(), logging.INFO)))
     root.propagate = False
@@ -6712,7 +6729,7 @@ def cmd_replicate(args) -> int:
         cfg = config_from_cli(args.target[0], args.target[1:])
     else:
         cfg = _load(args)
-    _setup_logging(cfg.log_level, cfg.log_stderr)
+    _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
     if cfg.addr:
         # Serving nothing while the config asks for metrics would be a
         # silent failure; say so until the server exists.

@@ -23,6 +23,7 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -4806,6 +4807,132 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
                             self.assertSameRows(out, states[k])
 
 
+class TestGoCLIParity(RowsMixin, TempDirTestCase):
+    """Go 0.3.13 and litestream.py side by side: one YAML config file, the same flags, codes and listings."""
+
+    def setUp(self):
+        super().setUp()
+        self.go = require_go()
+
+    def both(self, *args, env=None):
+        """Run the same command line with Go and with us; return (go, py) completed processes."""
+        env = dict(child_env(), **(env or {}))
+        run = [subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=120)
+               for cmd in ([self.go], [sys.executable, SCRIPT])]
+        return run[0], run[1]
+
+    CONFIG = """\
+# The same file for Go Litestream 0.3.13 and litestream.py.
+logging:
+  level: info
+dbs:
+  - path: ${DB}
+    monitor-interval: 100ms
+    min-checkpoint-page-count: 40
+    replicas:
+      - name: backup
+        type: file
+        path: "${REP}"
+        sync-interval: 100ms
+        retention: 24h
+"""
+
+    def test_same_yaml_config_replicates_with_each_and_switches_without_new_generation(self):
+        """Ensure one YAML file runs unchanged with Go and with us, and a Go replica continues under us in one generation."""
+        cfg = self.path("litestream.yml")
+        with open(cfg, "w") as f:
+            f.write(self.CONFIG)
+        db = self.path("app.db")
+        create_wal_db(db, rows=50)
+        rep = self.path("rep")
+        with mock.patch.dict(os.environ, DB=db, REP=rep):
+            tools = [("go", self.go), ("py", "")]
+            app = AppDB(db)
+            self.addCleanup(app.close)
+            for k, (tool, go) in enumerate(tools):
+                r = Replicator(self, ["-config", cfg], go=go)
+                r.wait_log("replicating to")
+                app.insert(60, size=300, tag="%s-" % tool)
+                marker = "%s-59-" % tool
+                wait_for(lambda: any(marker in str(v) for _, v in try_restore_rows(rep, self.path("probe.db")) or []),
+                         "%s's rows in the replica" % tool)
+                stop_replicator(self, tool, r)
+                self.assertEqual(len(os.listdir(os.path.join(rep, "generations"))), 1,
+                                 "%s started a new generation:\n%s" % (tool, r.log()))
+        want = table_rows(db)
+        for tool in ("go", "py"):
+            with self.subTest(restore=tool):
+                out = self.path("out-%s.db" % tool)
+                if tool == "go":
+                    p = subprocess.run([self.go, "restore", "-o", out, "file://" + rep], capture_output=True, text=True,
+                                       timeout=120)
+                else:
+                    p = run_cli("restore", "-o", out, "file://" + rep)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertSameRows(out, want)
+
+    def test_flags_and_exit_codes(self):
+        """Ensure -flag=true|false and usage errors give the same outcome and exit code as Go 0.3.13."""
+        rep = self.path("rep")
+        TestCLI.build_replica(self, rep, rounds=1)
+        empty, exists = "file://" + self.path("empty"), self.path("exists.db")
+        with open(exists, "wb") as f:
+            f.write(b"keep")
+        table = [["-h"], ["help"], [], ["restore", "-h"], ["generations", "-h"], ["version", "-h"], ["restore"],
+                 ["restore", "a", "b"], ["databases", "x"], ["restore", "-bogus", "x"], ["bogus"],
+                 ["restore", "-if-db-not-exists=maybe", "-o", self.path("o1.db"), empty],
+                 ["restore", "-if-replica-exists=true", "-o", self.path("o2.db"), empty],
+                 ["restore", "-if-replica-exists=false", "-o", self.path("o3.db"), empty],
+                 ["restore", "-if-replica-exists=T", "-if-replica-exists=0", "-o", self.path("o4.db"), empty],
+                 ["restore", "-if-db-not-exists=true", "-o", exists, "file://" + rep],
+                 ["restore", "-if-db-not-exists=false", "-o", exists, "file://" + rep],
+                 ["restore", "-if-db-not-exists=1", "-o", self.path("o5.db"), "file://" + rep],
+                 ["restore", "-index", "zz", "-o", self.path("o6.db"), "file://" + rep]]
+        for args in table:
+            with self.subTest(args=args):
+                go, py = self.both(*args)
+                self.assertEqual(py.returncode, go.returncode, "go: %s\npy: %s" % (go.stderr, py.stderr))
+                self.assertNotIn("Traceback", py.stderr)
+        self.assertEqual(read_file(exists), b"keep")
+        self.assertEqual(table_rows(self.path("o5.db")), table_rows(self.path("src.db")))
+
+    def test_listings_match_go_column_by_column(self):
+        """Ensure generations, snapshots and wal print what Go prints for the same replica: decimal indexes, Go's lag."""
+        rep = self.path("rep")
+        dbp = TestCLI.build_replica(self, rep, rounds=24)
+        objs = sorted(os.path.join(rep, "generations", g, kind, n) for kind in ("snapshots", "wal")
+                      for g, n in replica_objects(rep, kind))
+        self.assertGreaterEqual(max(int(os.path.basename(o)[:8], 16) for o in objs), 10)  # Hex and decimal differ.
+        base = 1_700_000_000 * 10**9
+        for i, o in enumerate(objs):  # Known object times, whole microseconds.
+            os.utime(o, ns=(base + i * 1_000_123_000,) * 2)
+        newest = base + (len(objs) - 1) * 1_000_123_000
+        cfg = self.path("ls.yml")
+        with open(cfg, "w") as f:
+            f.write("dbs:\n  - path: %s\n    replicas:\n      - name: bk\n        path: %s\n" % (dbp, rep))
+        for lag_ns, want in [(348_123_456_000, "5m48s"), (-35_123_000, "-35ms"), (1_234_567_000, "1.2s"),
+                             (43_203_900_000_000, "12h0m3s"), (0, "0s"), (999_000, "999\u00b5s")]:
+            for p in (dbp, dbp + "-wal"):
+                if os.path.exists(p):
+                    os.utime(p, ns=(newest + lag_ns,) * 2)
+            with self.subTest(lag=want):
+                go, py = self.both("generations", "-config", cfg, dbp, env={"TZ": "Asia/Tokyo"})
+                self.assertEqual((go.returncode, go.stderr), (0, ""))
+                self.assertEqual(py.stdout, go.stdout)
+                self.assertEqual(py.stdout.splitlines()[1].split()[2], want)
+        for cmd in ("snapshots", "wal"):
+            for target in (["-config", cfg, dbp], ["file://" + rep]):
+                with self.subTest(cmd=cmd, target=target[0]):
+                    go, py = self.both(cmd, *target)
+                    self.assertEqual((go.returncode, go.stderr), (0, ""))
+                    self.assertEqual(py.stdout, go.stdout)
+                    self.assertGreater(len(py.stdout.splitlines()), 1)
+        self.assertIn("  10  ", py.stdout)  # wal: index 10 is printed in decimal, as Go.
+        go, py = self.both("generations", "file://" + rep)  # Lag from now: compare the other columns.
+        drop_lag = [[c for i, c in enumerate(line.split()) if i != 2] for line in go.stdout.splitlines()]
+        self.assertEqual([[c for i, c in enumerate(line.split()) if i != 2] for line in py.stdout.splitlines()], drop_lag)
+
+
 ###############################################################################
 # Interop over S3 (moto and Swift) and an S3 outage
 ###############################################################################
@@ -5008,6 +5135,38 @@ class S3InteropMixin(RowsMixin):
         cfg = self.write_cfg("restore.ini", py_s3_ini(db, self.srv, self.prefix))
         out = self.path("out-cfg.db")
         self.check_restore(out, run_cli("restore", "-config", cfg, "-o", out, db), want)
+
+    def test_credential_precedence_matches_go(self):
+        """Ensure AWS_* win over LITESTREAM_*, which only fill in unset AWS_* names, in Go and in us alike."""
+        c = ls.S3ReplicaClient(bucket=self.srv.bucket, path=self.prefix, endpoint=self.srv.endpoint,
+                               region="us-east-1", access_key_id=self.srv.key, secret_access_key=self.srv.secret)
+        self.addCleanup(c.close)
+        gen = "%016x" % random.getrandbits(64)
+        c.write_snapshot(gen, 0, io.BytesIO(ls.lz4_compress_frame(b"x" * 100)))
+        # Go 0.3.13 reads no URL query: "BUCKET.localhost:PORT" means that endpoint, path style.
+        url = "s3://%s.localhost:%d/%s" % (self.srv.bucket, urllib.parse.urlsplit(self.srv.endpoint).port, self.prefix)
+        good = {"ak": self.srv.key, "sk": self.srv.secret}
+        bad = {"ak": self.srv.key, "sk": "wrong-secret"}
+        table = [("AWS only", {"AWS": good}, True), ("LITESTREAM only", {"LITESTREAM": good}, True),
+                 ("AWS wins over LITESTREAM", {"AWS": bad, "LITESTREAM": good}, False),
+                 ("AWS wins, LITESTREAM wrong", {"AWS": good, "LITESTREAM": bad}, True),
+                 ("LITESTREAM fills the unset secret", {"AWS": {"ak": self.srv.key}, "LITESTREAM": good}, True),
+                 ("LITESTREAM does not fill an empty one", {"AWS": {"ak": "", "sk": self.srv.secret},
+                                                            "LITESTREAM": good}, False)]
+        for name, sources, listed in table:
+            with self.subTest(case=name):
+                env = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "LITESTREAM_"))}
+                env.update(AWS_SHARED_CREDENTIALS_FILE=self.path("none"), AWS_CONFIG_FILE=self.path("none"),
+                           AWS_EC2_METADATA_DISABLED="true")
+                for prefix, keys in sources.items():
+                    for k, var in (("ak", "_ACCESS_KEY_ID"), ("sk", "_SECRET_ACCESS_KEY")):
+                        if k in keys:
+                            env[prefix + var] = keys[k]
+                for tool, cmd in (("go", [self.go]), ("py", [sys.executable, SCRIPT])):
+                    p = subprocess.run(cmd + ["snapshots", url], capture_output=True, text=True, env=env, timeout=120)
+                    self.assertEqual(gen in p.stdout, listed, "%s: %s%s" % (tool, p.stdout, p.stderr))
+                    if tool == "py":
+                        self.assertEqual(p.returncode, 0 if listed else 1, p.stderr)
 
 
 class TestS3InteropMoto(S3InteropMixin, TempDirTestCase):
@@ -6258,6 +6417,160 @@ class TestCLI(TempDirTestCase):
                 c = ls.new_replica_client_from_config(rc)
                 self.assertEqual((c.bucket, c.force_path_style, c.endpoint), ("bkt", path_style, endpoint))
 
+    def test_format_duration(self):
+        """Ensure durations print as Go's time.Duration.String (Go's own durationTests table)."""
+        table = [("0s", 0), ("1ns", 1), ("1.1\u00b5s", 1100), ("2.2ms", 2200 * 10**3), ("3.3s", 3300 * 10**6),
+                 ("4m5s", (4 * 60 + 5) * 10**9), ("4m5.001s", 4 * 60 * 10**9 + 5001 * 10**6),
+                 ("5h6m7.001s", (5 * 3600 + 6 * 60) * 10**9 + 7001 * 10**6), ("8m0.000000001s", 8 * 60 * 10**9 + 1),
+                 ("2562047h47m16.854775807s", (1 << 63) - 1)]
+        for want, ns in table:
+            with self.subTest(want=want):
+                self.assertEqual(ls.format_duration(ns), want)
+                if ns:
+                    self.assertEqual(ls.format_duration(-ns), "-" + want)
+        self.assertEqual(ls.format_duration(-(1 << 63)), "-2562047h47m16.854775808s")
+
+    def test_lag_truncation(self):
+        """Ensure lag is cut toward zero as Go's truncateDuration: seconds past 10s, 0.1s past 1s, then ms, then us."""
+        table = [(348_123_456_789, "5m48s"), (-35_123_456, "-35ms"), (1_234_567_890, "1.2s"), (10 * 10**9, "10s"),
+                 (10 * 10**9 + 1, "10s"), (-10_500_000_000, "-10s"), (-1_500_000_000, "-1.5s"),
+                 (43_203_900_000_000, "12h0m3s"), (999_999, "999\u00b5s"), (1_999, "1\u00b5s"), (999, "999ns"),
+                 (-999, "-999ns"), (0, "0s")]
+        for ns, want in table:
+            with self.subTest(ns=ns):
+                self.assertEqual(ls.format_duration(ls._truncate_duration(ns)), want)
+
+    def test_go_bool_flags(self):
+        """Ensure Go's -flag=VALUE booleans (strconv.ParseBool spellings) parse, the last one winning."""
+        sp = ls.build_parser().commands["restore"]
+        table = [(["-if-db-not-exists"], True), (["-if-db-not-exists=true"], True), (["--if-db-not-exists=1"], True),
+                 (["-if-db-not-exists=T"], True), (["-if-db-not-exists=TRUE"], True), (["-if-db-not-exists=false"], False),
+                 (["-if-db-not-exists=0"], False), (["-if-db-not-exists", "-if-db-not-exists=F"], False),
+                 (["-if-db-not-exists=False", "--if-db-not-exists"], True), ([], False)]
+        for flags, want in table:
+            with self.subTest(flags=flags):
+                args = sp.parse_args(ls._go_bool_args(sp, flags + ["-o", "out.db", "file:///x"]))
+                self.assertEqual((args.if_db_not_exists, args.o, args.target), (want, "out.db", "file:///x"))
+        # A flag's value and what follows "--" are not flags.
+        self.assertEqual(ls._go_bool_args(sp, ["-o", "-if-db-not-exists=0", "--", "-if-replica-exists=1"]),
+                         ["-o", "-if-db-not-exists=0", "--", "-if-replica-exists=1"])
+        for value in ["yes", "on", "", "maybe", "tRue"]:
+            with self.subTest(value=value):
+                code, out, err = self.cli("restore", "-if-db-not-exists=" + value, "file:///x")
+                self.assertEqual((code, out), (1, ""))
+                self.assertEqual(err, 'litestream restore: invalid boolean value "%s" for -if-db-not-exists: parse error\n'
+                                 % value)
+
+    def test_go_bool_flags_take_effect(self):
+        """Ensure -if-replica-exists=true exits 0 on an empty replica and =false fails, as the bare flag and none."""
+        empty = "file://" + self.path("empty")
+        for flags, want in [(["-if-replica-exists=true"], 0), (["-if-replica-exists"], 0),
+                            (["-if-replica-exists=false"], 1), ([], 1), (["-if-replica-exists", "-if-replica-exists=0"], 1)]:
+            with self.subTest(flags=flags):
+                code, _, err = self.cli("restore", "-o", self.path("out.db"), *flags, empty)
+                self.assertEqual(code, want, err)
+
+    def test_exit_codes_and_help(self):
+        """Ensure help exits 1 on stdout and usage errors exit 1 with one line, as Go 0.3.13."""
+        for args in ([], ["-h"], ["--help"], ["help"], ["restore", "-h"], ["generations", "--help"], ["config", "-h"]):
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args)
+                self.assertEqual((code, err), (1, ""))
+                self.assertIn("usage: litestream", out)
+        table = [(["restore"], "litestream restore: database path or replica URL required"),
+                 (["snapshots"], "litestream snapshots: database path or replica URL required"),
+                 (["restore", "a", "b"], "litestream restore: too many arguments: b"),
+                 (["databases", "x"], "litestream databases: too many arguments: x"),
+                 (["restore", "-bogus", "x"], "litestream restore: unknown flag -bogus"),
+                 (["wal", "-generaton=x", "file:///x"], "litestream wal: unknown flag -generaton=x (did you mean -generation?)"),
+                 (["bogus"], "litestream: unknown command 'bogus'"),
+                 (["config", "-format", "toml", "x"], "litestream config: argument -format/--format: invalid choice: 'toml' (choose from 'ini', 'yaml')")]
+        for args, want in table:
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args)
+                self.assertEqual((code, out, err), (1, "", want + "\n"))
+
+    def build_replica(self, rep, rounds=3):
+        """Replicate a DB in-process into rep, one more WAL index per round; return the DB path."""
+        dbp = self.path("src.db")
+        app = AppDB(dbp)
+        self.addCleanup(app.close)
+        db = open_db(dbp, min_checkpoint_page_n=15)
+        self.addCleanup(db.close)
+        r = open_replica(db, rep)
+        for i in range(rounds):
+            app.insert(20, size=2000, tag="i%d-" % i)
+            db.sync()
+            r.sync()
+        return dbp
+
+    def test_listing_keeps_going_past_a_failing_replica(self):
+        """Ensure generations, snapshots and wal list the healthy replica, name the failing one, and exit 1."""
+        rep = self.path("rep")
+        dbp = self.build_replica(rep)
+        cfg = self.path("ls.yml")
+        with open(cfg, "w") as f:
+            f.write("dbs:\n  - path: %s\n    replicas:\n      - name: offsite\n        url: s3://bkt/app\n"
+                    "        endpoint: http://127.0.0.1:9\n        region: us-east-1\n      - name: local\n"
+                    "        path: %s\n" % (dbp, rep))
+        env = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "LITESTREAM_"))}
+        env.update(AWS_SHARED_CREDENTIALS_FILE=self.path("none"), AWS_CONFIG_FILE=self.path("none"),
+                   AWS_EC2_METADATA_DISABLED="true")
+        gen = os.listdir(os.path.join(rep, "generations"))[0]
+        for cmd, what, want in [("generations", "generations", 1), ("snapshots", "snapshots", 1),
+                                ("wal", "wal segments", len(replica_objects(rep, "wal")))]:
+            with self.subTest(cmd=cmd):
+                p = subprocess.run([sys.executable, SCRIPT, cmd, "-config", cfg, dbp], capture_output=True,
+                                   text=True, env=env, timeout=60)
+                self.assertEqual(p.returncode, 1, p.stderr)
+                rows = p.stdout.splitlines()[1:]
+                self.assertEqual(len(rows), want, p.stdout)
+                self.assertTrue(all(r.split()[:2] == ["local", gen] for r in rows), p.stdout)
+                self.assertEqual(len(p.stderr.splitlines()), 1, p.stderr)
+                self.assertRegex(p.stderr, r"^litestream: replica offsite \(s3://bkt/app\): cannot list %s: "
+                                           r"s3: no credentials found" % what)
+        # Only the healthy replica: exit 0.
+        code, out, err = self.cli("snapshots", "-config", cfg, "-replica", "local", dbp)
+        self.assertEqual((code, err, len(out.splitlines())), (0, "", 2))
+
+    def test_index_past_the_last_is_an_error(self):
+        """Ensure -index past the generation's last index fails naming the last one, and the last one restores."""
+        rep = self.path("rep")
+        dbp = self.build_replica(rep, rounds=4)
+        last = max(int(name[:8], 16) for _, name in replica_objects(rep, "wal"))
+        self.assertGreaterEqual(last, 2)
+        gen = os.listdir(os.path.join(rep, "generations"))[0]
+        out = self.path("out.db")
+        code, _, err = self.cli("restore", "-o", out, "-generation", gen, "-index", "%x" % (last + 1), "file://" + rep)
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "litestream: index %x (%d) is past the last index %x (%d) of generation %s\n"
+                         % (last + 1, last + 1, last, last, gen))
+        self.assertFalse(os.path.exists(out))
+        code, _, err = self.cli("restore", "-o", out, "-generation", gen, "-index", "%x" % last, "file://" + rep)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(table_rows(out), table_rows(dbp))
+
+    def test_log_format_and_destination(self):
+        """Ensure log lines look like Go's (WARN, not WARNING), go to stdout or stderr, and log-type json is JSON."""
+        logger = logging.getLogger("litestream")
+        self.addCleanup(ls._setup_logging)
+        for stderr, log_type in [(False, "text"), (True, "text"), (False, "json")]:
+            with self.subTest(stderr=stderr, log_type=log_type):
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    ls._setup_logging("INFO", stderr, log_type)
+                    logger.warning("%s: sync error: %s", "db", "boom")
+                    logger.debug("hidden")
+                text = (err if stderr else out).getvalue()
+                self.assertEqual((out if stderr else err).getvalue(), "")
+                self.assertEqual(len(text.splitlines()), 1, text)
+                if log_type == "json":
+                    rec = json.loads(text)
+                    self.assertEqual((rec["level"], rec["msg"]), ("WARN", "db: sync error: boom"))
+                    self.assertLess(abs(datetime.datetime.fromisoformat(rec["time"]).timestamp() - time.time()), 60)
+                else:
+                    self.assertRegex(text, r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d WARN db: sync error: boom\n$")
+
     def test_index_and_timestamp_flags(self):
         """Ensure bad -index and -timestamp values are one-line usage errors."""
         for args, want in ((["-index", "zz"], "-index"), (["-timestamp", "yesterday"], "ISO 8601"),
@@ -6392,6 +6705,217 @@ class TestKeepWAL(TempDirTestCase):
         self.addCleanup(db.close)
         db.sync()
         self.assertEqual(db.pos().generation, gen)
+
+
+###############################################################################
+# README: install and deployment recipes, run as written
+###############################################################################
+
+README = os.path.join(HERE, "README.md")
+
+
+def readme_block(name: str) -> str:
+    """Return the code block that follows <!-- test: name --> in README.md."""
+    with open(README, encoding="utf-8") as f:
+        m = re.search(r"<!-- test: %s -->\n```\w*\n(.*?)```" % re.escape(name), f.read(), re.S)
+    assert m, "README has no block marked <!-- test: %s -->" % name
+    return m.group(1)
+
+
+class TestREADME(RowsMixin, TempDirTestCase):
+    """The README's install, systemd, Docker, Kubernetes and restore-drill recipes, run in a temp dir."""
+
+    def install(self) -> dict:
+        """Run the README's install block into self.dir/bin; return an environment that finds `litestream`."""
+        bindir = self.path("bin")
+        os.mkdir(bindir)
+        with open(SCRIPT, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        script = readme_block("install").replace("/usr/local/bin", bindir).replace("SHA256", sha)
+        env = dict(child_env(), PATH=os.pathsep.join([bindir, os.path.dirname(sys.executable), os.environ["PATH"]]))
+        p = subprocess.run(["sh", "-ec", script], cwd=HERE, capture_output=True, text=True, env=env, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(p.stdout.splitlines(), ["%s/litestream: OK" % bindir, "v" + ls.__version__])
+        return env
+
+    def test_no_pointers_outside_the_repository(self):
+        """Ensure README links only to files in the repository and names no machine paths."""
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        for link in re.findall(r"\]\(([^)]+)\)", text):
+            with self.subTest(link=link):
+                self.assertTrue(os.path.exists(os.path.join(HERE, link)), link)
+        for bad in ("../", "/tmp/", "/work/", "/root/", "shared/", "litestream-v03-format", "\u2026/"):
+            with self.subTest(text=bad):
+                self.assertNotIn(bad, text)
+
+    def test_test_file_runs_whole_suite_and_bench(self):
+        """Ensure `python3 test_litestream.py` reaches every test (one __main__ block, at the end) and bench-lz4 runs."""
+        import ast
+        with open(os.path.join(HERE, "test_litestream.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        mains = [i for i, node in enumerate(tree.body) if isinstance(node, ast.If) and "__main__" in ast.dump(node.test)]
+        self.assertEqual(mains, [len(tree.body) - 1])
+        p = subprocess.run([sys.executable, os.path.join(HERE, "test_litestream.py"), "TestPaths"],
+                           capture_output=True, text=True, env=child_env(), timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertRegex(p.stderr, r"Ran [1-9]\d* tests")
+        db = self.path("bench.db")
+        create_wal_db(db, rows=2000)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "test_litestream.py"), "bench-lz4", db],
+                           capture_output=True, text=True, env=child_env(), timeout=300)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("ours level=1 (default)", p.stdout)
+
+    def test_install(self):
+        """Ensure the install block copies, marks executable and checks the file, and a wrong checksum fails."""
+        self.install()
+        script = readme_block("install").replace("/usr/local/bin", self.path("bin2")).replace("SHA256", "0" * 64)
+        os.mkdir(self.path("bin2"))
+        p = subprocess.run(["sh", "-ec", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("FAILED", p.stdout + p.stderr)
+
+    def test_executable_in_git(self):
+        """Ensure git records litestream.py as executable (mode 100755), so its shebang works from a checkout."""
+        if shutil.which("git") is None:
+            self.skipTest("git not installed")
+        p = subprocess.run(["git", "ls-files", "-s", "litestream.py"], cwd=HERE, capture_output=True, text=True)
+        if p.returncode != 0 or not p.stdout:
+            self.skipTest("not a git checkout: %s" % p.stderr.strip())
+        self.assertEqual(p.stdout.split()[0], "100755")
+
+    def test_systemd_unit_verifies(self):
+        """Ensure the systemd unit passes systemd-analyze verify with no warnings."""
+        if shutil.which("systemd-analyze") is None:
+            self.skipTest("systemd-analyze not installed (apt-get install systemd)")
+        env = self.install()
+        unit = readme_block("systemd")
+        self.assertIn("Restart=always", unit)
+        path = self.path("litestream.service")
+        with open(path, "w") as f:
+            f.write(unit.replace("/usr/local/bin", self.path("bin")))
+        p = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("litestream.service", p.stdout + p.stderr)
+
+    APP = textwrap.dedent("""\
+        import sqlite3, sys, time
+        mode, path = sys.argv[1], sys.argv[2]
+        c = sqlite3.connect(path)
+        if mode == "write":
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            c.executemany("INSERT INTO t (v) VALUES (?)", [("row %d" % i,) for i in range(100)])
+            c.commit()
+            time.sleep(0.5)
+        elif mode == "check":
+            sys.exit(0 if c.execute("SELECT count(*) FROM t").fetchone()[0] == 100 else 7)
+        else:
+            sys.exit(3)
+        """)
+
+    def write(self, name, text):
+        p = self.path(name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "w") as f:
+            f.write(text)
+        return p
+
+    def fresh_volume(self, data):
+        """Empty a data directory, as a new container's volume."""
+        shutil.rmtree(data)
+        os.mkdir(data)
+
+    def test_docker_entrypoint(self):
+        """Ensure the entrypoint restores on an empty volume, runs the app under replicate -exec, and exits with it."""
+        env = self.install()
+        data, rep = self.path("data"), self.path("rep")
+        os.mkdir(data)
+        entry = self.write("entrypoint.sh", readme_block("docker-entrypoint"))
+        app = self.write("app.py", self.APP)
+        db = os.path.join(data, "app.db")
+        env.update(DB_PATH=db, LITESTREAM_CONFIG=self.write("litestream.ini", (
+            "[db:app]\npath = %s\nmonitor-interval = 100ms\n[replica:app:r]\npath = %s\nsync-interval = 100ms\n")
+            % (db, rep)))
+        for step, mode, fresh, code in [("first start, no backup", "write", False, 0),
+                                        ("new volume: restored", "check", True, 0),
+                                        ("app fails: its exit code", "fail", False, 3)]:
+            with self.subTest(step=step):
+                if fresh:
+                    self.fresh_volume(data)
+                p = subprocess.run(["sh", entry, "python3", app, mode, db], capture_output=True, text=True,
+                                   env=env, timeout=120)
+                self.assertEqual(p.returncode, code, p.stdout + p.stderr)
+        self.assertEqual(len(table_rows(db)), 100)
+
+    def test_kubernetes_init_container_and_sidecar(self):
+        """Ensure the manifest's init container restores only when needed and its sidecar replicates, as written."""
+        yaml = import_yaml()
+        env = self.install()
+        docs = {d["kind"]: d for d in yaml.safe_load_all(readme_block("kubernetes"))}
+        pod = docs["StatefulSet"]["spec"]["template"]["spec"]
+        init, = pod["initContainers"]
+        sidecar = next(c for c in pod["containers"] if c["name"] == "litestream")
+        app = next(c for c in pod["containers"] if c["name"] == "app")
+        data_mount = {"name": "data", "mountPath": "/var/lib/app"}
+        for c in (init, sidecar, app):
+            self.assertIn(data_mount, c["volumeMounts"])
+        self.assertEqual(docs["StatefulSet"]["spec"]["replicas"], 1)
+        data, etc, rep = self.path("data"), self.path("etc"), self.path("rep")
+        os.mkdir(data)
+        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data)]
+
+        def local(s):
+            for a, b in paths:
+                s = s.replace(a, b)
+            return s
+        self.write("etc/litestream.ini", local(docs["ConfigMap"]["data"]["litestream.ini"]))
+        env.update({e["name"]: e["value"] for e in init["env"]}, REPLICA_URL="file://" + rep)
+
+        def run_init():
+            cmd = [sys.executable if a == "python3" else local(a) for a in init["command"]]
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        db = os.path.join(data, "app.db")
+        p = run_init()
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertFalse(os.path.exists(db))
+        create_wal_db(db, rows=100)
+        with open(self.path("sidecar.log"), "wb") as log:
+            side = subprocess.Popen([sys.executable if a == "python3" else local(a) for a in sidecar["command"]],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.addCleanup(lambda: side.poll() is None and (side.kill(), side.wait()))
+        wait_for(lambda: (try_restore_rows(rep, self.path("probe.db")) or []) == table_rows(db), "rows in the replica")
+        side.send_signal(signal.SIGTERM)
+        self.assertEqual(side.wait(60), 0, read_file(self.path("sidecar.log")))
+        want = table_rows(db)
+        self.fresh_volume(data)
+        p = run_init()
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertSameRows(db, want)
+        p = run_init()  # The database is there now: left alone.
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("database already exists, skipping", p.stdout)
+
+    def test_restore_drill(self):
+        """Ensure the drill passes on a good replica and fails on a damaged one."""
+        env = self.install()
+        rep = self.path("rep")
+        db = TestCLI.build_replica(self, rep, rounds=3)
+        cfg = self.write("etc/litestream.ini", "[db:app]\npath = %s\nreplica = %s\n" % (db, rep))
+        drill = self.write("drill.sh", readme_block("restore-drill").replace("/etc/litestream.ini", cfg))
+        p = subprocess.run(["sh", drill, db], capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"(?m)^drill ok: [1-9]\d* tables$")
+        gen, name = replica_objects(rep, "wal")[1]
+        seg = os.path.join(rep, "generations", gen, "wal", name)
+        data = bytearray(read_file(seg))
+        data[len(data) // 2] ^= 0x10
+        with open(seg, "wb") as f:
+            f.write(data)
+        p = subprocess.run(["sh", drill, db], capture_output=True, text=True, env=env, timeout=120)
+        self.assertNotEqual(p.returncode, 0, p.stdout)
+        self.assertIn(name, p.stderr)
 
 
 ###############################################################################
