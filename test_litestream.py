@@ -6727,13 +6727,16 @@ class TestREADME(RowsMixin, TempDirTestCase):
 
     def install(self) -> dict:
         """Run the README's install block into self.dir/bin; return an environment that finds `litestream`."""
-        bindir = self.path("bin")
+        bindir, src = self.path("bin"), self.path("download")
         os.mkdir(bindir)
+        os.mkdir(src)
+        shutil.copyfile(SCRIPT, os.path.join(src, "litestream.py"))  # As downloaded: not executable.
+        os.chmod(os.path.join(src, "litestream.py"), 0o644)
         with open(SCRIPT, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         script = readme_block("install").replace("/usr/local/bin", bindir).replace("SHA256", sha)
         env = dict(child_env(), PATH=os.pathsep.join([bindir, os.path.dirname(sys.executable), os.environ["PATH"]]))
-        p = subprocess.run(["sh", "-ec", script], cwd=HERE, capture_output=True, text=True, env=env, timeout=60)
+        p = subprocess.run(["sh", "-ec", script], cwd=src, capture_output=True, text=True, env=env, timeout=60)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual(p.stdout.splitlines(), ["%s/litestream: OK" % bindir, "v" + ls.__version__])
         return env
@@ -6772,7 +6775,7 @@ class TestREADME(RowsMixin, TempDirTestCase):
         self.install()
         script = readme_block("install").replace("/usr/local/bin", self.path("bin2")).replace("SHA256", "0" * 64)
         os.mkdir(self.path("bin2"))
-        p = subprocess.run(["sh", "-ec", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+        p = subprocess.run(["sh", "-ec", script], cwd=self.path("download"), capture_output=True, text=True, timeout=60)
         self.assertNotEqual(p.returncode, 0)
         self.assertIn("FAILED", p.stdout + p.stderr)
 
