@@ -5704,7 +5704,7 @@ class _YAMLReader:
             self.error(n, _YAML_UNSUPPORTED[c])
         if c in "@`%,]}" or _yaml_is_item(s) or s in (":", "?") or s.startswith((": ", "? ")):
             self.error(n, "a value cannot start with %r; quote it" % c)
-        value = re.split(r" #", s, 1)[0].rstrip(" ")
+        value = s.split(" #", 1)[0].rstrip(" ")
         if re.search(r":( |$)", value):
             self.error(n, "mapping values are not allowed here (quote a value that holds ': ')")
         return "" if value in _YAML_NULLS else value
@@ -5762,7 +5762,7 @@ class _YAMLReader:
                 self.error(n, _YAML_UNSUPPORTED.get(c, "a value cannot start with %r; quote it" % c))
             else:
                 m = re.compile(r"[^,\][{}]*").match(s, i)
-                value = re.split(r" #", m.group(0), 1)[0].rstrip(" ")
+                value = m.group(0).split(" #", 1)[0].rstrip(" ")
                 if " #" in m.group(0) or s[m.end():m.end() + 1] in ("[", "{", "}"):
                     self.error(n, "flow sequences hold plain or quoted values only")
                 if ":" in value or "?" in value:

@@ -6553,7 +6553,11 @@ class TestCLI(TempDirTestCase):
     def test_log_format_and_destination(self):
         """Ensure log lines look like Go's (WARN, not WARNING), go to stdout or stderr, and log-type json is JSON."""
         logger = logging.getLogger("litestream")
-        self.addCleanup(ls._setup_logging)
+        saved = (list(logger.handlers), logger.level, logger.propagate)
+
+        def restore():
+            logger.handlers[:], logger.level, logger.propagate = saved
+        self.addCleanup(restore)
         for stderr, log_type in [(False, "text"), (True, "text"), (False, "json")]:
             with self.subTest(stderr=stderr, log_type=log_type):
                 out, err = io.StringIO(), io.StringIO()
