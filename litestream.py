@@ -103,6 +103,7 @@ BUSY_TIMEOUT = 1.0
 
 MAX_INDEX = 0x7FFFFFFF
 DEFAULT_CONFIG_PATH = "/etc/litestream.ini"
+DEFAULT_CONFIG_PATHS = (DEFAULT_CONFIG_PATH, "/etc/litestream.yml")  # looked up in this order
 DEFAULT_S3_PART_SIZE = 5 * 1024 * 1024  # S3's minimum part size
 DEFAULT_S3_CONCURRENCY = 5  # aws-sdk-go s3manager
 DEFAULT_S3_MAX_RETRIES = 3  # aws-sdk-go DefaultRetryer
@@ -1822,11 +1823,27 @@ def _parse_iso8601_epoch(s: str) -> float:
     return _parse_s3_time(s).timestamp()
 
 
+_LITESTREAM_ENV = (("LITESTREAM_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+                   ("LITESTREAM_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"))
+
+
+def apply_litestream_env(env) -> None:
+    """Copy LITESTREAM_ACCESS_KEY_ID/_SECRET_ACCESS_KEY into AWS_* names that are not set.
+
+    This is Go's applyLitestreamEnv: each LITESTREAM_* variable only fills
+    in its AWS_* twin when that is absent from env (set but empty counts
+    as set), so AWS_* always wins.
+    """
+    for ls_key, aws_key in _LITESTREAM_ENV:
+        if ls_key in env and aws_key not in env:
+            env[aws_key] = env[ls_key]
+
+
 class CredentialsProvider:
     """Find S3 credentials along the AWS SDK's default chain, and refresh them.
 
-    Order: explicit keys; LITESTREAM_ACCESS_KEY_ID/LITESTREAM_SECRET_ACCESS_KEY;
-    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN); the shared
+    Order: explicit keys; AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN),
+    each filled in from LITESTREAM_* when unset (apply_litestream_env); the shared
     credentials and config files (AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE,
     AWS_CONFIG_FILE); web identity (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN
     through STS AssumeRoleWithWebIdentity); ECS container credentials
@@ -1877,7 +1894,7 @@ class CredentialsProvider:
 
     def resolve(self) -> Credentials:
         """Walk the chain once and return the first credentials found."""
-        for source in (self._from_explicit, self._from_litestream_env, self._from_aws_env,
+        for source in (self._from_explicit, self._from_env,
                        self._from_shared_files, self._from_web_identity,
                        self._from_container, self._from_imds):
             c = source()
@@ -1897,18 +1914,13 @@ class CredentialsProvider:
             return Credentials(ak, sk, tok, source="config")
         return None
 
-    def _from_env_prefix(self, prefix: str):
-        ak = self._env.get(prefix + "_ACCESS_KEY_ID", "")
-        sk = self._env.get(prefix + "_SECRET_ACCESS_KEY", "")
+    def _from_env(self):
+        env = {k: self._env[k] for pair in _LITESTREAM_ENV for k in pair if k in self._env}
+        apply_litestream_env(env)
+        ak, sk = env.get("AWS_ACCESS_KEY_ID", ""), env.get("AWS_SECRET_ACCESS_KEY", "")
         if ak and sk:
-            return Credentials(ak, sk, self._env.get("AWS_SESSION_TOKEN", ""), source="env %s_*" % prefix)
+            return Credentials(ak, sk, self._env.get("AWS_SESSION_TOKEN", ""), source="env")
         return None
-
-    def _from_litestream_env(self):
-        return self._from_env_prefix("LITESTREAM")
-
-    def _from_aws_env(self):
-        return self._from_env_prefix("AWS")
 
     def _from_shared_files(self):
         profile = self._env.get("AWS_PROFILE") or self._env.get("AWS_DEFAULT_PROFILE") or "default"
@@ -4889,6 +4901,11 @@ def _choose_snapshot(snaps: List[SnapshotInfo], opt: RestoreOptions) -> Snapshot
 
 def _plan_wal(segs: List[WALSegmentInfo], snap: SnapshotInfo, opt: RestoreOptions, name) -> "List[List[WALSegmentInfo]]":
     """Group the segments to replay after snap by index, checking for gaps."""
+    last = max([s.index for s in segs] + [snap.index])
+    if opt.index is not None and opt.index > last:
+        # Restoring less than was asked for must not look like success.
+        raise LitestreamError("index %x (%d) is past the last index %x (%d) of generation %s"
+                              % (opt.index, opt.index, last, last, snap.generation))
     by_index: "dict[int, List[WALSegmentInfo]]" = {}
     for s in segs:
         # Indices below the snapshot are not needed, so a broken one left by
@@ -5143,8 +5160,15 @@ class Config:
 
 
 def default_config_path() -> str:
-    """Return $LITESTREAM_CONFIG, or /etc/litestream.ini when it is unset or empty."""
-    return os.environ.get("LITESTREAM_CONFIG") or DEFAULT_CONFIG_PATH
+    """Return $LITESTREAM_CONFIG, else the first of DEFAULT_CONFIG_PATHS that exists.
+
+    With neither /etc/litestream.ini nor /etc/litestream.yml present the
+    answer is the .ini, so the error names the native format.
+    """
+    v = os.environ.get("LITESTREAM_CONFIG")
+    if v:
+        return v
+    return next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), DEFAULT_CONFIG_PATHS[0])
 
 
 _DURATION_UNITS = {"ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6,
@@ -5172,6 +5196,32 @@ def parse_duration(s: str) -> float:
     ns = sum(int(decimal.Decimal(num) * _DURATION_UNITS[unit])
              for num, unit in _DURATION_PART_RE.findall(m.group(2)))
     return (-ns if m.group(1) == "-" else ns) / 1e9
+
+
+def format_duration(ns: int) -> str:
+    """Return ns nanoseconds as Go's time.Duration.String: "5m48s", "-35ms", "1h0m0s", "0s"."""
+    u = abs(ns)
+
+    def frac(v, prec):
+        # v / 10**prec as whole part and ".digits" without trailing zeros.
+        whole, f = divmod(v, 10 ** prec)
+        digits = ("%0*d" % (prec, f)).rstrip("0") if prec else ""
+        return whole, "." + digits if digits else ""
+
+    if u == 0:
+        return "0s"
+    if u < 10**9:
+        unit, prec = ("ns", 0) if u < 10**3 else ("\u00b5s", 3) if u < 10**6 else ("ms", 6)
+        whole, f = frac(u, prec)
+        out = "%d%s%s" % (whole, f, unit)
+    else:
+        secs, f = frac(u, 9)
+        out = "%d%ss" % (secs % 60, f)
+        if secs >= 60:
+            out = "%dm%s" % (secs // 60 % 60, out)
+            if secs >= 3600:
+                out = "%dh%s" % (secs // 3600, out)
+    return "-" + out if ns < 0 else out
 
 
 # After "$": "$" (ours), "{NAME}", an unclosed "{", one special character
@@ -5441,16 +5491,337 @@ def _replica_config(raw, name, loc):
     return ReplicaConfig(**f)
 
 
-def _read_ini(filename):
+###############################################################################
+# Config files: INI and the YAML subset
+###############################################################################
+
+
+class _YAMLMap(dict):
+    """A YAML mapping; line is where it starts and lines[key] where each key is."""
+
+    def __init__(self, line):
+        super().__init__()
+        self.line = line
+        self.lines = {}
+
+
+class _YAMLSeq(list):
+    """A YAML sequence; line is where it starts and lines[i] where item i is."""
+
+    def __init__(self, line):
+        super().__init__()
+        self.line = line
+        self.lines = []
+
+
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+_YAML_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "n": "\n", "v": "\v", "f": "\f", "r": "\r",
+                 "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85", "_": "\xa0",
+                 "L": "\u2028", "P": "\u2029"}
+_YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_YAML_UNSUPPORTED = {
+    "&": "anchors (&) are not supported",
+    "*": "aliases (*) are not supported",
+    "!": "tags (!) are not supported",
+    "|": "block scalars (| and >) are not supported; write the value on one line",
+    ">": "block scalars (| and >) are not supported; write the value on one line",
+    "{": "flow mappings ({...}) are not supported; use one 'key: value' per line",
+    "?": "complex keys (?) are not supported",
+}
+
+
+def _yaml_is_item(s):
+    return s == "-" or s.startswith("- ")
+
+
+class _YAMLReader:
+    """Read the block-style YAML subset that Go Litestream configs are written in.
+
+    Accepted: block mappings and sequences (including "- key: value" items
+    and sequences at their key's indentation), plain, 'single' and "double"
+    quoted scalars on one line, one-line flow sequences of scalars
+    ("[a, 'b']"), comments, and one leading "---".  Scalars stay text;
+    null (empty, ~, null) is "".  Everything else -- anchors, aliases,
+    tags, block scalars, flow mappings, multi-line scalars, several
+    documents, directives, tabs, duplicate keys -- raises ConfigError
+    naming FILE:LINE.  read() returns a _YAMLMap, _YAMLSeq or str.
+    """
+
+    def __init__(self, filename: str, text: str):
+        self.filename = filename
+        self.lines = []  # [lineno, indent, text without indentation]
+        started = ended = False
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
+            body = line.lstrip(" ")
+            indent = len(line) - len(body)
+            if not body.strip(" \t") or body.startswith("#"):
+                continue
+            if "\t" in body and self._tab_outside_quotes(body):
+                self.error(n, "tab character (YAML indents and separates with spaces only)")
+            if indent == 0 and re.match(r"(---|\.\.\.)( |$)", body):
+                rest = body[3:].strip()
+                if body.startswith("---") and (started or ended or self.lines):
+                    self.error(n, "multiple documents are not supported (one file, one document)")
+                if rest and not rest.startswith("#"):
+                    self.error(n, "content on the %r line is not supported" % body[:3])
+                if body.startswith("..."):
+                    ended = True
+                started = started or body.startswith("---")
+                continue
+            if ended:
+                self.error(n, "multiple documents are not supported (one file, one document)")
+            if indent == 0 and body.startswith("%"):
+                self.error(n, "directives (%) are not supported")
+            self.lines.append([n, indent, body])
+
+    @staticmethod
+    def _tab_outside_quotes(s):
+        # Tabs inside a quoted scalar or a comment are text; elsewhere they
+        # are refused (as PyYAML does).
+        quote, escaped = "", False
+        for i, ch in enumerate(s):
+            if escaped:
+                escaped = False
+            elif quote:
+                escaped = quote == '"' and ch == "\\"
+                if ch == quote:
+                    quote = ""
+            elif ch == "#" and (i == 0 or s[i - 1] == " "):
+                return False
+            elif ch in "\"'" and re.search(r"(^|[:-] |[\[,]) *$", s[:i]):
+                quote = ch
+            elif ch == "\t":
+                return True
+        return False
+
+    def error(self, lineno, msg):
+        raise ConfigError("%s:%d: %s" % (self.filename, lineno, msg))
+
+    def read(self):
+        if not self.lines:
+            return ""
+        node, i = self._block(0, self.lines[0][1])
+        if i < len(self.lines):
+            self.error(self.lines[i][0], "unexpected %r at this indentation" % self.lines[i][2])
+        return node
+
+    def _block(self, i, indent):
+        # The node starting at line i, indented by indent.
+        n, _, s = self.lines[i]
+        if _yaml_is_item(s):
+            return self._seq(i, indent)
+        if self._key(n, s) is not None:
+            return self._map(i, indent)
+        value = self._inline(n, s)
+        i += 1
+        if i < len(self.lines) and self.lines[i][1] >= indent:
+            self.error(self.lines[i][0], "multi-line values are not supported; write the value on one "
+                       "line, quoted if needed")
+        return value, i
+
+    def _map(self, i, indent):
+        m = _YAMLMap(self.lines[i][0])
+        while i < len(self.lines):
+            n, ind, s = self.lines[i]
+            if ind < indent:
+                break
+            if ind > indent:
+                self.error(n, "unexpected indentation")
+            if _yaml_is_item(s):
+                self.error(n, "list item without a key (put 'key:' on the line before it)")
+            kv = self._key(n, s)
+            if kv is None:
+                self._inline(n, s)  # Names anchors, tags and the like.
+                hint = " (INI files start with a [section] line)" if re.match(r"[\w-]+\s*=", s) else ""
+                self.error(n, "expected 'key: value', found %r%s" % (s, hint))
+            key, rest = kv
+            if key in m:
+                self.error(n, "duplicate key %r (first on line %d)" % (key, m.lines[key]))
+            m.lines[key] = n
+            i += 1
+            if rest == "" or rest.startswith("#"):
+                if i < len(self.lines) and self.lines[i][1] > indent:
+                    m[key], i = self._block(i, self.lines[i][1])
+                elif i < len(self.lines) and self.lines[i][1] == indent and _yaml_is_item(self.lines[i][2]):
+                    m[key], i = self._seq(i, indent)
+                else:
+                    m[key] = ""
+            else:
+                m[key] = self._inline(n, rest)
+                if i < len(self.lines) and self.lines[i][1] > indent:
+                    nn, _, ns = self.lines[i]
+                    self.error(nn, "unexpected indentation" if self._key(nn, ns) else
+                               "multi-line values are not supported; write the value on one line, quoted if needed")
+        return m, i
+
+    def _seq(self, i, indent):
+        q = _YAMLSeq(self.lines[i][0])
+        while i < len(self.lines):
+            n, ind, s = self.lines[i]
+            if ind < indent or (ind == indent and not _yaml_is_item(s)):
+                break
+            if ind > indent:
+                self.error(n, "unexpected indentation")
+            body = s[1:].lstrip(" ")
+            q.lines.append(n)
+            if body == "" or body.startswith("#"):
+                i += 1
+                if i < len(self.lines) and self.lines[i][1] > indent:
+                    value, i = self._block(i, self.lines[i][1])
+                else:
+                    value = ""
+            else:
+                # "- key: value": the item is a node starting at this column.
+                self.lines[i] = [n, ind + len(s) - len(body), body]
+                value, i = self._block(i, self.lines[i][1])
+            q.append(value)
+        return q, i
+
+    def _key(self, n, s):
+        # (key, rest after ": ") if line text s starts with a mapping key, else None.
+        if s[0] in "\"'":
+            key, rest = self._quoted(n, s)
+            rest = rest.lstrip(" ")
+            if rest == ":" or rest.startswith(": "):
+                return key, rest[1:].lstrip(" ")
+            return None
+        if s[0] in _YAML_UNSUPPORTED or s[0] in "[]{},#@`%" or _yaml_is_item(s):
+            return None
+        m = re.search(r" #|:( |$)", s)
+        if m is None or m.group(0) == " #":
+            return None
+        key = s[:m.start()].rstrip(" ")
+        return (key, s[m.end():].lstrip(" ")) if key else None
+
+    def _inline(self, n, s):
+        # The scalar or flow sequence that is the rest s of line n.
+        c = s[0]
+        if c in "\"'":
+            value, rest = self._quoted(n, s)
+            self._end(n, rest)
+            return value
+        if c == "[":
+            return self._flow_seq(n, s)
+        if c in _YAML_UNSUPPORTED:
+            self.error(n, _YAML_UNSUPPORTED[c])
+        if c in "@`%,]}" or _yaml_is_item(s) or s in (":", "?") or s.startswith((": ", "? ")):
+            self.error(n, "a value cannot start with %r; quote it" % c)
+        value = s.split(" #", 1)[0].rstrip(" ")
+        if re.search(r":( |$)", value):
+            self.error(n, "mapping values are not allowed here (quote a value that holds ': ')")
+        return "" if value in _YAML_NULLS else value
+
+    def _end(self, n, rest):
+        rest = rest.lstrip(" ")
+        if rest and not rest.startswith("#"):
+            self.error(n, "unexpected %r after the value" % rest)
+
+    def _quoted(self, n, s):
+        # (text, rest of the line) of the quoted scalar s starts with.
+        q, out, i = s[0], [], 1
+        while i < len(s):
+            ch = s[i]
+            if ch == q:
+                if q == "'" and s[i + 1:i + 2] == "'":
+                    out.append("'")
+                    i += 2
+                    continue
+                return "".join(out), s[i + 1:]
+            if ch == "\\" and q == '"':
+                e = s[i + 1:i + 2]
+                if e in _YAML_ESCAPES:
+                    out.append(_YAML_ESCAPES[e])
+                    i += 2
+                    continue
+                k = _YAML_HEX_ESCAPES.get(e)
+                digits = s[i + 2:i + 2 + k] if k else ""
+                if not k or not re.fullmatch(r"[0-9a-fA-F]{%d}" % k, digits) or int(digits, 16) > 0x10FFFF:
+                    self.error(n, "invalid escape %r in a double-quoted value" % s[i:i + 2 + (k or 0)])
+                out.append(chr(int(digits, 16)))
+                i += 2 + k
+                continue
+            out.append(ch)
+            i += 1
+        self.error(n, "quoted value not closed on this line (multi-line values are not supported)")
+
+    def _flow_seq(self, n, s):
+        q, i = _YAMLSeq(n), 1
+        while True:
+            while s[i:i + 1] == " ":
+                i += 1
+            c = s[i:i + 1]
+            if c == "]":
+                self._end(n, s[i + 1:])
+                return q
+            if c == "":
+                self.error(n, "flow sequence not closed on this line ([a, b] must fit on one line)")
+            if c in "\"'":
+                value, rest = self._quoted(n, s[i:])
+                i = len(s) - len(rest)
+            elif c in "[{":
+                self.error(n, "nested flow collections are not supported")
+            elif c in _YAML_UNSUPPORTED or c in "@`%,#":
+                self.error(n, _YAML_UNSUPPORTED.get(c, "a value cannot start with %r; quote it" % c))
+            else:
+                m = re.compile(r"[^,\][{}]*").match(s, i)
+                value = m.group(0).split(" #", 1)[0].rstrip(" ")
+                if " #" in m.group(0) or s[m.end():m.end() + 1] in ("[", "{", "}"):
+                    self.error(n, "flow sequences hold plain or quoted values only")
+                if ":" in value or "?" in value:
+                    # YAML 1.1 readers (PyYAML, and Go's yaml.v2) split them there.
+                    self.error(n, "quote values that hold ':' or '?' inside [...]")
+                i = m.end()
+                value = "" if value in _YAML_NULLS else value
+            q.append(value)
+            q.lines.append(n)
+            while s[i:i + 1] == " ":
+                i += 1
+            if s[i:i + 1] == ",":
+                i += 1
+            elif s[i:i + 1] == "":
+                self.error(n, "flow sequence not closed on this line ([a, b] must fit on one line)")
+            elif s[i:i + 1] != "]":
+                self.error(n, "expected ',' or ']' in the flow sequence")
+
+
+_SECRET_KEYS = ("secret-access-key", "sse-c-key")  # `config` prints these only with -show-secrets
+
+
+class _Section:
+    """One block of settings as written, before checking: what both formats read into.
+
+    kind is "litestream", "db" or "replica".  db ties a replica to its DB
+    (the INI NAME, or "dbs[N]" in YAML).  name is the DB's or replica's
+    name; "" means the DB's path or the replica's type.  raw maps each key
+    to its text as written.  where(key) names a key for an error
+    ("FILE:[db:app] path", "FILE:7: dbs[0].path") and where() the block;
+    label is how other errors refer to the block ("[db:app]", "dbs[0]").
+    """
+
+    __slots__ = ("kind", "db", "name", "raw", "where", "label")
+
+    def __init__(self, kind, db, name, raw, where, label):
+        self.kind, self.db, self.name, self.raw, self.where, self.label = kind, db, name, raw, where, label
+
+    def with_raw(self, raw) -> "_Section":
+        return _Section(self.kind, self.db, self.name, raw, self.where, self.label)
+
+
+def _read_text(filename):
     try:
         with open(os.path.expanduser(filename), encoding="utf-8") as fh:
-            text = fh.read()
+            return fh.read()
     except FileNotFoundError:
         raise ConfigError("config file not found: %s" % filename) from None
     except OSError as e:
         raise ConfigError("%s: cannot read config file: %s" % (filename, e.strerror)) from None
     except UnicodeDecodeError as e:
         raise ConfigError("%s: cannot read config file: not UTF-8 text (%s)" % (filename, e.reason)) from None
+
+
+def _ini_sections(filename, text):
     # default_section is one no header can name: [DEFAULT] would otherwise
     # copy its keys into every section.
     parser = configparser.ConfigParser(interpolation=None, strict=True, default_section="\0",
@@ -5463,75 +5834,197 @@ def _read_ini(filename):
     except configparser.DuplicateOptionError as e:
         raise ConfigError("%s:%s: [%s] %s: duplicate key" % (filename, e.lineno, e.section, e.option)) from None
     except configparser.MissingSectionHeaderError as e:
-        raise ConfigError("%s:%d: %r comes before any [section] header"
-                          % (filename, e.lineno, e.line.strip())) from None
+        line = e.line.strip()
+        hint = " (this looks like YAML: name the file .yml)" if re.match(r"[\w-]+:(\s|$)", line) else ""
+        raise ConfigError("%s:%d: %r comes before any [section] header%s"
+                          % (filename, e.lineno, line, hint)) from None
     except configparser.ParsingError as e:
         lineno = e.errors[0][0]
         line = text.splitlines()[lineno - 1].strip()
         raise ConfigError("%s:%d: cannot parse %r (expected 'key = value' or '[section]')"
                           % (filename, lineno, line)) from None
-    return parser
-
-
-def load_config(path: str, expand_env: bool = True, env: Optional[Mapping[str, str]] = None) -> Config:
-    """Read an INI config file into a Config, as Go's ReadConfigFile reads YAML.
-
-    Sections are [litestream], [db:NAME] and [replica:DB:NAME]; keys are
-    Go's YAML keys.  Unless expand_env is false, $VAR and ${VAR} in values
-    (not keys or section names) are replaced from env (default os.environ).
-    An empty value means the key's default.  Relative paths are taken from
-    the current directory, as in Go.  Raises ConfigError naming FILE:[SECTION] KEY.
-    """
-    parser = _read_ini(path)
-    glob, dbs, replicas = {}, {}, []
+    sections = []
     for section in parser.sections():
-        raw = {k: _expand_env(v, env) if expand_env else v for k, v in parser.items(section)}
         kind, _, rest = section.partition(":")
         parts = rest.split(":")
         if section == "litestream":
-            glob = raw
+            kind, db, name = "litestream", "", ""
         elif kind == "db" and rest and len(parts) == 1:
-            dbs[rest] = raw
+            db, name = rest, rest
         elif kind == "replica" and len(parts) == 2 and all(parts):
-            replicas.append((section, parts[0], parts[1], raw))
+            db, name = parts
         else:
             hint = {"db": " (expected [db:NAME], NAME without ':')",
                     "replica": " (expected [replica:DB:NAME])"}.get(kind)
             candidates = ["litestream", "db:" + rest, "replica:" + rest]
             raise ConfigError("%s:[%s]: unknown section%s"
-                              % (path, section, hint or _did_you_mean(section, candidates)))
+                              % (filename, section, hint or _did_you_mean(section, candidates)))
 
-    def loc(section):
-        return lambda key: "%s:[%s] %s" % (path, section, key)
+        def where(key=None, section=section):
+            return "%s:[%s]%s" % (filename, section, " " + key if key else "")
+        sections.append(_Section(kind, db, name, dict(parser.items(section)), where, "[%s]" % section))
+    return sections
 
-    g = _convert(glob, _GLOBAL_KEYS, loc("litestream"))
-    by_db = {name: [] for name in dbs}
-    for name, raw in dbs.items():
-        value = raw.get("replica")
+
+# Go's YAML nests the log keys: logging.level is the INI's log-level.
+_YAML_LOGGING = {"level": "log-level", "type": "log-type", "stderr": "log-stderr"}
+
+
+def _yaml_keys(filename, node, prefix, schema, structural, exclude=()):
+    # Split a YAML mapping into schema keys (raw text, with their lines and
+    # dotted names) and the structural keys the caller reads itself.
+    raw, lines, names, extra = {}, {}, {}, {}
+    allowed = [k for k in schema if k not in exclude]
+    moved = {v: k for k, v in _YAML_LOGGING.items()}
+    for key, value in node.items():
+        line = node.lines[key]
+        if key in structural:
+            extra[key] = value
+            continue
+        if key not in allowed:
+            why = ("unknown key (in YAML it is logging.%s)" % moved[key] if key in moved and "dbs" in structural
+                   else _unknown_key(key, allowed + list(structural)))
+            raise ConfigError("%s:%d: %s%s: %s" % (filename, line, prefix, key, why))
+        _yaml_scalar(filename, node, key, prefix)
+        raw[key], lines[key], names[key] = value, line, prefix + key
+    return raw, lines, names, extra
+
+
+def _yaml_scalar(filename, node, key, prefix):
+    v = node[key]
+    if not isinstance(v, str):
+        raise ConfigError("%s:%d: %s%s: expected one value, not a %s" % (
+            filename, node.lines[key], prefix, key, "list" if isinstance(v, list) else "mapping"))
+    return v
+
+
+def _yaml_list(filename, node, key, prefix, what):
+    v = node.get(key, "")
+    if v == "":
+        return []
+    if not isinstance(v, list) or not all(isinstance(item, _YAMLMap) for item in v):
+        raise ConfigError("%s:%d: %s%s: expected a list of %s (\"- path: ...\" items)"
+                          % (filename, node.lines[key], prefix, key, what))
+    return v
+
+
+def _yaml_where(filename, node, lines, names, label):
+    def where(key=None):
+        if key is None:
+            return "%s:%d: %s" % (filename, node.line, label)
+        prefix = label + "." if label else ""
+        return "%s:%d: %s" % (filename, lines.get(key, node.line), names.get(key, prefix + key))
+    return where
+
+
+def _yaml_sections(filename, text):
+    first = next(((n, line) for n, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.lstrip().startswith("#")), (0, ""))
+    if first[1].startswith("["):
+        raise ConfigError("%s:%d: [section] headers are INI, not YAML (name the file .ini)" % (filename, first[0]))
+    doc = _YAMLReader(filename, text).read()
+    if doc == "":
+        doc = _YAMLMap(1)
+    if not isinstance(doc, _YAMLMap):
+        raise ConfigError("%s:1: expected 'key: value' lines (dbs, addr, logging, ...)" % filename)
+    raw, lines, names, extra = _yaml_keys(filename, doc, "", _GLOBAL_KEYS, ("dbs", "logging"),
+                                          exclude=_YAML_LOGGING.values())
+    logging_ = extra.get("logging", "")
+    if logging_ != "":
+        if not isinstance(logging_, _YAMLMap):
+            raise ConfigError("%s:%d: logging: expected level, type and stderr keys" % (filename, doc.lines["logging"]))
+        for key in logging_:
+            if key not in _YAML_LOGGING:
+                raise ConfigError("%s:%d: logging.%s: unknown key%s"
+                                  % (filename, logging_.lines[key], key, _did_you_mean(key, _YAML_LOGGING)))
+            target = _YAML_LOGGING[key]
+            raw[target] = _yaml_scalar(filename, logging_, key, "logging.")
+            lines[target], names[target] = logging_.lines[key], "logging." + key
+    sections = [_Section("litestream", "", "", raw, _yaml_where(filename, doc, lines, names, ""), "")]
+    for i, item in enumerate(_yaml_list(filename, doc, "dbs", "", "databases")):
+        label = "dbs[%d]" % i
+        # "replica" is the INI's one-line shorthand; YAML has the list.
+        raw, lines, names, extra = _yaml_keys(filename, item, label + ".", _DB_KEYS, ("name", "replicas"),
+                                              exclude=("replica",))
+        name = _yaml_scalar(filename, item, "name", label + ".") if "name" in extra else ""
+        sections.append(_Section("db", label, name, raw, _yaml_where(filename, item, lines, names, label), label))
+        for j, r in enumerate(_yaml_list(filename, item, "replicas", label + ".", "replicas")):
+            rlabel = "%s.replicas[%d]" % (label, j)
+            raw, lines, names, extra = _yaml_keys(filename, r, rlabel + ".", _REPLICA_KEYS, ("name",))
+            rname = _yaml_scalar(filename, r, "name", rlabel + ".") if "name" in extra else ""
+            sections.append(_Section("replica", label, rname, raw,
+                                     _yaml_where(filename, r, lines, names, rlabel), rlabel))
+    return sections
+
+
+def _config_format(path, text):
+    # By extension; otherwise an INI file's first line is a [section] or a ";" comment.
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".yml", ".yaml", ".ini"):
+        return ext[1:].replace("yml", "yaml")
+    first = next((line.strip() for line in text.splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")), "")
+    return "ini" if first.startswith(("[", ";")) else "yaml"
+
+
+def read_config_sections(path: str) -> "tuple[str, List[_Section]]":
+    """Return the format ("ini" or "yaml") of a config file and its sections as written."""
+    text = _read_text(path)
+    fmt = _config_format(path, text)
+    return fmt, (_yaml_sections if fmt == "yaml" else _ini_sections)(path, text)
+
+
+def load_config(path: str, expand_env: bool = True, env: Optional[Mapping[str, str]] = None) -> Config:
+    """Read an INI or YAML config file into a Config, as Go's ReadConfigFile.
+
+    INI: sections [litestream], [db:NAME] and [replica:DB:NAME].  YAML: Go
+    Litestream 0.3.13's file (dbs, replicas, logging); a DB is named by its
+    path unless it has a name key, a replica by its type unless it has
+    one.  Both formats take the same keys (Go's) and are checked alike.
+    Files ending .yml or .yaml are YAML, .ini INI; others are INI when they
+    start with a [section] or ";" comment.  Unless expand_env is false,
+    $VAR and ${VAR} in values (not keys or names) are replaced from env
+    (default os.environ).  An empty value means the key's default.
+    Relative paths are taken from the current directory, as in Go.
+    Raises ConfigError naming FILE:[SECTION] KEY or FILE:LINE: KEY.
+    """
+    _, sections = read_config_sections(path)
+    if expand_env:
+        sections = [s.with_raw({k: _expand_env(v, env) for k, v in s.raw.items()}) for s in sections]
+    return _build_config(path, sections)
+
+
+def _build_config(path, sections):
+    glob = next((s for s in sections if s.kind == "litestream"), None)
+    dbs = {s.db: s for s in sections if s.kind == "db"}
+    g = _convert(glob.raw, _GLOBAL_KEYS, glob.where) if glob else {}
+    by_db = {key: [] for key in dbs}
+    for key, s in dbs.items():
+        value = s.raw.get("replica")
         if value:
+            where = s.where("replica")
             rc = _replica_config({"url" if is_url(value) else "path": value}, "",
-                                 lambda _, where=loc("db:" + name)("replica"): where)
-            by_db[name].append(("db:" + name, "replica", rc))
-    for section, dbname, rname, raw in replicas:
-        if dbname not in dbs:
-            raise ConfigError("%s:[%s]: no [db:%s] section%s" % (path, section, dbname, _did_you_mean(dbname, dbs)))
-        by_db[dbname].append((section, "", _replica_config(raw, rname, loc(section))))
+                                 lambda key=None, where=where: where)
+            by_db[key].append((lambda key=None, where=where: where, rc))
+    for s in sections:
+        if s.kind == "replica":
+            if s.db not in dbs:
+                raise ConfigError("%s: no [db:%s] section%s" % (s.where(), s.db, _did_you_mean(s.db, dbs)))
+            by_db[s.db].append((s.where, _replica_config(s.raw, s.name, s.where)))
 
     db_configs, seen_paths = [], {}
-    for name, raw in dbs.items():
-        where = loc("db:" + name)
-        f = _convert({k: v for k, v in raw.items() if k != "replica"}, _DB_KEYS, where)
+    for key, s in dbs.items():
+        f = _convert({k: v for k, v in s.raw.items() if k != "replica"}, _DB_KEYS, s.where)
         if "path" not in f:
-            raise ConfigError("%s: required" % where("path"))
+            raise ConfigError("%s: required" % s.where("path"))
         if f["path"] in seen_paths:
-            raise ConfigError("%s: %s is also the path of [db:%s]"
-                              % (where("path"), f["path"], seen_paths[f["path"]]))
-        seen_paths[f["path"]] = name
+            raise ConfigError("%s: %s is also the path of %s" % (s.where("path"), f["path"], seen_paths[f["path"]]))
+        seen_paths[f["path"]] = s.label
+        name = s.name or f["path"]
         rcs, names = [], set()
-        for section, key, rc in by_db[name]:
+        for where, rc in by_db[key]:
             if rc.name in names:
-                raise ConfigError("%s:[%s]%s: duplicate replica name %r in db %r"
-                                  % (path, section, " " + key if key else "", rc.name, name))
+                raise ConfigError("%s: duplicate replica name %r in db %r" % (where(), rc.name, name))
             names.add(rc.name)
             # Copy the global credentials to s3 replicas that have none, as Go.
             if rc.type == "s3":
@@ -5539,10 +6032,128 @@ def load_config(path: str, expand_env: bool = True, env: Optional[Mapping[str, s
                              secret_access_key=rc.secret_access_key or g.get("secret_access_key", ""))
                 if bool(rc.access_key_id) != bool(rc.secret_access_key):
                     missing = "secret-access-key" if rc.access_key_id else "access-key-id"
-                    raise ConfigError("%s:[%s] %s: required when the other S3 key is set" % (path, section, missing))
+                    raise ConfigError("%s: required when the other S3 key is set" % where(missing))
             rcs.append(rc)
         db_configs.append(DBConfig(name=name, replicas=tuple(rcs), **f))
     return Config(dbs=tuple(db_configs), config_path=path, **g)
+
+
+# The keys Go Litestream 0.3.13 reads (cmd/litestream/main.go); `config
+# -format yaml` marks the others, which Go ignores.
+_GO_KEYS = {"addr", "exec", "access-key-id", "secret-access-key", "log-level", "log-type", "log-stderr",
+            "path", "meta-path", "monitor-interval", "checkpoint-interval", "min-checkpoint-page-count",
+            "max-checkpoint-page-count", "type", "url", "retention", "retention-check-interval",
+            "sync-interval", "snapshot-interval", "validation-interval", "region", "bucket", "endpoint",
+            "force-path-style", "skip-verify"}
+_INI_UNSAFE = re.compile(r"^\s|\s$|^[;#]|\s[;#]|[\r\n]")
+_YAML_PLAIN = re.compile(r"[^\s\-?:,\[\]{}#&*!|>'\"%@`\\](?:[^\x00-\x1f\x7f]*[^\s:])?")
+
+
+def _yaml_text(v: str) -> str:
+    # Plain when it reads back as the same text, else double-quoted.
+    if _YAML_PLAIN.fullmatch(v) and v not in _YAML_NULLS and ": " not in v and " #" not in v:
+        return v
+    out = []
+    for ch in v:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " " or ch == "\x7f":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, "\\x%02x" % ord(ch)))
+        else:
+            out.append(ch)
+    return '"%s"' % "".join(out)
+
+
+def _ini_names(sections, cfg):
+    # The [db:NAME] of each DB section: its name, else its file name's stem
+    # (made unique), since YAML names DBs by path.
+    names, used = {}, set()
+    dbs = [s for s in sections if s.kind == "db"]
+    for s, dc in zip(dbs, cfg.dbs):
+        name = s.name
+        if not name:
+            stem = os.path.splitext(os.path.basename(dc.path))[0].replace(":", "-") or "db"
+            name, n = stem, 1
+            while name in used:
+                n += 1
+                name = "%s-%d" % (stem, n)
+        if ":" in name or "]" in name:
+            raise ConfigError("%s: db name %r cannot be an INI section name (it holds ':' or ']')"
+                              % (s.where(), name))
+        names[s.db] = name
+        used.add(name)
+    return names
+
+
+def format_config(sections: "List[_Section]", cfg: Config, fmt: str) -> str:
+    """Return the text of a config in fmt ("ini" or "yaml") from its sections as written.
+
+    Values are copied as written, $VAR references included; cfg (the same
+    file, loaded) supplies the replica types and DB paths that YAML leaves
+    implicit.  Raises ConfigError naming a value the format cannot hold.
+    """
+    glob = next((s for s in sections if s.kind == "litestream"), None)
+    dbs = [s for s in sections if s.kind == "db"]
+    reps = {s.db: [] for s in dbs}
+    for s in sections:
+        if s.kind == "replica":
+            reps[s.db].append(s)
+    out = []
+    if fmt == "ini":
+        names = _ini_names(sections, cfg)
+
+        def put(s, header):
+            out.append("[%s]" % header)
+            for k, v in s.raw.items():
+                if _INI_UNSAFE.search(v):
+                    raise ConfigError("%s: cannot be written as INI (leading or trailing space, "
+                                      "' ;' or ' #', or a line break)" % s.where(k))
+                out.append(("%s = %s" % (k, v)).rstrip())
+            out.append("")
+
+        if glob is not None and glob.raw:
+            put(glob, "litestream")
+        for s, dc in zip(dbs, cfg.dbs):
+            put(s, "db:" + names[s.db])
+            # A replica is named by its type when it has no name, as Go.
+            shorthand = 1 if s.raw.get("replica") else 0
+            for r, rc in zip(reps[s.db], dc.replicas[shorthand:]):
+                if ":" in rc.name or "]" in rc.name:
+                    raise ConfigError("%s: replica name %r cannot be an INI section name" % (r.where(), rc.name))
+                put(r, "replica:%s:%s" % (names[s.db], rc.name))
+        return "\n".join(out)
+
+    def put(raw, indent, first="", prefix=""):
+        # An empty value (the default) is written as null, which Go reads as unset.
+        for i, (k, v) in enumerate(raw.items()):
+            note = "" if prefix + k in _GO_KEYS or k == "name" else "  # not read by Go 0.3.13"
+            line = "%s%s:%s%s" % (first if i == 0 and first else indent, k, " " + _yaml_text(v) if v else "", note)
+            out.append(line)
+
+    if glob is not None:
+        put({k: v for k, v in glob.raw.items() if k not in _YAML_LOGGING.values()}, "")
+        logging_ = {k: glob.raw[v] for k, v in _YAML_LOGGING.items() if v in glob.raw}
+        if logging_:
+            out.append("logging:")
+            put(logging_, "  ", prefix="log-")
+    if dbs:
+        out.append("dbs:")
+    for s in dbs:
+        raw = dict([("name", s.name)] if s.name else [])
+        raw.update((k, v) for k, v in s.raw.items() if k != "replica")
+        put(raw, "    ", "  - ")
+        items = []
+        if s.raw.get("replica"):
+            v = s.raw["replica"]
+            items.append({"url" if is_url(v) else "path": v})
+        for r in reps[s.db]:
+            items.append(dict([("name", r.name)] if r.name else []))
+            items[-1].update(r.raw)
+        if items:
+            out.append("    replicas:")
+        for raw in items:
+            put(raw, "        ", "      - ")
+    return "\n".join(out) + "\n"
 
 
 def config_from_cli(db_path: str, replica_urls: Sequence[str], **tunables) -> Config:
@@ -5925,7 +6536,7 @@ _GO_TIME = "%Y/%m/%d %H:%M:%S"
 
 
 class _CLIError(LitestreamError):
-    """A usage error: printed on one line, exit code 2."""
+    """A usage error: printed on one line, exit code 1 (as Go's flag errors)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -5933,7 +6544,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         m = re.search(r"unrecognized arguments: (\S+)", message)
-        if m:
+        if m and not m.group(1).startswith("-"):
+            message = "too many arguments: %s" % m.group(1)
+        elif m:
             flags = sorted({o for sp in [self] + [c for a in self._actions
                                                  for c in getattr(a, "choices", None) and
                                                  isinstance(a.choices, dict) and a.choices.values() or ()]
@@ -5941,22 +6554,84 @@ class _Parser(argparse.ArgumentParser):
                             if o.startswith("-") and not o.startswith("--")})
             hint = difflib.get_close_matches(m.group(1).split("=")[0], flags, n=1)
             message = "unknown flag %s%s" % (m.group(1), " (did you mean %s?)" % hint[0] if hint else "")
+        elif "arguments are required: DB_PATH|REPLICA_URL" in message:
+            message = "database path or replica URL required"
         raise _CLIError("%s: %s" % (self.prog, message))
 
 
-def _setup_logging(level: str = "INFO", stderr: bool = False) -> None:
+# strconv.ParseBool, which Go's flag package uses for -flag=VALUE.
+_GO_BOOLS = dict([(v, True) for v in ("1", "t", "T", "TRUE", "true", "True")] +
+                 [(v, False) for v in ("0", "f", "F", "FALSE", "false", "False")])
+
+
+def _go_bool_args(sp: argparse.ArgumentParser, args: List[str]) -> List[str]:
+    """Rewrite Go's -flag=true|false forms of sp's boolean flags into argparse's -flag.
+
+    The last setting of a flag wins, as in Go; a value ParseBool refuses is
+    a usage error worded as Go's.  A flag's value and anything after "--"
+    are left alone.
+    """
+    bools = {o: a for a in sp._actions if a.nargs == 0 and a.const is True for o in a.option_strings}
+    takes_value = {o for a in sp._actions if a.nargs != 0 for o in a.option_strings}
+    out, final, i = [], {}, 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out += args[i:]
+            break
+        name, eq, value = arg.partition("=")
+        action = bools.get(name)
+        if action is None:
+            out.append(arg)
+            if arg in takes_value and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+        else:
+            if eq and value not in _GO_BOOLS:
+                raise _CLIError('%s: invalid boolean value "%s" for -%s: parse error'
+                                % (sp.prog, value, name.lstrip("-")))
+            if action.dest not in final:
+                out.append(action)  # Where the flag goes if it ends up true.
+            final[action.dest] = _GO_BOOLS[value] if eq else True
+        i += 1
+    return [a.option_strings[0] if isinstance(a, argparse.Action) else a
+            for a in out if not isinstance(a, argparse.Action) or final[a.dest]]
+
+
+class _LogFormatter(logging.Formatter):
+    """Go's log lines: "2006/01/02 15:04:05 INFO msg", or slog's JSON objects for log-type json."""
+
+    def __init__(self, log_type: str = "text"):
+        super().__init__("%(asctime)s %(levelname)s %(message)s", _GO_TIME)
+        self.json = log_type == "json"
+
+    def format(self, record):
+        level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(record.levelname, record.levelname)
+        if self.json:
+            t = datetime.datetime.fromtimestamp(record.created).astimezone()
+            return json.dumps({"time": t.isoformat(timespec="microseconds"), "level": level,
+                               "msg": record.getMessage()})
+        record = logging.makeLogRecord(dict(record.__dict__, levelname=level))
+        return super().format(record)
+
+
+def _setup_logging(level: str = "INFO", stderr: bool = False, log_type: str = "text") -> None:
     root = logging.getLogger("litestream")
     for h in list(root.handlers):
         root.removeHandler(h)
     h = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", _GO_TIME))
+    h.setFormatter(_LogFormatter(log_type))
     root.addHandler(h)
     root.setLevel({"WARN": logging.WARNING}.get(level.upper(), getattr(logging, level.upper(), logging.INFO)))
     root.propagate = False
 
 
 def _load(args) -> "Config":
-    return load_config(args.config or default_config_path(), expand_env=not args.no_expand_env)
+    path = args.config or default_config_path()
+    if not args.config and not os.environ.get("LITESTREAM_CONFIG") and not os.path.exists(path):
+        raise ConfigError("config file not found: %s (nor %s; use -config FILE)"
+                          % (path, " or ".join(DEFAULT_CONFIG_PATHS[1:])))
+    return load_config(path, expand_env=not args.no_expand_env)
 
 
 def _replicas_for(args) -> "tuple[List[Replica], Optional[DBConfig]]":
@@ -6058,7 +6733,7 @@ def cmd_replicate(args) -> int:
         cfg = config_from_cli(args.target[0], args.target[1:])
     else:
         cfg = _load(args)
-    _setup_logging(cfg.log_level, cfg.log_stderr)
+    _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
     if cfg.addr:
         # Serving nothing while the config asks for metrics would be a
         # silent failure; say so until the server exists.
@@ -6223,50 +6898,87 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def _truncate_duration(ns: int) -> int:
+    """Round a lag toward zero to a precision that shrinks as it grows (Go's truncateDuration)."""
+    for limit, unit in ((10 * 10**9, 10**9), (10**9, 10**8), (10**6, 10**6), (10**3, 10**3)):
+        if abs(ns) > limit:
+            return (abs(ns) // unit * unit) * (1 if ns > 0 else -1)
+    return ns
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def _epoch_ns(t: datetime.datetime) -> int:
+    return (t - _EPOCH) // datetime.timedelta(microseconds=1) * 1000
+
+
+def _list(replicas: "List[Replica]", what: str, rows: List[List[str]], generations, per_generation) -> int:
+    """Add per_generation(replica, generation) rows for each replica to rows; return the exit code.
+
+    generations(replica) names the generations to list.  A replica or a
+    generation that cannot be listed is reported on stderr and skipped, as
+    Go does, so the healthy ones still print; the exit code is then 1.
+    """
+    code = 0
+    for r in replicas:
+        try:
+            gens = generations(r)
+        except (LitestreamError, OSError) as e:
+            sys.stderr.write("litestream: replica %s (%s): cannot list %s: %s\n" % (r.name, r.client, what, e))
+            code = 1
+            continue
+        for g in gens:
+            try:
+                rows.extend(per_generation(r, g))
+            except (LitestreamError, OSError) as e:
+                sys.stderr.write("litestream: replica %s (%s): generation %s: cannot list %s: %s\n"
+                                 % (r.name, r.client, g, what, e))
+                code = 1
+    return code
+
+
 def cmd_generations(args) -> int:
     replicas, dc = _replicas_for(args)
     rows = [["name", "generation", "lag", "start", "end"]]
-    now = datetime.datetime.now(datetime.timezone.utc)
+    # Lag is measured from the database's last change (or now, for a URL), as Go.
+    now = time.time_ns()
     if dc is not None:
+        mtimes = [os.stat(p).st_mtime_ns for p in (dc.path, dc.path + "-wal") if os.path.exists(p)]
+        now = max(mtimes, default=now)
+
+    def per_generation(r, g):
         try:
-            mt = max(os.stat(p).st_mtime for p in (dc.path, dc.path + "-wal") if os.path.exists(p))
-            now = utc_from_timestamp(mt)
-        except ValueError:
-            pass
-    for r in replicas:
-        for g in r.client.generations():
-            try:
-                lo, hi = generation_time_bounds(r.client, g)
-            except NoSnapshotError:
-                continue
-            lag = (now - hi).total_seconds()
-            rows.append([r.name, g, "%.0fs" % lag if abs(lag) > 10 else "%.1fs" % lag, _fmt_time(lo), _fmt_time(hi)])
+            lo, hi = generation_time_bounds(r.client, g)
+        except NoSnapshotError:
+            return []
+        lag = format_duration(_truncate_duration(now - _epoch_ns(hi)))
+        return [[r.name, g, lag, _fmt_time(lo), _fmt_time(hi)]]
+
+    code = _list(replicas, "generations", rows, lambda r: r.client.generations(), per_generation)
     _table(rows, sys.stdout)
-    return 0
+    return code
 
 
 def cmd_snapshots(args) -> int:
     replicas, _ = _replicas_for(args)
     rows = [["replica", "generation", "index", "size", "created"]]
-    for r in replicas:
-        for g in r.client.generations():
-            for s in r.client.snapshots(g):
-                rows.append([r.name, g, str(s.index), str(s.size), _fmt_time(s.created_at)])
+    code = _list(replicas, "snapshots", rows, lambda r: r.client.generations(),
+                 lambda r, g: [[r.name, g, str(s.index), str(s.size), _fmt_time(s.created_at)]
+                               for s in r.client.snapshots(g)])
     _table(rows, sys.stdout)
-    return 0
+    return code
 
 
 def cmd_wal(args) -> int:
     replicas, _ = _replicas_for(args)
     rows = [["replica", "generation", "index", "offset", "size", "created"]]
-    for r in replicas:
-        for g in r.client.generations():
-            if args.generation and g != args.generation:
-                continue
-            for w in r.client.wal_segments(g):
-                rows.append([r.name, g, str(w.index), str(w.offset), str(w.size), _fmt_time(w.created_at)])
+    code = _list(replicas, "wal segments", rows,
+                 lambda r: [args.generation] if args.generation else r.client.generations(),
+                 lambda r, g: [[r.name, g, str(w.index), str(w.offset), str(w.size), _fmt_time(w.created_at)]
+                               for w in r.client.wal_segments(g)])
     _table(rows, sys.stdout)
-    return 0
+    return code
 
 
 def cmd_databases(args) -> int:
@@ -6278,12 +6990,42 @@ def cmd_databases(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """Print a config file as INI or YAML (-format), after checking it as replicate would."""
+    path = args.target or default_config_path()
+    expand = not args.no_expand_env
+    cfg = load_config(path, expand_env=expand)
+    _, sections = read_config_sections(path)
+    if not args.show_secrets:
+        for s in sections:
+            for key in _SECRET_KEYS:
+                v = s.raw.get(key, "")
+                if v and not re.fullmatch(r"\$(\w+|\{\w+\})", v, re.ASCII):
+                    raise ConfigError("%s: a secret written in the file is printed only with -show-secrets "
+                                      "(or write it as ${VAR})" % s.where(key))
+    text = format_config(sections, cfg, args.format)
+    # What is printed must load to the same settings, or it is not printed.
+    out = "<%s output>" % args.format
+    again = (_ini_sections if args.format == "ini" else _yaml_sections)(out, text)
+    if expand:
+        again = [s.with_raw({k: _expand_env(v) for k, v in s.raw.items()}) for s in again]
+
+    def settings(c):
+        # INI output names YAML's unnamed DBs after their files.
+        dbs = tuple(replace(dc, name="") if args.format == "ini" else dc for dc in c.dbs)
+        return replace(c, dbs=dbs, config_path="")
+    if settings(_build_config(out, again)) != settings(cfg):
+        raise LitestreamError("config: %s cannot be written as %s with the same settings" % (path, args.format))
+    sys.stdout.write(text)
+    return 0
+
+
 def cmd_version(args) -> int:
     print("v%s" % __version__)
     return 0
 
 
-COMMANDS = ("replicate", "restore", "generations", "snapshots", "wal", "databases", "version")
+COMMANDS = ("replicate", "restore", "generations", "snapshots", "wal", "databases", "config", "version")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -6291,8 +7033,10 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Streaming replication of SQLite databases (Litestream 0.3 replica format).")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
+    p.commands = {}
+
     def cmd(name, help_, fn, config=True):
-        sp = sub.add_parser(name, help=help_, allow_abbrev=False, prog="litestream " + name)
+        sp = p.commands[name] = sub.add_parser(name, help=help_, allow_abbrev=False, prog="litestream " + name)
         sp.set_defaults(func=fn)
         if config:
             sp.add_argument("-config", "--config", default="", metavar="PATH",
@@ -6334,32 +7078,42 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
 
     cmd("databases", "list databases in the config", cmd_databases)
+    sp = cmd("config", "print a config file (INI or Go's YAML) as INI or YAML", cmd_config, config=False)
+    sp.add_argument("-format", "--format", choices=("ini", "yaml"), default="ini", help="output format (default ini)")
+    sp.add_argument("-no-expand-env", "--no-expand-env", action="store_true",
+                    help="check the file without replacing $VAR with environment values")
+    sp.add_argument("-show-secrets", "--show-secrets", action="store_true",
+                    help="print secrets written in the file (${VAR} references are always printed)")
+    sp.add_argument("target", nargs="?", default="", metavar="FILE",
+                    help="config file (default: $LITESTREAM_CONFIG or %s)" % " or ".join(DEFAULT_CONFIG_PATHS))
     cmd("version", "print the version", cmd_version, config=False)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line; return the exit code."""
+    """Run the command line; return the exit code (1 for usage errors and help, as Go)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        build_parser().print_help()
-        return 0 if argv else 1
+        parser.print_help()
+        return 1
     if argv[0] not in COMMANDS:
         hint = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         sys.stderr.write("litestream: unknown command %r%s\n" % (
             argv[0], " (did you mean %r?)" % hint[0] if hint else ""))
         return 1
-    # Go's LITESTREAM_* credentials stand in for AWS_* ones that are unset.
-    for ls_key, aws_key in (("LITESTREAM_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
-                            ("LITESTREAM_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")):
-        if os.environ.get(ls_key) and not os.environ.get(aws_key):
-            os.environ[aws_key] = os.environ[ls_key]
+    apply_litestream_env(os.environ)
     try:
-        args = build_parser().parse_args(argv)
+        sp = parser.commands[argv[0]]
+        args, extra = parser.parse_known_args(argv[:1] + _go_bool_args(sp, argv[1:]))
+        if extra:
+            sp.error("unrecognized arguments: %s" % " ".join(extra))
         return args.func(args)
+    except SystemExit as e:  # -h: argparse printed the help.
+        return 1 if e.code in (0, None) else e.code
     except _CLIError as e:
         sys.stderr.write("%s\n" % e)
-        return 2
+        return 1
     except (LitestreamError, OSError, sqlite3.Error) as e:
         sys.stderr.write("litestream: %s\n" % e)
         return 1

@@ -23,6 +23,7 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -1488,7 +1489,17 @@ CONFIG_DB = "[db:app]\npath = /data/app.db\n"
 KEY32 = base64.b64encode(bytes(range(32))).decode()
 
 
-class TestConfig(TempDirTestCase):
+def run_main(*args):
+    """Run ls.main(args) in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = ls.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+class ConfigFiles:
+    """Helpers for config tests: files in self.dir, loaded or expected to fail."""
+
     def write(self, text, name="litestream.ini", mode="w"):
         path = os.path.join(self.dir, name)
         with open(path, mode) as f:
@@ -1510,6 +1521,8 @@ class TestConfig(TempDirTestCase):
             ls.load_config(path, **kw)
         self.assertEqual(str(cm.exception), path + expected)
 
+
+class TestConfig(ConfigFiles, TempDirTestCase):
     # Durations and environment.
 
     def test_parse_duration(self):
@@ -2051,6 +2064,613 @@ class TestConfig(TempDirTestCase):
                     ls.config_from_cli(db, urls)
                 self.assertEqual(str(cm.exception), want)
 
+
+# Go Litestream 0.3.2's README examples (benbjohnson/litestream, README.md at
+# v0.3.2), verbatim except where noted, and their INI twins.
+GO_README_S3 = """\
+access-key-id:     AKIAxxxxxxxxxxxxxxxx
+secret-access-key: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/xxxxxxxxx
+
+dbs:
+  - path: /path/to/db
+    replicas:
+      - url: s3://mybkt/db
+"""
+INI_S3 = """\
+[litestream]
+access-key-id = AKIAxxxxxxxxxxxxxxxx
+secret-access-key = xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/xxxxxxxxx
+[db:db]
+path = /path/to/db
+[replica:db:s3]
+url = s3://mybkt/db
+"""
+GO_README_FILE = """\
+dbs:
+  - path: /path/to/db
+    replicas:
+      - path: /path/to/replica
+"""
+INI_FILE = "[db:db]\npath = /path/to/db\nreplica = /path/to/replica\n"
+# The README writes "db:" here, which Go silently ignores (no databases).
+GO_README_RETENTION = """\
+db:
+  - path: /path/to/db
+    replicas:
+      - url: s3://mybkt/db
+        retention: 1h          # 1 hour retention
+"""
+INI_RETENTION = "[db:db]\npath = /path/to/db\n[replica:db:s3]\nurl = s3://mybkt/db\nretention = 1h\n"
+GO_README_ADDR = 'addr: ":9090"\n'
+INI_ADDR = "[litestream]\naddr = :9090\n"
+# Two databases with two replicas each: names, $VAR, durations, logging, exec.
+GO_TWO_BY_TWO = """\
+exec: myapp -port 8080
+logging:
+  level: warn
+  type: json
+  stderr: true
+dbs:
+  - path: $DATA/app.db
+    monitor-interval: 500ms
+    checkpoint-interval: 2m
+    min-checkpoint-page-count: 2000
+    replicas:
+      - name: local
+        path: ${DATA}/backup/app
+        retention: 72h
+        snapshot-interval: 6h
+      - name: offsite
+        type: s3
+        bucket: $BUCKET
+        path: app
+        region: eu-west-1
+        endpoint: http://127.0.0.1:9000
+        force-path-style: false
+        access-key-id: ${KEY}
+        secret-access-key: ${SECRET}
+        sync-interval: 10s
+        retention-check-interval: 30m
+  - path: $DATA/jobs.db
+    max-checkpoint-page-count: 0
+    replicas:
+    - url: s3://$BUCKET.s3.us-west-004.backblazeb2.com/jobs
+      sync-interval: 1m30s
+    - url: file://${DATA}/backup/jobs
+"""
+INI_TWO_BY_TWO = """\
+[litestream]
+exec = myapp -port 8080
+log-level = warn
+log-type = json
+log-stderr = true
+[db:app]
+path = $DATA/app.db
+monitor-interval = 500ms
+checkpoint-interval = 2m
+min-checkpoint-page-count = 2000
+[replica:app:local]
+path = ${DATA}/backup/app
+retention = 72h
+snapshot-interval = 6h
+[replica:app:offsite]
+type = s3
+bucket = $BUCKET
+path = app
+region = eu-west-1
+endpoint = http://127.0.0.1:9000
+force-path-style = false
+access-key-id = ${KEY}
+secret-access-key = ${SECRET}
+sync-interval = 10s
+retention-check-interval = 30m
+[db:jobs]
+path = $DATA/jobs.db
+max-checkpoint-page-count = 0
+[replica:jobs:s3]
+url = s3://$BUCKET.s3.us-west-004.backblazeb2.com/jobs
+sync-interval = 1m30s
+[replica:jobs:file]
+url = file://${DATA}/backup/jobs
+"""
+TWO_BY_TWO_ENV = {"DATA": "/srv/data", "BUCKET": "bk", "KEY": "AKIA1", "SECRET": "s3cr3t"}
+
+
+def same_settings(cfg):
+    """A Config without what differs by format alone: the file name and YAML's path-named DBs."""
+    return dataclasses.replace(cfg, config_path="", dbs=tuple(dataclasses.replace(d, name="") for d in cfg.dbs))
+
+
+class TestConfigYAML(ConfigFiles, TempDirTestCase):
+    """Go 0.3.13's YAML config: the same settings as the INI, checked the same way."""
+
+    def load_yaml(self, text, name="litestream.yml", **kw):
+        return ls.load_config(self.write(text, name), **kw)
+
+    def assertYAMLConfigError(self, text, expected, **kw):
+        path = self.write(text, "litestream.yml")
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path, **kw)
+        self.assertEqual(str(cm.exception), path + expected)
+
+    def test_go_readme_examples_match_ini_twins(self):
+        """Ensure Go's README configs and a 2x2 config load to the same settings as their INI twins."""
+        for yml, ini, env in [(GO_README_S3, INI_S3, {}), (GO_README_FILE, INI_FILE, {}),
+                              (GO_README_RETENTION.replace("db:", "dbs:", 1), INI_RETENTION, {}),
+                              (GO_README_ADDR, INI_ADDR, {}), (GO_TWO_BY_TWO, INI_TWO_BY_TWO, TWO_BY_TWO_ENV)]:
+            with self.subTest(yml=yml):
+                got = self.load_yaml(yml, env=env)
+                self.assertEqual(same_settings(got), same_settings(self.load(ini, env=env)))
+                self.assertEqual([d.name for d in got.dbs], [d.path for d in got.dbs])
+
+    def test_two_by_two_values(self):
+        """Ensure the 2x2 YAML config's values are the ones written (names, $VAR, durations, logging)."""
+        cfg = self.load_yaml(GO_TWO_BY_TWO, env=TWO_BY_TWO_ENV)
+        self.assertEqual((cfg.exec, cfg.log_level, cfg.log_type, cfg.log_stderr), ("myapp -port 8080", "WARN", "json", True))
+        app, jobs = cfg.dbs
+        self.assertEqual((app.path, app.monitor_interval, app.checkpoint_interval, app.min_checkpoint_page_count),
+                         ("/srv/data/app.db", 0.5, 120, 2000))
+        self.assertEqual([(r.name, r.type, r.path, r.retention, r.snapshot_interval, r.sync_interval) for r in app.replicas],
+                         [("local", "file", "/srv/data/backup/app", 259200, 21600, 1), ("offsite", "s3", "app", 86400, 0, 10)])
+        off = app.replicas[1]
+        self.assertEqual((off.bucket, off.region, off.endpoint, off.force_path_style, off.access_key_id,
+                          off.secret_access_key, off.retention_check_interval), ("bk", "eu-west-1", "http://127.0.0.1:9000",
+                                                                                False, "AKIA1", "s3cr3t", 1800))
+        self.assertEqual([(r.name, r.type, r.host, r.path, r.sync_interval) for r in jobs.replicas],
+                         [("s3", "s3", "bk.s3.us-west-004.backblazeb2.com", "jobs", 90), ("file", "file", "", "/srv/data/backup/jobs", 1)])
+        self.assertEqual(jobs.max_checkpoint_page_count, 0)
+
+    def test_go_readme_typo_refused(self):
+        """Ensure the README's "db:" (which Go ignores, replicating nothing) is refused with a suggestion."""
+        self.assertYAMLConfigError(GO_README_RETENTION, ":1: db: unknown key (did you mean 'dbs'?)")
+
+    def test_every_key_in_yaml(self):
+        """Ensure every key of the INI's key tables is accepted at its place in YAML (null: the default)."""
+        logging_ = {v: k for k, v in ls._YAML_LOGGING.items()}
+        places = ([(k, "logging:\n  %s:\n" % logging_[k] if k in logging_ else "%s:\n" % k) for k in ls._GLOBAL_KEYS] +
+                  [(k, "dbs:\n  - path: /a\n    %s:\n" % k) for k in ls._DB_KEYS if k not in ("replica", "path")] +
+                  [(k, "dbs:\n  - path: /a\n    replicas:\n      - path: /b\n        %s:\n" % k)
+                   for k in ls._REPLICA_KEYS if k != "path"])
+        self.assertGreater(len(places), 30)
+        for key, text in places:
+            with self.subTest(key=key):
+                base = self.load_yaml("".join(text.splitlines(True)[:-1]))  # The same without the key.
+                self.assertEqual(same_settings(self.load_yaml(text)), same_settings(base))
+
+    def test_example_ini_in_yaml(self):
+        """Ensure litestream.ini (every key) written as YAML loads to the same settings."""
+        code, out, err = run_main("config", "-format", "yaml", EXAMPLE_CONFIG)
+        self.assertEqual(code, 0, err)
+        got = self.load_yaml(out, env={})
+        self.assertEqual(same_settings(got), same_settings(ls.load_config(EXAMPLE_CONFIG, env={})))
+        self.assertEqual([d.name for d in got.dbs], ["app", "other"])
+
+    def test_config_command_round_trips(self):
+        """Ensure config -format ini of YAML, and -format yaml of INI, load to the same settings; $VAR stays."""
+        for src, name in [(GO_TWO_BY_TWO, "in.yml"), (INI_TWO_BY_TWO, "in.ini")]:
+            path = self.write(src, name)
+            for fmt, ext in [("ini", ".ini"), ("yaml", ".yml")]:
+                with self.subTest(src=name, fmt=fmt):
+                    with mock.patch.dict(os.environ, TWO_BY_TWO_ENV):
+                        code, out, err = run_main("config", "-format", fmt, path)
+                        self.assertEqual(code, 0, err)
+                        self.assertNotIn("s3cr3t", out)
+                        self.assertIn("${SECRET}", out)
+                        again = ls.load_config(self.write(out, "out" + ext))
+                        self.assertEqual(same_settings(again), same_settings(ls.load_config(path)))
+                        # A second conversion changes nothing.
+                        code, out2, err = run_main("config", "-format", fmt, self.path("out" + ext))
+                        self.assertEqual((code, out2), (0, out), err)
+
+    def test_config_yaml_read_by_go(self):
+        """Ensure Go 0.3.13 lists the DBs and replicas of config -format yaml output as we do."""
+        go = require_go()
+        path = self.write(INI_TWO_BY_TWO, "in.ini")
+        with mock.patch.dict(os.environ, TWO_BY_TWO_ENV):
+            code, out, err = run_main("config", "-format", "yaml", path)
+        self.assertEqual(code, 0, err)
+        yml = self.write(out, "out.yml")
+        env = dict(os.environ, **TWO_BY_TWO_ENV)
+        g = subprocess.run([go, "databases", "-config", yml], capture_output=True, text=True, env=env, timeout=60)
+        p = subprocess.run([sys.executable, SCRIPT, "databases", "-config", yml], capture_output=True, text=True,
+                           env=env, timeout=60)
+        self.assertEqual((g.returncode, g.stdout), (0, p.stdout), g.stderr)
+        self.assertEqual(p.stdout.splitlines()[1:], ["/srv/data/app.db   local,offsite", "/srv/data/jobs.db  s3,file"])
+
+    def test_config_command_secrets(self):
+        """Ensure config prints a secret written in the file only with -show-secrets."""
+        path = self.write(GO_README_S3, "s3.yml")
+        code, out, err = run_main("config", "-format", "ini", path)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "litestream: %s:2: secret-access-key: a secret written in the file is printed only "
+                              "with -show-secrets (or write it as ${VAR})\n" % path)
+        code, out, err = run_main("config", "-show-secrets", "-format", "ini", path)
+        self.assertEqual(code, 0, err)
+        self.assertIn("secret-access-key = xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/xxxxxxxxx\n", out)
+
+    def test_config_command_errors(self):
+        """Ensure config refuses a bad file as replicate would, and values the output format cannot hold."""
+        bad = self.write("dbs:\n  - path: /a\n    monitor-interval: 5\n", "bad.yml")
+        code, out, err = run_main("config", "-format", "ini", bad)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("bad.yml:3: dbs[0].monitor-interval: invalid duration '5'", err)
+        hashy = self.write("exec: \"run #1\"\n", "hash.yml")
+        code, out, err = run_main("config", "-format", "ini", hashy)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("hash.yml:1: exec: cannot be written as INI", err)
+        code, out, err = run_main("config", "-format", "yaml", hashy)
+        self.assertEqual((code, out), (0, 'exec: "run #1"\n'), err)
+
+    def test_unsupported_go_keys_refused_by_name(self):
+        """Ensure each key Go 0.3.13 accepts that we do not support is refused by name, never ignored."""
+        rep = "dbs:\n  - path: /a\n    replicas:\n      - %s\n"
+        at = ":4: dbs[0].replicas[0]."
+        table = [("url: s3://b/p\n        age:\n          recipients: [age1x]", at.replace("4", "5") + "age: client-side age encryption is not supported by litestream.py (use sse or sse-c-key)"),
+                 ("url: s3://b/p\n        age:\n          identities:\n            - AGE-SECRET-KEY-1X", at.replace("4", "5") + "age: client-side age encryption is not supported by litestream.py (use sse or sse-c-key)")]
+        for key, kind in [("account-name", "abs"), ("account-key", "abs"), ("host", "sftp"), ("user", "sftp"),
+                          ("password", "sftp"), ("key-path", "sftp")]:
+            table.append(("%s: x\n        url: s3://b/p" % key, at + "%s: %s replicas are not supported by litestream.py" % (key, kind)))
+        for kind in ["gcs", "abs", "sftp"]:
+            table.append(("type: %s\n        path: /p" % kind, at + "type: replica type %r is not supported by litestream.py (expected file or s3)" % kind))
+            table.append(("url: %s://h/p" % kind, at + "url: replica type %r is not supported by litestream.py (expected file or s3)" % kind))
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertYAMLConfigError(rep % text, want)
+
+    def test_yaml_errors_name_file_and_line(self):
+        """Ensure wrong keys, values and shapes name FILE:LINE and the dotted key, with did-you-mean."""
+        db = "dbs:\n  - path: /a\n"
+        r = db + "    replicas:\n      - path: /b\n"
+        table = [
+            (r + "        sync-intreval: 1s\n", ":5: dbs[0].replicas[0].sync-intreval: unknown key (did you mean 'sync-interval'?)"),
+            (db + "    monitor-intervals: 1s\n", ":3: dbs[0].monitor-intervals: unknown key (did you mean 'monitor-interval'?)"),
+            (db + "    replica: /b\n", ":3: dbs[0].replica: unknown key (did you mean 'replicas'?)"),
+            ("adr: :1\n", ":1: adr: unknown key (did you mean 'addr'?)"),
+            ("log-level: debug\n", ":1: log-level: unknown key (in YAML it is logging.level)"),
+            ("logging:\n  levle: debug\n", ":2: logging.levle: unknown key (did you mean 'level'?)"),
+            ("logging:\n  level: trace\n", ":2: logging.level: invalid log level 'trace' (expected DEBUG, INFO, WARN or ERROR)"),
+            ("logging: debug\n", ":1: logging: expected level, type and stderr keys"),
+            ("dbs: /a\n", ":1: dbs: expected a list of databases (\"- path: ...\" items)"),
+            ("dbs:\n  - /a\n", ":1: dbs: expected a list of databases (\"- path: ...\" items)"),
+            (db + "    replicas:\n      path: /b\n", ":3: dbs[0].replicas: expected a list of replicas (\"- path: ...\" items)"),
+            ("dbs:\n  - path: [a, b]\n", ":2: dbs[0].path: expected one value, not a list"),
+            (db + "    monitor-interval:\n      x: 1\n", ":3: dbs[0].monitor-interval: expected one value, not a mapping"),
+            ("dbs:\n  - replicas:\n      - path: /b\n", ":2: dbs[0].path: required"),
+            (db + "    monitor-interval: 5\n", ":3: dbs[0].monitor-interval: invalid duration '5' (missing unit; expected e.g. 1s, 500ms, 1h30m, 2d)"),
+            (r + "        sync-interval: 0s\n", ":5: dbs[0].replicas[0].sync-interval: duration '0s' must be greater than 0"),
+            (r + "      - path: /c\n", ":5: dbs[0].replicas[1]: duplicate replica name 'file' in db '/a'"),
+            (db + "  - path: /a\n", ":3: dbs[1].path: /a is also the path of dbs[0]"),
+            (db + "    replicas:\n      - url: s3://b/p\n        access-key-id: K\n", ":4: dbs[0].replicas[0].secret-access-key: required when the other S3 key is set"),
+            (db + "    replicas:\n      - url: s3://b/p\n        bucket: c\n", ":5: dbs[0].replicas[0].bucket: cannot be combined with url (put it in the url)"),
+            ("[db:app]\npath = /a\n", ":1: [section] headers are INI, not YAML (name the file .ini)"),
+            ("path = /a\n", ":1: expected 'key: value' lines (dbs, addr, logging, ...)"),
+            ("- path: /a\n", ":1: expected 'key: value' lines (dbs, addr, logging, ...)"),
+        ]
+        for text, want in table:
+            with self.subTest(text=text):
+                self.assertYAMLConfigError(text, want)
+
+    def test_empty_and_commented_out(self):
+        """Ensure an empty YAML file and Go's packaged etc/litestream.yml (all comments) load with no DBs."""
+        for text in ["", "# AWS credentials\n# access-key-id: AKIA\n\n# dbs:\n#  - path: /p\n"]:
+            with self.subTest(text=text):
+                self.assertEqual(self.load_yaml(text).dbs, ())
+
+    def test_expansion_of_values(self):
+        """Ensure $VAR in YAML values is expanded after parsing, so a value cannot change the structure."""
+        cfg = self.load_yaml("exec: $CMD\ndbs:\n  - path: $P\n", env={"CMD": "run: now # x", "P": "/d.db"})
+        self.assertEqual((cfg.exec, cfg.dbs[0].path), ("run: now # x", "/d.db"))
+        cfg = self.load_yaml("exec: $CMD\n", env={"CMD": "x"}, expand_env=False)
+        self.assertEqual(cfg.exec, "$CMD")
+
+    def test_format_by_extension_or_content(self):
+        """Ensure .yml/.yaml are YAML, .ini is INI, and other names are INI when they start with [ or ;."""
+        ini, yml = "; c\n[db:a]\npath = /a.db\n", "# c\ndbs:\n  - path: /a.db\n"
+        for name, text in [("c.yml", yml), ("c.yaml", yml), ("c.YML", yml), ("c.ini", ini), ("conf", ini),
+                           ("conf2", yml), ("c.conf", "[db:a]\npath = /a.db\n")]:
+            with self.subTest(name=name):
+                self.assertEqual([d.path for d in ls.load_config(self.write(text, name)).dbs], ["/a.db"])
+        path = self.write(yml, "wrong.ini")
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls.load_config(path)
+        self.assertEqual(str(cm.exception), path + ":2: 'dbs:' comes before any [section] header "
+                                                   "(this looks like YAML: name the file .yml)")
+
+    def test_default_lookup(self):
+        """Ensure the default is $LITESTREAM_CONFIG, else /etc/litestream.ini, else /etc/litestream.yml."""
+        ini, yml = self.path("etc.ini"), self.path("etc.yml")
+        with mock.patch.object(ls, "DEFAULT_CONFIG_PATHS", (ini, yml)), mock.patch.dict(os.environ):
+            os.environ.pop("LITESTREAM_CONFIG", None)
+            self.assertEqual(ls.default_config_path(), ini)
+            code, _, err = run_main("databases")
+            self.assertEqual((code, err), (1, "litestream: config file not found: %s (nor %s; use -config FILE)\n"
+                                              % (ini, yml)))
+            self.write("dbs:\n  - path: /y.db\n", "etc.yml")
+            self.assertEqual(ls.default_config_path(), yml)
+            code, out, _ = run_main("databases")
+            self.assertEqual((code, out.splitlines()[1:]), (0, ["/y.db"]))
+            self.write("[db:x]\npath = /x.db\n", "etc.ini")
+            self.assertEqual(ls.default_config_path(), ini)
+            os.environ["LITESTREAM_CONFIG"] = yml
+            self.assertEqual(ls.default_config_path(), yml)
+
+
+def import_yaml():
+    try:
+        import yaml
+    except ImportError:
+        yaml = None
+    require_peer(yaml is not None, "PyYAML", "pip install PyYAML")
+    return yaml
+
+
+def pyyaml_tree(text):
+    """Return PyYAML's reading of text in our terms: text scalars, plain nulls as "", and key lines."""
+    yaml = import_yaml()
+    lines = []
+
+    def conv(node):
+        if isinstance(node, yaml.ScalarNode):
+            nulls = ("", "~", "null", "Null", "NULL")
+            return "" if node.style is None and node.value in nulls else node.value
+        if isinstance(node, yaml.SequenceNode):
+            return [conv(n) for n in node.value]
+        out = {}
+        for k, v in node.value:
+            lines.append((k.value, k.start_mark.line + 1))
+            out[k.value] = conv(v)
+        return out
+
+    node = yaml.compose(text, Loader=yaml.BaseLoader)
+    return ("" if node is None else conv(node)), lines
+
+
+def our_tree(text, name="t.yml"):
+    """Return our reader's tree as plain dicts and lists, and the key lines."""
+    lines = []
+
+    def conv(v):
+        if isinstance(v, dict):
+            lines.extend(v.lines.items())
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(ls._YAMLReader(name, text).read()), lines
+
+
+# Values a generated document may hold: paths, URLs, durations, and text
+# that needs quoting in YAML.
+YAML_VALUES = ["/var/lib/db.sqlite", "s3://bkt/db?region=x&force-path-style=true", "1s", "-35ms", "1h30m",
+               ":9090", "127.0.0.1:9090", "a#b", "it's", 'say "hi"', "a: b", " lead", "trail ", "#x", "",
+               "~", "null", "true", "0", "\u00e9t\u00e9", "$VAR", "${X}/y", "x,y", "[x]", "a\\b", "tab\there",
+               "- dash", "? q", "&a", "*b", "!t", "|", ">", "{}", "@at", "`tick", "%p", "50%", "key:", "x: y: z"]
+YAML_KEYS = ["path", "url", "sync-interval", "a_b", "k.v", "x1", "name", "replicas", "dbs", "-k", "it's key"]
+
+
+class YAMLGen:
+    """Random documents in our YAML subset, with the tree each one means (the oracle)."""
+
+    def __init__(self, seed):
+        self.rnd = random.Random(seed)
+
+    def tree(self, depth=0):
+        rnd = self.rnd
+        keys = rnd.sample(YAML_KEYS, rnd.randint(1, 4))
+        out = {}
+        for k in keys:
+            kind = rnd.choice(["scalar"] * 3 + (["map", "maps", "scalars"] if depth < 3 else []))
+            if kind == "scalar":
+                out[k] = rnd.choice(YAML_VALUES)
+            elif kind == "map":
+                out[k] = self.tree(depth + 1)
+            elif kind == "maps":
+                out[k] = [self.tree(depth + 1) for _ in range(rnd.randint(0, 3))]
+            else:
+                out[k] = [rnd.choice(YAML_VALUES) for _ in range(rnd.randint(0, 4))]
+        return out
+
+    @staticmethod
+    def plain_ok(v, flow=False):
+        ok = re.fullmatch(r"[\w/$.][\w/$.:=&?{}-]*" if not flow else r"[\w/$.][\w/$.=&-]*", v, re.ASCII)
+        return bool(ok) and not v.endswith(":") and v not in ("~", "null", "true")
+
+    def scalar(self, v, flow=False):
+        rnd = self.rnd
+        if v == "" and not flow and rnd.random() < 0.5:
+            return ""
+        if self.plain_ok(v, flow) and rnd.random() < 0.7:
+            return v
+        if "\t" not in v and "\\" not in v and rnd.random() < 0.5:
+            return "'%s'" % v.replace("'", "''")
+        return '"%s"' % v.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
+
+    def comment(self):
+        return self.rnd.choice(["", "", "", "  # note", " #x: y"])
+
+    def render(self, tree, indent=0, first=None):
+        """Lines of a mapping; the first key goes after first ("- ") when given."""
+        rnd = self.rnd
+        step = rnd.choice([2, 4])
+        lines = []
+        for i, (k, v) in enumerate(tree.items()):
+            pad = first if i == 0 and first is not None else " " * indent
+            key = k if re.fullmatch(r"[\w.-]+", k) else "'%s'" % k.replace("'", "''")
+            if rnd.random() < 0.1:
+                lines.append(rnd.choice(["", "# a comment", "   # indented comment"]))
+            if isinstance(v, str):
+                s = self.scalar(v)
+                lines.append(("%s%s: %s%s" % (pad, key, s, self.comment())).rstrip() if s else
+                             "%s%s:%s" % (pad, key, self.comment()))
+            elif isinstance(v, dict):
+                lines.append("%s%s:%s" % (pad, key, self.comment()))
+                lines += self.render(v, indent + step)
+            elif v and all(isinstance(x, str) for x in v) and rnd.random() < 0.4:
+                lines.append("%s%s: [%s]%s" % (pad, key, ", ".join(self.scalar(x, flow=True) for x in v),
+                                               self.comment()))
+            elif not v:
+                lines.append("%s%s: []" % (pad, key))
+            else:
+                lines.append("%s%s:%s" % (pad, key, self.comment()))
+                inner = indent if rnd.random() < 0.4 else indent + step  # Compact or indented list.
+                for item in v:
+                    if isinstance(item, dict):
+                        lines += self.render(item, inner + 2, first=" " * inner + "- ")
+                    else:
+                        s = self.scalar(item)
+                        lines.append((" " * inner + "- " + s).rstrip())
+        return lines
+
+    def document(self):
+        tree = self.tree()
+        lines = self.render(tree)
+        if self.rnd.random() < 0.2:
+            lines.insert(0, "---")
+        return "\n".join(lines) + self.rnd.choice(["\n", "", "\n\n", "\r\n"]), tree
+
+
+class TestYAMLReader(TempDirTestCase):
+    """The YAML subset reader, checked against hand-written trees and against PyYAML."""
+
+    CORPUS = [
+        ("a: b\n", {"a": "b"}),
+        ("access-key-id:     AKIA\nsecret-access-key: x/y+z\n", {"access-key-id": "AKIA", "secret-access-key": "x/y+z"}),
+        ("addr: \":9090\"\n", {"addr": ":9090"}),
+        ("addr: :9090\n", {"addr": ":9090"}),
+        ("dbs:\n  - path: /a\n    replicas:\n      - url: s3://b/p\n        retention: 1h\n",
+         {"dbs": [{"path": "/a", "replicas": [{"url": "s3://b/p", "retention": "1h"}]}]}),
+        ("dbs:\n- path: /a\n  replicas:\n  - path: /r\n  - url: file:///s\n",
+         {"dbs": [{"path": "/a", "replicas": [{"path": "/r"}, {"url": "file:///s"}]}]}),
+        ("dbs:\n  -\n    path: /a\n  -   path: /b\n      name: x\n",
+         {"dbs": [{"path": "/a"}, {"path": "/b", "name": "x"}]}),
+        ("a:\n  b:\n    c: d\n  e: f\ng: h\n", {"a": {"b": {"c": "d"}, "e": "f"}, "g": "h"}),
+        ("exec: echo \"hi # there\"\n", {"exec": "echo \"hi"}),
+        ("a: b#c # comment\nd: 'e # f'\n", {"a": "b#c", "d": "e # f"}),
+        ("a: 'it''s'\nb: \"\\x41\\u00e9\\t\\\"\\\\\"\n", {"a": "it's", "b": "A\u00e9\t\"\\"}),
+        ("a:\nb: ~\nc: null\nd: ''\ne: \"~\"\nf: #c\n", {"a": "", "b": "", "c": "", "d": "", "e": "~", "f": ""}),
+        ("l: [a, 'b c', \"d\", ]\nm: []\nn: [ x ]\n", {"l": ["a", "b c", "d"], "m": [], "n": ["x"]}),
+        ("- a\n- b\n", ["a", "b"]),
+        ("- - a\n  - b\n- c\n", [["a", "b"], "c"]),
+        ("key : v\n'quoted key': w\n\"k2\" : x\n", {"key": "v", "quoted key": "w", "k2": "x"}),
+        ("---\na: b\n...\n", {"a": "b"}),
+        ("# only a comment\n\n", ""),
+        ("\ufeffa: b\r\nc: d\r\n", {"a": "b", "c": "d"}),
+        ("a: -35ms\nb: x,y\nc: x]\nd: b:c\ne: 50%\n", {"a": "-35ms", "b": "x,y", "c": "x]", "d": "b:c", "e": "50%"}),
+        ("a:\n  value on next line\nb: c\n", {"a": "value on next line", "b": "c"}),
+        ("a: \"tab\tinside\"\n", {"a": "tab\tinside"}),
+        ("a: b # tab\tin a comment\n", {"a": "b"}),
+    ]
+
+    def read(self, text):
+        return our_tree(text)[0]
+
+    def test_corpus(self):
+        """Ensure each document of the subset reads to the tree written by hand."""
+        for text, want in self.CORPUS:
+            with self.subTest(text=text):
+                self.assertEqual(self.read(text), want)
+
+    def test_corpus_matches_pyyaml(self):
+        """Ensure PyYAML reads each corpus document to the same tree, with keys on the same lines."""
+        for text, want in self.CORPUS:
+            with self.subTest(text=text):
+                self.assertEqual(pyyaml_tree(text)[0], want)
+                self.assertEqual(sorted(our_tree(text)[1]), sorted(pyyaml_tree(text)[1]))
+
+    def test_generated_documents(self):
+        """Ensure 400 random documents of the subset read back to the tree they were written from."""
+        for seed in range(400):
+            text, tree = YAMLGen(seed).document()
+            with self.subTest(seed=seed, text=text):
+                self.assertEqual(self.read(text), tree)
+
+    def test_generated_documents_match_pyyaml(self):
+        """Ensure PyYAML reads the same 400 documents to the same trees and key lines."""
+        for seed in range(400):
+            text, tree = YAMLGen(seed).document()
+            with self.subTest(seed=seed, text=text):
+                got, lines = pyyaml_tree(text)
+                self.assertEqual(got, tree)
+                self.assertEqual(sorted(our_tree(text)[1]), sorted(lines))
+
+    # Valid YAML outside the subset: one line naming FILE:LINE and the construct.
+    OUTSIDE = [
+        ("dbs:\n  - path: &p /a\n", 2, "anchors (&) are not supported"),
+        ("a: &x 1\nb: *x\n", 1, "anchors (&) are not supported"),
+        ("a: !!str 1\n", 1, "tags (!) are not supported"),
+        ("a: b\nexec: |\n  run\n", 2, "block scalars (| and >) are not supported"),
+        ("exec: >-\n  run\n", 1, "block scalars (| and >) are not supported"),
+        ("logging: {level: debug}\n", 1, "flow mappings ({...}) are not supported"),
+        ("a: {}\n", 1, "flow mappings ({...}) are not supported"),
+        ("a: [x, [y]]\n", 1, "nested flow collections are not supported"),
+        ("a: [x: y]\n", 1, "quote values that hold ':' or '?' inside [...]"),
+        ("a: [x,\n  y]\n", 1, "flow sequence not closed on this line"),
+        ("exec: run\n  --flag\n", 2, "multi-line values are not supported"),
+        ("a:\n  one\n  two\n", 3, "multi-line values are not supported"),
+        ("exec: \"run\n  it\"\n", 1, "quoted value not closed on this line"),
+        ("a: 1\n---\nb: 2\n", 2, "multiple documents are not supported"),
+        ("---\na: 1\n---\n", 3, "multiple documents are not supported"),
+        ("%YAML 1.1\n---\na: 1\n", 1, "directives (%) are not supported"),
+        ("? a\n: b\n", 1, "complex keys (?) are not supported"),
+        ("a: 1\nb: 2\na: 3\n", 3, "duplicate key 'a' (first on line 1)"),
+    ]
+
+    def assertYAMLError(self, text, line, msg):
+        with self.assertRaises(ls.ConfigError) as cm:
+            ls._YAMLReader("/etc/x.yml", text).read()
+        err = str(cm.exception)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("/etc/x.yml:%d: %s" % (line, msg)), err)
+
+    def test_outside_subset(self):
+        """Ensure every construct outside the subset is refused on one line naming FILE:LINE."""
+        for text, line, msg in self.OUTSIDE:
+            with self.subTest(text=text):
+                self.assertYAMLError(text, line, msg)
+
+    def test_outside_subset_is_valid_yaml(self):
+        """Ensure PyYAML reads each refused construct: they are refused by design, not by misreading."""
+        yaml = import_yaml()
+        for text, _, _ in self.OUTSIDE:
+            with self.subTest(text=text):
+                self.assertIsNotNone(list(yaml.compose_all(text, Loader=yaml.BaseLoader)))
+
+    INVALID = [
+        ("a: b: c\n", 1, "mapping values are not allowed here"),
+        ("a: x:\n", 1, "mapping values are not allowed here"),
+        ("a: - x\n", 1, "a value cannot start with '-'"),
+        ("a: @x\n", 1, "a value cannot start with '@'"),
+        ("a: 'x' y\n", 1, "unexpected 'y' after the value"),
+        ("a: \"\\q\"\n", 1, "invalid escape '\\\\q'"),
+        ("a: \"x\n", 1, "quoted value not closed on this line"),
+        ("a:\tb\n", 1, "tab character"),
+        ("a:\n\tb: c\n", 2, "tab character"),
+        ("a: b\tc\n", 1, "tab character"),
+        ("a: 1\n  b: 2\n", 2, "unexpected indentation"),
+        ("a:\n    b: 1\n  c: 2\n", 3, "unexpected indentation"),
+        ("a: 1\n- b\n", 2, "list item without a key"),
+        ("- a\nb: c\n", 2, "unexpected 'b: c' at this indentation"),
+        ("a: [x, y\n", 1, "flow sequence not closed on this line"),
+        ("a: [x y] z\n", 1, "unexpected 'z' after the value"),
+        ("b: 1\nc: *x\n", 2, "aliases (*) are not supported"),
+        ("base: 1\n<<: *base\n", 2, "aliases (*) are not supported"),
+        ("a: 1\n...\nb: 2\n", 3, "multiple documents are not supported"),
+    ]
+
+    def test_invalid_yaml(self):
+        """Ensure text that is not YAML is refused on one line naming FILE:LINE."""
+        for text, line, msg in self.INVALID:
+            with self.subTest(text=text):
+                self.assertYAMLError(text, line, msg)
+
+    def test_invalid_yaml_refused_by_pyyaml(self):
+        """Ensure PyYAML refuses the same texts, so the reader is not stricter than YAML there."""
+        yaml = import_yaml()
+        for text, _, _ in self.INVALID:
+            with self.subTest(text=text):
+                with self.assertRaises(yaml.YAMLError):
+                    list(yaml.compose_all(text, Loader=yaml.BaseLoader))
 
 
 ###############################################################################
@@ -2858,12 +3478,23 @@ class TestCredentialsChain(unittest.TestCase):
         return p
 
     def test_order_of_static_sources(self):
-        """Ensure explicit keys beat LITESTREAM_* which beat AWS_* (with AWS_SESSION_TOKEN)."""
+        """Ensure explicit keys beat AWS_* (with AWS_SESSION_TOKEN), which LITESTREAM_* only fill in (Go's rule)."""
         self.env.update(AWS_ACCESS_KEY_ID="AWSKEY", AWS_SECRET_ACCESS_KEY="awssecret", AWS_SESSION_TOKEN="tok")
         c = self.provider().get()
         self.assertEqual((c.access_key_id, c.secret_access_key, c.session_token), ("AWSKEY", "awssecret", "tok"))
         self.env.update(LITESTREAM_ACCESS_KEY_ID="LSKEY", LITESTREAM_SECRET_ACCESS_KEY="lssecret")
+        self.assertEqual(self.provider().get().access_key_id, "AWSKEY")
+        # Go's applyLitestreamEnv fills each AWS_* variable that is not set, one at a time.
+        del self.env["AWS_SECRET_ACCESS_KEY"]
+        self.assertEqual(self.provider().get().secret_access_key, "lssecret")
+        self.assertEqual(self.provider().get().access_key_id, "AWSKEY")
+        del self.env["AWS_ACCESS_KEY_ID"]
         self.assertEqual(self.provider().get().access_key_id, "LSKEY")
+        # Set but empty is set: it is not filled in, so the environment gives no keys.
+        self.env["AWS_ACCESS_KEY_ID"] = ""
+        with self.assertRaises(ls.LitestreamError):
+            self.provider().get()
+        self.assertEqual(self.env["AWS_ACCESS_KEY_ID"], "")  # The provider does not write the environment.
         c = self.provider(access_key_id="EXPL", secret_access_key="explsecret").get()
         self.assertEqual((c.access_key_id, c.secret_access_key, c.session_token), ("EXPL", "explsecret", ""))
         self.assertNotIn("explsecret", repr(c))
@@ -4336,6 +4967,132 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
                             self.assertSameRows(out, states[k])
 
 
+class TestGoCLIParity(RowsMixin, TempDirTestCase):
+    """Go 0.3.13 and litestream.py side by side: one YAML config file, the same flags, codes and listings."""
+
+    def setUp(self):
+        super().setUp()
+        self.go = require_go()
+
+    def both(self, *args, env=None):
+        """Run the same command line with Go and with us; return (go, py) completed processes."""
+        env = dict(child_env(), **(env or {}))
+        run = [subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=120)
+               for cmd in ([self.go], [sys.executable, SCRIPT])]
+        return run[0], run[1]
+
+    CONFIG = """\
+# The same file for Go Litestream 0.3.13 and litestream.py.
+logging:
+  level: info
+dbs:
+  - path: ${DB}
+    monitor-interval: 100ms
+    min-checkpoint-page-count: 40
+    replicas:
+      - name: backup
+        type: file
+        path: "${REP}"
+        sync-interval: 100ms
+        retention: 24h
+"""
+
+    def test_same_yaml_config_replicates_with_each_and_switches_without_new_generation(self):
+        """Ensure one YAML file runs unchanged with Go and with us, and a Go replica continues under us in one generation."""
+        cfg = self.path("litestream.yml")
+        with open(cfg, "w") as f:
+            f.write(self.CONFIG)
+        db = self.path("app.db")
+        create_wal_db(db, rows=50)
+        rep = self.path("rep")
+        with mock.patch.dict(os.environ, DB=db, REP=rep):
+            tools = [("go", self.go), ("py", "")]
+            app = AppDB(db)
+            self.addCleanup(app.close)
+            for k, (tool, go) in enumerate(tools):
+                r = Replicator(self, ["-config", cfg], go=go)
+                r.wait_log("replicating to")
+                app.insert(60, size=300, tag="%s-" % tool)
+                marker = "%s-59-" % tool
+                wait_for(lambda: any(marker in str(v) for _, v in try_restore_rows(rep, self.path("probe.db")) or []),
+                         "%s's rows in the replica" % tool)
+                stop_replicator(self, tool, r)
+                self.assertEqual(len(os.listdir(os.path.join(rep, "generations"))), 1,
+                                 "%s started a new generation:\n%s" % (tool, r.log()))
+        want = table_rows(db)
+        for tool in ("go", "py"):
+            with self.subTest(restore=tool):
+                out = self.path("out-%s.db" % tool)
+                if tool == "go":
+                    p = subprocess.run([self.go, "restore", "-o", out, "file://" + rep], capture_output=True, text=True,
+                                       timeout=120)
+                else:
+                    p = run_cli("restore", "-o", out, "file://" + rep)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertSameRows(out, want)
+
+    def test_flags_and_exit_codes(self):
+        """Ensure -flag=true|false and usage errors give the same outcome and exit code as Go 0.3.13."""
+        rep = self.path("rep")
+        TestCLI.build_replica(self, rep, rounds=1)
+        empty, exists = "file://" + self.path("empty"), self.path("exists.db")
+        with open(exists, "wb") as f:
+            f.write(b"keep")
+        table = [["-h"], ["help"], [], ["restore", "-h"], ["generations", "-h"], ["version", "-h"], ["restore"],
+                 ["restore", "a", "b"], ["databases", "x"], ["restore", "-bogus", "x"], ["bogus"],
+                 ["restore", "-if-db-not-exists=maybe", "-o", self.path("o1.db"), empty],
+                 ["restore", "-if-replica-exists=true", "-o", self.path("o2.db"), empty],
+                 ["restore", "-if-replica-exists=false", "-o", self.path("o3.db"), empty],
+                 ["restore", "-if-replica-exists=T", "-if-replica-exists=0", "-o", self.path("o4.db"), empty],
+                 ["restore", "-if-db-not-exists=true", "-o", exists, "file://" + rep],
+                 ["restore", "-if-db-not-exists=false", "-o", exists, "file://" + rep],
+                 ["restore", "-if-db-not-exists=1", "-o", self.path("o5.db"), "file://" + rep],
+                 ["restore", "-index", "zz", "-o", self.path("o6.db"), "file://" + rep]]
+        for args in table:
+            with self.subTest(args=args):
+                go, py = self.both(*args)
+                self.assertEqual(py.returncode, go.returncode, "go: %s\npy: %s" % (go.stderr, py.stderr))
+                self.assertNotIn("Traceback", py.stderr)
+        self.assertEqual(read_file(exists), b"keep")
+        self.assertEqual(table_rows(self.path("o5.db")), table_rows(self.path("src.db")))
+
+    def test_listings_match_go_column_by_column(self):
+        """Ensure generations, snapshots and wal print what Go prints for the same replica: decimal indexes, Go's lag."""
+        rep = self.path("rep")
+        dbp = TestCLI.build_replica(self, rep, rounds=24)
+        objs = sorted(os.path.join(rep, "generations", g, kind, n) for kind in ("snapshots", "wal")
+                      for g, n in replica_objects(rep, kind))
+        self.assertGreaterEqual(max(int(os.path.basename(o)[:8], 16) for o in objs), 10)  # Hex and decimal differ.
+        base = 1_700_000_000 * 10**9
+        for i, o in enumerate(objs):  # Known object times, whole microseconds.
+            os.utime(o, ns=(base + i * 1_000_123_000,) * 2)
+        newest = base + (len(objs) - 1) * 1_000_123_000
+        cfg = self.path("ls.yml")
+        with open(cfg, "w") as f:
+            f.write("dbs:\n  - path: %s\n    replicas:\n      - name: bk\n        path: %s\n" % (dbp, rep))
+        for lag_ns, want in [(348_123_456_000, "5m48s"), (-35_123_000, "-35ms"), (1_234_567_000, "1.2s"),
+                             (43_203_900_000_000, "12h0m3s"), (0, "0s"), (999_000, "999\u00b5s")]:
+            for p in (dbp, dbp + "-wal"):
+                if os.path.exists(p):
+                    os.utime(p, ns=(newest + lag_ns,) * 2)
+            with self.subTest(lag=want):
+                go, py = self.both("generations", "-config", cfg, dbp, env={"TZ": "Asia/Tokyo"})
+                self.assertEqual((go.returncode, go.stderr), (0, ""))
+                self.assertEqual(py.stdout, go.stdout)
+                self.assertEqual(py.stdout.splitlines()[1].split()[2], want)
+        for cmd in ("snapshots", "wal"):
+            for target in (["-config", cfg, dbp], ["file://" + rep]):
+                with self.subTest(cmd=cmd, target=target[0]):
+                    go, py = self.both(cmd, *target)
+                    self.assertEqual((go.returncode, go.stderr), (0, ""))
+                    self.assertEqual(py.stdout, go.stdout)
+                    self.assertGreater(len(py.stdout.splitlines()), 1)
+        self.assertIn("  10  ", py.stdout)  # wal: index 10 is printed in decimal, as Go.
+        go, py = self.both("generations", "file://" + rep)  # Lag from now: compare the other columns.
+        drop_lag = [[c for i, c in enumerate(line.split()) if i != 2] for line in go.stdout.splitlines()]
+        self.assertEqual([[c for i, c in enumerate(line.split()) if i != 2] for line in py.stdout.splitlines()], drop_lag)
+
+
 ###############################################################################
 # Interop over S3 (moto and Swift) and an S3 outage
 ###############################################################################
@@ -4538,6 +5295,38 @@ class S3InteropMixin(RowsMixin):
         cfg = self.write_cfg("restore.ini", py_s3_ini(db, self.srv, self.prefix))
         out = self.path("out-cfg.db")
         self.check_restore(out, run_cli("restore", "-config", cfg, "-o", out, db), want)
+
+    def test_credential_precedence_matches_go(self):
+        """Ensure AWS_* win over LITESTREAM_*, which only fill in unset AWS_* names, in Go and in us alike."""
+        c = ls.S3ReplicaClient(bucket=self.srv.bucket, path=self.prefix, endpoint=self.srv.endpoint,
+                               region="us-east-1", access_key_id=self.srv.key, secret_access_key=self.srv.secret)
+        self.addCleanup(c.close)
+        gen = "%016x" % random.getrandbits(64)
+        c.write_snapshot(gen, 0, io.BytesIO(ls.lz4_compress_frame(b"x" * 100)))
+        # Go 0.3.13 reads no URL query: "BUCKET.localhost:PORT" means that endpoint, path style.
+        url = "s3://%s.localhost:%d/%s" % (self.srv.bucket, urllib.parse.urlsplit(self.srv.endpoint).port, self.prefix)
+        good = {"ak": self.srv.key, "sk": self.srv.secret}
+        bad = {"ak": self.srv.key, "sk": "wrong-secret"}
+        table = [("AWS only", {"AWS": good}, True), ("LITESTREAM only", {"LITESTREAM": good}, True),
+                 ("AWS wins over LITESTREAM", {"AWS": bad, "LITESTREAM": good}, False),
+                 ("AWS wins, LITESTREAM wrong", {"AWS": good, "LITESTREAM": bad}, True),
+                 ("LITESTREAM fills the unset secret", {"AWS": {"ak": self.srv.key}, "LITESTREAM": good}, True),
+                 ("LITESTREAM does not fill an empty one", {"AWS": {"ak": "", "sk": self.srv.secret},
+                                                            "LITESTREAM": good}, False)]
+        for name, sources, listed in table:
+            with self.subTest(case=name):
+                env = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "LITESTREAM_"))}
+                env.update(AWS_SHARED_CREDENTIALS_FILE=self.path("none"), AWS_CONFIG_FILE=self.path("none"),
+                           AWS_EC2_METADATA_DISABLED="true")
+                for prefix, keys in sources.items():
+                    for k, var in (("ak", "_ACCESS_KEY_ID"), ("sk", "_SECRET_ACCESS_KEY")):
+                        if k in keys:
+                            env[prefix + var] = keys[k]
+                for tool, cmd in (("go", [self.go]), ("py", [sys.executable, SCRIPT])):
+                    p = subprocess.run(cmd + ["snapshots", url], capture_output=True, text=True, env=env, timeout=120)
+                    self.assertEqual(gen in p.stdout, listed, "%s: %s%s" % (tool, p.stdout, p.stderr))
+                    if tool == "py":
+                        self.assertEqual(p.returncode, 0 if listed else 1, p.stderr)
 
 
 class TestS3InteropMoto(S3InteropMixin, TempDirTestCase):
@@ -5715,7 +6504,7 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(code, 1)
         self.assertEqual(err.strip(), "litestream: unknown command 'replcate' (did you mean 'replicate'?)")
         code, _, err = self.cli("restore", "-generaton", "x", "file:///nowhere")
-        self.assertEqual(code, 2)
+        self.assertEqual(code, 1)
         self.assertEqual(len(err.strip().splitlines()), 1)
         self.assertIn("did you mean -generation?", err)
 
@@ -5788,13 +6577,171 @@ class TestCLI(TempDirTestCase):
                 c = ls.new_replica_client_from_config(rc)
                 self.assertEqual((c.bucket, c.force_path_style, c.endpoint), ("bkt", path_style, endpoint))
 
+    def test_format_duration(self):
+        """Ensure durations print as Go's time.Duration.String (Go's own durationTests table)."""
+        table = [("0s", 0), ("1ns", 1), ("1.1\u00b5s", 1100), ("2.2ms", 2200 * 10**3), ("3.3s", 3300 * 10**6),
+                 ("4m5s", (4 * 60 + 5) * 10**9), ("4m5.001s", 4 * 60 * 10**9 + 5001 * 10**6),
+                 ("5h6m7.001s", (5 * 3600 + 6 * 60) * 10**9 + 7001 * 10**6), ("8m0.000000001s", 8 * 60 * 10**9 + 1),
+                 ("2562047h47m16.854775807s", (1 << 63) - 1)]
+        for want, ns in table:
+            with self.subTest(want=want):
+                self.assertEqual(ls.format_duration(ns), want)
+                if ns:
+                    self.assertEqual(ls.format_duration(-ns), "-" + want)
+        self.assertEqual(ls.format_duration(-(1 << 63)), "-2562047h47m16.854775808s")
+
+    def test_lag_truncation(self):
+        """Ensure lag is cut toward zero as Go's truncateDuration: seconds past 10s, 0.1s past 1s, then ms, then us."""
+        table = [(348_123_456_789, "5m48s"), (-35_123_456, "-35ms"), (1_234_567_890, "1.2s"), (10 * 10**9, "10s"),
+                 (10 * 10**9 + 1, "10s"), (-10_500_000_000, "-10s"), (-1_500_000_000, "-1.5s"),
+                 (43_203_900_000_000, "12h0m3s"), (999_999, "999\u00b5s"), (1_999, "1\u00b5s"), (999, "999ns"),
+                 (-999, "-999ns"), (0, "0s")]
+        for ns, want in table:
+            with self.subTest(ns=ns):
+                self.assertEqual(ls.format_duration(ls._truncate_duration(ns)), want)
+
+    def test_go_bool_flags(self):
+        """Ensure Go's -flag=VALUE booleans (strconv.ParseBool spellings) parse, the last one winning."""
+        sp = ls.build_parser().commands["restore"]
+        table = [(["-if-db-not-exists"], True), (["-if-db-not-exists=true"], True), (["--if-db-not-exists=1"], True),
+                 (["-if-db-not-exists=T"], True), (["-if-db-not-exists=TRUE"], True), (["-if-db-not-exists=false"], False),
+                 (["-if-db-not-exists=0"], False), (["-if-db-not-exists", "-if-db-not-exists=F"], False),
+                 (["-if-db-not-exists=False", "--if-db-not-exists"], True), ([], False)]
+        for flags, want in table:
+            with self.subTest(flags=flags):
+                args = sp.parse_args(ls._go_bool_args(sp, flags + ["-o", "out.db", "file:///x"]))
+                self.assertEqual((args.if_db_not_exists, args.o, args.target), (want, "out.db", "file:///x"))
+        # A flag's value and what follows "--" are not flags.
+        self.assertEqual(ls._go_bool_args(sp, ["-o", "-if-db-not-exists=0", "--", "-if-replica-exists=1"]),
+                         ["-o", "-if-db-not-exists=0", "--", "-if-replica-exists=1"])
+        for value in ["yes", "on", "", "maybe", "tRue"]:
+            with self.subTest(value=value):
+                code, out, err = self.cli("restore", "-if-db-not-exists=" + value, "file:///x")
+                self.assertEqual((code, out), (1, ""))
+                self.assertEqual(err, 'litestream restore: invalid boolean value "%s" for -if-db-not-exists: parse error\n'
+                                 % value)
+
+    def test_go_bool_flags_take_effect(self):
+        """Ensure -if-replica-exists=true exits 0 on an empty replica and =false fails, as the bare flag and none."""
+        empty = "file://" + self.path("empty")
+        for flags, want in [(["-if-replica-exists=true"], 0), (["-if-replica-exists"], 0),
+                            (["-if-replica-exists=false"], 1), ([], 1), (["-if-replica-exists", "-if-replica-exists=0"], 1)]:
+            with self.subTest(flags=flags):
+                code, _, err = self.cli("restore", "-o", self.path("out.db"), *flags, empty)
+                self.assertEqual(code, want, err)
+
+    def test_exit_codes_and_help(self):
+        """Ensure help exits 1 on stdout and usage errors exit 1 with one line, as Go 0.3.13."""
+        for args in ([], ["-h"], ["--help"], ["help"], ["restore", "-h"], ["generations", "--help"], ["config", "-h"]):
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args)
+                self.assertEqual((code, err), (1, ""))
+                self.assertIn("usage: litestream", out)
+        table = [(["restore"], "litestream restore: database path or replica URL required"),
+                 (["snapshots"], "litestream snapshots: database path or replica URL required"),
+                 (["restore", "a", "b"], "litestream restore: too many arguments: b"),
+                 (["databases", "x"], "litestream databases: too many arguments: x"),
+                 (["restore", "-bogus", "x"], "litestream restore: unknown flag -bogus"),
+                 (["wal", "-generaton=x", "file:///x"], "litestream wal: unknown flag -generaton=x (did you mean -generation?)"),
+                 (["bogus"], "litestream: unknown command 'bogus'"),
+                 (["config", "-format", "toml", "x"], "litestream config: argument -format/--format: invalid choice: 'toml' (choose from 'ini', 'yaml')")]
+        for args, want in table:
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args)
+                self.assertEqual((code, out, err), (1, "", want + "\n"))
+
+    def build_replica(self, rep, rounds=3):
+        """Replicate a DB in-process into rep, one more WAL index per round; return the DB path."""
+        dbp = self.path("src.db")
+        app = AppDB(dbp)
+        self.addCleanup(app.close)
+        db = open_db(dbp, min_checkpoint_page_n=15)
+        self.addCleanup(db.close)
+        r = open_replica(db, rep)
+        for i in range(rounds):
+            app.insert(20, size=2000, tag="i%d-" % i)
+            db.sync()
+            r.sync()
+        return dbp
+
+    def test_listing_keeps_going_past_a_failing_replica(self):
+        """Ensure generations, snapshots and wal list the healthy replica, name the failing one, and exit 1."""
+        rep = self.path("rep")
+        dbp = self.build_replica(rep)
+        cfg = self.path("ls.yml")
+        with open(cfg, "w") as f:
+            f.write("dbs:\n  - path: %s\n    replicas:\n      - name: offsite\n        url: s3://bkt/app\n"
+                    "        endpoint: http://127.0.0.1:9\n        region: us-east-1\n      - name: local\n"
+                    "        path: %s\n" % (dbp, rep))
+        env = {k: v for k, v in child_env().items() if not k.startswith(("AWS_", "LITESTREAM_"))}
+        env.update(AWS_SHARED_CREDENTIALS_FILE=self.path("none"), AWS_CONFIG_FILE=self.path("none"),
+                   AWS_EC2_METADATA_DISABLED="true")
+        gen = os.listdir(os.path.join(rep, "generations"))[0]
+        for cmd, what, want in [("generations", "generations", 1), ("snapshots", "snapshots", 1),
+                                ("wal", "wal segments", len(replica_objects(rep, "wal")))]:
+            with self.subTest(cmd=cmd):
+                p = subprocess.run([sys.executable, SCRIPT, cmd, "-config", cfg, dbp], capture_output=True,
+                                   text=True, env=env, timeout=60)
+                self.assertEqual(p.returncode, 1, p.stderr)
+                rows = p.stdout.splitlines()[1:]
+                self.assertEqual(len(rows), want, p.stdout)
+                self.assertTrue(all(r.split()[:2] == ["local", gen] for r in rows), p.stdout)
+                self.assertEqual(len(p.stderr.splitlines()), 1, p.stderr)
+                self.assertRegex(p.stderr, r"^litestream: replica offsite \(s3://bkt/app\): cannot list %s: "
+                                           r"s3: no credentials found" % what)
+        # Only the healthy replica: exit 0.
+        code, out, err = self.cli("snapshots", "-config", cfg, "-replica", "local", dbp)
+        self.assertEqual((code, err, len(out.splitlines())), (0, "", 2))
+
+    def test_index_past_the_last_is_an_error(self):
+        """Ensure -index past the generation's last index fails naming the last one, and the last one restores."""
+        rep = self.path("rep")
+        dbp = self.build_replica(rep, rounds=4)
+        last = max(int(name[:8], 16) for _, name in replica_objects(rep, "wal"))
+        self.assertGreaterEqual(last, 2)
+        gen = os.listdir(os.path.join(rep, "generations"))[0]
+        out = self.path("out.db")
+        code, _, err = self.cli("restore", "-o", out, "-generation", gen, "-index", "%x" % (last + 1), "file://" + rep)
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "litestream: index %x (%d) is past the last index %x (%d) of generation %s\n"
+                         % (last + 1, last + 1, last, last, gen))
+        self.assertFalse(os.path.exists(out))
+        code, _, err = self.cli("restore", "-o", out, "-generation", gen, "-index", "%x" % last, "file://" + rep)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(table_rows(out), table_rows(dbp))
+
+    def test_log_format_and_destination(self):
+        """Ensure log lines look like Go's (WARN, not WARNING), go to stdout or stderr, and log-type json is JSON."""
+        logger = logging.getLogger("litestream")
+        saved = (list(logger.handlers), logger.level, logger.propagate)
+
+        def restore():
+            logger.handlers[:], logger.level, logger.propagate = saved
+        self.addCleanup(restore)
+        for stderr, log_type in [(False, "text"), (True, "text"), (False, "json")]:
+            with self.subTest(stderr=stderr, log_type=log_type):
+                out, err = io.StringIO(), io.StringIO()
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    ls._setup_logging("INFO", stderr, log_type)
+                    logger.warning("%s: sync error: %s", "db", "boom")
+                    logger.debug("hidden")
+                text = (err if stderr else out).getvalue()
+                self.assertEqual((out if stderr else err).getvalue(), "")
+                self.assertEqual(len(text.splitlines()), 1, text)
+                if log_type == "json":
+                    rec = json.loads(text)
+                    self.assertEqual((rec["level"], rec["msg"]), ("WARN", "db: sync error: boom"))
+                    self.assertLess(abs(datetime.datetime.fromisoformat(rec["time"]).timestamp() - time.time()), 60)
+                else:
+                    self.assertRegex(text, r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d WARN db: sync error: boom\n$")
+
     def test_index_and_timestamp_flags(self):
         """Ensure bad -index and -timestamp values are one-line usage errors."""
         for args, want in ((["-index", "zz"], "-index"), (["-timestamp", "yesterday"], "ISO 8601"),
                            (["-index", "1", "-timestamp", "2020-01-01T00:00:00Z"], "index & timestamp")):
             with self.subTest(args=args):
                 code, _, err = self.cli("restore", "-o", self.path("o.db"), *args, "file:///nowhere")
-                self.assertEqual(code, 2)
+                self.assertEqual(code, 1)
                 self.assertIn(want, err)
                 self.assertEqual(len(err.strip().splitlines()), 1)
 
@@ -5922,6 +6869,220 @@ class TestKeepWAL(TempDirTestCase):
         self.addCleanup(db.close)
         db.sync()
         self.assertEqual(db.pos().generation, gen)
+
+
+###############################################################################
+# README: install and deployment recipes, run as written
+###############################################################################
+
+README = os.path.join(HERE, "README.md")
+
+
+def readme_block(name: str) -> str:
+    """Return the code block that follows <!-- test: name --> in README.md."""
+    with open(README, encoding="utf-8") as f:
+        m = re.search(r"<!-- test: %s -->\n```\w*\n(.*?)```" % re.escape(name), f.read(), re.S)
+    assert m, "README has no block marked <!-- test: %s -->" % name
+    return m.group(1)
+
+
+class TestREADME(RowsMixin, TempDirTestCase):
+    """The README's install, systemd, Docker, Kubernetes and restore-drill recipes, run in a temp dir."""
+
+    def install(self) -> dict:
+        """Run the README's install block into self.dir/bin; return an environment that finds `litestream`."""
+        bindir, src = self.path("bin"), self.path("download")
+        os.mkdir(bindir)
+        os.mkdir(src)
+        shutil.copyfile(SCRIPT, os.path.join(src, "litestream.py"))  # As downloaded: not executable.
+        os.chmod(os.path.join(src, "litestream.py"), 0o644)
+        with open(SCRIPT, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        script = readme_block("install").replace("/usr/local/bin", bindir).replace("SHA256", sha)
+        env = dict(child_env(), PATH=os.pathsep.join([bindir, os.path.dirname(sys.executable), os.environ["PATH"]]))
+        p = subprocess.run(["sh", "-ec", script], cwd=src, capture_output=True, text=True, env=env, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(p.stdout.splitlines(), ["%s/litestream: OK" % bindir, "v" + ls.__version__])
+        return env
+
+    def test_no_pointers_outside_the_repository(self):
+        """Ensure README links only to files in the repository and names no machine paths."""
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        for link in re.findall(r"\]\(([^)]+)\)", text):
+            with self.subTest(link=link):
+                self.assertTrue(os.path.exists(os.path.join(HERE, link)), link)
+        for bad in ("../", "/tmp/", "/work/", "/root/", "shared/", "litestream-v03-format", "\u2026/"):
+            with self.subTest(text=bad):
+                self.assertNotIn(bad, text)
+
+    def test_test_file_runs_whole_suite_and_bench(self):
+        """Ensure `python3 test_litestream.py` reaches every test (one __main__ block, at the end) and bench-lz4 runs."""
+        import ast
+        with open(os.path.join(HERE, "test_litestream.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        mains = [i for i, node in enumerate(tree.body) if isinstance(node, ast.If) and "__main__" in ast.dump(node.test)]
+        self.assertEqual(mains, [len(tree.body) - 1])
+        p = subprocess.run([sys.executable, os.path.join(HERE, "test_litestream.py"), "TestPaths"],
+                           capture_output=True, text=True, env=child_env(), timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertRegex(p.stderr, r"Ran [1-9]\d* tests")
+        db = self.path("bench.db")
+        create_wal_db(db, rows=2000)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "test_litestream.py"), "bench-lz4", db],
+                           capture_output=True, text=True, env=child_env(), timeout=300)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("ours level=1 (default)", p.stdout)
+
+    def test_install(self):
+        """Ensure the install block copies, marks executable and checks the file, and a wrong checksum fails."""
+        self.install()
+        script = readme_block("install").replace("/usr/local/bin", self.path("bin2")).replace("SHA256", "0" * 64)
+        os.mkdir(self.path("bin2"))
+        p = subprocess.run(["sh", "-ec", script], cwd=self.path("download"), capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("FAILED", p.stdout + p.stderr)
+
+    def test_executable_in_git(self):
+        """Ensure git records litestream.py as executable (mode 100755), so its shebang works from a checkout."""
+        if shutil.which("git") is None:
+            self.skipTest("git not installed")
+        p = subprocess.run(["git", "ls-files", "-s", "litestream.py"], cwd=HERE, capture_output=True, text=True)
+        if p.returncode != 0 or not p.stdout:
+            self.skipTest("not a git checkout: %s" % p.stderr.strip())
+        self.assertEqual(p.stdout.split()[0], "100755")
+
+    def test_systemd_unit_verifies(self):
+        """Ensure the systemd unit passes systemd-analyze verify with no warnings."""
+        if shutil.which("systemd-analyze") is None:
+            self.skipTest("systemd-analyze not installed (apt-get install systemd)")
+        env = self.install()
+        unit = readme_block("systemd")
+        self.assertIn("Restart=always", unit)
+        path = self.path("litestream.service")
+        with open(path, "w") as f:
+            f.write(unit.replace("/usr/local/bin", self.path("bin")))
+        p = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("litestream.service", p.stdout + p.stderr)
+
+    APP = textwrap.dedent("""\
+        import sqlite3, sys, time
+        mode, path = sys.argv[1], sys.argv[2]
+        c = sqlite3.connect(path)
+        if mode == "write":
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            c.executemany("INSERT INTO t (v) VALUES (?)", [("row %d" % i,) for i in range(100)])
+            c.commit()
+            time.sleep(0.5)
+        elif mode == "check":
+            sys.exit(0 if c.execute("SELECT count(*) FROM t").fetchone()[0] == 100 else 7)
+        else:
+            sys.exit(3)
+        """)
+
+    def write(self, name, text):
+        p = self.path(name)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "w") as f:
+            f.write(text)
+        return p
+
+    def fresh_volume(self, data):
+        """Empty a data directory, as a new container's volume."""
+        shutil.rmtree(data)
+        os.mkdir(data)
+
+    def test_docker_entrypoint(self):
+        """Ensure the entrypoint restores on an empty volume, runs the app under replicate -exec, and exits with it."""
+        env = self.install()
+        data, rep = self.path("data"), self.path("rep")
+        os.mkdir(data)
+        entry = self.write("entrypoint.sh", readme_block("docker-entrypoint"))
+        app = self.write("app.py", self.APP)
+        db = os.path.join(data, "app.db")
+        env.update(DB_PATH=db, LITESTREAM_CONFIG=self.write("litestream.ini", (
+            "[db:app]\npath = %s\nmonitor-interval = 100ms\n[replica:app:r]\npath = %s\nsync-interval = 100ms\n")
+            % (db, rep)))
+        for step, mode, fresh, code in [("first start, no backup", "write", False, 0),
+                                        ("new volume: restored", "check", True, 0),
+                                        ("app fails: its exit code", "fail", False, 3)]:
+            with self.subTest(step=step):
+                if fresh:
+                    self.fresh_volume(data)
+                p = subprocess.run(["sh", entry, "python3", app, mode, db], capture_output=True, text=True,
+                                   env=env, timeout=120)
+                self.assertEqual(p.returncode, code, p.stdout + p.stderr)
+        self.assertEqual(len(table_rows(db)), 100)
+
+    def test_kubernetes_init_container_and_sidecar(self):
+        """Ensure the manifest's init container restores only when needed and its sidecar replicates, as written."""
+        yaml = import_yaml()
+        env = self.install()
+        docs = {d["kind"]: d for d in yaml.safe_load_all(readme_block("kubernetes"))}
+        pod = docs["StatefulSet"]["spec"]["template"]["spec"]
+        init, = pod["initContainers"]
+        sidecar = next(c for c in pod["containers"] if c["name"] == "litestream")
+        app = next(c for c in pod["containers"] if c["name"] == "app")
+        data_mount = {"name": "data", "mountPath": "/var/lib/app"}
+        for c in (init, sidecar, app):
+            self.assertIn(data_mount, c["volumeMounts"])
+        self.assertEqual(docs["StatefulSet"]["spec"]["replicas"], 1)
+        data, etc, rep = self.path("data"), self.path("etc"), self.path("rep")
+        os.mkdir(data)
+        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data)]
+
+        def local(s):
+            for a, b in paths:
+                s = s.replace(a, b)
+            return s
+        self.write("etc/litestream.ini", local(docs["ConfigMap"]["data"]["litestream.ini"]))
+        env.update({e["name"]: e["value"] for e in init["env"]}, REPLICA_URL="file://" + rep)
+
+        def run_init():
+            cmd = [sys.executable if a == "python3" else local(a) for a in init["command"]]
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        db = os.path.join(data, "app.db")
+        p = run_init()
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertFalse(os.path.exists(db))
+        create_wal_db(db, rows=100)
+        with open(self.path("sidecar.log"), "wb") as log:
+            side = subprocess.Popen([sys.executable if a == "python3" else local(a) for a in sidecar["command"]],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.addCleanup(lambda: side.poll() is None and (side.kill(), side.wait()))
+        wait_for(lambda: (try_restore_rows(rep, self.path("probe.db")) or []) == table_rows(db), "rows in the replica")
+        side.send_signal(signal.SIGTERM)
+        self.assertEqual(side.wait(60), 0, read_file(self.path("sidecar.log")))
+        want = table_rows(db)
+        self.fresh_volume(data)
+        p = run_init()
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertSameRows(db, want)
+        p = run_init()  # The database is there now: left alone.
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("database already exists, skipping", p.stdout)
+
+    def test_restore_drill(self):
+        """Ensure the drill passes on a good replica and fails on a damaged one."""
+        env = self.install()
+        rep = self.path("rep")
+        db = TestCLI.build_replica(self, rep, rounds=3)
+        cfg = self.write("etc/litestream.ini", "[db:app]\npath = %s\nreplica = %s\n" % (db, rep))
+        drill = self.write("drill.sh", readme_block("restore-drill").replace("/etc/litestream.ini", cfg))
+        p = subprocess.run(["sh", drill, db], capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"(?m)^drill ok: [1-9]\d* tables$")
+        gen, name = replica_objects(rep, "wal")[1]
+        seg = os.path.join(rep, "generations", gen, "wal", name)
+        data = bytearray(read_file(seg))
+        data[len(data) // 2] ^= 0x10
+        with open(seg, "wb") as f:
+            f.write(data)
+        p = subprocess.run(["sh", drill, db], capture_output=True, text=True, env=env, timeout=120)
+        self.assertNotEqual(p.returncode, 0, p.stdout)
+        self.assertIn(name, p.stderr)
 
 
 ###############################################################################
