@@ -2674,8 +2674,6 @@ class TestYAMLReader(TempDirTestCase):
 
 
 ###############################################################################
-# S3: SigV4, credentials and S3ReplicaClient against real servers
-###############################################################################
 # Replicator: the Python API
 ###############################################################################
 
@@ -2857,6 +2855,8 @@ class TestReplicatorAPI(RowsMixin, TempDirTestCase):
             ls.Replicator(self.db, [self.rep]).sync()  # not open
 
 
+###############################################################################
+# S3: SigV4, credentials and S3ReplicaClient against real servers
 ###############################################################################
 
 MIB = 1024 * 1024
