@@ -2943,23 +2943,33 @@ class Scheduler:
     Hundreds of databases each want a sync every second and their replicas
     an upload after each change; Go gives each loop a goroutine, but a
     thread per loop costs memory and wake-ups.  Here every task waits in
-    one heap, and up to max_workers daemon threads run whatever is due.
-    A worker starts when work is due and none is free, and stops after
-    idle_timeout seconds without work (the last one stays while tasks
-    wait).  Threads are daemons: closing a DB runs its final sync itself,
-    so no interpreter exit waits on a task stuck in I/O.
+    one heap.  One worker (the leader) sleeps until the earliest task is
+    due; when it takes a task to run, an idle worker becomes the leader, or
+    a new one starts, up to max_workers threads.  So the threads are the
+    tasks running at once plus one, and a long task (a snapshot) never
+    holds up the others' timers.  With short_tasks (quick, local work such
+    as WAL copies) the leader runs a task itself unless more is due
+    already.  Idle workers beyond the leader stop after idle_timeout
+    seconds.  Threads are daemons: closing a DB runs its final
+    sync itself, so no interpreter exit waits on a task stuck in I/O.
     """
 
-    def __init__(self, name: str = "litestream", max_workers: int = 4, idle_timeout: float = 30.0):
+    def __init__(self, name: str = "litestream", max_workers: int = 4, idle_timeout: float = 30.0,
+                 short_tasks: bool = False):
         self.name = name
         self.max_workers = max(1, max_workers)
         self.idle_timeout = idle_timeout
-        self._cond = threading.Condition()
+        self.short_tasks = short_tasks
+        self._lock = threading.Lock()
+        self._leader_cv = threading.Condition(self._lock)  # the leader waits here for the heap's head
+        self._idle_cv = threading.Condition(self._lock)    # the other idle workers wait here
+        self._done_cv = threading.Condition(self._lock)    # wait_idle callers
         self._heap: list = []  # (due, seq, task); entries whose task.due moved on are stale
         self._seq = itertools.count()
         self._names = itertools.count(1)
         self._workers = 0
         self._idle = 0
+        self._leader = False
         self._closed = False
 
     def task(self, fn, name: str) -> Task:
@@ -2968,13 +2978,27 @@ class Scheduler:
 
     def close(self) -> None:
         """Stop every worker once its current task is done; queued tasks never run."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._heap.clear()
-            self._cond.notify_all()
+            self._leader_cv.notify_all()
+            self._idle_cv.notify_all()
+            self._done_cv.notify_all()
+
+    def _push(self, task: Task, due: float) -> None:
+        earliest = not self._heap or due < self._heap[0][0]
+        task.due = due
+        heapq.heappush(self._heap, (due, next(self._seq), task))
+        if self._leader:
+            if earliest:
+                self._leader_cv.notify()
+        elif self._idle:
+            self._idle_cv.notify()
+        elif self._workers < self.max_workers:
+            self._spawn()
 
     def _schedule(self, task: Task, delay: float) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed or task.cancelled:
                 return
             due = time.monotonic() + max(0.0, delay)
@@ -2984,26 +3008,21 @@ class Scheduler:
                 return
             if task.due is not None and task.due <= due:
                 return
-            task.due = due
-            heapq.heappush(self._heap, (due, next(self._seq), task))
-            if self._idle:
-                self._cond.notify()
-            elif self._workers < self.max_workers:
-                self._spawn()
+            self._push(task, due)
 
     def _cancel(self, task: Task) -> None:
-        with self._cond:
+        with self._lock:
             task.cancelled = True
             task.due = task._rerun = None
 
     def _wait_idle(self, task: Task, timeout: Optional[float]) -> bool:
         end = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             while task.running:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self._cond.wait(left)
+                self._done_cv.wait(left)
             return True
 
     def _spawn(self) -> None:
@@ -3013,7 +3032,7 @@ class Scheduler:
         t.start()
 
     def _work(self) -> None:
-        with self._cond:
+        with self._lock:
             try:
                 self._work_locked()
             finally:
@@ -3021,37 +3040,57 @@ class Scheduler:
 
     def _work_locked(self) -> None:
         while not self._closed:
-            now = time.monotonic()
-            if self._heap and self._heap[0][0] <= now:
-                due, _, task = heapq.heappop(self._heap)
+            if not self._leader:
+                # Lead: wait for the head of the heap to fall due.
+                self._leader = True
+                try:
+                    while not self._closed:
+                        now = time.monotonic()
+                        if self._heap and self._heap[0][0] <= now:
+                            break
+                        timeout = self._heap[0][0] - now if self._heap else self.idle_timeout
+                        if not self._leader_cv.wait(min(timeout, self.idle_timeout)) and not self._heap \
+                                and self._workers > 1:
+                            return  # nothing to watch for a while, and another worker remains
+                    if self._closed:
+                        return
+                    due, _, task = heapq.heappop(self._heap)
+                finally:
+                    self._leader = False
                 if task.due != due or task.cancelled:
                     continue  # stale entry
-                task.due, task.running, task._rerun = None, True, None
-                # More is due and nobody is free to take it: add a hand.
-                if self._heap and self._heap[0][0] <= now and not self._idle \
-                        and self._workers < self.max_workers:
-                    self._spawn()
-                self._cond.release()
-                try:
-                    delay = self._run(task)
-                finally:
-                    self._cond.acquire()
-                task.running = False
-                if not task.cancelled and not self._closed:
-                    nxt = [d for d in (task._rerun, None if delay is None else time.monotonic() + delay)
-                           if d is not None]
-                    if nxt:
-                        task.due = min(nxt)
-                        heapq.heappush(self._heap, (task.due, next(self._seq), task))
-                task._rerun = None
-                self._cond.notify_all()  # wait_idle callers, and workers to re-check the heap
+                # Hand the watch over before running: an idle worker, or a
+                # new one.  With short_tasks, only when more work is due
+                # already: a quick task is back before the next is due, and
+                # a hand-over per task would cost two thread switches.
+                if not self.short_tasks or (self._heap and self._heap[0][0] <= time.monotonic()):
+                    if self._idle:
+                        self._idle_cv.notify()
+                    elif self._heap and self._workers < self.max_workers:
+                        self._spawn()
+                self._run_locked(task)
                 continue
-            timeout = min(self._heap[0][0] - now, self.idle_timeout) if self._heap else self.idle_timeout
             self._idle += 1
-            woken = self._cond.wait(timeout)
+            woken = self._idle_cv.wait(self.idle_timeout)
             self._idle -= 1
-            if not woken and not self._heap and self._workers > 1:
-                return  # idle for a while and others remain
+            if not woken and self._leader and self._workers > 1:
+                return  # idle for a while, and someone else watches the heap
+
+    def _run_locked(self, task: Task) -> None:
+        task.due, task.running, task._rerun = None, True, None
+        self._lock.release()
+        try:
+            delay = self._run(task)
+        finally:
+            self._lock.acquire()
+        task.running = False
+        if not task.cancelled and not self._closed:
+            nxt = [d for d in (task._rerun, None if delay is None else time.monotonic() + delay)
+                   if d is not None]
+            if nxt:
+                self._push(task, min(nxt))
+        task._rerun = None
+        self._done_cv.notify_all()
 
     @staticmethod
     def _run(task: Task) -> Optional[float]:
@@ -3088,6 +3127,13 @@ class _Deadline:
             r = self.remaining()
             thread.join(0.1 if r is None else min(0.1, r))
         return not thread.is_alive()
+
+
+def _join_all(threads, timeout: float) -> None:
+    """Join threads for at most timeout seconds in all."""
+    end = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
 
 
 ###############################################################################
@@ -3131,6 +3177,7 @@ _SEQ_UPSERT = ("INSERT INTO _litestream_seq (id, seq) VALUES (1, 1) "
 # another cycle's salts) the frame-by-frame copy runs.
 
 SHADOW_WRITE_CHUNK = 4 << 20
+SHUTDOWN_HASH_UNDER_LOCK = 64 << 20  # smaller files are hashed holding the write lock
 SHM_HEADER_SIZE = 136  # two WalIndexHdr copies (48 bytes each) and the WalCkptInfo
 WAL_INDEX_VERSION = 3007000
 
@@ -3268,12 +3315,15 @@ class ShadowWAL:
 
     # Opening and starting ----------------------------------------------------
 
-    def open(self, page_size: int) -> Pos:
+    def open(self, page_size: int, wal_fd: int = -1, trusted: Optional[WALIndexHeader] = None) -> Pos:
         """Load the current generation's last index and cut it after its last valid commit.
 
         A crash can leave bytes past the last durable position (see the
-        invariant); they are checked frame by frame here.  Returns pos,
-        zero when there is no usable generation.
+        invariant); they are checked here.  When the real WAL (wal_fd) is
+        still the same cycle and SQLite's wal-index (trusted) vouches for
+        its committed frames, the shadow is compared with it byte for byte;
+        otherwise every frame's checksum is verified.  Returns pos, zero
+        when there is no usable generation.
         """
         self.close()
         self.page_size = page_size
@@ -3286,29 +3336,66 @@ class ShadowWAL:
         fd = os.open(path, os.O_RDWR)
         try:
             header = os.pread(fd, WAL_HEADER_SIZE, 0)
-            hdr = parse_wal_header(header)
-            if hdr.page_size != page_size:
-                raise CorruptFrameError("page size %d, database has %d" % (hdr.page_size, page_size))
-        except CorruptFrameError as e:
+            try:
+                hdr = parse_wal_header(header)
+                if hdr.page_size != page_size:
+                    raise CorruptFrameError("page size %d, database has %d" % (hdr.page_size, page_size))
+            except CorruptFrameError as e:
+                self.logger.info("shadow wal %s unusable (%s): a new generation will start", path, e)
+                os.close(fd)
+                return self.pos
+            size = os.fstat(fd).st_size
+            end = None
+            if wal_fd >= 0 and trusted is not None and trusted.salt == header[16:24] \
+                    and os.pread(wal_fd, WAL_HEADER_SIZE, 0) == header:
+                end = self._end_by_comparison(fd, wal_fd, min(size, calc_wal_size(page_size, trusted.max_frame)))
+            if end is None:
+                end = self._end_by_checksums(fd, hdr)
+            s0, s1 = hdr.checksum1, hdr.checksum2
+            if end > WAL_HEADER_SIZE:
+                fs = page_size + WAL_FRAME_HEADER_SIZE
+                s0, s1 = struct.unpack(">II", os.pread(fd, 8, end - fs + 16))
+            if size > end:
+                self.logger.info("shadow wal %s: cut %d bytes after the last commit frame", path, size - end)
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+        except BaseException:
             os.close(fd)
-            self.logger.info("shadow wal %s unusable (%s): a new generation will start", path, e)
-            return self.pos
-        s0, s1 = hdr.checksum1, hdr.checksum2
-        end = WAL_HEADER_SIZE
-        fs = page_size + WAL_FRAME_HEADER_SIZE
-        for off, frame, is_commit in iter_wal_frames(fd, WAL_HEADER_SIZE, hdr, s0, s1):
-            if is_commit:
-                end = off + fs
-                s0, s1 = struct.unpack(">II", frame[16:24])
-        size = os.fstat(fd).st_size
-        if size > end:
-            self.logger.info("shadow wal %s: cut %d bytes after the last commit frame", path, size - end)
-            os.ftruncate(fd, end)
-            os.fsync(fd)
+            raise
         self._fd, self.header, self._hdr = fd, header, hdr
-        self._checksum = (s0, s1) if end > WAL_HEADER_SIZE else (hdr.checksum1, hdr.checksum2)
+        self._checksum = (s0, s1)
         self.pos = Pos(gen, idx[-1], end)
         return self.pos
+
+    def _end_by_checksums(self, fd: int, hdr: WALHeader) -> int:
+        # The end of the last commit frame whose checksum chain holds.
+        end = WAL_HEADER_SIZE
+        fs = self.page_size + WAL_FRAME_HEADER_SIZE
+        for off, _, is_commit in iter_wal_frames(fd, WAL_HEADER_SIZE, hdr, hdr.checksum1, hdr.checksum2):
+            if is_commit:
+                end = off + fs
+        return end
+
+    def _end_by_comparison(self, fd: int, wal_fd: int, limit: int) -> int:
+        # The end of the last commit frame in the longest prefix the shadow
+        # shares with the real WAL, within what SQLite says is committed.
+        fs = self.page_size + WAL_FRAME_HEADER_SIZE
+        step = max(1, SHADOW_WRITE_CHUNK // fs) * fs
+        off = end = WAL_HEADER_SIZE
+        while off + fs <= limit:
+            n = min(step, (limit - off) // fs * fs)
+            a, b = memoryview(os.pread(fd, n, off)), memoryview(os.pread(wal_fd, n, off))
+            frames = min(len(a), len(b)) // fs
+            for i in range(frames):
+                fa = a[i * fs:(i + 1) * fs]
+                if fa != b[i * fs:(i + 1) * fs]:
+                    return end
+                if fa[4:8] != b"\0\0\0\0":
+                    end = off + (i + 1) * fs
+            if frames * fs < n:
+                break
+            off += n
+        return end
 
     def new_generation(self) -> str:
         """Create a new generation's directory and return its name (not yet current)."""
@@ -3326,6 +3413,11 @@ class ShadowWAL:
         if hdr.page_size != self.page_size:
             raise LitestreamError("wal page size %d does not match db page size %d"
                                   % (hdr.page_size, self.page_size))
+        if self._fd >= 0 and self.pos.generation == generation and index == self.pos.index + 1:
+            # The finished index is read by its size from now on: nothing
+            # past pos may remain in it.
+            os.ftruncate(self._fd, self.pos.offset)
+            os.fsync(self._fd)
         path = self.path(generation, index)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -3571,8 +3663,12 @@ class _DBLock:
                 raise LitestreamError("%s: cannot lock %s: %s" % (db_path, self.path, e.strerror)) from None
             raise LitestreamError("%s: already replicated by another litestream (pid %s, lock %s)"
                                   % (db_path, pid or "unknown", self.path)) from None
-        os.ftruncate(fd, 0)
-        pwrite_all(fd, ("%d\n" % os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            pwrite_all(fd, ("%d\n" % os.getpid()).encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise LitestreamError("%s: cannot write %s: %s" % (db_path, self.path, e.strerror)) from None
         self._fd = fd
 
     @staticmethod
@@ -3612,6 +3708,9 @@ def _forget_dbs_after_fork() -> None:
     # with the parent).
     for db in list(_OPEN_DBS):
         db._forked()
+        log.error("%s: forked while replicating it: SQLite connections this process opens to it now do not "
+                  "lock it correctly (SQLite forbids carrying connections across fork()); run the replicator "
+                  "in a separate process", db.name)
 
 
 if hasattr(os, "register_at_fork"):
@@ -3678,12 +3777,14 @@ class DB:
         self._own_schedulers: List[Scheduler] = []
         self._background = False
         self._opened = False
-        self._closed = False
+        self._stopping = False   # close() has begun
+        self._closed = False     # close() is done, or this is a forked child's copy
         self._replicas_started = False
         self._new_generation_reason = ""   # set when the next sync must start a generation
         self._no_ckpt_on_close = False     # closing our connections leaves the WAL alone (3.12+)
         self._enospc = 0                   # syncs in a row that could not copy anything: disk full
         self._enospc_replica_pos: Dict[str, Pos] = {}
+        self._enospc_since = 0.0
 
     def __repr__(self) -> str:
         return "DB(%r)" % self.path
@@ -3731,7 +3832,7 @@ class DB:
         try:
             if self._background:
                 if self.scheduler is None:
-                    self.scheduler = Scheduler("sync", 1)
+                    self.scheduler = Scheduler("sync", 1, short_tasks=True)
                     self._own_schedulers.append(self.scheduler)
                 if self.replica_scheduler is None:
                     self.replica_scheduler = Scheduler("replica", max(2, len(self.replicas)))
@@ -3741,6 +3842,9 @@ class DB:
             if os.path.exists(self.path):
                 self.sync()
         except BaseException:
+            with self._lock:
+                self._close_sqlite()
+                self.shadow.close()
             self._release()
             raise
         if self._background:
@@ -3762,11 +3866,11 @@ class DB:
 
         With timeout (or a shared deadline), replicas still uploading when
         it passes are abandoned and reported.  Closing always finishes; the
-        first error is raised afterwards.
+        first error is raised afterwards.  A closed DB cannot sync again.
         """
-        if self._closed:
+        if self._stopping:
             return
-        self._closed = True
+        self._stopping = True
         dl = deadline or _Deadline(timeout)
         first: Optional[BaseException] = None
         if self._task is not None:
@@ -3779,7 +3883,6 @@ class DB:
                 try:
                     if self._conn is not None or (self._opened and os.path.exists(self.path)):
                         self.sync()
-                        self._write_shutdown_record()
                 finally:
                     self._lock.release()
             else:
@@ -3790,11 +3893,23 @@ class DB:
         if self._conn is not None:
             e = self._final_replica_syncs(dl)
             first = first or e
+            with self._lock:
+                self._write_shutdown_record(dl)
         for r in self.replicas:
             r.client.close()
+        # A snapshot still reading through our descriptor (its replica ran
+        # out of time) must not read another file that reuses the number.
+        r = dl.remaining()
+        snapshot_done = self._chk_lock.acquire(timeout=-1 if r is None else max(r, 0.5))
         with self._lock:
+            if not snapshot_done and self._db_file is not None:
+                _keep_forever(self._db_file)
+                self._db_file = None
             self._close_sqlite()
             self.shadow.close()
+        if snapshot_done:
+            self._chk_lock.release()
+        self._closed = True
         self._release()
         if first is not None:
             raise first
@@ -3815,11 +3930,15 @@ class DB:
                                     name="litestream-final:%s:%s" % (self.name, r.name)) for r in self.replicas]
         for t in threads:
             t.start()
+        for t in threads:
+            dl.join(t)
+        late = [(r, t) for r, t in zip(self.replicas, threads) if t.is_alive()]
+        for r, _ in late:
+            r.client.abort()
+        _join_all([t for _, t in late], 2.0)  # one grace period for all, to notice the abort
         first = None
         for r, t in zip(self.replicas, threads):
-            if not dl.join(t):
-                r.client.abort()
-                t.join(2.0)
+            if t.is_alive():
                 errors.setdefault(r.name, LitestreamError(
                     "%s(%s): final sync did not finish in time" % (self.name, r.name)))
             e = errors.get(r.name)
@@ -3831,7 +3950,7 @@ class DB:
 
     def _forked(self) -> None:
         """Make this copy of the DB, in a forked child, inert (see _forget_dbs_after_fork)."""
-        self._closed = True
+        self._closed = self._stopping = True
         for c in (self._rconn, self._conn):
             if c is not None:
                 _keep_forever(c)
@@ -3874,8 +3993,9 @@ class DB:
                 os.close(fd)
         self._wal_fd = self._shm_fd = -1
         # Closing our fd of the DB file last: POSIX drops every lock this
-        # process holds on the file when any of its fds closes, and SQLite's
-        # connections are gone by now.
+        # process holds on the file when any of its fds closes, and our
+        # SQLite connections to it are closed (or, for a replaced file, kept
+        # for good: their locks on the old file no longer matter).
         if self._db_file is not None:
             self._db_file.close()
             self._db_file = None
@@ -3965,21 +4085,27 @@ class DB:
         except BaseException:
             self._close_sqlite_after_failed_init(f)
             raise
-        os.makedirs(self.meta_path, mode=0o700, exist_ok=True)
-        record = self._take_shutdown_record()
-        self.shadow.open(self.page_size)
-        # If the real WAL no longer continues the last shadow WAL, the
-        # position is unknown unless our clean-shutdown record proves the
-        # database file is still exactly what the shadow WAL describes;
-        # otherwise clear the generation so sync starts a new one.
-        gen = self.shadow.pos.generation
-        if gen and not self._new_generation_reason and not self._headers_match():
-            why = self._resume_after_shutdown(gen, record)
-            if why:
-                self.logger.info("%s: init: cannot determine last wal position, clearing generation (%s)",
-                                 self.name, why)
-                self.shadow.remove_generation()
-        self.shadow.remove_other_generations()
+        try:
+            os.makedirs(self.meta_path, mode=0o700, exist_ok=True)
+            record = self._take_shutdown_record()
+            self.shadow.open(self.page_size, self._wal_fd, self._wal_index_header())
+            # If the real WAL no longer continues the last shadow WAL, the
+            # position is unknown unless our clean-shutdown record proves the
+            # database file is still exactly what the shadow WAL describes;
+            # otherwise clear the generation so sync starts a new one.
+            gen = self.shadow.pos.generation
+            if gen and not self._new_generation_reason and not self._headers_match():
+                why = self._resume_after_shutdown(gen, record)
+                if why:
+                    self.logger.info("%s: init: cannot determine last wal position, clearing generation (%s)",
+                                     self.name, why)
+                    self.shadow.remove_generation()
+            self.shadow.remove_other_generations()
+        except BaseException:
+            # Half initialised is not initialised: the next sync starts over.
+            self._close_sqlite()
+            self.shadow.close()
+            raise
         self.logger.info("%s: initialized db path=%s", self.name, self.path)
         if self._background and not self._replicas_started:
             self._replicas_started = True
@@ -4013,25 +4139,54 @@ class DB:
             h.update(b)
         return h.hexdigest()
 
-    def _write_shutdown_record(self) -> None:
-        """Record the database's state at a clean shutdown (see above)."""
+    def _write_shutdown_record(self, dl: Optional[_Deadline] = None) -> None:
+        """Record the database's state at a clean shutdown (see above).
+
+        The hash of a large file is taken with the write lock released, so
+        the application is not held up: the wal-index's change counter,
+        frame count and backfill mark, unchanged when the lock is taken
+        again, prove that nothing committed (and so nothing could be
+        checkpointed into the file) meanwhile.
+        """
         if self._conn is None or not self.shadow.pos.generation:
+            return
+        if dl is not None and dl.expired():
+            self.logger.info("%s: shutdown: no time left for a shutdown record", self.name)
             return
         try:
             with self._locked_backfill(False, reacquire=False) as (n_log, n_ckpt):
-                self._record_if_backfilled(n_log, n_ckpt)
+                if n_log != n_ckpt:
+                    self.logger.info("%s: shutdown: other readers hold the wal; no shutdown record", self.name)
+                    return
+                mark = self._wal_index_mark()
+                size = os.fstat(self._db_file.fileno()).st_size
+                if mark is None or size <= SHUTDOWN_HASH_UNDER_LOCK:
+                    self._record(size, self._hash_db_file())
+                    return
+            digest = self._hash_db_file()
+            self._begin_write()
+            try:
+                if self._wal_index_mark() != mark or os.fstat(self._db_file.fileno()).st_size != size:
+                    self.logger.info("%s: shutdown: the database changed while it was hashed; "
+                                     "no shutdown record", self.name)
+                    return
+                self._record(size, digest)
+            finally:
+                self._conn.execute("ROLLBACK")
         except _WriteLockBusy as e:
             self.logger.info("%s: shutdown: no shutdown record: %s", self.name, e)
 
-    def _record_if_backfilled(self, n_log: int, n_ckpt: int) -> None:
-        """Write the shutdown record, if the whole WAL is in the database file."""
-        if n_log != n_ckpt:
-            self.logger.info("%s: shutdown: other readers hold the wal; no shutdown record", self.name)
-            return
+    def _wal_index_mark(self):
+        """Return what changes in the wal-index whenever anything commits or is checkpointed, or None."""
+        h = self._wal_index_header()
+        if h is None:
+            return None
+        return h.change, h.max_frame, h.salt, os.pread(self._shm_fd, 4, 96)
+
+    def _record(self, size: int, digest: str) -> None:
         pos = self.shadow.pos
         rec = {"generation": pos.generation, "index": pos.index, "offset": pos.offset,
-               "wal_header": self.shadow.header.hex(), "db_size": os.fstat(self._db_file.fileno()).st_size,
-               "db_sha256": self._hash_db_file()}
+               "wal_header": self.shadow.header.hex(), "db_size": size, "db_sha256": digest}
         atomic_write(self.shutdown_record_path(), json.dumps(rec).encode())
 
     def _take_shutdown_record(self) -> Optional[dict]:
@@ -4075,7 +4230,12 @@ class DB:
     def _acquire_read_lock(self) -> None:
         if not self._rconn.in_transaction:
             self._rconn.execute("BEGIN")
-            self._rconn.execute("SELECT COUNT(1) FROM _litestream_seq").fetchone()
+            try:
+                # BEGIN is deferred: the read lock is only taken by a read.
+                self._rconn.execute("SELECT COUNT(1) FROM _litestream_seq").fetchone()
+            except BaseException:
+                self._rconn.execute("ROLLBACK")
+                raise
 
     def _release_read_lock(self) -> None:
         if self._rconn.in_transaction:
@@ -4120,16 +4280,26 @@ class DB:
         and raises LitestreamError when the shadow WAL could not be written
         (after waking them for what was written).
         """
+        if self._closed:
+            raise LitestreamError("%s: the database is closed" % self.name)
         with self._lock:
             if self._conn is not None:
                 why = self._replaced()
                 if why:
                     # A database renamed over ours (or removed): never mix
-                    # its WAL with our file.  Start again from the new file.
-                    self.logger.warning("%s: %s while replicating: reopening", self.name, why)
-                    self._drop_stale_sqlite()
-                    self.shadow.close()
-                    self._new_generation_reason = why
+                    # its WAL with our file.  Start again from the new file,
+                    # once no snapshot reads the old one through our
+                    # descriptor (until then, nothing new can reach the old
+                    # file's WAL anyway).
+                    if not self._chk_lock.acquire(blocking=False):
+                        return SyncResult(True, self.shadow.pos)
+                    try:
+                        self.logger.warning("%s: %s while replicating: reopening", self.name, why)
+                        self._drop_stale_sqlite()
+                        self.shadow.close()
+                        self._new_generation_reason = why
+                    finally:
+                        self._chk_lock.release()
             if self._conn is None:
                 if not os.path.exists(self.path):
                     return SyncResult(exists=False)
@@ -4142,10 +4312,16 @@ class DB:
                     self._create_generation(reason)
                     new_gen, changed = reason, True
                 elif restart:
-                    # The real WAL restarted but our last frame is intact: copy
-                    # what is left of the old cycle, then start the next index.
-                    copied += self._copy_or_raise(None, trusted=False)
-                    self._start_index(self.shadow.pos.generation, self.shadow.pos.index + 1)
+                    # The real WAL restarted but our last frame was intact:
+                    # copy what is left of the old cycle, then start the next
+                    # index.  The new cycle overwrites the old from the start,
+                    # so this happens under the write lock, after checking
+                    # again that it has not reached our last frame.
+                    n, reason = self._finish_old_cycle()
+                    copied += n
+                    if reason:
+                        self._create_generation(reason)
+                        new_gen = reason
                     changed = True
                 else:
                     # Copy in bounded chunks and wake the replicas after each,
@@ -4166,12 +4342,34 @@ class DB:
                     mode = ""
             except _ShadowWriteError as e:
                 self._shadow_write_failed(e.err, e.copied + copied)
+            except _WriteLockBusy as e:
+                self.logger.warning("%s: sync: wal restarted; write lock busy, trying again next sync: %s",
+                                    self.name, e)
             finally:
                 # Wake the replicas for what was copied even if a later step failed.
                 if copied or changed or mode:
                     self._broadcast()
                 self._clean_wal()
             return SyncResult(True, self.shadow.pos, copied, new_gen, mode)
+
+    def _finish_old_cycle(self) -> "tuple[int, str]":
+        """Copy the rest of a restarted WAL's old cycle and start the next index.
+
+        Returns (bytes copied, new-generation reason or "").  Raises
+        _WriteLockBusy if a writer keeps the lock (try again next sync).
+        """
+        fs = self.page_size + WAL_FRAME_HEADER_SIZE
+        self._begin_write()
+        try:
+            pos = self.shadow.pos
+            if pos.offset > WAL_HEADER_SIZE and \
+                    os.pread(self._wal_fd, fs, pos.offset - fs) != self.shadow.last_frame():
+                return 0, "wal overwritten by another process"
+            n = self._copy_or_raise(None, trusted=False)
+            self._start_index(pos.generation, pos.index + 1)
+            return n, ""
+        finally:
+            self._conn.execute("ROLLBACK")
 
     def _copy_or_raise(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True) -> int:
         res = self._copy(end, max_bytes, trusted)
@@ -4203,28 +4401,41 @@ class DB:
         path = self.shadow_wal_path(self.shadow.pos.generation, self.shadow.pos.index) \
             if self.shadow.pos.generation else self.meta_path
         full = err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        if full and copied == 0:
-            if self._enospc == 0:
-                self._enospc_replica_pos = {r.name: r.pos for r in self.replicas}
-            self._enospc += 1
-        else:
-            self._enospc = 0
+        now = time.monotonic()
+        if not (full and copied == 0):
+            self._enospc, self._enospc_since = 0, now
+            raise LitestreamError("%s: cannot write shadow wal %s: %s" % (self.name, path, err)) from err
+        positions = {r.name: r.pos for r in self.replicas}
+        moving = positions != self._enospc_replica_pos
+        if self._enospc == 0:
+            self._enospc_since = now
+        self._enospc += 1
+        self._enospc_replica_pos = positions
         # A full disk that replicas cannot drain (they are stuck, or what
         # they would free is the current index itself) would pin the WAL
         # and grow it until the application's disk fills too: after a few
-        # tries, drop the generation (its replica stays a clean prefix) and
-        # let a new one start from a snapshot once space returns.
-        if self._enospc >= 3:
-            gen = self.shadow.pos.generation
-            moving = any(r.pos != self._enospc_replica_pos.get(r.name) for r in self.replicas)
-            drainable = any(r.pos.generation == gen and r.pos.index < self.shadow.pos.index - 1
-                            for r in self.replicas)
-            if not (moving and drainable):
-                self._abandon_generation("shadow wal disk full (%s)" % path)
+        # tries (or a minute, however the replicas move), drop the
+        # generation (its replica stays a clean, restorable prefix) and let
+        # a new one start from a snapshot once space returns.
+        gen = self.shadow.pos.generation
+        drainable = any(r.pos.generation == gen and r.pos.index < self.shadow.pos.index - 1 for r in self.replicas)
+        if gen and self._enospc >= 3 and (not (moving and drainable) or now - self._enospc_since > 60):
+            if self._abandon_generation("shadow wal disk full (%s)" % path):
                 self._enospc = 0
         raise LitestreamError("%s: cannot write shadow wal %s: %s" % (self.name, path, err)) from err
 
-    def _abandon_generation(self, why: str) -> None:
+    def _abandon_generation(self, why: str) -> bool:
+        # A snapshot in progress relies on our read lock and on no restart:
+        # wait for it to end (a later sync gives up the generation then).
+        if not self._chk_lock.acquire(blocking=False):
+            return False
+        try:
+            self._abandon_generation_locked(why)
+        finally:
+            self._chk_lock.release()
+        return True
+
+    def _abandon_generation_locked(self, why: str) -> None:
         pos = self.shadow.pos
         self.logger.warning("%s: sync: giving up generation %s at %s: %s; a new generation will start "
                             "from a snapshot", self.name, pos.generation, pos, why)
@@ -4242,6 +4453,7 @@ class DB:
                 self._conn.execute("PRAGMA journal_size_limit = -1")
         except (LitestreamError, sqlite3.Error) as e:
             self.logger.warning("%s: sync: checkpoint after giving up the generation: %s", self.name, e)
+            self._release_read_lock()  # nothing to protect; holding it would pin the WAL
 
     def _checkpoint_mode(self, orig_wal_size: int, shadow_size: int, db_mtime: float) -> str:
         ps = self.page_size
@@ -4281,15 +4493,24 @@ class DB:
         return "", restart, wal_size
 
     def _create_generation(self, reason: str) -> None:
-        # The read lock protects the frames about to be copied; it is not
-        # held while there is no generation (see _shadow_write_failed).
+        # The read lock protects the frames about to be copied.  Without a
+        # generation there is nothing to protect, so a failed start lets it
+        # go: holding it would pin the WAL (see _shadow_write_failed).
         self._acquire_read_lock()
-        gen = self.shadow.new_generation()
+        gen = ""
         try:
-            self._start_index(gen, 0)
-            self.shadow.set_current(gen)
+            try:
+                gen = self.shadow.new_generation()
+                self._start_index(gen, 0)
+                self.shadow.set_current(gen)
+            except OSError as e:
+                raise _ShadowWriteError(e, 0) from e
         except BaseException:
-            self.shadow.remove_generation()
+            if self.shadow.pos.generation == gen:
+                self.shadow.close()
+                self.shadow.pos = Pos()
+            if gen:
+                shutil.rmtree(os.path.join(self.meta_path, "generations", gen), ignore_errors=True)
             self._release_read_lock()
             raise
         self._new_generation_reason = ""
@@ -4331,6 +4552,13 @@ class DB:
             finally:
                 self._chk_lock.release()
 
+    def _begin_write(self) -> None:
+        """Take SQLite's write lock on our connection; _WriteLockBusy after the busy timeout."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise _WriteLockBusy(str(e)) from e
+
     @contextlib.contextmanager
     def _locked_backfill(self, wait_for_readers: bool, reacquire: bool, copy: bool = True):
         """Hold the write lock, copy every committed frame, then backfill.
@@ -4343,10 +4571,7 @@ class DB:
         timeout.  Raises _WriteLockBusy if the lock stays busy, and the
         copy's write error if the copy fails (nothing is backfilled then).
         """
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise _WriteLockBusy(str(e)) from e
+        self._begin_write()
         try:
             if copy:
                 self._copy_or_raise(None)
@@ -4473,8 +4698,22 @@ class _SnapshotSource:
         return self
 
     def chunks(self, chunk: int = 4 << 20):
-        """Yield the database file from offset 0 to EOF through the long-lived fd."""
-        return pread_chunks(self.db._db_file.fileno(), 0, None, chunk)
+        """Yield the database file from offset 0 to EOF through the long-lived fd.
+
+        Raises LitestreamError at the end (so the upload fails) if the
+        database's descriptor or generation changed while it was read.
+        """
+        db = self.db
+        f = db._db_file
+        if f is None:
+            raise LitestreamError("%s: snapshot: the database is closed" % db.name)
+        ident = os.fstat(f.fileno())
+        yield from pread_chunks(f.fileno(), 0, None, chunk)
+        st = os.fstat(f.fileno()) if db._db_file is f else None
+        if st is None or (st.st_dev, st.st_ino) != (ident.st_dev, ident.st_ino) \
+                or db.pos().generation != self.pos.generation:
+            raise LitestreamError("%s: snapshot %s/%08x: the database changed while it was read"
+                                  % (db.name, self.pos.generation, self.pos.index))
 
     def __exit__(self, *exc):
         self.db._chk_lock.release()
@@ -4559,6 +4798,7 @@ class Replica:
         self.last_error = ""
         self.last_success = 0.0       # clock() of the last successful sync
         self._failing_since = 0.0
+        self._snapshot_failures = 0
         self._mu = threading.Lock()    # one sync, snapshot or retention pass at a time
         self._changed = threading.Condition()  # notified when pos moves
         self._tasks: List[Task] = []
@@ -4606,8 +4846,8 @@ class Replica:
     def wake(self) -> None:
         """Ask for an upload: the DB's shadow WAL changed.
 
-        At most one upload per sync interval; while failing, the retry
-        timer decides.
+        At most one upload per sync interval; while syncs are failing,
+        the retry timer decides when the next attempt is.
         """
         t = self._sync_task
         if t is not None and not self.failures:
@@ -4636,23 +4876,23 @@ class Replica:
 
     # Timers ------------------------------------------------------------------
 
-    def _retry_delay(self) -> float:
+    def _retry_delay(self, failures: int) -> float:
         # Jittered ("equal jitter") exponential backoff: the first retry
         # comes after about one sync interval.
-        d = min(self.max_retry_delay, max(self.sync_interval, 0.1) * (2 ** min(self.failures - 1, 30)))
+        d = min(self.max_retry_delay, max(self.sync_interval, 0.1) * (2 ** min(failures - 1, 30)))
         return d / 2 + random.uniform(0, d / 2)
 
-    def _failed(self, what: str, e: BaseException) -> float:
+    def _sync_failed(self, e: BaseException) -> float:
         if not self.failures:
             self._failing_since = self.clock()
         self.failures += 1
         self.last_error = str(e)
-        delay = self._retry_delay()
-        self.db.logger.warning("%s: %s failed (attempt %d), retrying in %.1fs: %s",
-                               self._label(), what, self.failures, delay, e)
+        delay = self._retry_delay(self.failures)
+        self.db.logger.warning("%s: sync failed (attempt %d), retrying in %.1fs: %s",
+                               self._label(), self.failures, delay, e)
         return delay
 
-    def _recovered(self) -> None:
+    def _sync_recovered(self) -> None:
         if self.failures:
             self.db.logger.info("%s: replica caught up after %d failed attempts; it was behind for %.1fs",
                                 self._label(), self.failures, self.clock() - self._failing_since)
@@ -4664,8 +4904,9 @@ class Replica:
         try:
             self.sync()
         except Exception as e:
-            return self._failed("sync", e)
-        self._recovered()
+            return self._sync_failed(e)
+        if self.pos.generation:
+            self._sync_recovered()
         return None
 
     def _retention_step(self) -> Optional[float]:
@@ -4689,7 +4930,13 @@ class Replica:
         except NoGenerationError:
             return min(self.snapshot_interval, 1.0)
         except Exception as e:
-            return self._failed("snapshot", e)
+            # Its own count: a failed snapshot must not hold off WAL uploads.
+            self._snapshot_failures += 1
+            delay = self._retry_delay(self._snapshot_failures)
+            self.db.logger.warning("%s: snapshot failed (attempt %d), retrying in %.1fs: %s",
+                                   self._label(), self._snapshot_failures, delay, e)
+            return delay
+        self._snapshot_failures = 0
         return self.snapshot_interval
 
     def _stale_uploads_step(self) -> Optional[float]:
@@ -4717,6 +4964,8 @@ class Replica:
         The position is recomputed from the replica when the generation
         changes or after any error, so nothing already stored is sent again.
         """
+        if self.db is not None and self.db._closed:
+            raise LitestreamError("%s: the database is closed" % self._label())
         with self._mu:
             return self._sync_locked()
 
@@ -6317,7 +6566,7 @@ class Replicator:
         if self.background:
             # A few threads copy WALs (local I/O); more upload, since a slow
             # store holds a thread for as long as a request takes.
-            db_sched = Scheduler("sync", min(4, len(cfg.dbs)))
+            db_sched = Scheduler("sync", min(4, len(cfg.dbs)), short_tasks=True)
             rep_sched = Scheduler("replica", min(64, max(2, n_replicas)))
             self._schedulers = [db_sched, rep_sched]
         self.dbs = [new_db_from_config(dc, scheduler=db_sched, replica_scheduler=rep_sched) for dc in cfg.dbs]
@@ -6439,22 +6688,30 @@ class Replicator:
         if not self.background:
             return self.sync(path)
         end = None if timeout is None else time.monotonic() + timeout
+        targets = {"pos": target}
 
         def done(p):
-            # A newer generation holds everything the old one had (it starts from a snapshot).
-            return p.generation == target.generation and p >= target or (
-                p.generation and p.generation != target.generation and p.generation == db.pos().generation)
+            # A newer generation holds everything the old one had, once the
+            # replica reaches where the database was when the change was seen.
+            t = targets["pos"]
+            if t.generation != db.pos().generation and db.pos().generation:
+                t = targets["pos"] = db.pos()
+            return bool(p.generation) and p.generation == t.generation and p >= t
 
         for r in db.replicas:
-            left = None if end is None else max(0.0, end - time.monotonic())
             r.wake()
-            if not r.wait_pos(done, left):
-                behind = [x for x in db.replicas if not done(x.pos)]
-                raise TimeoutError("%s: not replicated within %ss: %s" % (db.name, timeout, ", ".join(
-                    "%s at %s (%s%s)" % (x.name, x.pos or "nothing", x.behind(),
-                                         ", last error: " + x.last_error if x.last_error else "")
-                    for x in behind)))
-        return target
+            while True:
+                left = None if end is None else max(0.0, end - time.monotonic())
+                # Short waits: a generation change moves the target.
+                if r.wait_pos(done, 0.5 if left is None else min(0.5, left)):
+                    break
+                if left is not None and left <= 0:
+                    behind = [x for x in db.replicas if not done(x.pos)]
+                    raise TimeoutError("%s: not replicated within %ss: %s" % (db.name, timeout, ", ".join(
+                        "%s at %s (%s%s)" % (x.name, x.pos or "nothing", x.behind(),
+                                             ", last error: " + x.last_error if x.last_error else "")
+                        for x in behind)))
+        return targets["pos"]
 
 
 def _parallel(fns, name: str, limit: int = 16, deadline: Optional[_Deadline] = None, on_timeout=None) -> None:
@@ -6491,13 +6748,13 @@ def _parallel(fns, name: str, limit: int = 16, deadline: Optional[_Deadline] = N
         elif not deadline.join(t):
             # Everything still running was told about the deadline; give it
             # a moment to notice, then stop waiting.
-            for t2 in threads:
-                t2.join(2.0)
+            _join_all(threads, 2.0)
             if any(t2.is_alive() for t2 in threads) and on_timeout:
                 on_timeout()
             break
     if errors:
         raise errors[0]
+
 
 
 def restore(replica, output_path: str, *, timestamp: Optional[datetime.datetime] = None,
@@ -6683,8 +6940,10 @@ def _parse_timestamp(s: str) -> datetime.datetime:
 
 
 class _Signals:
-    """SIGINT and SIGTERM as flags for the main thread: handlers only record, never raise.
+    """SIGINT and SIGTERM recorded for the main thread, which polls them.
 
+    The handler only appends to a list: anything that takes a lock (even
+    Event.set) could deadlock with the very code the signal interrupted.
     The first signal asks for shutdown.  Later ones never cut a final sync
     short, except a repeated SIGINT from a person at a terminal (stdin is a
     TTY), which aborts it.
@@ -6692,8 +6951,6 @@ class _Signals:
 
     def __init__(self):
         self.received: List[int] = []
-        self.stop = threading.Event()
-        self.abort = threading.Event()
         self._old: Dict[int, object] = {}
         self._interactive = sys.stdin is not None and sys.stdin.isatty()
 
@@ -6708,9 +6965,19 @@ class _Signals:
 
     def _handle(self, signum, frame) -> None:
         self.received.append(signum)
-        if len(self.received) > 1 and signum == signal.SIGINT and self._interactive:
-            self.abort.set()
-        self.stop.set()
+
+    @property
+    def abort(self) -> bool:
+        return self._interactive and signal.SIGINT in self.received[1:]
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait up to timeout seconds (None: forever) for a signal; return whether one came."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.received:
+            if end is not None and time.monotonic() >= end:
+                return False
+            time.sleep(0.1 if end is None else max(0.0, min(0.1, end - time.monotonic())))
+        return True
 
 
 def _parse_exec(cmd: str) -> List[str]:
@@ -6760,18 +7027,18 @@ def cmd_replicate(args) -> int:
     except BaseException:
         sigs.restore()
         raise
-    code, err = 0, None
+    code, err, end = 0, None, None
     try:
         if args.once:
-            try:
-                rep.sync_all()
-            except ShutdownError:
-                code = 1  # each failure was logged
+            code = _sync_once(rep, sigs)
         else:
-            code, err = _run_until_stopped(sigs, argv, timeout)
+            code, err, end = _run_until_stopped(sigs, argv, timeout)
     finally:
+        # One bound from the first signal: time the -exec child took to
+        # exit is not given again to the final sync.
+        left = timeout if end is None else max(0.5, end - time.monotonic())
         try:
-            _close_replicator(rep, sigs)
+            _close_replicator(rep, sigs, left)
         except ShutdownError as e:
             log.error("%s", e)
             code = code or 1
@@ -6783,8 +7050,35 @@ def cmd_replicate(args) -> int:
     return code
 
 
+def _sync_once(rep: "Replicator", sigs: _Signals) -> int:
+    """Sync every database and replica once (replicate -once), or until a signal; return the exit code."""
+    result: List[int] = []
+
+    def run():
+        try:
+            rep.sync_all()
+            result.append(0)
+        except ShutdownError:
+            result.append(1)  # each failure was logged
+        except BaseException as e:
+            log.error("%s", e)
+            result.append(1)
+
+    t = threading.Thread(target=run, name="litestream-once", daemon=True)
+    t.start()
+    while t.is_alive():
+        if sigs.wait(0.2):
+            log.info("signal received, litestream shutting down")
+            return 1
+    return result[0] if result else 1
+
+
 def _run_until_stopped(sigs: _Signals, argv: Optional[List[str]], timeout: float):
-    """Wait for a signal or the -exec child; return (exit code, error to raise after shutdown)."""
+    """Wait for a signal or the -exec child.
+
+    Returns (exit code, error to raise after shutdown, monotonic end of the
+    shutdown bound or None when it starts only now).
+    """
     import subprocess
     child = None
     if argv:
@@ -6792,31 +7086,31 @@ def _run_until_stopped(sigs: _Signals, argv: Optional[List[str]], timeout: float
             child = subprocess.Popen(argv)
         except OSError as e:
             log.error("cannot start exec command: %s", e)
-            return 1, LitestreamError("cannot start exec command %r: %s" % (argv[0], e.strerror or e))
-    while not sigs.stop.wait(0.2 if child else None):
+            return 1, LitestreamError("cannot start exec command %r: %s" % (argv[0], e.strerror or e)), None
+    while not sigs.wait(0.2 if child else None):
         if child is not None and child.poll() is not None:
             log.info("subprocess exited with code %d, litestream shutting down", child.returncode)
-            return _child_code(child.returncode, None), None
+            return _child_code(child.returncode, None), None, None
     log.info("signal received, litestream shutting down")
+    end = time.monotonic() + timeout
     if child is None:
-        return 0, None
+        return 0, None, end
     # Forward every signal to the child and give it until the shutdown
     # bound to exit; replication keeps running meanwhile.
     forwarded = 0
-    end = time.monotonic() + timeout
     while child.poll() is None:
         while forwarded < len(sigs.received):
             with contextlib.suppress(OSError):
                 child.send_signal(sigs.received[forwarded])
             forwarded += 1
-        if time.monotonic() >= end or sigs.abort.is_set():
+        if time.monotonic() >= end or sigs.abort:
             log.error("subprocess did not exit within the shutdown timeout (%s); killing it", _fmt_seconds(timeout))
             child.kill()
             child.wait()
-            return 1, None
+            return 1, None, end
         time.sleep(0.05)
     log.info("subprocess exited with code %d", child.returncode)
-    return _child_code(child.returncode, sigs.received[:forwarded]), None
+    return _child_code(child.returncode, sigs.received[:forwarded]), None, end
 
 
 def _child_code(rc: int, forwarded) -> int:
@@ -6827,31 +7121,29 @@ def _child_code(rc: int, forwarded) -> int:
     return rc
 
 
-def _close_replicator(rep: "Replicator", sigs: _Signals) -> None:
-    """Close rep within its shutdown timeout, answering repeated signals while it runs."""
-    done = threading.Event()
+def _close_replicator(rep: "Replicator", sigs: _Signals, timeout: float) -> None:
+    """Close rep within timeout seconds, answering repeated signals while it runs."""
     errors: List[BaseException] = []
 
     def run():
         try:
-            rep.close()
+            rep.close(timeout)
         except BaseException as e:
             errors.append(e)
-        finally:
-            done.set()
 
     t = threading.Thread(target=run, name="litestream-shutdown", daemon=True)
     seen = len(sigs.received)
     t.start()
-    while not done.wait(0.1):
+    while t.is_alive():
+        t.join(0.1)
         if len(sigs.received) > seen:
             seen = len(sigs.received)
-            if sigs.abort.is_set():
+            if sigs.abort:
                 log.warning("signal received again: abandoning the final sync")
                 rep.abort()
             else:
                 log.info("signal received again: still running the final sync (bounded by the "
-                         "shutdown timeout, %s)", _fmt_seconds(rep.shutdown_timeout))
+                         "shutdown timeout, %s)", _fmt_seconds(timeout))
     if errors:
         raise errors[0]
 

@@ -1134,6 +1134,48 @@ class TestDBSync(TempDirTestCase):
         p = db.pos()
         self.assertEqual(os.path.getsize(db.shadow_wal_path(p.generation, p.index)), end)
 
+    def test_start_cuts_what_a_crash_left_past_the_last_commit(self):
+        """Ensure start-up cuts a shadow WAL's bytes past its last valid commit: junk, or valid frames of no commit."""
+        fs = 4096 + 24
+        for tail, check in itertools.product(("junk", "uncommitted frames"), ("compare", "checksums")):
+            with self.subTest(tail=tail, check=check):
+                meta = self.path("meta-%s-%s" % (tail.split()[0], check))
+                db = open_db(self.dbpath, meta_path=meta)
+                self.app.insert(3, tag=tail)
+                db.sync()
+                p = db.pos()
+                db.close()
+                shadow = db.shadow_wal_path(p.generation, p.index)
+                good = read_file(shadow)
+                if tail == "junk":
+                    extra = os.urandom(2 * fs + 100)
+                else:
+                    # Frames as the app writes them before its commit: valid
+                    # salt and chain, commit field 0, in the WAL as well.
+                    wal = read_file(self.dbpath + "-wal")[:len(good)]
+                    hdr = ls.parse_wal_header(wal[:32])
+                    fmt = ">%dI" if hdr.big_endian else "<%dI"
+                    s0, s1 = struct.unpack(">II", wal[-fs + 16:-fs + 24])
+                    extra = b""
+                    for pgno in (2, 3):
+                        fh = struct.pack(">II", pgno, 0)
+                        page = os.urandom(4096)
+                        s0, s1 = _ref_checksum(struct.unpack(fmt % 2, fh) + struct.unpack(fmt % 1024, page), s0, s1)
+                        extra += fh + struct.pack(">4I", hdr.salt1, hdr.salt2, s0, s1) + page
+                    with open(self.dbpath + "-wal", "r+b") as f:
+                        f.seek(len(good))
+                        f.write(extra)
+                with open(shadow, "ab") as f:
+                    f.write(extra)
+                with contextlib.ExitStack() as stack:
+                    if check == "checksums":
+                        stack.enter_context(mock.patch.object(ls.DB, "_wal_index_header", lambda self: None))
+                    db = open_db(self.dbpath, meta_path=meta)
+                self.addCleanup(db.close)
+                self.assertEqual(read_file(shadow), good)
+                self.assertEqual(db.pos(), p)
+                db.close()
+
     def test_no_commit_between_copy_and_checkpoint(self):
         """Ensure the app cannot commit between the last copy and the checkpoint (format note §12.2)."""
         db, r = self.open_synced()
