@@ -97,6 +97,7 @@ DEFAULT_TRUNCATE_PAGE_N = 500000
 DEFAULT_SYNC_INTERVAL = 1.0
 DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_RETENTION_CHECK_INTERVAL = 3600.0
+DEFAULT_RETENTION_MIN_SNAPSHOTS = 1
 DEFAULT_RESTORE_PARALLELISM = 8
 RESTORE_RANGED_GET_MIN = 16 << 20  # snapshots this big are fetched with parallel ranged GETs
 BUSY_TIMEOUT = 1.0
@@ -4530,6 +4531,8 @@ class Replica:
       sync_interval             seconds between uploads while the DB changes.
       retention                 keep snapshots this long; 0 disables the retainer.
       retention_check_interval  how often retention is enforced.
+      retention_min_snapshots   snapshots of the current generation kept
+                                whatever their age (at least 1).
       snapshot_interval         take a snapshot this often; 0 = only when needed.
       max_retry_delay           the longest wait between retries of a failed sync.
 
@@ -4542,6 +4545,7 @@ class Replica:
                  sync_interval: float = DEFAULT_SYNC_INTERVAL,
                  retention: float = DEFAULT_RETENTION,
                  retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL,
+                 retention_min_snapshots: int = DEFAULT_RETENTION_MIN_SNAPSHOTS,
                  snapshot_interval: float = 0.0,
                  max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY,
                  clock=time.time):
@@ -4551,6 +4555,7 @@ class Replica:
         self.sync_interval = sync_interval
         self.retention = retention
         self.retention_check_interval = retention_check_interval
+        self.retention_min_snapshots = retention_min_snapshots
         self.snapshot_interval = snapshot_interval
         self.max_retry_delay = max_retry_delay
         self.clock = clock
@@ -4801,27 +4806,37 @@ class Replica:
     def enforce_retention(self) -> None:
         """Delete snapshots and WAL older than the retention window.
 
-        Deletes in an order that keeps the replica restorable throughout:
-        older snapshots first, then within each old index the later segments
-        before its offset-0 one, and never the current generation.
+        The current generation keeps its newest retention_min_snapshots
+        snapshots (at least one) whatever their age, and everything after
+        the oldest snapshot kept: a restore of the latest state, or of any
+        point after that snapshot, can never lose an object to retention.
+        If none of its snapshots is inside the window a new one is taken
+        first, as Go does, so the window stays bounded.  Deletes in an order
+        that keeps the replica restorable throughout: older snapshots first,
+        then within each old index the later segments before its offset-0
+        one.  Without a current generation (the DB is not there yet)
+        nothing is deleted.
         """
         with self._mu:
-            cur = self.db.pos().generation if self.db else ""
+            cur = (self.db.pos().generation if self.db else "") or self.pos.generation
+            if not cur:
+                return
             cutoff = self.clock() - self.retention
             gens = self.client.generations()
             snaps = {g: self.client.snapshots(g) for g in gens}
-            retained = [s for g in gens for s in snaps[g] if s.created_at.timestamp() >= cutoff]
-            if not retained and cur:
+            if not any(s.created_at.timestamp() >= cutoff for s in snaps.get(cur, ())):
                 info = self._snapshot()
-                retained.append(info)
-                snaps.setdefault(info.generation, []).append(info)
-                if info.generation not in gens:
-                    gens.append(info.generation)
+                cur = info.generation
+                snaps.setdefault(cur, []).append(info)
+                if cur not in gens:
+                    gens.append(cur)
             for g in gens:
-                keep = [s for s in retained if s.generation == g]
+                keep = [s for s in snaps[g] if s.created_at.timestamp() >= cutoff]
+                if g == cur:
+                    keep += sorted(snaps[g], key=lambda s: s.index)[-max(1, self.retention_min_snapshots):]
                 if not keep:
-                    if g in (cur, self.pos.generation):
-                        continue
+                    if g == self.pos.generation:
+                        continue  # still being uploaded to
                     self.client.delete_generation(g)
                     self.db.logger.info("%s: generation deleted %s", self._label(), g)
                     continue
@@ -5095,6 +5110,7 @@ class ReplicaConfig:
     path: str = ""
     retention: float = DEFAULT_RETENTION
     retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL
+    retention_min_snapshots: int = DEFAULT_RETENTION_MIN_SNAPSHOTS
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     snapshot_interval: float = 0.0
     validation_interval: float = 0.0
@@ -5393,7 +5409,7 @@ _S3_KEYS = {
 }
 _REPLICA_KEYS = dict({
     "type": str, "url": str, "path": str, "retention": parse_duration,
-    "retention-check-interval": _duration(strict=True),
+    "retention-check-interval": _duration(strict=True), "retention-min-snapshots": _int(1),
     "sync-interval": _duration(strict=True),
     "snapshot-interval": _duration(), "validation-interval": _duration(),
 }, **_S3_KEYS)
@@ -6218,6 +6234,7 @@ def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
     return Replica(db, rc.name or rc.type, new_replica_client_from_config(rc),
                    sync_interval=rc.sync_interval, retention=rc.retention,
                    retention_check_interval=rc.retention_check_interval,
+                   retention_min_snapshots=rc.retention_min_snapshots,
                    snapshot_interval=rc.snapshot_interval)
 
 
