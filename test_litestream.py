@@ -1435,6 +1435,30 @@ class TestRestore(TempDirTestCase):
         self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
         self.assertFalse(os.path.exists(out))
 
+    def test_segment_from_another_wal_fails_loudly(self):
+        """Ensure a valid segment of another database's WAL at the next offset fails the restore, naming it."""
+        self.step(5, size=500)
+        app2 = AppDB(self.path("db2"))
+        self.addCleanup(app2.close)
+        db2 = open_db(self.path("db2"))
+        self.addCleanup(db2.close)
+        r2 = open_replica(db2, self.path("rep2"))
+        for i in range(2):
+            app2.insert(3, tag="other")
+            db2.sync()
+            r2.sync()
+        src = [s for s in r2.client.wal_segments(db2.pos().generation) if s.offset][0]
+        last = self.r.client.wal_segments(self.gen)[-1]
+        p = ls.wal_segment_path(self.path("rep"), last.generation, last.index, last.offset)
+        end = last.offset + len(ls.lz4_decompress_frame(read_file(p)))
+        shutil.copy(ls.wal_segment_path(self.path("rep2"), src.generation, src.index, src.offset),
+                    ls.wal_segment_path(self.path("rep"), self.gen, last.index, end))
+        out = self.path("out.db")
+        with self.assertRaises(ls.CorruptFrameError) as cm:
+            ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertIn(ls.format_wal_segment_path(last.index, end), str(cm.exception))
+        self.assertFalse(os.path.exists(out))
+
     def test_snapshot_timer_uses_newest_snapshot_in_replica(self):
         """Ensure the snapshot timer counts from the replica's newest snapshot, so restarts keep it."""
         snap = self.r.client.snapshots(self.gen)[-1]
@@ -1478,6 +1502,333 @@ class TestRestore(TempDirTestCase):
         self.r.retention = 3600
         self.r.enforce_retention()
         self.assertIn(self.gen, self.r.client.generations())
+
+    def test_retention_min_snapshots(self):
+        """Ensure retention keeps the current generation's newest retention-min-snapshots snapshots and all WAL after them."""
+        for i in range(4):
+            self.step(30, tag="m%d" % i)
+            self.r.snapshot()
+        self.step(3, size=10)
+        rep = self.path("rep")
+        before = replica_objects(rep, "snapshots")
+        wal_before = replica_objects(rep, "wal")
+        for g, n in before:  # Every snapshot is past retention.
+            os.utime(os.path.join(rep, "generations", g, "snapshots", n), (1, 1))
+        self.r.retention, self.r.retention_min_snapshots = 3600, 3
+        self.r.enforce_retention()
+        after = replica_objects(rep, "snapshots")
+        newest = sorted(int(n[:8], 16) for _, n in before)[-3:]
+        self.assertEqual(sorted(int(n[:8], 16) for _, n in after)[-3:], newest)
+        self.assertEqual(min(int(n[:8], 16) for _, n in after), newest[0])
+        wal_after = replica_objects(rep, "wal")
+        self.assertEqual([w for w in wal_before if int(w[1][:8], 16) >= newest[0]],
+                         [w for w in wal_after if int(w[1][:8], 16) >= newest[0]])
+        self.assertTrue(all(int(n[:8], 16) >= newest[0] for _, n in wal_after))
+        out = self.path("out.db")
+        ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen, index=newest[0]))
+        self.assertEqual(integrity(out), "ok")
+
+    def test_retention_without_a_generation_deletes_nothing(self):
+        """Ensure retention with no current generation (the DB not there yet) deletes nothing however old."""
+        rep = self.path("rep")
+        for g, n in replica_objects(rep, "snapshots"):
+            os.utime(os.path.join(rep, "generations", g, "snapshots", n), (1, 1))
+        before = replica_objects(rep, "snapshots") + replica_objects(rep, "wal")
+        r = ls.Replica(None, "file", ls.FileReplicaClient(rep), retention=60)
+        r.enforce_retention()
+        self.assertEqual(replica_objects(rep, "snapshots") + replica_objects(rep, "wal"), before)
+
+
+class TestRestoreUnderRetention(TempDirTestCase):
+    def test_restores_while_retention_deletes(self):
+        """Ensure restores racing retention give a committed state (never an older one) or one clear line."""
+        rep, dbpath = self.path("rep"), self.path("db")
+        app = sqlite3.connect(dbpath, isolation_level=None, check_same_thread=False)
+        self.addCleanup(app.close)
+        app.execute("PRAGMA journal_mode=WAL")
+        app.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        db = open_db(dbpath, min_checkpoint_page_n=8)
+        self.addCleanup(db.close)
+        r = open_replica(db, rep, retention=0.001)  # all but the newest snapshot is past retention
+        db.sync()
+        r.sync()
+        gen = db.pos().generation
+        committed, uploaded = [0], [0]  # rows 1..k are committed / also in the replica
+        stop = threading.Event()
+        errors = []
+
+        def writer():
+            k, last_snap = 0, time.monotonic()
+            try:
+                while not stop.is_set():
+                    k += 1
+                    app.execute("INSERT INTO t (id, v) VALUES (?, ?)", (k, "row %d " % k + "x" * 3000))
+                    committed[0] = k
+                    db.sync()
+                    r.sync()
+                    uploaded[0] = k
+                    if time.monotonic() - last_snap > 0.15:
+                        r.snapshot()
+                        last_snap = time.monotonic()
+            except Exception as e:  # reported by the main thread
+                errors.append(e)
+
+        def retainer():
+            while not stop.wait(0.25):
+                try:
+                    r.enforce_retention()
+                except Exception as e:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=retainer)]
+        for t in threads:
+            t.start()
+        self.addCleanup(lambda: [stop.set()] + [t.join() for t in threads])
+        wait_for(lambda: uploaded[0] > 50, "the first rows")
+        restorer = ls.Replica(None, "file", ls.FileReplicaClient(rep))
+        ok = failed = 0
+        with self.assertLogs("litestream", "WARNING") as logs:
+            deadline = time.monotonic() + 6
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                lo = uploaded[0]
+                out = self.path("out-%d.db" % n)
+                target = None
+                if n % 4 == 0:  # an older point: its objects may be gone by the time they are read
+                    target = max(0, db.pos().index - 2)
+                try:
+                    ls.restore_replica(restorer, ls.RestoreOptions(out, gen, index=target, parallelism=1))
+                except ls.LitestreamError as e:
+                    msg = str(e)
+                    self.assertEqual(len(msg.splitlines()), 1, msg)
+                    self.assertIsNotNone(target, "restore of the latest state failed: %s" % msg)
+                    self.assertRegex(msg, r"deleted|no snapshots available|missing")
+                    failed += 1
+                    continue
+                hi = committed[0]
+                self.assertEqual(integrity(out), "ok")
+                ids = [i for (i,) in sqlite3.connect(out).execute("SELECT id FROM t ORDER BY id")]
+                self.assertEqual(ids, list(range(1, len(ids) + 1)), "not a committed state")
+                self.assertLessEqual(len(ids), hi)
+                if target is None:
+                    self.assertGreaterEqual(len(ids), lo, "shorter than the replica held when the restore began")
+                ok += 1
+                os.unlink(out)
+            ls.log.warning("done")  # assertLogs needs at least one record
+        stop.set()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        replans = [m for m in logs.output if "planning the restore again" in m]
+        self.assertGreater(ok, 10, "%d restores failed" % failed)
+        self.assertGreater(len(replans), 0, "retention never raced a restore: the test proves nothing")
+
+
+class TestVerify(TempDirTestCase):
+    """verify on a file replica with two generations, clean and with one defect at a time."""
+
+    def setUp(self):
+        super().setUp()
+        self.rep = self.path("rep")
+        self.app = AppDB(self.path("db"))
+        self.addCleanup(self.app.close)
+        # An older generation of the same database: the source of foreign objects.
+        db = open_db(self.path("db"))
+        r = open_replica(db, self.rep)
+        for i in range(3):
+            self.app.insert(10, size=500, tag="old%d" % i)
+            db.sync()
+            r.sync()
+        self.other_gen = db.pos().generation
+        db.close()
+        # Written and checkpointed while we are down: a new generation.
+        self.app.insert(5, tag="down")
+        self.app.c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.app.insert(1, tag="down")
+        self.db = open_db(self.path("db"), min_checkpoint_page_n=15)
+        self.addCleanup(self.db.close)
+        self.r = open_replica(self.db, self.rep)
+        for i in range(24):
+            self.app.insert(4, size=1500, tag="s%d" % i)
+            self.db.sync()
+            self.r.sync()
+            if i in (5, 10):
+                self.r.snapshot()
+        self.gen = self.db.pos().generation
+        self.assertNotEqual(self.gen, self.other_gen)
+        self.tmp = self.path("tmp")
+        os.mkdir(self.tmp)
+        patcher = mock.patch.object(tempfile, "tempdir", self.tmp)  # verify's scratch space
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def cli(self, *args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = ls.main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    def objects(self, root, gen, kind):
+        """Return {name: path} of a generation's snapshots or wal segments, listed here."""
+        d = os.path.join(root, "generations", gen, kind)
+        return {n: os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".lz4")}
+
+    def segments(self, root, gen, index):
+        return [n for n in self.objects(root, gen, "wal") if int(n[:8], 16) == index]
+
+    def indices(self, root, gen, kind="wal"):
+        return sorted({int(n[:8], 16) for n in self.objects(root, gen, kind)})
+
+    def test_clean_replica(self):
+        """Ensure a clean replica verifies (exit 0) with the window its objects give, leaving no temp files."""
+        code, out, err = self.cli("verify", "-json", "file://" + self.rep)
+        self.assertEqual((code, err), (0, ""), out)
+        rep, = json.loads(out)["replicas"]
+        self.assertEqual(rep["latest_generation"], self.gen)
+        by_gen = {g["generation"]: g for g in rep["generations"]}
+        self.assertEqual(sorted(by_gen), sorted([self.gen, self.other_gen]))
+        for gen, g in by_gen.items():
+            with self.subTest(generation=gen):
+                snaps, wal = self.objects(self.rep, gen, "snapshots"), self.objects(self.rep, gen, "wal")
+                mtime = {n: datetime.datetime.fromtimestamp(os.stat(p).st_mtime, datetime.timezone.utc)
+                         for n, p in list(snaps.items()) + list(wal.items())}
+                first = min(snaps)
+                self.assertEqual((g["problems"], g["latest_ok"]), ([], True))
+                self.assertEqual((g["snapshots"], g["wal_segments"]), (len(snaps), len(wal)))
+                self.assertEqual(g["first"]["index"], int(first[:8], 16))
+                self.assertEqual(g["last"]["index"], max(int(n[:8], 16) for n in wal))
+                self.assertEqual(ls._parse_timestamp(g["first"]["time"]), mtime[first])
+                self.assertEqual(ls._parse_timestamp(g["last"]["time"]), max(mtime.values()))
+        self.assertGreaterEqual(len(self.objects(self.rep, self.gen, "snapshots")), 3)
+        self.assertGreaterEqual(len(self.indices(self.rep, self.gen)), 5)
+        code, out, err = self.cli("verify", "file://" + self.rep)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("file replica file (file://%s): ok" % self.rep, out)
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def broken(self, defect) -> "tuple[str, str]":
+        """Copy the replica, apply defect(root) to it; return (stdout, the object name the defect names)."""
+        root = self.path("broken-%s" % secrets_hex())
+        shutil.copytree(self.rep, root)
+        named = defect(root)
+        code, out, err = self.cli("verify", "file://" + root)
+        self.assertEqual(code, 1, out)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("litestream: verify: "), err)
+        problems = [line for line in out.splitlines() if line.strip().startswith("problem: ")]
+        self.assertTrue(any(named in p for p in problems), "no problem names %s:\n%s" % (named, out))
+        self.assertEqual(os.listdir(self.tmp), [])
+        return out, named
+
+    def rel(self, gen, kind, name):
+        return "generations/%s/%s/%s" % (gen, kind, name)
+
+    def test_missing_middle_segment(self):
+        """Ensure a WAL segment missing from the middle of an index is named."""
+        def defect(root):
+            idx = next(i for i in self.indices(root, self.gen) if len(self.segments(root, self.gen, i)) >= 3)
+            name = self.segments(root, self.gen, idx)[1]
+            os.unlink(self.objects(root, self.gen, "wal")[name])
+            return self.rel(self.gen, "wal", name)
+        self.broken(defect)
+
+    def test_missing_index(self):
+        """Ensure a WAL index missing between two others is named."""
+        def defect(root):
+            idx = self.indices(root, self.gen)[-2]
+            for n in self.segments(root, self.gen, idx):
+                os.unlink(self.objects(root, self.gen, "wal")[n])
+            return self.rel(self.gen, "wal", "%08x_00000000.wal.lz4" % idx)
+        out, _ = self.broken(defect)
+        self.assertIn("latest state: NOT restorable", out)
+
+    def test_truncated_objects(self):
+        """Ensure a truncated WAL segment or snapshot is named."""
+        for kind in ("wal", "snapshots"):
+            with self.subTest(kind=kind):
+                def defect(root):
+                    name, path = list(self.objects(root, self.gen, kind).items())[1]
+                    os.truncate(path, os.path.getsize(path) // 2)
+                    return self.rel(self.gen, kind, name)
+                self.broken(defect)
+
+    def test_bit_flip_in_snapshot(self):
+        """Ensure a snapshot with one flipped bit is named."""
+        def defect(root):
+            name, path = list(self.objects(root, self.gen, "snapshots").items())[-1]
+            data = bytearray(read_file(path))
+            data[len(data) // 2] ^= 0x04
+            with open(path, "wb") as f:
+                f.write(data)
+            return self.rel(self.gen, "snapshots", name)
+        self.broken(defect)
+
+    def test_reencoded_segment_breaks_chain(self):
+        """Ensure a segment that is valid LZ4 (valid xxh32) but breaks the WAL checksum chain is named."""
+        def defect(root):
+            idx = next(i for i in self.indices(root, self.gen) if len(self.segments(root, self.gen, i)) >= 3)
+            name = self.segments(root, self.gen, idx)[1]
+            path = self.objects(root, self.gen, "wal")[name]
+            data = bytearray(ls.lz4_decompress_frame(read_file(path)))
+            data[ls.WAL_FRAME_HEADER_SIZE + 100] ^= 0x01  # the first frame's page
+            with open(path, "wb") as f:
+                f.write(ls.lz4_compress_frame(bytes(data), content_checksum=True))
+            self.assertEqual(ls.lz4_decompress_frame(read_file(path)), bytes(data))
+            return self.rel(self.gen, "wal", name)
+        out, _ = self.broken(defect)
+        self.assertIn("checksum mismatch", out)
+
+    def test_foreign_objects(self):
+        """Ensure a segment or snapshot with a valid name but from another generation (or point) is named."""
+        def foreign_segment(root):
+            last = self.indices(root, self.gen)[-1]
+            tail = self.segments(root, self.gen, last)[-1]
+            end = int(tail[9:17], 16) + len(ls.lz4_decompress_frame(read_file(self.objects(root, self.gen, "wal")[tail])))
+            src = [p for n, p in self.objects(root, self.other_gen, "wal").items() if not n.endswith("_00000000.wal.lz4")][0]
+            name = "%08x_%08x.wal.lz4" % (last, end)
+            shutil.copy2(src, os.path.join(root, "generations", self.gen, "wal", name))
+            return self.rel(self.gen, "wal", name)
+
+        def snapshot_from(gen):
+            def defect(root):
+                # After the newest snapshot, so restore would pick it up.
+                idx = self.indices(root, self.gen)[-2]
+                self.assertGreater(idx, self.indices(root, self.gen, "snapshots")[-1])
+                src = list(self.objects(root, gen, "snapshots").values())[0]
+                name = "%08x.snapshot.lz4" % idx
+                shutil.copy2(src, os.path.join(root, "generations", self.gen, "snapshots", name))
+                return self.rel(self.gen, "snapshots", name)
+            return defect
+
+        # The last: an older snapshot of this generation, valid but not this index's state.
+        for defect in (foreign_segment, snapshot_from(self.other_gen), snapshot_from(self.gen)):
+            with self.subTest(defect=defect.__name__):
+                self.broken(defect)
+
+    def test_valid_snapshot_that_disagrees_with_the_wal(self):
+        """Ensure a snapshot altered inside a text value (valid LZ4, integrity_check ok) is named, from the WAL before it."""
+        def defect(root):
+            name, path = list(self.objects(root, self.gen, "snapshots").items())[-1]
+            data = bytearray(ls.lz4_decompress_frame(read_file(path)))
+            at = data.index(b"old1")  # a row no later WAL rewrites
+            data[at + 10:at + 11] = b"y"
+            with open(path, "wb") as f:
+                f.write(ls.lz4_compress_frame(bytes(data), content_checksum=True))
+            return self.rel(self.gen, "snapshots", name)
+        out, _ = self.broken(defect)
+        self.assertIn("table t differs", out)
+        self.assertIn("latest state: restorable, integrity_check ok", out)
+
+    def test_generation_flag(self):
+        """Ensure -generation verifies only that generation and an unknown one is one error line."""
+        code, out, err = self.cli("verify", "-json", "-generation", self.other_gen, "file://" + self.rep)
+        self.assertEqual(code, 0, out + err)
+        rep, = json.loads(out)["replicas"]
+        self.assertEqual([g["generation"] for g in rep["generations"]], [self.other_gen])
+        code, out, err = self.cli("verify", "-generation", "0123456789abcdef", "file://" + self.rep)
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "litestream: generation 0123456789abcdef not found in file://%s\n" % self.rep)
 
 
 ###############################################################################
