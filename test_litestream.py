@@ -5690,6 +5690,124 @@ class TestS3InteropSwift(S3InteropMixin, TempDirTestCase):
         return swift_with_bucket()
 
 
+class TestVerifyInterop(TempDirTestCase):
+    """verify on clean replicas written by us and by Go 0.3.13, in a directory and in S3 (moto)."""
+
+    def setUp(self):
+        super().setUp()
+        self.go = require_go()
+        self.lz4 = import_lz4()
+        self.srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        self.s3 = boto3_s3(self.srv.endpoint, self.srv.key, self.srv.secret)
+
+    def replicate(self, tool, store, db) -> str:
+        """Replicate db with tool to store (several snapshots and indices); return the replica URL."""
+        if store == "s3":
+            prefix = "%016x" % random.getrandbits(64)
+            c = moto_client(prefix)
+            self.addCleanup(c.close)
+            self.addCleanup(delete_all, c, prefix)
+            url = "s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true" % (
+                self.srv.bucket, prefix, self.srv.endpoint)
+        else:
+            url = "file://" + self.path("rep-%s" % tool)
+        if tool == "go":
+            text = go_yml(db, url[len("file://"):], min_ckpt=30) if store == "file" else go_s3_yml(
+                db, self.srv, prefix, min_ckpt=30)
+            text += "        snapshot-interval: 1s\n"
+            cfg = self.path("go.yml")
+        else:
+            text = (py_ini(db, url[len("file://"):], min_ckpt=30) if store == "file" else py_s3_ini(
+                db, self.srv, prefix, min_ckpt=30).replace("sync-interval = 100ms", "sync-interval = 100ms\n"
+                                                           "snapshot-interval = 1s"))
+            if store == "file":
+                text += "snapshot-interval = 1s\n"
+            cfg = self.path("py.ini")
+        with open(cfg, "w") as f:
+            f.write(text)
+        r = Replicator(self, ["-config", cfg], go=self.go if tool == "go" else "")
+        r.wait_log("replicating to")
+        app = sqlite3.connect(db)
+        self.addCleanup(app.close)
+        rnd = random.Random(5)
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            app.executemany("INSERT INTO t (v, b) VALUES (?, ?)", [("verify", rand_bytes(rnd, 2000))] * 3)
+            app.commit()
+            time.sleep(0.02)
+        time.sleep(0.5)
+        stop_replicator(self, tool, r)
+        return url
+
+    def listing(self, store, url) -> list:
+        """Return (generation, kind, index, offset, created, read()) of every object, listed here."""
+        out = []
+        if store == "s3":
+            prefix = urllib.parse.urlparse(url).path.strip("/")
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.srv.bucket, Prefix=prefix + "/"):
+                for o in page.get("Contents", ()):
+                    m = re.search(r"/generations/([0-9a-f]{16})/(snapshots|wal)/([0-9a-f]{8})(?:_([0-9a-f]{8}))?\.", o["Key"])
+                    out.append((m.group(1), m.group(2), int(m.group(3), 16), int(m.group(4) or "0", 16),
+                                o["LastModified"],
+                                lambda k=o["Key"]: self.s3.get_object(Bucket=self.srv.bucket, Key=k)["Body"].read()))
+        else:
+            root = url[len("file://"):]
+            for gen, name in replica_objects(root, "snapshots") + replica_objects(root, "wal"):
+                kind = "wal" if name.endswith(".wal.lz4") else "snapshots"
+                p = os.path.join(root, "generations", gen, kind, name)
+                out.append((gen, kind, int(name[:8], 16), int(name[9:17], 16) if kind == "wal" else 0,
+                            datetime.datetime.fromtimestamp(os.stat(p).st_mtime, datetime.timezone.utc),
+                            lambda p=p: read_file(p)))
+        return out
+
+    def expected_window(self, objs) -> dict:
+        """Compute each generation's window from its objects: oldest snapshot to the end of the last segment."""
+        want = {}
+        for gen in sorted({o[0] for o in objs}):
+            snaps = sorted((o for o in objs if o[0] == gen and o[1] == "snapshots"), key=lambda o: o[2])
+            segs = sorted((o for o in objs if o[0] == gen and o[1] == "wal"), key=lambda o: (o[2], o[3]))
+            newest, tail = snaps[-1], segs[-1]
+            d = self.lz4.LZ4FrameDecompressor()
+            end = tail[3] + len(d.decompress(tail[5]()))
+            last_time = max([newest[4]] + [o[4] for o in segs if o[2] >= newest[2]])
+            want[gen] = {"first": {"index": snaps[0][2], "time": snaps[0][4]},
+                         "last": {"index": tail[2], "offset": end, "time": last_time},
+                         "snapshots": len(snaps), "wal_segments": len(segs)}
+        return want
+
+    def test_clean_replicas_verify(self):
+        """Ensure verify exits 0 on clean replicas of both tools, file and S3, with the window of the listed objects."""
+        env = child_env()
+        env.update(LITESTREAM_ACCESS_KEY_ID=self.srv.key, LITESTREAM_SECRET_ACCESS_KEY=self.srv.secret)
+        for tool in ("py", "go"):
+            for store in ("file", "s3"):
+                with self.subTest(writer=tool, store=store):
+                    db = self.path("src-%s-%s.db" % (tool, store))
+                    c = sqlite3.connect(db)
+                    c.execute("PRAGMA journal_mode=WAL")
+                    c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+                    c.commit()
+                    c.close()
+                    url = self.replicate(tool, store, db)
+                    want = self.expected_window(self.listing(store, url))
+                    p = subprocess.run([sys.executable, SCRIPT, "verify", "-json", url], capture_output=True,
+                                       text=True, timeout=300, env=env)
+                    self.assertEqual((p.returncode, p.stderr), (0, ""), p.stdout)
+                    rep, = json.loads(p.stdout)["replicas"]
+                    got = {}
+                    for g in rep["generations"]:
+                        self.assertEqual((g["problems"], g["latest_ok"]), ([], True), g)
+                        got[g["generation"]] = {
+                            "first": {"index": g["first"]["index"], "time": ls._parse_timestamp(g["first"]["time"])},
+                            "last": {"index": g["last"]["index"], "offset": g["last"]["offset"],
+                                     "time": ls._parse_timestamp(g["last"]["time"])},
+                            "snapshots": g["snapshots"], "wal_segments": g["wal_segments"]}
+                    self.assertEqual(got, want)
+                    gen, = want
+                    self.assertGreaterEqual(want[gen]["snapshots"], 2)
+                    self.assertGreaterEqual(want[gen]["last"]["index"], 2)
+
+
 class TCPProxy:
     """A loopback TCP forwarder that can be switched off (connections refused, open ones reset) and on again.
 
