@@ -1588,7 +1588,7 @@ class TestRestoreUnderRetention(TempDirTestCase):
         restorer = ls.Replica(None, "file", ls.FileReplicaClient(rep))
         ok = failed = 0
         with self.assertLogs("litestream", "WARNING") as logs:
-            deadline = time.monotonic() + 6
+            deadline = time.monotonic() + 5
             n = 0
             while time.monotonic() < deadline:
                 n += 1
@@ -1628,34 +1628,41 @@ class TestRestoreUnderRetention(TempDirTestCase):
 class TestVerify(TempDirTestCase):
     """verify on a file replica with two generations, clean and with one defect at a time."""
 
-    def setUp(self):
-        super().setUp()
-        self.rep = self.path("rep")
-        self.app = AppDB(self.path("db"))
-        self.addCleanup(self.app.close)
+    @classmethod
+    def setUpClass(cls):
+        # One replica for the whole class: tests read it, or break a copy of it.
+        td = tempfile.TemporaryDirectory(prefix="lstest-")
+        cls.addClassCleanup(td.cleanup)
+        cls.rep = os.path.join(td.name, "rep")
+        dbpath = os.path.join(td.name, "db")
+        app = AppDB(dbpath)
         # An older generation of the same database: the source of foreign objects.
-        db = open_db(self.path("db"))
-        r = open_replica(db, self.rep)
+        db = open_db(dbpath)
+        r = open_replica(db, cls.rep)
         for i in range(3):
-            self.app.insert(10, size=500, tag="old%d" % i)
+            app.insert(10, size=500, tag="old%d" % i)
             db.sync()
             r.sync()
-        self.other_gen = db.pos().generation
+        cls.other_gen = db.pos().generation
         db.close()
         # Written and checkpointed while we are down: a new generation.
-        self.app.insert(5, tag="down")
-        self.app.c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.app.insert(1, tag="down")
-        self.db = open_db(self.path("db"), min_checkpoint_page_n=15)
-        self.addCleanup(self.db.close)
-        self.r = open_replica(self.db, self.rep)
+        app.insert(5, tag="down")
+        app.c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        app.insert(1, tag="down")
+        db = open_db(dbpath, min_checkpoint_page_n=15)
+        r = open_replica(db, cls.rep)
         for i in range(24):
-            self.app.insert(4, size=1500, tag="s%d" % i)
-            self.db.sync()
-            self.r.sync()
+            app.insert(4, size=1500, tag="s%d" % i)
+            db.sync()
+            r.sync()
             if i in (5, 10):
-                self.r.snapshot()
-        self.gen = self.db.pos().generation
+                r.snapshot()
+        cls.gen = db.pos().generation
+        db.close()
+        app.close()
+
+    def setUp(self):
+        super().setUp()
         self.assertNotEqual(self.gen, self.other_gen)
         self.tmp = self.path("tmp")
         os.mkdir(self.tmp)
