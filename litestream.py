@@ -5357,8 +5357,9 @@ def _check_chain(path: str, hdr: WALHeader, ends, name, start: int) -> Optional[
     fs = hdr.page_size + WAL_FRAME_HEADER_SIZE
     n = (ends[-1][0] - WAL_HEADER_SIZE) // fs
     with open(path, "rb") as f:
-        # Each frame's stored checksum seeds the next one's.
-        seed = read_last_checksum(f, calc_wal_size(hdr.page_size, start), hdr.page_size)
+        # Each frame's stored checksum (or the header's) seeds the next one's.
+        seed = (hdr.checksum1, hdr.checksum2) if start == 0 else struct.unpack(
+            ">II", os.pread(f.fileno(), 8, calc_wal_size(hdr.page_size, start - 1) + 16))
         for _ in iter_wal_frames(f, calc_wal_size(hdr.page_size, start), hdr, *seed):
             start += 1
     if start < n:
