@@ -1370,6 +1370,40 @@ class TestRestore(TempDirTestCase):
                 if nxt:
                     self.assertLess(len(rows), len(min(nxt, key=len)) + 1)
 
+    def test_restore_to_position(self):
+        """Ensure index+offset restores exactly the state at that replica position, even before a snapshot in its index."""
+        states = []
+        for i in range(12):
+            pos, rows = self.step(5, size=1000, tag="p%d" % i)
+            states.append((pos, rows))
+        later = self.db.pos().index
+        self.assertTrue(any(p.index == later and p.offset > ls.WAL_HEADER_SIZE for p, _ in states))
+        # Change an old page, and get it backfilled into the database file
+        # without a WAL restart (a reader holds it off): a snapshot taken now
+        # holds a page from after every position recorded in its index.
+        self.app.c.execute("UPDATE t SET v = 'changed' WHERE id = 1")
+        reader = sqlite3.connect(self.dbpath, isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()
+        self.db.sync()
+        self.assertTrue(self.db.checkpoint())
+        reader.execute("COMMIT")
+        self.assertEqual(self.db.pos().index, later)
+        self.r.snapshot()
+        self.step(30)
+        for pos, rows in states[1:]:
+            with self.subTest(pos=str(pos)):
+                out = self.path("out-%d-%d.db" % (pos.index, pos.offset))
+                got = ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen, index=pos.index, offset=pos.offset))
+                self.assertEqual(got, pos)
+                self.assertEqual(table_rows(out), rows)
+        pos = states[-1][0]
+        with self.assertRaises(ls.LitestreamError) as cm:
+            ls.restore_replica(self.r, ls.RestoreOptions(self.path("odd.db"), self.gen, index=pos.index,
+                                                         offset=pos.offset + 1))
+        self.assertIn("cannot restore to %s" % ls.Pos(self.gen, pos.index, pos.offset + 1), str(cm.exception))
+
     def test_gap_fails_loudly(self):
         """Ensure a missing middle segment fails the restore instead of stopping short."""
         for i in range(3):
