@@ -1927,7 +1927,7 @@ class TestVerify(TempDirTestCase):
         self.assertIn("latest state: restorable, integrity_check ok", out)
 
     def test_config_mode_and_bad_flags(self):
-        """Ensure verify takes a DB path with -config, and bad flags are one usage line."""
+        """Ensure verify takes a DB path with -config, and bad flags are one usage line (exit 1, as Go)."""
         cfg = self.path("ls.ini")
         with open(cfg, "w") as f:
             f.write("[db:app]\npath = %s\n[replica:app:r]\npath = %s\n" % (self.path("app.db"), self.rep))
@@ -1935,9 +1935,9 @@ class TestVerify(TempDirTestCase):
         self.assertEqual(code, 0, out + err)
         self.assertIn("file replica r (file://%s): ok" % self.rep, out)
         code, _, err = self.cli("verify", "-parallelism", "0", "file://" + self.rep)
-        self.assertEqual((code, err), (2, "invalid -parallelism 0: must be at least 1\n"))
+        self.assertEqual((code, err), (1, "invalid -parallelism 0: must be at least 1\n"))
         code, _, err = self.cli("verify", "-jsn", "file://" + self.rep)
-        self.assertEqual(code, 2)
+        self.assertEqual(code, 1)
         self.assertIn("did you mean -json?", err)
 
     def test_generation_flag(self):
