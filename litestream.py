@@ -72,13 +72,14 @@ import sqlite3
 import ssl
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 import weakref
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
-from itertools import accumulate, chain
+from itertools import accumulate, chain, zip_longest
 from typing import BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 # Local metadata directory: "<dir>/.<dbfile>-litestream".
@@ -97,8 +98,10 @@ DEFAULT_TRUNCATE_PAGE_N = 500000
 DEFAULT_SYNC_INTERVAL = 1.0
 DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_RETENTION_CHECK_INTERVAL = 3600.0
+DEFAULT_RETENTION_MIN_SNAPSHOTS = 1
 DEFAULT_RESTORE_PARALLELISM = 8
 RESTORE_RANGED_GET_MIN = 16 << 20  # snapshots this big are fetched with parallel ranged GETs
+RESTORE_REPLAN_ATTEMPTS = 5  # fresh listings a restore or verify takes when objects vanish
 BUSY_TIMEOUT = 1.0
 
 MAX_INDEX = 0x7FFFFFFF
@@ -565,31 +568,6 @@ def iter_wal_frames(f, start: int, hdr: WALHeader, s0: int, s1: int, chunk_frame
         if n < frames:
             return
         frames = min(chunk_frames, frames * 16)
-
-
-def count_committed_frames(path: str, page_size: int) -> int:
-    """Return how many frames of a WAL file lie up to its last commit frame.
-
-    Only salts and commit fields are read; the checksum chain is SQLite's to
-    verify when it opens the WAL.
-    """
-    with open(path, "rb") as f:
-        fd = f.fileno()
-        hdr = parse_wal_header(os.pread(fd, WAL_HEADER_SIZE, 0))
-        if hdr.page_size != page_size:
-            raise CorruptFrameError("wal page size %d does not match database page size %d"
-                                    % (hdr.page_size, page_size))
-        salt = struct.pack(">II", hdr.salt1, hdr.salt2)
-        fs = page_size + WAL_FRAME_HEADER_SIZE
-        n = (os.fstat(fd).st_size - WAL_HEADER_SIZE) // fs
-        last = 0
-        for i in range(n):
-            fh = os.pread(fd, WAL_FRAME_HEADER_SIZE, WAL_HEADER_SIZE + i * fs)
-            if fh[8:16] != salt:
-                break
-            if fh[4:8] != b"\0\0\0\0":
-                last = i + 1
-        return last
 
 
 ###############################################################################
@@ -4769,6 +4747,8 @@ class Replica:
       sync_interval             seconds between uploads while the DB changes.
       retention                 keep snapshots this long; 0 disables the retainer.
       retention_check_interval  how often retention is enforced.
+      retention_min_snapshots   snapshots of the current generation kept
+                                whatever their age (at least 1).
       snapshot_interval         take a snapshot this often; 0 = only when needed.
       max_retry_delay           the longest wait between retries of a failed sync.
 
@@ -4781,6 +4761,7 @@ class Replica:
                  sync_interval: float = DEFAULT_SYNC_INTERVAL,
                  retention: float = DEFAULT_RETENTION,
                  retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL,
+                 retention_min_snapshots: int = DEFAULT_RETENTION_MIN_SNAPSHOTS,
                  snapshot_interval: float = 0.0,
                  max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY,
                  clock=time.time):
@@ -4790,6 +4771,7 @@ class Replica:
         self.sync_interval = sync_interval
         self.retention = retention
         self.retention_check_interval = retention_check_interval
+        self.retention_min_snapshots = retention_min_snapshots
         self.snapshot_interval = snapshot_interval
         self.max_retry_delay = max_retry_delay
         self.clock = clock
@@ -5050,27 +5032,38 @@ class Replica:
     def enforce_retention(self) -> None:
         """Delete snapshots and WAL older than the retention window.
 
-        Deletes in an order that keeps the replica restorable throughout:
-        older snapshots first, then within each old index the later segments
-        before its offset-0 one, and never the current generation.
+        The current generation keeps its newest retention_min_snapshots
+        snapshots (at least one) whatever their age, and everything after
+        the oldest snapshot kept: a restore of the latest state, or of any
+        point after that snapshot, can never lose an object to retention.
+        If none of its snapshots is inside the window a new one is taken
+        first, as Go does, so the window stays bounded.  Deletes in an order
+        that keeps the replica restorable throughout: older snapshots first,
+        then within each old index the later segments before its offset-0
+        one.  Without a current generation (the DB is not there yet)
+        nothing is deleted.
         """
         with self._mu:
-            cur = self.db.pos().generation if self.db else ""
+            cur = (self.db.pos().generation if self.db else "") or self.pos.generation
+            if not cur:
+                return
             cutoff = self.clock() - self.retention
             gens = self.client.generations()
             snaps = {g: self.client.snapshots(g) for g in gens}
-            retained = [s for g in gens for s in snaps[g] if s.created_at.timestamp() >= cutoff]
-            if not retained and cur:
+            if not any(s.created_at.timestamp() >= cutoff for s in snaps.get(cur, ())):
                 info = self._snapshot()
-                retained.append(info)
-                snaps.setdefault(info.generation, []).append(info)
-                if info.generation not in gens:
-                    gens.append(info.generation)
+                cur = info.generation
+                # It replaces any snapshot of the same index.
+                snaps[cur] = [s for s in snaps.get(cur, []) if s.index != info.index] + [info]
+                if cur not in gens:
+                    gens.append(cur)
             for g in gens:
-                keep = [s for s in retained if s.generation == g]
+                keep = [s for s in snaps[g] if s.created_at.timestamp() >= cutoff]
+                if g == cur:
+                    keep += sorted(snaps[g], key=lambda s: s.index)[-max(1, self.retention_min_snapshots):]
                 if not keep:
-                    if g in (cur, self.pos.generation):
-                        continue
+                    if g == self.pos.generation:
+                        continue  # still being uploaded to
                     self.client.delete_generation(g)
                     self.db.logger.info("%s: generation deleted %s", self._label(), g)
                     continue
@@ -5093,13 +5086,19 @@ class Replica:
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """What to restore: generation "" = latest, index None = all, timestamp None = latest."""
+    """What to restore: generation "" = latest, index None = all, timestamp None = latest.
+
+    offset (with index) stops inside that index at a segment boundary, so a
+    position (generation, index, offset) a replica reported can be restored
+    exactly; the restore then fails unless it reaches that position.
+    """
 
     output_path: str
     generation: str = ""
     index: Optional[int] = None
     timestamp: Optional[datetime.datetime] = None
     parallelism: int = DEFAULT_RESTORE_PARALLELISM
+    offset: Optional[int] = None
 
 
 def generation_time_bounds(client: ReplicaClient, generation: str) -> "tuple[datetime.datetime, datetime.datetime]":
@@ -5141,11 +5140,20 @@ def _choose_snapshot(snaps: List[SnapshotInfo], opt: RestoreOptions) -> Snapshot
     cands = snaps
     if opt.index is not None:
         cands = [s for s in cands if s.index <= opt.index]
+        if opt.offset is not None and any(s.index < opt.index for s in cands):
+            # A snapshot taken in the target's own index may hold pages
+            # other processes backfilled from past the target offset.
+            cands = [s for s in cands if s.index < opt.index]
     if opt.timestamp is not None:
         cands = [s for s in cands if s.created_at <= opt.timestamp]
     if not cands:
         raise NoSnapshotError()
     return max(cands, key=lambda s: s.index)
+
+
+def _missing(name, generation: str, index: int, offset: int, why: str) -> str:
+    """Describe a WAL segment that should exist but does not."""
+    return "%s: missing: %s" % (name(WALSegmentInfo(generation, index, offset, 0, utc_from_timestamp(0))), why)
 
 
 def _plan_wal(segs: List[WALSegmentInfo], snap: SnapshotInfo, opt: RestoreOptions, name) -> "List[List[WALSegmentInfo]]":
@@ -5165,6 +5173,8 @@ def _plan_wal(segs: List[WALSegmentInfo], snap: SnapshotInfo, opt: RestoreOption
             break
         if opt.index is not None and s.index > opt.index:
             break
+        if opt.offset is not None and s.index == opt.index and s.offset >= opt.offset:
+            break
         by_index.setdefault(s.index, []).append(s)
     if not by_index:
         return []
@@ -5172,21 +5182,278 @@ def _plan_wal(segs: List[WALSegmentInfo], snap: SnapshotInfo, opt: RestoreOption
     for i in range(snap.index, max(by_index) + 1):
         group = by_index.get(i)
         if not group:
-            raise LitestreamError("missing WAL index %s/%08x: cannot replay past a gap"
-                                  % (snap.generation, i))
+            raise LitestreamError(_missing(name, snap.generation, i, 0, "no wal segments for index %08x: "
+                                           "cannot replay past a gap" % i))
         if group[0].offset != 0:
-            raise LitestreamError("missing initial wal segment: %s" % name(group[0]))
+            raise LitestreamError(_missing(name, snap.generation, i, 0, "wal index %08x starts at offset %d"
+                                           % (i, group[0].offset)))
         plan.append(group)
     return plan
 
 
-def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> None:
-    """Restore opt.generation of a replica to opt.output_path.
+def _list_generation(client: ReplicaClient, generation: str) -> "tuple[List[WALSegmentInfo], List[SnapshotInfo]]":
+    """List a generation's WAL segments and snapshots so that concurrent changes leave no false gap.
+
+    The WAL is listed first: retention deletes old snapshots before their
+    WAL, so every snapshot listed still had all its WAL in the earlier
+    listing, and retention running meanwhile shows up as an object that
+    vanishes when read, never as a gap.  WAL newer than that listing which
+    a newer snapshot needs is listed again after the snapshots.
+    """
+    segs = client.wal_segments(generation)
+    snaps = client.snapshots(generation)
+    top = segs[-1].index if segs else -1
+    if snaps and snaps[-1].index > top:
+        segs += [s for s in client.wal_segments(generation) if s.index > top]
+    return segs, snaps
+
+
+def _plan_restore(client: ReplicaClient, opt: RestoreOptions, name) -> "tuple[SnapshotInfo, List[List[WALSegmentInfo]]]":
+    """List opt.generation and return the snapshot and WAL groups that restore opt."""
+    segs, snaps = _list_generation(client, opt.generation)
+    snap = _choose_snapshot(snaps, opt)
+    return snap, _plan_wal(segs, snap, opt, name)
+
+
+def _plan_end(snap: SnapshotInfo, plan) -> "tuple[int, int]":
+    """Return (index, offset) of the last object a plan uses, to compare plans."""
+    if plan:
+        return plan[-1][-1].index, plan[-1][-1].offset
+    return snap.index, -1
+
+
+class _Vanished(LitestreamError):
+    """A listed object was gone when read: retention (or another writer) deleted it."""
+
+
+@contextlib.contextmanager
+def _reading(what: str):
+    """Turn a replica object missing while it is read into _Vanished naming it."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise _Vanished("%s: deleted after it was listed" % what) from e
+
+
+def _remove_db(path: str) -> None:
+    remove_quietly(path, path + "-wal", path + "-shm")
+
+
+def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str) -> int:
+    """Decompress a snapshot into a new file at path; return its page size.
+
+    Big snapshots on clients with ranged reads come down as parallel ranged
+    GETs into a staged file beside path (one stream is the bottleneck of
+    large restores, upstream #266), then decompress from disk.
+    """
+    client = replica.client
+    what = replica._object_name(snap)
+    staged = path + "-snapshot.lz4"
+    try:
+        with open(path, "xb") as f:
+            with _reading(what):
+                if client.parallel_download and snap.size >= RESTORE_RANGED_GET_MIN:
+                    with open(staged, "xb") as sf:
+                        client.download_snapshot(snap.generation, snap.index, sf)
+                    rd = open(staged, "rb")
+                else:
+                    rd = client.snapshot_reader(snap.generation, snap.index)
+                decompress_object(rd, what, f)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        remove_quietly(staged)
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if not head.startswith(b"SQLite format 3\0"):
+        raise CorruptFrameError("%s: not a SQLite database" % what)
+    page_size = struct.unpack(">H", head[16:18])[0]
+    return 65536 if page_size == 1 else page_size
+
+
+def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, name) -> list:
+    """Decompress one index's segments, in order, into a WAL file at path.
+
+    Returns [(end offset, segment)].  Each segment must start where the one
+    before it ended, the first at offset 0.
+    """
+    ends = []
+    with open(path, "wb") as f:
+        off = 0
+        for seg in group:
+            if seg.offset != off:
+                raise LitestreamError(_missing(name, seg.generation, seg.index, off,
+                                               "wal segments not contiguous: the next one is %s"
+                                               % format_wal_segment_path(seg.index, seg.offset)))
+            with _reading(name(seg)):
+                n = decompress_object(client.wal_segment_reader(seg.pos()), name(seg), f)
+            if not n:
+                raise CorruptFrameError("%s: empty wal segment" % name(seg))
+            off += n
+            ends.append((off, seg))
+    return ends
+
+
+def _staged_indices(client: ReplicaClient, plan, prefix: str, parallelism: int, staged: dict, name):
+    """Yield (group, path, ends, error) for each group of a plan, in order.
+
+    A pool of `parallelism` threads stages indices at most `parallelism`
+    ahead of the consumer, so disk use is bounded by that many indices;
+    staged maps index -> path for the caller to remove.  An index whose
+    objects are bad comes with the error instead of a path; a vanished
+    object, or a local error, is raised.
+    """
+    def fetch(group):
+        path = "%s-%08x-wal" % (prefix, group[0].index)
+        staged[group[0].index] = path
+        return path, _stage_index(client, group, path, name)
+
+    parallelism = max(1, parallelism)
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="litestream-restore")
+    futures = {}
+    try:
+        nxt = 0
+        for i, group in enumerate(plan):
+            while nxt < len(plan) and nxt < i + parallelism:
+                futures[nxt] = ex.submit(fetch, plan[nxt])
+                nxt += 1
+            try:
+                path, ends = futures.pop(i).result()
+            except _Vanished:
+                raise
+            except LitestreamError as e:
+                yield group, None, None, e
+                continue
+            yield group, path, ends, None
+    finally:
+        for fut in futures.values():
+            fut.cancel()
+        ex.shutdown(wait=True)
+
+
+def _seg_at(ends, off: int) -> WALSegmentInfo:
+    """Return the segment of a staged index holding the byte at off."""
+    return next((seg for end, seg in ends if end > off), ends[-1][1])
+
+
+def _scan_staged_wal(path: str, page_size: int, ends, name) -> "tuple[WALHeader, int, int]":
+    """Check a staged WAL index's header, framing and salts.
+
+    Returns (header, frames up to the last commit frame, frames).  A frame
+    whose salt is not the header's comes from another WAL (a misplaced or
+    foreign segment): SQLite would quietly stop replaying there, so here it
+    is an error naming the segment.  The checksum chain is SQLite's to
+    verify as it applies the frames (_apply_wal).  page_size 0: any.
+    """
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        try:
+            hdr = parse_wal_header(os.pread(fd, WAL_HEADER_SIZE, 0))
+        except CorruptFrameError as e:
+            raise CorruptFrameError("%s: %s" % (name(ends[0][1]), e)) from None
+        if page_size and hdr.page_size != page_size:
+            raise CorruptFrameError("%s: wal page size %d does not match database page size %d"
+                                    % (name(ends[0][1]), hdr.page_size, page_size))
+        fs = hdr.page_size + WAL_FRAME_HEADER_SIZE
+        for end, seg in ends:
+            if (end - WAL_HEADER_SIZE) % fs:
+                raise CorruptFrameError("%s: does not end on a wal frame boundary (offset %d)" % (name(seg), end))
+        salt = struct.pack(">II", hdr.salt1, hdr.salt2)
+        n = (ends[-1][0] - WAL_HEADER_SIZE) // fs
+        last = 0
+        for i in range(n):
+            off = WAL_HEADER_SIZE + i * fs
+            fh = os.pread(fd, WAL_FRAME_HEADER_SIZE, off)
+            if fh[8:16] != salt:
+                raise CorruptFrameError("%s: the wal frame at offset %d belongs to another wal (salt %s, header %s)"
+                                        % (name(_seg_at(ends, off)), off, fh[8:16].hex(), salt.hex()))
+            if fh[4:8] != b"\0\0\0\0":
+                last = i + 1
+    return hdr, last, n
+
+
+def _apply_wal(db_path: str, wal_file: str, page_size: int, ends, name, expect: Optional[int] = None) -> None:
+    """Checkpoint one staged WAL index into the database through SQLite.
+
+    SQLite checks the checksum chain as it reads the WAL and stops at the
+    first frame that breaks it, so every committed frame (expect; counted
+    by _scan_staged_wal if None) must be taken.  The WAL file is consumed.
+    """
+    if expect is None:
+        expect = _scan_staged_wal(wal_file, page_size, ends, name)[1]
+    os.replace(wal_file, db_path + "-wal")
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=5)
+    try:
+        busy, n_log, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if n_log != expect:
+            # SQLite stops at the first frame whose checksum breaks the chain.
+            off = calc_wal_size(page_size, n_log)
+            raise ChecksumMismatchError("invalid replica, checksum mismatch in %s: SQLite accepted "
+                                        "%d of %d committed frames" % (name(_seg_at(ends, off)), n_log, expect))
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy != 0:
+            raise LitestreamError("restore: wal checkpoint busy")
+    except sqlite3.DatabaseError as e:
+        raise LitestreamError("cannot replay %s: %s" % (name(ends[0][1]), e)) from e
+    finally:
+        conn.close()
+
+
+def _integrity_check(path: str) -> None:
+    """Raise LitestreamError unless PRAGMA integrity_check says ok."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    except sqlite3.DatabaseError as e:
+        rows = [str(e)]
+    finally:
+        conn.close()
+    if rows != ["ok"]:
+        raise LitestreamError("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
+
+
+def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parallelism: int, progress) -> Pos:
+    """Build the database of a snapshot and WAL plan at path (new), then integrity_check it.
+
+    Returns the position reached.  Staged files are removed here; path and
+    its -wal/-shm are the caller's to remove.
+    """
+    name = replica._object_name
+    staged: "dict[int, str]" = {}
+    try:
+        page_size = _restore_snapshot(replica, snap, path)
+        pos = Pos(snap.generation, snap.index, 0)
+        indices = _staged_indices(replica.client, plan, path, parallelism, staged, name)
+        try:
+            for i, (group, wal, ends, err) in enumerate(indices):
+                if err is not None:
+                    raise err
+                _apply_wal(path, wal, page_size, ends, name)
+                staged.pop(group[0].index, None)
+                pos = Pos(snap.generation, group[0].index, ends[-1][0])
+                if progress:
+                    progress(i + 1, len(plan))
+        finally:
+            indices.close()
+        _integrity_check(path)
+        return pos
+    finally:
+        remove_quietly(*staged.values())
+
+
+def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos:
+    """Restore opt.generation of a replica to opt.output_path; return the position restored.
 
     Everything is built in a temp file beside the output: the snapshot,
     then each WAL index applied in order by SQLite, then integrity_check.
     Only a database that passed is linked into place, and never over an
     existing file.  Temp files are removed whatever happens.
+
+    An object deleted between listing and reading (retention running at the
+    same time) makes the restore plan again from a fresh listing, up to
+    RESTORE_REPLAN_ATTEMPTS times; a new plan that ends before the first
+    one fails instead, so the result is never shorter than what the replica
+    held when the restore began.
     """
     client = replica.client
     out = os.path.abspath(opt.output_path)
@@ -5194,49 +5461,44 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Non
         raise LitestreamError("cannot restore, output path already exists: %s" % out)
     if not opt.generation:
         raise LitestreamError("generation required")
+    if opt.offset is not None and opt.index is None:
+        raise LitestreamError("restore offset requires an index")
     name = replica._object_name
-
-    snap = _choose_snapshot(client.snapshots(opt.generation), opt)
-    plan = _plan_wal(client.wal_segments(opt.generation), snap, opt, name)
 
     d = os.path.dirname(out)
     os.makedirs(d, exist_ok=True)
     tmp = "%s.tmp-%s" % (out, secrets.token_hex(4))
-    staged_snap = tmp + "-snapshot.lz4"
-    staged: "dict[int, str]" = {}
     try:
-        log.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation, snap.index, tmp)
-        if client.parallel_download and snap.size >= RESTORE_RANGED_GET_MIN:
-            # Big snapshots come down as parallel ranged GETs into a staged
-            # file (one stream is the bottleneck of large restores, upstream
-            # #266), then decompress from disk.
-            with open(staged_snap, "xb") as f:
-                client.download_snapshot(snap.generation, snap.index, f)
-            snap_rd = open(staged_snap, "rb")
+        floor = vanished = None
+        for _ in range(RESTORE_REPLAN_ATTEMPTS):
+            try:
+                snap, plan = _plan_restore(client, opt, name)
+            except LitestreamError as e:
+                if vanished is None:
+                    raise
+                raise LitestreamError("cannot restore %s after objects were deleted during the restore "
+                                      "(retention?): %s" % (opt.generation, e)) from e
+            end = _plan_end(snap, plan)
+            if floor is None:
+                floor = end
+            elif end < floor:
+                raise LitestreamError("cannot restore %s: objects were deleted during the restore and the "
+                                      "replica now ends at %08x, before %08x where it ended when the "
+                                      "restore began" % (opt.generation, end[0], floor[0]))
+            log.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation, snap.index, tmp)
+            try:
+                pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress)
+                break
+            except _Vanished as e:
+                _remove_db(tmp)
+                vanished = e
+                log.warning("%s: %s; planning the restore again from a fresh listing", replica._label(), e)
         else:
-            snap_rd = client.snapshot_reader(snap.generation, snap.index)
-        with open(tmp, "xb") as f:
-            decompress_object(snap_rd, name(snap), f)
-            f.flush()
-            os.fsync(f.fileno())
-        remove_quietly(staged_snap)
-        with open(tmp, "rb") as f:
-            head = f.read(100)
-        if not head.startswith(b"SQLite format 3\0"):
-            raise CorruptFrameError("%s: not a SQLite database" % name(snap))
-        page_size = struct.unpack(">H", head[16:18])[0]
-        page_size = 65536 if page_size == 1 else page_size
-
-        if plan:
-            _apply_wal_plan(replica, plan, tmp, page_size, opt.parallelism, staged, progress)
-
-        conn = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-        finally:
-            conn.close()
-        if rows != ["ok"]:
-            raise LitestreamError("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
+            raise LitestreamError("cannot restore %s: replica objects vanished %d times while restoring "
+                                  "(last: %s)" % (opt.generation, RESTORE_REPLAN_ATTEMPTS, vanished))
+        if opt.offset is not None and pos != Pos(opt.generation, opt.index, opt.offset):
+            raise LitestreamError("cannot restore to %s: the replica reaches %s"
+                                  % (Pos(opt.generation, opt.index, opt.offset), pos))
         remove_quietly(tmp + "-wal", tmp + "-shm")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -5251,72 +5513,342 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Non
         fsync_dir(d)
         log.info("%s: restored to %s", replica._label(), out)
     finally:
-        remove_quietly(tmp, tmp + "-wal", tmp + "-shm", staged_snap, *staged.values())
+        _remove_db(tmp)
+    return pos
 
 
-def _apply_wal_plan(replica, plan, tmp, page_size, parallelism, staged, progress) -> None:
-    """Download indices in parallel (a bounded window ahead) and apply them in order."""
-    import concurrent.futures as cf
-
-    client = replica.client
-    name = replica._object_name
-
-    def fetch(group):
-        path = "%s-%08x-wal" % (tmp, group[0].index)
-        staged[group[0].index] = path
-        ends = []
-        with open(path, "wb") as f:
-            off = 0
-            for seg in group:
-                if seg.offset != off:
-                    raise LitestreamError("wal segments not contiguous: expected offset %d, found %s"
-                                          % (off, name(seg)))
-                n = decompress_object(client.wal_segment_reader(seg.pos()), name(seg), f)
-                if not n:
-                    raise CorruptFrameError("%s: empty wal segment" % name(seg))
-                off += n
-                ends.append((off, seg))
-        return path, ends
-
-    parallelism = max(1, parallelism)
-    with cf.ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="litestream-restore") as ex:
-        futures = {}
-        nxt = 0
-        for i, group in enumerate(plan):
-            # Keep at most `parallelism` indices staged on disk at once.
-            while nxt < len(plan) and nxt < i + parallelism:
-                futures[nxt] = ex.submit(fetch, plan[nxt])
-                nxt += 1
-            try:
-                path, ends = futures.pop(i).result()
-            except BaseException:
-                for fut in futures.values():
-                    fut.cancel()
-                raise
-            _apply_wal(tmp, path, page_size, ends, name)
-            staged.pop(group[0].index, None)
-            if progress:
-                progress(i + 1, len(plan))
+###############################################################################
+# Verify
+###############################################################################
 
 
-def _apply_wal(db_path: str, wal_file: str, page_size: int, ends, name) -> None:
-    """Checkpoint one WAL index into the database through SQLite."""
-    expect = count_committed_frames(wal_file, page_size)
-    os.replace(wal_file, db_path + "-wal")
-    conn = sqlite3.connect(db_path, isolation_level=None, timeout=5)
+@dataclass(frozen=True)
+class GenerationReport:
+    """What verify found in one generation of a replica.
+
+    first_index/first_time are the oldest restorable state (the oldest
+    snapshot that decodes); last_pos/last_time the newest: the end of the
+    last WAL segment that replays onto a snapshot without a gap (offset 0:
+    a snapshot alone) and the newest object time in it, which restore
+    -timestamp takes.  latest_ok says the generation's newest listed state
+    was built and passed integrity_check.  problems are one line each,
+    naming the object or the gap; notes are findings that harm no restore.
+    """
+
+    generation: str
+    snapshots: int = 0
+    wal_segments: int = 0
+    wal_indices: int = 0
+    stored_bytes: int = 0
+    first_index: Optional[int] = None
+    first_time: Optional[datetime.datetime] = None
+    last_pos: Optional[Pos] = None
+    last_time: Optional[datetime.datetime] = None
+    latest_ok: bool = False
+    problems: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = ()
+
+
+def _same_bytes(a: str, b: str, bufsize: int = 1 << 20) -> bool:
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(bufsize), fb.read(bufsize)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def compare_databases(a: str, b: str) -> Optional[str]:
+    """Return None if two databases hold the same schema and rows, else what differs first.
+
+    Identical files are the same without opening them.  Otherwise the
+    schema is compared, then each table's rows in rowid (or primary key)
+    order; virtual tables are left to their shadow tables.
+    """
+    if _same_bytes(a, b):
+        return None
+    ca = sqlite3.connect(a, isolation_level=None)
+    cb = sqlite3.connect(b, isolation_level=None)
     try:
-        busy, n_log, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if n_log != expect:
-            # SQLite stops at the first frame whose checksum breaks the chain.
-            off = calc_wal_size(page_size, n_log)
-            bad = next((seg for end, seg in ends if end > off), ends[-1][1])
-            raise ChecksumMismatchError("invalid replica, checksum mismatch in %s: SQLite accepted "
-                                        "%d of %d committed frames" % (name(bad), n_log, expect))
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy != 0:
-            raise LitestreamError("restore: wal checkpoint busy")
+        return _compare_rows(ca, cb)
+    except sqlite3.DatabaseError as e:
+        return "cannot be compared: %s" % e
     finally:
-        conn.close()
+        ca.close()
+        cb.close()
+
+
+def _compare_rows(ca: sqlite3.Connection, cb: sqlite3.Connection) -> Optional[str]:
+    q = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+    if ca.execute(q).fetchall() != cb.execute(q).fetchall():
+        return "the schema differs"
+    tables = ca.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name").fetchall()
+    for table, sql in tables:
+        sql = (sql or "").upper()
+        if sql.startswith("CREATE VIRTUAL"):
+            continue
+        q = 'SELECT * FROM "%s"%s' % (table.replace('"', '""'), "" if "WITHOUT ROWID" in sql else " ORDER BY rowid")
+        for x, y in zip_longest(ca.execute(q), cb.execute(q)):
+            if x != y:
+                return "table %s differs" % table
+    return None
+
+
+def _check_chain(path: str, hdr: WALHeader, ends, name, start: int) -> Optional[str]:
+    """Return a problem if a staged WAL's checksum chain breaks at or after frame `start`.
+
+    For frames SQLite does not replay: an index no snapshot reaches, and
+    frames after an index's last commit.
+    """
+    fs = hdr.page_size + WAL_FRAME_HEADER_SIZE
+    n = (ends[-1][0] - WAL_HEADER_SIZE) // fs
+    with open(path, "rb") as f:
+        # Each frame's stored checksum (or the header's) seeds the next one's.
+        seed = (hdr.checksum1, hdr.checksum2) if start == 0 else struct.unpack(
+            ">II", os.pread(f.fileno(), 8, calc_wal_size(hdr.page_size, start - 1) + 16))
+        for _ in iter_wal_frames(f, calc_wal_size(hdr.page_size, start), hdr, *seed):
+            start += 1
+    if start < n:
+        off = calc_wal_size(hdr.page_size, start)
+        return ("invalid replica, checksum mismatch in %s: the wal frame at offset %d breaks the chain"
+                % (name(_seg_at(ends, off)), off))
+    return None
+
+
+class _Chain:
+    """A database verify is building: its file, page size, base snapshot and newest object time."""
+
+    def __init__(self, path: str, page_size: int, base: SnapshotInfo):
+        self.path, self.page_size, self.base, self.time = path, page_size, base, base.created_at
+
+    def drop(self) -> None:
+        _remove_db(self.path)
+
+
+def _generation_label(replica: Replica, generation: str) -> str:
+    return "%s replica %s: generations/%s" % (replica.client.client_type, replica.name, generation)
+
+
+class _GenerationVerifier:
+    """One pass of verify over one listing of a generation (see verify_generation).
+
+    It walks the indices from the oldest snapshot up, replaying each onto
+    the state built so far (cur) and onto a snapshot taken in it (fresh),
+    so at most two databases exist at a time.  A vanished object raises
+    _Vanished; every other finding becomes a problem or a note.
+    """
+
+    def __init__(self, replica: Replica, generation: str, scratch: str, parallelism: int, progress):
+        self.replica, self.gen, self.scratch = replica, generation, scratch
+        self.parallelism, self.progress = parallelism, progress
+        self.name = replica._object_name
+        self.problems: List[str] = []
+        self.notes: List[str] = []
+        self.n_db = 0
+
+    def problem(self, msg: str) -> None:
+        if msg not in self.problems:
+            self.problems.append(msg)
+
+    def run(self) -> GenerationReport:
+        gen, name = self.gen, self.name
+        segs, snaps = _list_generation(self.replica.client, gen)
+        by_index: "dict[int, List[WALSegmentInfo]]" = {}
+        for s in segs:
+            by_index.setdefault(s.index, []).append(s)
+        info = dict(generation=gen, snapshots=len(snaps), wal_segments=len(segs), wal_indices=len(by_index),
+                    stored_bytes=sum(s.size for s in snaps) + sum(s.size for s in segs))
+        label = _generation_label(self.replica, gen)
+        if not snaps:
+            if segs:
+                self.problem("%s: no snapshot, so none of its %d wal segments can be restored" % (label, len(segs)))
+            else:
+                self.notes.append("%s: no objects (deleted, or a snapshot is being written)" % label)
+            return GenerationReport(problems=tuple(self.problems), notes=tuple(self.notes), **info)
+
+        s0 = snaps[0].index
+        below = sum(1 for s in segs if s.index < s0)
+        if below:
+            self.notes.append("%s: %d wal segments below the oldest snapshot %08x are not needed by any "
+                              "restore and were not read" % (label, below, s0))
+        snap_at = {s.index: s for s in snaps}
+        last = max([snaps[-1].index] + list(by_index))
+        last_wal = max(by_index, default=-1)
+        first_index = first_time = last_pos = last_time = None
+        cur: Optional[_Chain] = None  # the state replayed so far; None after a break
+        staged: "dict[int, str]" = {}
+        indices = _staged_indices(self.replica.client, [by_index[i] for i in range(s0, last + 1) if i in by_index],
+                                  os.path.join(self.scratch, "wal"), self.parallelism, staged, name)
+        try:
+            for i in range(s0, last + 1):
+                fresh = self.open_snapshot(snap_at[i]) if i in snap_at else None
+                if fresh is not None and first_index is None:
+                    first_index, first_time = i, fresh.time
+                group = by_index.get(i)
+                if group is None:
+                    if cur is not None:
+                        cur.drop()
+                    cur = fresh
+                    if i == last and fresh is not None:
+                        last_pos, last_time = Pos(gen, i, 0), fresh.time  # its WAL is not uploaded yet
+                    else:
+                        if fresh is not None:
+                            fresh.drop()
+                        cur = None
+                        self.problem(_missing(name, gen, i, 0, "no wal segments for index %08x: no state "
+                                              "after it is restorable until the next snapshot" % i))
+                    continue
+                _, wal, ends, err = next(indices)
+                try:
+                    chains = self.replay(i, group, wal, ends, err, [c for c in (fresh, cur) if c is not None])
+                finally:
+                    p = staged.pop(i, None)
+                    if p:
+                        remove_quietly(p, p + "-copy")
+                if fresh in chains and cur in chains and i < last_wal:
+                    # Both reach the end of index i, which is complete since
+                    # later WAL exists (segments are uploaded in order): the
+                    # snapshot must hold the state the WAL before it builds.
+                    diff = compare_databases(cur.path, fresh.path)
+                    if diff:
+                        self.problem("%s: does not hold the state the wal builds from snapshot %08x: %s"
+                                     % (name(fresh.base), cur.base.index, diff))
+                keep = fresh if fresh in chains else (cur if cur in chains else None)
+                for c in (fresh, cur):
+                    if c is not None and c is not keep:
+                        c.drop()
+                cur = keep
+                if cur is not None:
+                    cur.time = max([cur.time] + [s.created_at for s in group])
+                    last_pos, last_time = Pos(gen, i, ends[-1][0]), cur.time
+                if self.progress:
+                    self.progress(i - s0 + 1, last - s0 + 1)
+            latest_ok = False
+            if cur is not None:
+                try:
+                    _integrity_check(cur.path)
+                    # Restore starts from the newest snapshot: the newest
+                    # state is restorable only if the chain from it got here.
+                    latest_ok = cur.base is snaps[-1] and last_pos.index == last
+                except LitestreamError as e:
+                    self.problem("%s at %s: %s" % (label, last_pos, e))
+        finally:
+            indices.close()
+            remove_quietly(*staged.values())
+        return GenerationReport(first_index=first_index, first_time=first_time, last_pos=last_pos,
+                                last_time=last_time, latest_ok=latest_ok, problems=tuple(self.problems),
+                                notes=tuple(self.notes), **info)
+
+    def open_snapshot(self, snap: SnapshotInfo) -> Optional[_Chain]:
+        """Decompress a snapshot into a new database; None (and a problem) if it is bad."""
+        self.n_db += 1
+        path = os.path.join(self.scratch, "db-%d" % self.n_db)
+        try:
+            return _Chain(path, _restore_snapshot(self.replica, snap, path), snap)
+        except _Vanished:
+            raise
+        except LitestreamError as e:
+            self.problem(str(e))
+            _remove_db(path)
+            return None
+
+    def replay(self, i: int, group, wal, ends, err, chains: List[_Chain]) -> List[_Chain]:
+        """Check one staged WAL index and replay it onto each chain; return the chains it replayed onto."""
+        name = self.name
+        try:
+            if err is not None:
+                raise err
+            hdr, committed, total = _scan_staged_wal(wal, 0, ends, name)
+            # Frames SQLite will not replay get their chain checked here:
+            # all of them when no snapshot reaches this index, else those
+            # after the last commit.
+            start = 0 if not chains else committed
+            if start < total:
+                msg = _check_chain(wal, hdr, ends, name, start)
+                if msg:
+                    self.problem(msg)
+            for c in list(chains):
+                if c.page_size != hdr.page_size:
+                    self.problem("%s: page size %d does not match the wal's %d (%s)"
+                                 % (name(c.base), c.page_size, hdr.page_size, name(group[0])))
+                    chains.remove(c)
+            errors = []
+            for k, c in enumerate(chains):
+                src = wal
+                if k < len(chains) - 1:
+                    src = wal + "-copy"
+                    shutil.copyfile(wal, src)
+                try:
+                    _apply_wal(c.path, src, c.page_size, ends, name, expect=committed)
+                except _Vanished:
+                    raise
+                except LitestreamError as e:
+                    errors.append((c, e))
+            if errors and len(errors) == len(chains):
+                c, e = errors[0]
+                # A broken chain is the WAL's fault; anything else may be the base's.
+                raise e if isinstance(e, ChecksumMismatchError) else LitestreamError(
+                    "%s (replayed onto %s)" % (e, name(c.base)))
+            for c, e in errors:
+                chains.remove(c)
+                self.problem("%s: wal index %08x does not replay onto it (%s), though it does onto the "
+                             "state from snapshot %08x" % (name(c.base), i, e.__cause__ or e, chains[0].base.index))
+            return chains
+        except _Vanished:
+            raise
+        except LitestreamError as e:
+            self.problem(str(e))
+            return []
+
+
+def verify_generation(replica: Replica, generation: str, parallelism: int = DEFAULT_RESTORE_PARALLELISM,
+                      progress=None) -> GenerationReport:
+    """Check every object of a generation and build its newest state (see GenerationReport).
+
+    Snapshots must decode with their checksums; each WAL index must run
+    from offset 0 without a gap, decode, and keep one salt and an unbroken
+    checksum chain from segment to segment; each WAL index is replayed
+    onto the snapshot at or below it, and where a newer snapshot starts
+    after a complete index, the two must agree.  Works in a private temp
+    dir (under TMPDIR) that is removed afterwards: at most two database
+    copies plus `parallelism` staged indices.  An object deleted meanwhile
+    (retention) makes verify start again from a fresh listing.
+    progress(done, total) is called after each index.
+    """
+    vanished = None
+    for _ in range(RESTORE_REPLAN_ATTEMPTS):
+        scratch = tempfile.mkdtemp(prefix="litestream-verify-")
+        try:
+            return _GenerationVerifier(replica, generation, scratch, parallelism, progress).run()
+        except _Vanished as e:
+            vanished = e
+            log.info("%s: %s; verifying generation %s again from a fresh listing", replica._label(), e, generation)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return GenerationReport(generation, problems=("%s (objects vanished %d times while verifying)"
+                                                  % (vanished, RESTORE_REPLAN_ATTEMPTS),))
+
+
+def verify_replica(replica: Replica, generation: str = "", parallelism: int = DEFAULT_RESTORE_PARALLELISM,
+                   progress=None) -> "tuple[str, List[GenerationReport]]":
+    """Verify every generation of a replica, or one; return (the generation restore picks, reports).
+
+    progress(generation, done, total) is called after each WAL index.
+    """
+    gens = replica.client.generations()
+    if generation:
+        if generation not in gens:
+            raise LitestreamError("generation %s not found in %s" % (generation, replica.client))
+        gens = [generation]
+    _, latest = calc_restore_target([replica], generation)
+    reports = []
+    for g in gens:
+        p = (lambda done, total, g=g: progress(g, done, total)) if progress else None
+        reports.append(verify_generation(replica, g, parallelism, p))
+    return latest, reports
 
 
 ###############################################################################
@@ -5344,6 +5876,7 @@ class ReplicaConfig:
     path: str = ""
     retention: float = DEFAULT_RETENTION
     retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL
+    retention_min_snapshots: int = DEFAULT_RETENTION_MIN_SNAPSHOTS
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     snapshot_interval: float = 0.0
     validation_interval: float = 0.0
@@ -5642,7 +6175,7 @@ _S3_KEYS = {
 }
 _REPLICA_KEYS = dict({
     "type": str, "url": str, "path": str, "retention": parse_duration,
-    "retention-check-interval": _duration(strict=True),
+    "retention-check-interval": _duration(strict=True), "retention-min-snapshots": _int(1),
     "sync-interval": _duration(strict=True),
     "snapshot-interval": _duration(), "validation-interval": _duration(),
 }, **_S3_KEYS)
@@ -6467,6 +7000,7 @@ def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
     return Replica(db, rc.name or rc.type, new_replica_client_from_config(rc),
                    sync_interval=rc.sync_interval, retention=rc.retention,
                    retention_check_interval=rc.retention_check_interval,
+                   retention_min_snapshots=rc.retention_min_snapshots,
                    snapshot_interval=rc.snapshot_interval)
 
 
@@ -7230,6 +7764,92 @@ def _list(replicas: "List[Replica]", what: str, rows: List[List[str]], generatio
     return code
 
 
+def _fmt_time_exact(t: Optional[datetime.datetime]) -> str:
+    """Format a time in RFC 3339 with its fraction: restore -timestamp takes it back exactly."""
+    if t is None:
+        return ""
+    t = t.astimezone(datetime.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + (".%06d" % t.microsecond).rstrip("0").rstrip(".") + "Z"
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024
+
+
+def _verify_json(replica: Replica, latest: str, reports: "List[GenerationReport]", problems: List[str]) -> dict:
+    def gen(r):
+        return {"generation": r.generation, "latest": r.generation == latest, "snapshots": r.snapshots,
+                "wal_segments": r.wal_segments, "wal_indices": r.wal_indices, "stored_bytes": r.stored_bytes,
+                "first": None if r.first_index is None else {"index": r.first_index,
+                                                             "time": _fmt_time_exact(r.first_time)},
+                "last": None if r.last_pos is None else {"index": r.last_pos.index, "offset": r.last_pos.offset,
+                                                         "time": _fmt_time_exact(r.last_time)},
+                "latest_ok": r.latest_ok, "problems": list(r.problems), "notes": list(r.notes)}
+    return {"replica": replica.name, "type": replica.client.client_type, "url": str(replica.client),
+            "ok": not problems, "latest_generation": latest, "generations": [gen(r) for r in reports],
+            "problems": problems}
+
+
+def _verify_text(replica: Replica, latest: str, reports: "List[GenerationReport]", problems: List[str],
+                 out) -> None:
+    out.write("%s replica %s (%s): %s\n" % (replica.client.client_type, replica.name, replica.client,
+                                            "FAILED, %d problem%s" % (len(problems), "" if len(problems) == 1 else "s")
+                                            if problems else "ok"))
+    for r in reports:
+        out.write("  generation %s%s: %d snapshots, %d wal segments in %d indices, %s\n"
+                  % (r.generation, " (latest)" if r.generation == latest else "", r.snapshots,
+                     r.wal_segments, r.wal_indices, _fmt_size(r.stored_bytes)))
+        if r.first_index is not None and r.last_pos is not None:
+            out.write("    restorable from %08x at %s to %08x:%d at %s\n"
+                      % (r.first_index, _fmt_time_exact(r.first_time), r.last_pos.index, r.last_pos.offset,
+                         _fmt_time_exact(r.last_time)))
+        out.write("    latest state: %s\n" % ("restorable, integrity_check ok" if r.latest_ok else "NOT restorable"))
+        for n in r.notes:
+            out.write("    note: %s\n" % n)
+        for p in r.problems:
+            out.write("    problem: %s\n" % p)
+    for p in problems[sum(len(r.problems) for r in reports):]:
+        out.write("  problem: %s\n" % p)
+
+
+def cmd_verify(args) -> int:
+    # The report goes to stdout; warnings, progress and a failure summary to stderr.
+    _setup_logging("WARN", stderr=True)
+    if args.parallelism < 1:
+        raise _CLIError("invalid -parallelism %d: must be at least 1" % args.parallelism)
+    replicas, _ = _replicas_for(args)
+    progress = None
+    if sys.stderr.isatty():
+        def progress(gen, i, n):
+            sys.stderr.write("\rverify %s: wal index %d/%d" % (gen, i, n) + ("\n" if i == n else ""))
+            sys.stderr.flush()
+    results, failed = [], []
+    for r in replicas:
+        latest, reports = verify_replica(r, args.generation, args.parallelism, progress)
+        # Every generation's problems, then the replica's own.
+        problems = [p for rep in reports for p in rep.problems]
+        if not latest:
+            problems.append("%s: no generation with a snapshot: nothing to restore" % r.client)
+        elif not any(rep.generation == latest and rep.latest_ok for rep in reports):
+            problems.append("%s: the latest state of generation %s is not restorable" % (r.client, latest))
+        failed += problems
+        results.append((r, latest, reports, problems))
+    if args.json:
+        json.dump({"ok": not failed, "replicas": [_verify_json(*x) for x in results]}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for x in results:
+            _verify_text(*x, sys.stdout)
+    if failed:
+        sys.stderr.write("litestream: verify: %s%s\n" % (failed[0], " (and %d more problems)" % (len(failed) - 1)
+                                                         if len(failed) > 1 else ""))
+        return 1
+    return 0
+
+
 def cmd_generations(args) -> int:
     replicas, dc = _replicas_for(args)
     rows = [["name", "generation", "lag", "start", "end"]]
@@ -7317,7 +7937,8 @@ def cmd_version(args) -> int:
     return 0
 
 
-COMMANDS = ("replicate", "restore", "generations", "snapshots", "wal", "databases", "config", "version")
+COMMANDS = ("replicate", "restore", "verify", "generations", "snapshots", "wal", "databases", "config",
+            "version")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -7358,6 +7979,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do nothing if the output exists")
     sp.add_argument("-if-replica-exists", "--if-replica-exists", action="store_true",
                     help="exit 0 when there is no backup to restore")
+    sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
+
+    sp = cmd("verify", "check every object of a replica and that its latest state restores", cmd_verify)
+    sp.add_argument("-replica", "--replica", default="", help="verify this replica only")
+    sp.add_argument("-generation", "--generation", default="", help="verify this generation only")
+    sp.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("-parallelism", "--parallelism", type=int, default=DEFAULT_RESTORE_PARALLELISM,
+                    help="WAL indices downloaded at once (default 8)")
     sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
 
     for name, fn, help_ in (("generations", cmd_generations, "list generations"),

@@ -1412,6 +1412,40 @@ class TestRestore(TempDirTestCase):
                 if nxt:
                     self.assertLess(len(rows), len(min(nxt, key=len)) + 1)
 
+    def test_restore_to_position(self):
+        """Ensure index+offset restores exactly the state at that replica position, even before a snapshot in its index."""
+        states = []
+        for i in range(12):
+            pos, rows = self.step(5, size=1000, tag="p%d" % i)
+            states.append((pos, rows))
+        later = self.db.pos().index
+        self.assertTrue(any(p.index == later and p.offset > ls.WAL_HEADER_SIZE for p, _ in states))
+        # Change an old page, and get it backfilled into the database file
+        # without a WAL restart (a reader holds it off): a snapshot taken now
+        # holds a page from after every position recorded in its index.
+        self.app.c.execute("UPDATE t SET v = 'changed' WHERE id = 1")
+        reader = sqlite3.connect(self.dbpath, isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()
+        self.db.sync()
+        self.assertTrue(self.db.checkpoint())
+        reader.execute("COMMIT")
+        self.assertEqual(self.db.pos().index, later)
+        self.r.snapshot()
+        self.step(30)
+        for pos, rows in states[1:]:
+            with self.subTest(pos=str(pos)):
+                out = self.path("out-%d-%d.db" % (pos.index, pos.offset))
+                got = ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen, index=pos.index, offset=pos.offset))
+                self.assertEqual(got, pos)
+                self.assertEqual(table_rows(out), rows)
+        pos = states[-1][0]
+        with self.assertRaises(ls.LitestreamError) as cm:
+            ls.restore_replica(self.r, ls.RestoreOptions(self.path("odd.db"), self.gen, index=pos.index,
+                                                         offset=pos.offset + 1))
+        self.assertIn("cannot restore to %s" % ls.Pos(self.gen, pos.index, pos.offset + 1), str(cm.exception))
+
     def test_gap_fails_loudly(self):
         """Ensure a missing middle segment fails the restore instead of stopping short."""
         for i in range(3):
@@ -1477,6 +1511,30 @@ class TestRestore(TempDirTestCase):
         self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
         self.assertFalse(os.path.exists(out))
 
+    def test_segment_from_another_wal_fails_loudly(self):
+        """Ensure a valid segment of another database's WAL at the next offset fails the restore, naming it."""
+        self.step(5, size=500)
+        app2 = AppDB(self.path("db2"))
+        self.addCleanup(app2.close)
+        db2 = open_db(self.path("db2"))
+        self.addCleanup(db2.close)
+        r2 = open_replica(db2, self.path("rep2"))
+        for i in range(2):
+            app2.insert(3, tag="other")
+            db2.sync()
+            r2.sync()
+        src = [s for s in r2.client.wal_segments(db2.pos().generation) if s.offset][0]
+        last = self.r.client.wal_segments(self.gen)[-1]
+        p = ls.wal_segment_path(self.path("rep"), last.generation, last.index, last.offset)
+        end = last.offset + len(ls.lz4_decompress_frame(read_file(p)))
+        shutil.copy(ls.wal_segment_path(self.path("rep2"), src.generation, src.index, src.offset),
+                    ls.wal_segment_path(self.path("rep"), self.gen, last.index, end))
+        out = self.path("out.db")
+        with self.assertRaises(ls.CorruptFrameError) as cm:
+            ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+        self.assertIn(ls.format_wal_segment_path(last.index, end), str(cm.exception))
+        self.assertFalse(os.path.exists(out))
+
     def test_snapshot_timer_uses_newest_snapshot_in_replica(self):
         """Ensure the snapshot timer counts from the replica's newest snapshot, so restarts keep it."""
         snap = self.r.client.snapshots(self.gen)[-1]
@@ -1520,6 +1578,419 @@ class TestRestore(TempDirTestCase):
         self.r.retention = 3600
         self.r.enforce_retention()
         self.assertIn(self.gen, self.r.client.generations())
+
+    def test_retention_min_snapshots(self):
+        """Ensure retention keeps the current generation's newest retention-min-snapshots snapshots and all WAL after them."""
+        for i in range(4):
+            self.step(30, tag="m%d" % i)
+            self.r.snapshot()
+        self.step(3, size=10)
+        rep = self.path("rep")
+        before = replica_objects(rep, "snapshots")
+        wal_before = replica_objects(rep, "wal")
+        for g, n in before:  # Every snapshot is past retention.
+            os.utime(os.path.join(rep, "generations", g, "snapshots", n), (1, 1))
+        self.r.retention, self.r.retention_min_snapshots = 3600, 3
+        self.r.enforce_retention()
+        after = replica_objects(rep, "snapshots")
+        newest = sorted(int(n[:8], 16) for _, n in before)[-3:]
+        self.assertEqual(sorted(int(n[:8], 16) for _, n in after)[-3:], newest)
+        self.assertEqual(min(int(n[:8], 16) for _, n in after), newest[0])
+        wal_after = replica_objects(rep, "wal")
+        self.assertEqual([w for w in wal_before if int(w[1][:8], 16) >= newest[0]],
+                         [w for w in wal_after if int(w[1][:8], 16) >= newest[0]])
+        self.assertTrue(all(int(n[:8], 16) >= newest[0] for _, n in wal_after))
+        out = self.path("out.db")
+        ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen, index=newest[0]))
+        self.assertEqual(integrity(out), "ok")
+
+    def test_retention_without_a_generation_deletes_nothing(self):
+        """Ensure retention with no current generation (the DB not there yet) deletes nothing however old."""
+        rep = self.path("rep")
+        for g, n in replica_objects(rep, "snapshots"):
+            os.utime(os.path.join(rep, "generations", g, "snapshots", n), (1, 1))
+        before = replica_objects(rep, "snapshots") + replica_objects(rep, "wal")
+        r = ls.Replica(None, "file", ls.FileReplicaClient(rep), retention=60)
+        r.enforce_retention()
+        self.assertEqual(replica_objects(rep, "snapshots") + replica_objects(rep, "wal"), before)
+
+
+class TestRestoreUnderRetention(TempDirTestCase):
+    def setUp(self):
+        super().setUp()
+        self.rep, self.dbpath = self.path("rep"), self.path("db")
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+
+    def replica_with_indices(self, n=4):
+        """Return (db, replica): a snapshot, then n more WAL indices."""
+        db = open_db(self.dbpath, min_checkpoint_page_n=8)
+        self.addCleanup(db.close)
+        r = open_replica(db, self.rep)
+        while db.pos().index < n:
+            self.app.insert(3, size=3000)
+            db.sync()
+            r.sync()
+        return db, r
+
+    def interfere_after_first_index(self, db, r):
+        """Return a progress callback that, once, writes, snapshots and runs retention with nothing retained."""
+        def progress(*_):
+            if not done:
+                done.append(True)
+                self.app.insert(1, tag="during")
+                db.sync()
+                r.sync()
+                r.snapshot()
+                r.retention = 0.001
+                r.enforce_retention()
+        done = []
+        return progress
+
+    def test_retention_during_restore_replans(self):
+        """Ensure a restore whose remaining objects retention deletes plans again and restores the newest state."""
+        db, r = self.replica_with_indices()
+        gen = db.pos().generation
+        restorer = ls.Replica(None, "file", ls.FileReplicaClient(self.rep))
+        out = self.path("out.db")
+        with self.assertLogs("litestream", "WARNING") as logs:
+            pos = ls.restore_replica(restorer, ls.RestoreOptions(out, gen, parallelism=1),
+                                     self.interfere_after_first_index(db, r))
+        self.assertTrue(any("planning the restore again" in m for m in logs.output), logs.output)
+        self.assertEqual(pos, db.pos())
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+        self.assertEqual(integrity(out), "ok")
+
+    def test_retention_during_restore_of_an_old_point_fails_clearly(self):
+        """Ensure a restore of a point retention deletes meanwhile fails with one line saying so, leaving nothing."""
+        db, r = self.replica_with_indices()
+        gen = db.pos().generation
+        restorer = ls.Replica(None, "file", ls.FileReplicaClient(self.rep))
+        out = self.path("out.db")
+        with self.assertRaises(ls.LitestreamError) as cm, self.assertLogs("litestream", "WARNING"):
+            ls.restore_replica(restorer, ls.RestoreOptions(out, gen, index=2, parallelism=1),
+                               self.interfere_after_first_index(db, r))
+        self.assertEqual(str(cm.exception), "cannot restore %s after objects were deleted during the restore "
+                         "(retention?): no snapshots available" % gen)
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(["db", "db-shm", "db-wal", ".db-litestream", "rep"]))
+
+    def test_retention_during_verify_starts_again(self):
+        """Ensure verify whose objects retention deletes verifies again from a fresh listing and finds nothing wrong."""
+        db, r = self.replica_with_indices()
+        gen = db.pos().generation
+        verifier = ls.Replica(None, "file", ls.FileReplicaClient(self.rep))
+        report = ls.verify_generation(verifier, gen, parallelism=1, progress=self.interfere_after_first_index(db, r))
+        self.assertEqual((report.problems, report.latest_ok), ((), True))
+        self.assertEqual(report.last_pos, db.pos())
+        self.assertEqual(report.snapshots, 1)
+
+    def test_restores_while_retention_deletes(self):
+        """Ensure restores racing retention give a committed state (never an older one) or one clear line."""
+        rep, dbpath = self.rep, self.dbpath
+        app = sqlite3.connect(dbpath, isolation_level=None, check_same_thread=False)
+        self.addCleanup(app.close)
+        db = open_db(dbpath, min_checkpoint_page_n=8)
+        self.addCleanup(db.close)
+        r = open_replica(db, rep, retention=0.001)  # all but the newest snapshot is past retention
+        db.sync()
+        r.sync()
+        gen = db.pos().generation
+        committed, uploaded = [0], [0]  # rows 1..k are committed / also in the replica
+        stop = threading.Event()
+        errors = []
+
+        def writer():
+            k, last_snap = 0, time.monotonic()
+            try:
+                while not stop.is_set():
+                    k += 1
+                    app.execute("INSERT INTO t (id, v) VALUES (?, ?)", (k, "row %d " % k + "x" * 3000))
+                    committed[0] = k
+                    db.sync()
+                    r.sync()
+                    uploaded[0] = k
+                    if time.monotonic() - last_snap > 0.1:
+                        r.snapshot()
+                        last_snap = time.monotonic()
+            except Exception as e:  # reported by the main thread
+                errors.append(e)
+
+        def retainer():
+            while not stop.wait(0.1):
+                try:
+                    r.enforce_retention()
+                except Exception as e:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=retainer)]
+        for t in threads:
+            t.start()
+        self.addCleanup(lambda: [stop.set()] + [t.join() for t in threads])
+        wait_for(lambda: uploaded[0] > 50, "the first rows")
+        restorer = ls.Replica(None, "file", ls.FileReplicaClient(rep))
+        ok = failed = 0
+        with self.assertLogs("litestream", "WARNING"):
+            deadline = time.monotonic() + 5
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                lo = uploaded[0]
+                out = self.path("out-%d.db" % n)
+                target = None
+                if n % 4 == 0:  # an older point: its objects may be gone by the time they are read
+                    target = max(0, db.pos().index - 2)
+                try:
+                    ls.restore_replica(restorer, ls.RestoreOptions(out, gen, index=target, parallelism=1))
+                except ls.LitestreamError as e:
+                    msg = str(e)
+                    self.assertEqual(len(msg.splitlines()), 1, msg)
+                    self.assertIsNotNone(target, "restore of the latest state failed: %s" % msg)
+                    self.assertRegex(msg, r"deleted|no snapshots available|missing")
+                    failed += 1
+                    continue
+                hi = committed[0]
+                self.assertEqual(integrity(out), "ok")
+                ids = [i for (i,) in sqlite3.connect(out).execute("SELECT id FROM t ORDER BY id")]
+                self.assertEqual(ids, list(range(1, len(ids) + 1)), "not a committed state")
+                self.assertLessEqual(len(ids), hi)
+                if target is None:
+                    self.assertGreaterEqual(len(ids), lo, "shorter than the replica held when the restore began")
+                ok += 1
+                os.unlink(out)
+            ls.log.warning("done")  # assertLogs needs at least one record
+        stop.set()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        # Races happen a few times a run; the tests below force one.
+        self.assertGreater(ok, 10, "%d restores failed" % failed)
+
+
+class TestVerify(TempDirTestCase):
+    """verify on a file replica with two generations, clean and with one defect at a time."""
+
+    @classmethod
+    def setUpClass(cls):
+        # One replica for the whole class: tests read it, or break a copy of it.
+        td = tempfile.TemporaryDirectory(prefix="lstest-")
+        cls.addClassCleanup(td.cleanup)
+        cls.rep = os.path.join(td.name, "rep")
+        dbpath = os.path.join(td.name, "db")
+        app = AppDB(dbpath)
+        # An older generation of the same database: the source of foreign objects.
+        db = open_db(dbpath)
+        r = open_replica(db, cls.rep)
+        for i in range(3):
+            app.insert(10, size=500, tag="old%d" % i)
+            db.sync()
+            r.sync()
+        cls.other_gen = db.pos().generation
+        db.close()
+        # Written and checkpointed while we are down: a new generation.
+        app.insert(5, tag="down")
+        app.c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        app.insert(1, tag="down")
+        db = open_db(dbpath, min_checkpoint_page_n=15)
+        r = open_replica(db, cls.rep)
+        for i in range(24):
+            app.insert(4, size=1500, tag="s%d" % i)
+            db.sync()
+            r.sync()
+            if i in (5, 10):
+                r.snapshot()
+        cls.gen = db.pos().generation
+        db.close()
+        app.close()
+
+    def setUp(self):
+        super().setUp()
+        self.assertNotEqual(self.gen, self.other_gen)
+        self.tmp = self.path("tmp")
+        os.mkdir(self.tmp)
+        patcher = mock.patch.object(tempfile, "tempdir", self.tmp)  # verify's scratch space
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def cli(self, *args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = ls.main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    def objects(self, root, gen, kind):
+        """Return {name: path} of a generation's snapshots or wal segments, listed here."""
+        d = os.path.join(root, "generations", gen, kind)
+        return {n: os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".lz4")}
+
+    def segments(self, root, gen, index):
+        return [n for n in self.objects(root, gen, "wal") if int(n[:8], 16) == index]
+
+    def indices(self, root, gen, kind="wal"):
+        return sorted({int(n[:8], 16) for n in self.objects(root, gen, kind)})
+
+    def test_clean_replica(self):
+        """Ensure a clean replica verifies (exit 0) with the window its objects give, leaving no temp files."""
+        code, out, err = self.cli("verify", "-json", "file://" + self.rep)
+        self.assertEqual((code, err), (0, ""), out)
+        rep, = json.loads(out)["replicas"]
+        self.assertEqual(rep["latest_generation"], self.gen)
+        by_gen = {g["generation"]: g for g in rep["generations"]}
+        self.assertEqual(sorted(by_gen), sorted([self.gen, self.other_gen]))
+        for gen, g in by_gen.items():
+            with self.subTest(generation=gen):
+                snaps, wal = self.objects(self.rep, gen, "snapshots"), self.objects(self.rep, gen, "wal")
+                mtime = {n: datetime.datetime.fromtimestamp(os.stat(p).st_mtime, datetime.timezone.utc)
+                         for n, p in list(snaps.items()) + list(wal.items())}
+                first = min(snaps)
+                self.assertEqual((g["problems"], g["latest_ok"]), ([], True))
+                self.assertEqual((g["snapshots"], g["wal_segments"]), (len(snaps), len(wal)))
+                self.assertEqual(g["first"]["index"], int(first[:8], 16))
+                self.assertEqual(g["last"]["index"], max(int(n[:8], 16) for n in wal))
+                self.assertEqual(ls._parse_timestamp(g["first"]["time"]), mtime[first])
+                self.assertEqual(ls._parse_timestamp(g["last"]["time"]), max(mtime.values()))
+        self.assertGreaterEqual(len(self.objects(self.rep, self.gen, "snapshots")), 3)
+        self.assertGreaterEqual(len(self.indices(self.rep, self.gen)), 5)
+        code, out, err = self.cli("verify", "file://" + self.rep)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("file replica file (file://%s): ok" % self.rep, out)
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def broken(self, defect) -> "tuple[str, str]":
+        """Copy the replica, apply defect(root) to it; return (stdout, the object name the defect names)."""
+        root = self.path("broken-%s" % secrets_hex())
+        shutil.copytree(self.rep, root)
+        named = defect(root)
+        code, out, err = self.cli("verify", "file://" + root)
+        self.assertEqual(code, 1, out)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("litestream: verify: "), err)
+        problems = [line for line in out.splitlines() if line.strip().startswith("problem: ")]
+        self.assertTrue(any(named in p for p in problems), "no problem names %s:\n%s" % (named, out))
+        self.assertEqual(os.listdir(self.tmp), [])
+        return out, named
+
+    def rel(self, gen, kind, name):
+        return "generations/%s/%s/%s" % (gen, kind, name)
+
+    def test_missing_middle_segment(self):
+        """Ensure a WAL segment missing from the middle of an index is named."""
+        def defect(root):
+            idx = next(i for i in self.indices(root, self.gen) if len(self.segments(root, self.gen, i)) >= 3)
+            name = self.segments(root, self.gen, idx)[1]
+            os.unlink(self.objects(root, self.gen, "wal")[name])
+            return self.rel(self.gen, "wal", name)
+        self.broken(defect)
+
+    def test_missing_index(self):
+        """Ensure a WAL index missing between two others is named."""
+        def defect(root):
+            idx = self.indices(root, self.gen)[-2]
+            for n in self.segments(root, self.gen, idx):
+                os.unlink(self.objects(root, self.gen, "wal")[n])
+            return self.rel(self.gen, "wal", "%08x_00000000.wal.lz4" % idx)
+        out, _ = self.broken(defect)
+        self.assertIn("latest state: NOT restorable", out)
+
+    def test_truncated_objects(self):
+        """Ensure a truncated WAL segment or snapshot is named."""
+        for kind in ("wal", "snapshots"):
+            with self.subTest(kind=kind):
+                def defect(root):
+                    name, path = list(self.objects(root, self.gen, kind).items())[1]
+                    os.truncate(path, os.path.getsize(path) // 2)
+                    return self.rel(self.gen, kind, name)
+                self.broken(defect)
+
+    def test_bit_flip_in_snapshot(self):
+        """Ensure a snapshot with one flipped bit is named."""
+        def defect(root):
+            name, path = list(self.objects(root, self.gen, "snapshots").items())[-1]
+            data = bytearray(read_file(path))
+            data[len(data) // 2] ^= 0x04
+            with open(path, "wb") as f:
+                f.write(data)
+            return self.rel(self.gen, "snapshots", name)
+        self.broken(defect)
+
+    def test_reencoded_segment_breaks_chain(self):
+        """Ensure a segment that is valid LZ4 (valid xxh32) but breaks the WAL checksum chain is named."""
+        def defect(root):
+            idx = next(i for i in self.indices(root, self.gen) if len(self.segments(root, self.gen, i)) >= 3)
+            name = self.segments(root, self.gen, idx)[1]
+            path = self.objects(root, self.gen, "wal")[name]
+            data = bytearray(ls.lz4_decompress_frame(read_file(path)))
+            data[ls.WAL_FRAME_HEADER_SIZE + 100] ^= 0x01  # the first frame's page
+            with open(path, "wb") as f:
+                f.write(ls.lz4_compress_frame(bytes(data), content_checksum=True))
+            self.assertEqual(ls.lz4_decompress_frame(read_file(path)), bytes(data))
+            return self.rel(self.gen, "wal", name)
+        out, _ = self.broken(defect)
+        self.assertIn("checksum mismatch", out)
+
+    def test_foreign_objects(self):
+        """Ensure a segment or snapshot with a valid name but from another generation (or point) is named."""
+        def foreign_segment(root):
+            last = self.indices(root, self.gen)[-1]
+            tail = self.segments(root, self.gen, last)[-1]
+            end = int(tail[9:17], 16) + len(ls.lz4_decompress_frame(read_file(self.objects(root, self.gen, "wal")[tail])))
+            src = [p for n, p in self.objects(root, self.other_gen, "wal").items() if not n.endswith("_00000000.wal.lz4")][0]
+            name = "%08x_%08x.wal.lz4" % (last, end)
+            shutil.copy2(src, os.path.join(root, "generations", self.gen, "wal", name))
+            return self.rel(self.gen, "wal", name)
+
+        def snapshot_from(gen):
+            def defect(root):
+                # After the newest snapshot, so restore would pick it up.
+                idx = self.indices(root, self.gen)[-2]
+                self.assertGreater(idx, self.indices(root, self.gen, "snapshots")[-1])
+                src = list(self.objects(root, gen, "snapshots").values())[0]
+                name = "%08x.snapshot.lz4" % idx
+                shutil.copy2(src, os.path.join(root, "generations", self.gen, "snapshots", name))
+                return self.rel(self.gen, "snapshots", name)
+            return defect
+
+        # The last: an older snapshot of this generation, valid but not this index's state.
+        for defect in (foreign_segment, snapshot_from(self.other_gen), snapshot_from(self.gen)):
+            with self.subTest(defect=defect.__name__):
+                self.broken(defect)
+
+    def test_valid_snapshot_that_disagrees_with_the_wal(self):
+        """Ensure a snapshot altered inside a text value (valid LZ4, integrity_check ok) is named, from the WAL before it."""
+        def defect(root):
+            name, path = list(self.objects(root, self.gen, "snapshots").items())[-1]
+            data = bytearray(ls.lz4_decompress_frame(read_file(path)))
+            at = data.index(b"old1")  # a row no later WAL rewrites
+            data[at + 10:at + 11] = b"y"
+            with open(path, "wb") as f:
+                f.write(ls.lz4_compress_frame(bytes(data), content_checksum=True))
+            return self.rel(self.gen, "snapshots", name)
+        out, _ = self.broken(defect)
+        self.assertIn("table t differs", out)
+        self.assertIn("latest state: restorable, integrity_check ok", out)
+
+    def test_config_mode_and_bad_flags(self):
+        """Ensure verify takes a DB path with -config, and bad flags are one usage line (exit 1, as Go)."""
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[db:app]\npath = %s\n[replica:app:r]\npath = %s\n" % (self.path("app.db"), self.rep))
+        code, out, err = self.cli("verify", "-config", cfg, self.path("app.db"))
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("file replica r (file://%s): ok" % self.rep, out)
+        code, _, err = self.cli("verify", "-parallelism", "0", "file://" + self.rep)
+        self.assertEqual((code, err), (1, "invalid -parallelism 0: must be at least 1\n"))
+        code, _, err = self.cli("verify", "-jsn", "file://" + self.rep)
+        self.assertEqual(code, 1)
+        self.assertIn("did you mean -json?", err)
+
+    def test_generation_flag(self):
+        """Ensure -generation verifies only that generation and an unknown one is one error line."""
+        code, out, err = self.cli("verify", "-json", "-generation", self.other_gen, "file://" + self.rep)
+        self.assertEqual(code, 0, out + err)
+        rep, = json.loads(out)["replicas"]
+        self.assertEqual([g["generation"] for g in rep["generations"]], [self.other_gen])
+        code, out, err = self.cli("verify", "-generation", "0123456789abcdef", "file://" + self.rep)
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "litestream: generation 0123456789abcdef not found in file://%s\n" % self.rep)
 
 
 ###############################################################################
@@ -5379,6 +5850,124 @@ class TestS3InteropMoto(S3InteropMixin, TempDirTestCase):
 class TestS3InteropSwift(S3InteropMixin, TempDirTestCase):
     def server(self):
         return swift_with_bucket()
+
+
+class TestVerifyInterop(TempDirTestCase):
+    """verify on clean replicas written by us and by Go 0.3.13, in a directory and in S3 (moto)."""
+
+    def setUp(self):
+        super().setUp()
+        self.go = require_go()
+        self.lz4 = import_lz4()
+        self.srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        self.s3 = boto3_s3(self.srv.endpoint, self.srv.key, self.srv.secret)
+
+    def replicate(self, tool, store, db) -> str:
+        """Replicate db with tool to store (several snapshots and indices); return the replica URL."""
+        if store == "s3":
+            prefix = "%016x" % random.getrandbits(64)
+            c = moto_client(prefix)
+            self.addCleanup(c.close)
+            self.addCleanup(delete_all, c, prefix)
+            url = "s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true" % (
+                self.srv.bucket, prefix, self.srv.endpoint)
+        else:
+            url = "file://" + self.path("rep-%s" % tool)
+        if tool == "go":
+            text = go_yml(db, url[len("file://"):], min_ckpt=30) if store == "file" else go_s3_yml(
+                db, self.srv, prefix, min_ckpt=30)
+            text += "        snapshot-interval: 1s\n"
+            cfg = self.path("go.yml")
+        else:
+            text = (py_ini(db, url[len("file://"):], min_ckpt=30) if store == "file" else py_s3_ini(
+                db, self.srv, prefix, min_ckpt=30).replace("sync-interval = 100ms", "sync-interval = 100ms\n"
+                                                           "snapshot-interval = 1s"))
+            if store == "file":
+                text += "snapshot-interval = 1s\n"
+            cfg = self.path("py.ini")
+        with open(cfg, "w") as f:
+            f.write(text)
+        r = Replicator(self, ["-config", cfg], go=self.go if tool == "go" else "")
+        r.wait_log("replicating to")
+        app = sqlite3.connect(db)
+        self.addCleanup(app.close)
+        rnd = random.Random(5)
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            app.executemany("INSERT INTO t (v, b) VALUES (?, ?)", [("verify", rand_bytes(rnd, 2000))] * 3)
+            app.commit()
+            time.sleep(0.02)
+        time.sleep(0.5)
+        stop_replicator(self, tool, r)
+        return url
+
+    def listing(self, store, url) -> list:
+        """Return (generation, kind, index, offset, created, read()) of every object, listed here."""
+        out = []
+        if store == "s3":
+            prefix = urllib.parse.urlparse(url).path.strip("/")
+            for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.srv.bucket, Prefix=prefix + "/"):
+                for o in page.get("Contents", ()):
+                    m = re.search(r"/generations/([0-9a-f]{16})/(snapshots|wal)/([0-9a-f]{8})(?:_([0-9a-f]{8}))?\.", o["Key"])
+                    out.append((m.group(1), m.group(2), int(m.group(3), 16), int(m.group(4) or "0", 16),
+                                o["LastModified"],
+                                lambda k=o["Key"]: self.s3.get_object(Bucket=self.srv.bucket, Key=k)["Body"].read()))
+        else:
+            root = url[len("file://"):]
+            for gen, name in replica_objects(root, "snapshots") + replica_objects(root, "wal"):
+                kind = "wal" if name.endswith(".wal.lz4") else "snapshots"
+                p = os.path.join(root, "generations", gen, kind, name)
+                out.append((gen, kind, int(name[:8], 16), int(name[9:17], 16) if kind == "wal" else 0,
+                            datetime.datetime.fromtimestamp(os.stat(p).st_mtime, datetime.timezone.utc),
+                            lambda p=p: read_file(p)))
+        return out
+
+    def expected_window(self, objs) -> dict:
+        """Compute each generation's window from its objects: oldest snapshot to the end of the last segment."""
+        want = {}
+        for gen in sorted({o[0] for o in objs}):
+            snaps = sorted((o for o in objs if o[0] == gen and o[1] == "snapshots"), key=lambda o: o[2])
+            segs = sorted((o for o in objs if o[0] == gen and o[1] == "wal"), key=lambda o: (o[2], o[3]))
+            newest, tail = snaps[-1], segs[-1]
+            d = self.lz4.LZ4FrameDecompressor()
+            end = tail[3] + len(d.decompress(tail[5]()))
+            last_time = max([newest[4]] + [o[4] for o in segs if o[2] >= newest[2]])
+            want[gen] = {"first": {"index": snaps[0][2], "time": snaps[0][4]},
+                         "last": {"index": tail[2], "offset": end, "time": last_time},
+                         "snapshots": len(snaps), "wal_segments": len(segs)}
+        return want
+
+    def test_clean_replicas_verify(self):
+        """Ensure verify exits 0 on clean replicas of both tools, file and S3, with the window of the listed objects."""
+        env = child_env()
+        env.update(LITESTREAM_ACCESS_KEY_ID=self.srv.key, LITESTREAM_SECRET_ACCESS_KEY=self.srv.secret)
+        for tool in ("py", "go"):
+            for store in ("file", "s3"):
+                with self.subTest(writer=tool, store=store):
+                    db = self.path("src-%s-%s.db" % (tool, store))
+                    c = sqlite3.connect(db)
+                    c.execute("PRAGMA journal_mode=WAL")
+                    c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+                    c.commit()
+                    c.close()
+                    url = self.replicate(tool, store, db)
+                    want = self.expected_window(self.listing(store, url))
+                    p = subprocess.run([sys.executable, SCRIPT, "verify", "-json", url], capture_output=True,
+                                       text=True, timeout=300, env=env)
+                    self.assertEqual((p.returncode, p.stderr), (0, ""), p.stdout)
+                    rep, = json.loads(p.stdout)["replicas"]
+                    got = {}
+                    for g in rep["generations"]:
+                        self.assertEqual((g["problems"], g["latest_ok"]), ([], True), g)
+                        got[g["generation"]] = {
+                            "first": {"index": g["first"]["index"], "time": ls._parse_timestamp(g["first"]["time"])},
+                            "last": {"index": g["last"]["index"], "offset": g["last"]["offset"],
+                                     "time": ls._parse_timestamp(g["last"]["time"])},
+                            "snapshots": g["snapshots"], "wal_segments": g["wal_segments"]}
+                    self.assertEqual(got, want)
+                    gen, = want
+                    self.assertGreaterEqual(want[gen]["snapshots"], 2)
+                    self.assertGreaterEqual(want[gen]["last"]["index"], 2)
 
 
 class TCPProxy:
