@@ -4151,7 +4151,7 @@ class DB:
                 self._record(size, digest)
             finally:
                 self._conn.execute("ROLLBACK")
-        except _WriteLockBusy as e:
+        except (_WriteLockBusy, _ShadowWriteError) as e:
             self.logger.info("%s: shutdown: no shutdown record: %s", self.name, e)
 
     def _wal_index_mark(self):
@@ -4665,7 +4665,15 @@ class _SnapshotSource:
                     # Never snapshot through a descriptor of a file that is
                     # no longer the database: the next sync reopens it.
                     raise LitestreamError("%s: %s: snapshot deferred until the next sync" % (db.name, why))
-                # Backfill what we can so the replay after the snapshot is short.
+                # Every frame our read mark lets a checkpoint backfill into
+                # the file is copied first, so the snapshot holds nothing
+                # past self.pos; then backfill what we can so the replay
+                # after the snapshot is short.
+                try:
+                    if db.pos().generation:
+                        db._copy_or_raise(None)
+                except _ShadowWriteError as e:
+                    raise LitestreamError("%s: snapshot: cannot write shadow wal: %s" % (db.name, e.err)) from e
                 db._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 self.pos = db.pos()
             if not self.pos.generation:
@@ -4980,14 +4988,37 @@ class Replica:
             self._set_pos(self.calc_pos(dpos.generation))
             self.db.logger.info("%s: replicating to %s position=%s",
                                 self._label(), self.client.client_type, self.pos)
+        self._upload_wal(self.pos, None, track=True)
+
+    def _upload_wal(self, pos: Pos, stop: Optional[Pos], track: bool) -> None:
+        """Upload the shadow WAL from pos, as far as stop (None: all of it).
+
+        With track, the replica's position follows; without, the objects
+        belong to a generation whose snapshot is not stored yet.
+        """
         while True:
-            rng = self.db.shadow_wal_range(self.pos)
+            rng = self.db.shadow_wal_range(pos)
             if rng is None:
                 return
             start, end = rng
+            if stop is not None:
+                if (start.index, start.offset) >= (stop.index, stop.offset):
+                    return
+                if start.index == stop.index:
+                    end = min(end, stop.offset)
             rd = CompressingReader(self.db.read_shadow_chunks(start, end))
             self.client.write_wal_segment(start, rd)
-            self._set_pos(Pos(start.generation, start.index, end))
+            pos = Pos(start.generation, start.index, end)
+            if track:
+                self._set_pos(pos)
+
+    def _index_end(self, generation: str, index: int) -> int:
+        """Return where the replica's segments of one index end (0 without any)."""
+        segs = [s for s in self.client.wal_segments(generation) if s.index == index]
+        if not segs:
+            return 0
+        seg = segs[-1]
+        return seg.offset + decompress_object(self.client.wal_segment_reader(seg.pos()), self._object_name(seg))
 
     def calc_pos(self, generation: str) -> Pos:
         """Return where the replica's copy of a generation ends."""
@@ -5018,6 +5049,16 @@ class Replica:
 
     def _snapshot(self) -> SnapshotInfo:
         with self.db.begin_snapshot() as src:
+            # A restore that picks this snapshot replays its index from
+            # offset 0 on top of it, and the file may already hold pages of
+            # frames up to src.pos (backfilled by checkpoints): those frames
+            # go up first, so the snapshot is never restorable without them.
+            p = src.pos
+            if self.pos.generation == p.generation:
+                self._upload_wal(self.pos, p, track=True)
+            else:
+                start = Pos(p.generation, p.index, min(p.offset, self._index_end(p.generation, p.index)))
+                self._upload_wal(start, p, track=False)
             t0 = time.monotonic()
             rd = CompressingReader(src.chunks(), _tty_progress("snapshot %s" % self._label(),
                                                                os.path.getsize(self.db.path)))

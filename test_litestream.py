@@ -1372,6 +1372,114 @@ class TestDBSync(TempDirTestCase):
 ###############################################################################
 
 
+def replace_db(path, other):
+    """Rename a new database over path, as an application replacing its database file does."""
+    create_wal_db(other, rows=7)
+    remove_files(path + "-wal", path + "-shm")
+    os.rename(other, path)
+
+
+class TestReplicaLifecycle(RowsMixin, TempDirTestCase):
+    """Replica timers and the DB lifecycle around them, through the Replicator."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.path("app.db")
+        self.rep = self.path("rep")
+        create_wal_db(self.db, rows=10)
+
+    def test_failed_snapshot_does_not_stop_wal_uploads(self):
+        """Ensure a scheduled snapshot that fails leaves WAL uploads running."""
+        with ls.Replicator(self.db, [self.rep], sync_interval=0.05, monitor_interval=0.05,
+                           snapshot_interval=0.3) as r, self.assertLogs("litestream", "INFO") as cm:
+            replica, db = r.dbs[0].replicas[0], r.dbs[0]
+            wait_for(lambda: replica.pos.generation, "the first upload")
+            snaps = os.path.join(self.rep, "generations", db.pos().generation, "snapshots")
+            os.rename(snaps, snaps + ".away")
+            with open(snaps, "w") as f:
+                f.write("not a directory: snapshots cannot be written")
+            wait_for(lambda: any("snapshot failed (attempt 1)" in m for m in cm.output), "a failed snapshot")
+            AppDB(self.db).insert(20, tag="after-snapshot-failure")
+            db.sync()
+            wait_for(lambda: replica.pos == db.pos(), "the WAL upload of the new rows", timeout=20)
+            os.unlink(snaps)
+            os.rename(snaps + ".away", snaps)
+        out = self.path("out.db")
+        ls.restore(self.rep, out)
+        self.assertSameRows(out, table_rows(self.db))
+
+    def test_closed_db_never_syncs_again(self):
+        """Ensure sync after close raises instead of reopening the database without its lock."""
+        r = ls.Replicator(self.db, [self.rep]).open()
+        db, replica = r.dbs[0], r.dbs[0].replicas[0]
+        r.close()
+        with self.assertRaises(ls.LitestreamError):
+            db.sync()
+        with self.assertRaises(ls.LitestreamError):
+            replica.sync()
+        with self.assertRaises(ls.LitestreamError):
+            r.sync()
+        self.assertIsNone(db._conn)
+        with ls.Replicator(self.db, [self.rep]) as r2:  # the lock was released, and stays so
+            r2.sync()
+
+    def test_wait_replicated_across_a_new_generation(self):
+        """Ensure wait_replicated across a generation change returns only once the rows are in the replica."""
+        with ls.Replicator(self.db, [self.rep], sync_interval=0.05, monitor_interval=3600) as r:
+            r.sync()
+            gen = r.dbs[0].pos().generation
+            replace_db(self.db, self.path("other.db"))
+            app = AppDB(self.db)
+            app.insert(30, size=500, tag="new-db")
+            app.close()
+            pos = r.wait_replicated(timeout=30)
+            self.assertNotEqual(pos.generation, gen)
+            out = self.path("out.db")
+            ls.restore(self.rep, out)
+            self.assertSameRows(out, table_rows(self.db))
+
+    def test_snapshot_of_a_changed_file_fails(self):
+        """Ensure a snapshot whose database descriptor changed while it was read fails instead of being stored."""
+        db = open_db(self.db)
+        self.addCleanup(db.close)
+        with db.begin_snapshot() as src:
+            chunks = src.chunks(chunk=4096)
+            next(chunks)
+            real = db._db_file
+            db._db_file = open(self.db, "rb")
+            self.addCleanup(db._db_file.close)
+            with self.assertRaises(ls.LitestreamError) as cm:
+                list(chunks)
+            db._db_file.close()
+            db._db_file = real
+        self.assertIn("changed while it was read", str(cm.exception))
+
+    def test_failed_generation_start_lets_the_wal_go(self):
+        """Ensure a generation that cannot start (full disk) does not keep the read lock pinning the WAL."""
+        small = mount_tmpfs(self, 1 << 20)
+        db = open_db(self.db, meta_path=os.path.join(small, "meta"))
+        self.addCleanup(db.close)
+        app = AppDB(self.db)
+        self.addCleanup(app.close)
+        app.insert(5)
+        db.sync()
+        filler = fill_fs(small)
+        app.close()
+        replace_db(self.db, self.path("other.db"))  # needs a new generation
+        app = AppDB(self.db)
+        self.addCleanup(app.close)
+        app.insert(20, size=2000, tag="while-full")
+        with self.assertRaises(ls.LitestreamError):
+            db.sync()
+        self.assertFalse(db._rconn.in_transaction)
+        busy, n_log, n_ckpt = app.c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.assertEqual((busy, n_ckpt), (0, n_log))  # nothing holds the application's checkpoint back
+        remove_files(filler)
+        db.sync()
+        self.assertTrue(db._rconn.in_transaction)
+        self.assertTrue(db.pos().generation)
+
+
 class TestRestore(TempDirTestCase):
     def setUp(self):
         super().setUp()
@@ -7449,6 +7557,37 @@ class TestShutdownRecord(TempDirTestCase):
         db.sync()
         db.close()
         self.assertFalse(os.path.exists(db.shutdown_record_path()))
+
+    def test_record_hashed_with_the_write_lock_released(self):
+        """Ensure a record hashed outside the write lock (large files) still lets a restart keep the generation."""
+        with mock.patch.object(ls, "SHUTDOWN_HASH_UNDER_LOCK", 0):
+            gen, _ = self.cycle("a")
+            gen2, r = self.cycle("b")
+        self.assertEqual(gen2, gen)
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, gen))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
+    def test_commit_while_hashing_means_no_record(self):
+        """Ensure a commit while the file is hashed (lock released) leaves no record to vouch for it."""
+        AppDB(self.dbpath).close()
+        real = ls.DB._hash_db_file
+
+        def hash_while_app_writes(db):
+            c = sqlite3.connect(self.dbpath, isolation_level=None)
+            c.execute("INSERT INTO t (v) VALUES ('during the hash')")
+            c.close()
+            return real(db)
+
+        with mock.patch.object(ls, "SHUTDOWN_HASH_UNDER_LOCK", 0), \
+                mock.patch.object(ls.DB, "_hash_db_file", hash_while_app_writes):
+            db = open_db(self.dbpath)
+            AppDB(self.dbpath).insert(3)
+            db.sync()
+            with self.assertLogs("litestream", "INFO") as cm:
+                db.close()
+        self.assertFalse(os.path.exists(db.shutdown_record_path()))
+        self.assertTrue(any("changed while it was hashed" in m for m in cm.output), cm.output)
 
     def test_changed_file_starts_new_generation(self):
         """Ensure a checkpointed write, VACUUM or a replaced file while down starts a logged new generation."""
