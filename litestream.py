@@ -1332,7 +1332,9 @@ class FileReplicaClient(ReplicaClient):
     """A replica in a local directory, laid out as Go Litestream's file replica.
 
     Every object is written to "<name>.tmp", fsynced, renamed into place, and
-    its directory fsynced, so an object is either whole or absent.
+    its directory fsynced, so an object is either whole or absent.  Each
+    method is timed and its errors counted (replica_operation); like Go's,
+    it adds nothing to litestream_replica_operation_total or _bytes.
     """
 
     client_type = "file"
@@ -1346,21 +1348,26 @@ class FileReplicaClient(ReplicaClient):
     def _gen_dir(self, generation: str) -> str:
         return generation_path(self.path, generation)
 
+    def _op(self, operation: str) -> "replica_operation":
+        return replica_operation(self.client_type, operation, count=False)
+
     def generations(self) -> List[str]:
-        try:
-            names = os.listdir(os.path.join(self.path, "generations"))
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if is_generation_name(n)
-                      and os.path.isdir(os.path.join(self.path, "generations", n)))
+        with self._op("LIST"):
+            try:
+                names = os.listdir(os.path.join(self.path, "generations"))
+            except FileNotFoundError:
+                return []
+            return sorted(n for n in names if is_generation_name(n)
+                          and os.path.isdir(os.path.join(self.path, "generations", n)))
 
     def delete_generation(self, generation: str) -> None:
         d = self._gen_dir(generation)
-        try:
-            shutil.rmtree(d)
-        except FileNotFoundError:
-            return
-        fsync_dir(os.path.dirname(d))
+        with self._op("DELETE"):
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                return
+            fsync_dir(os.path.dirname(d))
 
     def _list(self, d: str):
         try:
@@ -1372,25 +1379,27 @@ class FileReplicaClient(ReplicaClient):
 
     def snapshots(self, generation: str) -> List[SnapshotInfo]:
         out = []
-        for e in self._list(os.path.join(self._gen_dir(generation), "snapshots")):
-            try:
-                index = parse_snapshot_path(e.name)
-                st = e.stat()
-            except (ValueError, FileNotFoundError):
-                continue
-            out.append(SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime)))
+        with self._op("LIST"):
+            for e in self._list(os.path.join(self._gen_dir(generation), "snapshots")):
+                try:
+                    index = parse_snapshot_path(e.name)
+                    st = e.stat()
+                except (ValueError, FileNotFoundError):
+                    continue
+                out.append(SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime)))
         return sorted(out, key=lambda s: s.index)
 
     def wal_segments(self, generation: str) -> List[WALSegmentInfo]:
         out = []
-        for e in self._list(os.path.join(self._gen_dir(generation), "wal")):
-            try:
-                index, offset = parse_wal_segment_path(e.name)
-                st = e.stat()
-            except (ValueError, FileNotFoundError):
-                continue
-            out.append(WALSegmentInfo(generation, index, offset, st.st_size,
-                                      utc_from_timestamp(st.st_mtime)))
+        with self._op("LIST"):
+            for e in self._list(os.path.join(self._gen_dir(generation), "wal")):
+                try:
+                    index, offset = parse_wal_segment_path(e.name)
+                    st = e.stat()
+                except (ValueError, FileNotFoundError):
+                    continue
+                out.append(WALSegmentInfo(generation, index, offset, st.st_size,
+                                          utc_from_timestamp(st.st_mtime)))
         return sorted(out, key=lambda s: (s.index, s.offset))
 
     def _write(self, path: str, rd: BinaryIO) -> os.stat_result:
@@ -1399,31 +1408,37 @@ class FileReplicaClient(ReplicaClient):
         return os.stat(path)
 
     def write_snapshot(self, generation: str, index: int, rd: BinaryIO) -> SnapshotInfo:
-        st = self._write(snapshot_path(self.path, generation, index), rd)
+        with self._op("PUT"):
+            st = self._write(snapshot_path(self.path, generation, index), rd)
         return SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime))
 
     def write_wal_segment(self, pos: Pos, rd: BinaryIO) -> WALSegmentInfo:
-        st = self._write(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), rd)
+        with self._op("PUT"):
+            st = self._write(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), rd)
         return WALSegmentInfo(pos.generation, pos.index, pos.offset, st.st_size,
                               utc_from_timestamp(st.st_mtime))
 
     def delete_snapshot(self, generation: str, index: int) -> None:
-        remove_quietly(snapshot_path(self.path, generation, index))
+        with self._op("DELETE"):
+            remove_quietly(snapshot_path(self.path, generation, index))
 
     def delete_wal_segments(self, positions: Iterable[Pos]) -> None:
         dirs = set()
-        for p in positions:
-            path = wal_segment_path(self.path, p.generation, p.index, p.offset)
-            remove_quietly(path)
-            dirs.add(os.path.dirname(path))
-        for d in dirs:
-            fsync_dir(d)
+        with self._op("DELETE"):
+            for p in positions:
+                path = wal_segment_path(self.path, p.generation, p.index, p.offset)
+                remove_quietly(path)
+                dirs.add(os.path.dirname(path))
+            for d in dirs:
+                fsync_dir(d)
 
     def snapshot_reader(self, generation: str, index: int) -> BinaryIO:
-        return open(snapshot_path(self.path, generation, index), "rb")
+        with self._op("GET"):
+            return open(snapshot_path(self.path, generation, index), "rb")
 
     def wal_segment_reader(self, pos: Pos) -> BinaryIO:
-        return open(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), "rb")
+        with self._op("GET"):
+            return open(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), "rb")
 
 
 ###############################################################################
@@ -2535,13 +2550,17 @@ class S3ReplicaClient(ReplicaClient):
 
         One PutObject when the stream ends within part_size bytes, else a
         multipart upload whose memory is bounded by part_size x (concurrency+1).
+        Either counts as one PUT, as Go's uploader does.
         """
-        first = _read_full(rd, self.part_size)
-        second = _read_full(rd, self.part_size) if len(first) == self.part_size else b""
-        if not second:
-            self.put_object(key, first)
-            return len(first)
-        return self._multipart_upload(key, rd, first, second)
+        with replica_operation(self.client_type, "PUT") as op:
+            first = _read_full(rd, self.part_size)
+            second = _read_full(rd, self.part_size) if len(first) == self.part_size else b""
+            if not second:
+                self.put_object(key, first)
+                op.bytes = len(first)
+            else:
+                op.bytes = self._multipart_upload(key, rd, first, second)
+        return op.bytes
 
     def _multipart_upload(self, key: str, rd: BinaryIO, first: bytes, second: bytes) -> int:
         # A CreateMultipartUpload sent more than once may have created
@@ -2673,14 +2692,20 @@ class S3ReplicaClient(ReplicaClient):
         return n
 
     def open_object(self, key: str) -> BinaryIO:
-        """Return a streaming reader of an object; FileNotFoundError if it is missing."""
-        try:
-            conn, resp = self._open("GET", key, headers=self._sse_headers(False))
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NotFound") or (e.status == 404 and e.code != "NoSuchBucket"):
-                raise FileNotFoundError(errno.ENOENT, "s3: no such key", key) from e
-            raise
-        length = resp.getheader("content-length")
+        """Return a streaming reader of an object; FileNotFoundError if it is missing.
+
+        Counted as one GET of Content-Length bytes, timed to the response
+        headers (resumed reads are part of the same GET).
+        """
+        with replica_operation(self.client_type, "GET") as op:
+            try:
+                conn, resp = self._open("GET", key, headers=self._sse_headers(False))
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NotFound") or (e.status == 404 and e.code != "NoSuchBucket"):
+                    raise FileNotFoundError(errno.ENOENT, "s3: no such key", key) from e
+                raise
+            length = resp.getheader("content-length")
+            op.bytes = int(length) if length is not None else None
         if length is None:
             # No length to resume against: hand out the body as it comes.
             return _ObjectReader(self, key, conn, resp, 0, _UNKNOWN_LENGTH, "")
@@ -2692,7 +2717,13 @@ class S3ReplicaClient(ReplicaClient):
 
         Ranges are written in order, so w need not be seekable; memory is
         bounded by chunk_size x concurrency.  FileNotFoundError if missing.
+        Counted as one GET of the object's size, timed to the last byte.
         """
+        with replica_operation(self.client_type, "GET") as op:
+            op.bytes = self._download(key, w, chunk_size, concurrency)
+        return op.bytes
+
+    def _download(self, key: str, w: BinaryIO, chunk_size: Optional[int], concurrency: Optional[int]) -> int:
         chunk = chunk_size or self.part_size
         conc = concurrency or self.concurrency
         headers = dict(self._sse_headers(False))
@@ -2751,15 +2782,17 @@ class S3ReplicaClient(ReplicaClient):
                     query["continuation-token"] = token
             elif marker:
                 query["marker"] = marker
-            try:
-                resp = self._request("GET", None, query=query)
-            except S3Error as e:
-                if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
-                    log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
-                    self._list_v2, token, marker = False, "", ""
-                    continue
-                raise
-            root = _xml_root(resp.body)
+            with replica_operation(self.client_type, "LIST") as op:  # one per page, as Go
+                try:
+                    resp = self._request("GET", None, query=query)
+                except S3Error as e:
+                    if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
+                        op.skip()
+                        log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
+                        self._list_v2, token, marker = False, "", ""
+                        continue
+                    raise
+                root = _xml_root(resp.body)
             if self._list_v2 and root.find("KeyCount") is None and not token:
                 # A V1-only server ignored list-type=2 and answered V1: keep paging V1.
                 self._list_v2 = False
@@ -2799,17 +2832,18 @@ class S3ReplicaClient(ReplicaClient):
             for k in batch:
                 ET.SubElement(ET.SubElement(root, "Object"), "Key").text = k
             body = ET.tostring(root, encoding="utf-8")
-            resp = self._request("POST", None, query={"delete": ""}, body=body, headers={
-                "content-md5": base64.b64encode(hashlib.md5(body).digest()).decode("ascii"),
-                "content-type": "application/xml"})
-            errors = _xml_root(resp.body).findall("Error") if resp.body.strip() else []
-            if errors:
-                first = errors[0]
-                detail = "; ".join("%s: %s %s" % (_xml_text(e, "Key"), _xml_text(e, "Code"),
-                                                  _xml_text(e, "Message")) for e in errors)
-                raise S3Error(resp.status, _xml_text(first, "Code") or "DeleteError",
-                              self._redact("%d keys not deleted: %s" % (len(errors), detail)),
-                              key=_xml_text(first, "Key"), bucket=self.bucket)
+            with replica_operation(self.client_type, "DELETE"):  # one per batch, as Go
+                resp = self._request("POST", None, query={"delete": ""}, body=body, headers={
+                    "content-md5": base64.b64encode(hashlib.md5(body).digest()).decode("ascii"),
+                    "content-type": "application/xml"})
+                errors = _xml_root(resp.body).findall("Error") if resp.body.strip() else []
+                if errors:
+                    first = errors[0]
+                    detail = "; ".join("%s: %s %s" % (_xml_text(e, "Key"), _xml_text(e, "Code"),
+                                                      _xml_text(e, "Message")) for e in errors)
+                    raise S3Error(resp.status, _xml_text(first, "Code") or "DeleteError",
+                                  self._redact("%d keys not deleted: %s" % (len(errors), detail)),
+                                  key=_xml_text(first, "Key"), bucket=self.bucket)
             if self.verify_deletes:
                 self._verify_deleted(batch)
 
