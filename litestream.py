@@ -1778,7 +1778,9 @@ class _ObjectReader(io.RawIOBase):
                 if self._failures > self._client.max_retries:
                     raise S3Error(0, "ReadError", "read body failed after %d attempts: %s"
                                   % (self._failures, e), key=self._key) from e
-                log.debug("s3: resume %s at %d after: %s", self._key, self._pos, e)
+                log.warning("s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
+                            self._client._server_name(), self._key, self._pos, self._failures,
+                            self._client.max_retries + 1, e)
                 self._client._sleep_backoff(self._failures)
                 continue
             self._pos += n
@@ -2404,8 +2406,13 @@ class S3ReplicaClient(ReplicaClient):
             r.reused = reused
             raise r from e
 
-    def _attempts(self, fn, key: str = "", stats: Optional[dict] = None):
-        """Call fn() until it returns, retrying _Retryable failures with backoff.
+    def _server_name(self, pool: Optional[_HTTPPool] = None) -> str:
+        """Return scheme://host:port of the server requests go to (for messages)."""
+        p = pool or self._pool
+        return "%s://%s:%s" % (p.scheme, p.host, p.port) if p else "server"
+
+    def _attempts(self, fn, key: str = "", stats: Optional[dict] = None, pool: Optional[_HTTPPool] = None):
+        """Call fn() until it returns, retrying _Retryable failures with backoff (each logged at WARN).
 
         stats["sent"] counts the attempts made, for callers that must know
         whether a request may have taken effect more than once.
@@ -2427,14 +2434,14 @@ class S3ReplicaClient(ReplicaClient):
                     free_retry = False
                     continue
                 attempt += 1
+                where = self._server_name(pool)
                 if attempt > self.max_retries:
                     if isinstance(e, S3Error):
                         raise e
-                    pool = self._pool
-                    where = "%s://%s:%s" % (pool.scheme, pool.host, pool.port) if pool else "server"
                     raise S3Error(0, "RequestError", "cannot reach %s after %d attempts: %s" % (
                         where, attempt, e), key=key, bucket=self.bucket) from e
-                log.debug("s3: retry %d/%d: %s", attempt, self.max_retries, e)
+                log.warning("s3: %s: attempt %d of %d failed, retrying: %s",
+                            where, attempt, self.max_retries + 1, e)
                 self._sleep_backoff(attempt)
 
     def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key="", stats=None):
@@ -2458,7 +2465,7 @@ class S3ReplicaClient(ReplicaClient):
                     raise _Retryable(err) if err.code in _RETRYABLE_CODES else err
                 return _Response(resp.status, hdrs, data)
             raise self._classify(self._error_from(resp.status, hdrs, data, key), hdrs)
-        return self._attempts(once, key, stats)
+        return self._attempts(once, key, stats, pool)
 
     def _classify(self, err: S3Error, headers: dict) -> Exception:
         """Wrap retryable S3 errors; fix clock skew; leave the rest to fail fast."""
@@ -7265,40 +7272,91 @@ def _go_bool_args(sp: argparse.ArgumentParser, args: List[str]) -> List[str]:
             for a in out if not isinstance(a, argparse.Action) or final[a.dest]]
 
 
-class _LogFormatter(logging.Formatter):
-    """Go's log lines: "2006/01/02 15:04:05 INFO msg", or slog's JSON objects for log-type json."""
+def _go_level(levelno: int) -> str:
+    """Return slog's name for a level: DEBUG, INFO, WARN or ERROR."""
+    if levelno >= logging.ERROR:
+        return "ERROR"
+    if levelno >= logging.WARNING:
+        return "WARN"
+    return "INFO" if levelno >= logging.INFO else "DEBUG"
 
-    def __init__(self, log_type: str = "text"):
-        super().__init__("%(asctime)s %(levelname)s %(message)s", _GO_TIME)
-        self.json = log_type == "json"
 
-    def format(self, record):
-        level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(record.levelname, record.levelname)
-        if self.json:
-            t = datetime.datetime.fromtimestamp(record.created).astimezone()
-            return json.dumps({"time": t.isoformat(timespec="microseconds"), "level": level,
-                               "msg": record.getMessage()})
-        record = logging.makeLogRecord(dict(record.__dict__, levelname=level))
-        return super().format(record)
+class _TextFormatter(logging.Formatter):
+    """Format records as Go's default logger: "2006/01/02 15:04:05 LEVEL msg"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = "%s %s %s" % (time.strftime(_GO_TIME, time.localtime(record.created)),
+                             _go_level(record.levelno), record.getMessage())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+# What every LogRecord carries; anything else came in through `extra`.
+_LOG_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def _rfc3339_nano(ts: float) -> str:
+    """Format a Unix time as Go's time.RFC3339Nano in local time ("Z" for UTC)."""
+    dt = datetime.datetime.fromtimestamp(ts).astimezone()
+    frac = ("%06d" % dt.microsecond).rstrip("0")
+    off = int(dt.utcoffset().total_seconds()) // 60
+    zone = "Z" if off == 0 else "%s%02d:%02d" % ("-" if off < 0 else "+", abs(off) // 60, abs(off) % 60)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + ("." + frac if frac else "") + zone
+
+
+class _JSONFormatter(logging.Formatter):
+    """Format records as Go's slog.JSONHandler: one object per line.
+
+    Keys are time (RFC 3339, local), level (DEBUG, INFO, WARN, ERROR) and
+    msg, then every field given as `extra` (a LoggerAdapter's or a call's:
+    db, replica, endpoint, attempt ...), as slog's With() attributes.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj = {"time": _rfc3339_nano(record.created), "level": _go_level(record.levelno),
+               "msg": record.getMessage()}
+        for k, v in vars(record).items():
+            if k not in _LOG_RECORD_ATTRS and k not in obj:
+                obj[k] = v
+        if record.exc_info:
+            obj["error"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
 
 
 def _setup_logging(level: str = "INFO", stderr: bool = False, log_type: str = "text") -> None:
+    """Send the litestream logger to stdout (or stderr) at level, as text or JSON (main() only)."""
     root = logging.getLogger("litestream")
     for h in list(root.handlers):
         root.removeHandler(h)
     h = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
-    h.setFormatter(_LogFormatter(log_type))
+    h.setFormatter(_JSONFormatter() if log_type == "json" else _TextFormatter())
     root.addHandler(h)
     root.setLevel({"WARN": logging.WARNING}.get(level.upper(), getattr(logging, level.upper(), logging.INFO)))
     root.propagate = False
 
 
-def _load(args) -> "Config":
+def _read_config(args) -> "Config":
+    """Read the config file a command names (-config, $LITESTREAM_CONFIG or the defaults)."""
     path = args.config or default_config_path()
     if not args.config and not os.environ.get("LITESTREAM_CONFIG") and not os.path.exists(path):
         raise ConfigError("config file not found: %s (nor %s; use -config FILE)"
                           % (path, " or ".join(DEFAULT_CONFIG_PATHS[1:])))
     return load_config(path, expand_env=not args.no_expand_env)
+
+
+def _config_for(args) -> Optional[Config]:
+    """Return the config file a command reads, or None (CLI mode, a replica URL, no -config flag)."""
+    target = getattr(args, "target", None)
+    if not hasattr(args, "config") or (args.command == "replicate" and target) or \
+            (isinstance(target, str) and is_url(target)):
+        return None
+    return _read_config(args)
+
+
+def _load(args) -> "Config":
+    cfg = getattr(args, "loaded_config", None)
+    return cfg if cfg is not None else _config_for(args)
 
 
 def _replicas_for(args) -> "tuple[List[Replica], Optional[DBConfig]]":
@@ -7400,7 +7458,6 @@ def cmd_replicate(args) -> int:
         cfg = config_from_cli(args.target[0], args.target[1:])
     else:
         cfg = _load(args)
-    _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
     if cfg.addr:
         # Serving nothing while the config asks for metrics would be a
         # silent failure; say so until the server exists.
@@ -7528,8 +7585,6 @@ def _fmt_seconds(s: float) -> str:
 
 
 def cmd_restore(args) -> int:
-    # Progress goes to stdout, so a failure leaves exactly one line on stderr.
-    _setup_logging("INFO")
     if args.index is not None and args.timestamp:
         raise _CLIError("cannot specify index & timestamp to restore")
     index = None
@@ -7775,6 +7830,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         args, extra = parser.parse_known_args(argv[:1] + _go_bool_args(sp, argv[1:]))
         if extra:
             sp.error("unrecognized arguments: %s" % " ".join(extra))
+        # Logging is set up here only, from the config the command reads,
+        # as Go's ReadConfigFile does for every command.  Without a config
+        # it is INFO on stdout, except `replicate DB URL`: stderr, as Go's
+        # default logger.  (A restore from a URL keeps stderr for its one
+        # error line.)
+        args.loaded_config = cfg = _config_for(args)
+        if cfg is not None:
+            _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
+        else:
+            _setup_logging("INFO", stderr=args.command == "replicate")
         return args.func(args)
     except SystemExit as e:  # -h: argparse printed the help.
         return 1 if e.code in (0, None) else e.code
