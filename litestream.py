@@ -2441,7 +2441,8 @@ class S3ReplicaClient(ReplicaClient):
                     raise S3Error(0, "RequestError", "cannot reach %s after %d attempts: %s" % (
                         where, attempt, e), key=key, bucket=self.bucket) from e
                 log.warning("s3: %s: attempt %d of %d failed, retrying: %s",
-                            where, attempt, self.max_retries + 1, e)
+                            where, attempt, self.max_retries + 1, e,
+                            extra={"endpoint": where, "attempt": attempt})
                 self._sleep_backoff(attempt)
 
     def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key="", stats=None):
@@ -5127,6 +5128,28 @@ def _apply_wal(db_path: str, wal_file: str, page_size: int, ends, name) -> None:
 # client_golang writes it: families sorted by name, series by label values,
 # label pairs by label name with "le" last, values as strconv.FormatFloat(v,
 # 'g', -1, 64), and counter names as declared (no "_total" added).
+#
+# Wiring, at Go 0.3.13's update points (p = db.path, n = replica.name):
+#   DB opened          register_db_metrics(p); for each replica
+#                      register_replica_metrics(p, n, r.client.client_type)
+#   DB closed          unregister_db_metrics(p) (drops its replicas' series too)
+#   every sync         SYNC_COUNT.labels(p).inc(), SYNC_SECONDS.labels(p).inc(dt),
+#                      SYNC_ERROR_COUNT.labels(p).inc() if it failed (Go's defer)
+#   sync, after stat   DB_SIZE.labels(p).set(db file size), WAL_SIZE.labels(p).set(-wal size)
+#   shadow WAL copy    TOTAL_WAL_BYTES.labels(p).inc(bytes copied)
+#   end of sync        SHADOW_WAL_INDEX.labels(p).set(index), SHADOW_WAL_SIZE.labels(p).set(sum of sizes)
+#   every checkpoint   CHECKPOINT_COUNT.labels(p, mode).inc(), CHECKPOINT_SECONDS.labels(p, mode).inc(dt),
+#                      CHECKPOINT_ERROR_COUNT.labels(p, mode).inc() if it failed
+#   segment uploaded   REPLICA_WAL_BYTES.labels(p, n).inc(uncompressed bytes),
+#                      REPLICA_WAL_INDEX.labels(p, n).set(i), REPLICA_WAL_OFFSET.labels(p, n).set(off)
+#   replica synced     REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
+#   lag, pending       REPLICA_LAG_SECONDS.labels(p, n).set_function(fn) (read at each scrape,
+#                      so an idle stall still rises), REPLICA_PENDING_BYTES likewise or .set()
+#   validation         REPLICA_VALIDATION_TOTAL.labels(p, n, "ok"|"error").inc(),
+#                      VALIDATION_CHECKS_TOTAL.labels(p, n, "success"|"invalid"|"error").inc(),
+#                      LAST_VALIDATION_SUCCESS(_TIMESTAMP_SECONDS).labels(p, n).set(...)
+#   client operations  counted by the clients themselves (replica_operation)
+#   serving            MetricsServer(cfg.addr, healthz=..., readyz=...).start() / .close()
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -5417,11 +5440,14 @@ def _process_metrics():
         with open("/proc/stat", "rb") as f:
             btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
         with open("/proc/self/limits", "rb") as f:
-            max_fds = next(line.split()[3] for line in f if line.startswith(b"Max open files"))
+            limits = {line[:26].strip(): line[26:].split()[0] for line in f}
+        # Soft limits; "unlimited" is Go's MaxUint64.
+        max_fds, max_vm = (float(2**64 - 1) if limits[k] == b"unlimited" else int(limits[k])
+                           for k in (b"Max open files", b"Max address space"))
         open_fds = len(os.listdir("/proc/self/fd"))
         ticks = os.sysconf("SC_CLK_TCK")
         page = os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, StopIteration, IndexError, AttributeError):
+    except (OSError, ValueError, StopIteration, IndexError, KeyError, AttributeError):
         return []
     # proc(5): fields after "(comm)": 3 state ... 14 utime, 15 stime,
     # 22 starttime (ticks since boot), 23 vsize (bytes), 24 rss (pages).
@@ -5431,9 +5457,10 @@ def _process_metrics():
         ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
          [({}, (utime + stime) / ticks)]),
         ("process_open_fds", "gauge", "Number of open file descriptors.", [({}, open_fds)]),
-        ("process_max_fds", "gauge", "Maximum number of open file descriptors.",
-         [({}, float("inf") if max_fds == b"unlimited" else int(max_fds))]),
+        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", [({}, max_fds)]),
         ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", [({}, vsize)]),
+        ("process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.",
+         [({}, max_vm)]),
         ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [({}, rss * page)]),
         ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
          [({}, btime + start / ticks)]),
