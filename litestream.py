@@ -5192,7 +5192,7 @@ def _escape_help(v: str) -> str:
 
 
 class _Series:
-    """One series of a family: its labels' values and a float (gauges may hold a function)."""
+    """One series of a family: a float, or for a gauge a function read at each scrape."""
 
     __slots__ = ("_lock", "_value", "_fn")
 
