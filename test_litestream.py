@@ -60,6 +60,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "litestream.py")
 REQUIRE_PEERS = os.environ.get("LITESTREAM_TEST_REQUIRE_PEERS") == "1"
 MODULE_IMPORTED_AT = time.time()
+# Fault tests provoke S3 retries, logged at WARN; keep them out of the test
+# output (assertLogs still sees them).
+logging.getLogger("litestream").addHandler(logging.NullHandler())
 
 
 ###############################################################################
