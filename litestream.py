@@ -5755,6 +5755,10 @@ class MetricsServer:
                 socketserver.TCPServer.server_bind(self)
                 self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
+            def handle_error(self, request, client_address):
+                # A scraper that hangs up mid-answer is not worth a traceback on stderr.
+                log.debug("metrics: request from %s failed: %s", client_address[0], sys.exc_info()[1])
+
         try:
             self._server = Server((host, self.port), self._handler())
         except (OSError, OverflowError) as e:
@@ -7373,7 +7377,7 @@ def _read_config(args) -> "Config":
 
 
 def _config_for(args) -> Optional[Config]:
-    """Return the config file a command reads, or None (CLI mode, a replica URL, no -config flag)."""
+    """Return the Config a command reads from its config file, or None (CLI mode, a replica URL, no -config flag)."""
     target = getattr(args, "target", None)
     if not hasattr(args, "config") or (args.command == "replicate" and target) or \
             (isinstance(target, str) and is_url(target)):
