@@ -7863,14 +7863,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             sp.error("unrecognized arguments: %s" % " ".join(extra))
         # Logging is set up here only, from the config the command reads,
         # as Go's ReadConfigFile does for every command.  Without a config
-        # it is INFO on stdout, except `replicate DB URL`: stderr, as Go's
-        # default logger.  (A restore from a URL keeps stderr for its one
-        # error line.)
+        # (CLI mode, a replica URL) it is INFO on stdout, so that a failure
+        # leaves exactly one line on stderr.
         args.loaded_config = cfg = _config_for(args)
         if cfg is not None:
             _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
         else:
-            _setup_logging("INFO", stderr=args.command == "replicate")
+            _setup_logging("INFO")
         return args.func(args)
     except SystemExit as e:  # -h: argparse printed the help.
         return 1 if e.code in (0, None) else e.code

@@ -7491,20 +7491,6 @@ class TestLogging(TempDirTestCase):
         self.assertEqual((p.returncode, p.stderr), (0, ""))
         self.assertEqual(p.stdout.split()[:5], ["replica", "generation", "index", "size", "created"])
 
-    def test_cli_mode_logs_to_stderr(self):
-        """Ensure `replicate DB DIR` (no config) logs to stderr, as Go's default logger, leaving stdout empty."""
-        db = self.path("cli.db")
-        create_wal_db(db, rows=5)
-        with open(self.path("out"), "wb") as out, open(self.path("err"), "wb") as err:
-            p = subprocess.Popen([sys.executable, SCRIPT, "replicate", db, self.path("rep")],
-                                 stdout=out, stderr=err, env=child_env())
-        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
-        wait_for(lambda: b"replicating to" in read_file(self.path("err")), "replicating to on stderr", 30)
-        p.send_signal(signal.SIGTERM)
-        self.assertEqual(p.wait(60), 0)
-        self.assertEqual(read_file(self.path("out")), b"")
-        self.assertIn(b"litestream shut down", read_file(self.path("err")))
-
     def test_json_replicate_with_retries_has_no_secret(self):
         """Ensure every line of a json replicate run with S3 retries parses, retries are WARN, no secret appears."""
         m = moto()
