@@ -56,6 +56,7 @@ import hashlib
 import heapq
 import hmac
 import http.client
+import http.server
 import io
 import itertools
 import json
@@ -68,6 +69,7 @@ import secrets
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import ssl
 import struct
@@ -1308,7 +1310,9 @@ class FileReplicaClient(ReplicaClient):
     """A replica in a local directory, laid out as Go Litestream's file replica.
 
     Every object is written to "<name>.tmp", fsynced, renamed into place, and
-    its directory fsynced, so an object is either whole or absent.
+    its directory fsynced, so an object is either whole or absent.  Each
+    method is timed and its errors counted (replica_operation); like Go's,
+    it adds nothing to litestream_replica_operation_total or _bytes.
     """
 
     client_type = "file"
@@ -1322,21 +1326,26 @@ class FileReplicaClient(ReplicaClient):
     def _gen_dir(self, generation: str) -> str:
         return generation_path(self.path, generation)
 
+    def _op(self, operation: str) -> "replica_operation":
+        return replica_operation(self.client_type, operation, count=False)
+
     def generations(self) -> List[str]:
-        try:
-            names = os.listdir(os.path.join(self.path, "generations"))
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if is_generation_name(n)
-                      and os.path.isdir(os.path.join(self.path, "generations", n)))
+        with self._op("LIST"):
+            try:
+                names = os.listdir(os.path.join(self.path, "generations"))
+            except FileNotFoundError:
+                return []
+            return sorted(n for n in names if is_generation_name(n)
+                          and os.path.isdir(os.path.join(self.path, "generations", n)))
 
     def delete_generation(self, generation: str) -> None:
         d = self._gen_dir(generation)
-        try:
-            shutil.rmtree(d)
-        except FileNotFoundError:
-            return
-        fsync_dir(os.path.dirname(d))
+        with self._op("DELETE"):
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                return
+            fsync_dir(os.path.dirname(d))
 
     def _list(self, d: str):
         try:
@@ -1348,25 +1357,27 @@ class FileReplicaClient(ReplicaClient):
 
     def snapshots(self, generation: str) -> List[SnapshotInfo]:
         out = []
-        for e in self._list(os.path.join(self._gen_dir(generation), "snapshots")):
-            try:
-                index = parse_snapshot_path(e.name)
-                st = e.stat()
-            except (ValueError, FileNotFoundError):
-                continue
-            out.append(SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime)))
+        with self._op("LIST"):
+            for e in self._list(os.path.join(self._gen_dir(generation), "snapshots")):
+                try:
+                    index = parse_snapshot_path(e.name)
+                    st = e.stat()
+                except (ValueError, FileNotFoundError):
+                    continue
+                out.append(SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime)))
         return sorted(out, key=lambda s: s.index)
 
     def wal_segments(self, generation: str) -> List[WALSegmentInfo]:
         out = []
-        for e in self._list(os.path.join(self._gen_dir(generation), "wal")):
-            try:
-                index, offset = parse_wal_segment_path(e.name)
-                st = e.stat()
-            except (ValueError, FileNotFoundError):
-                continue
-            out.append(WALSegmentInfo(generation, index, offset, st.st_size,
-                                      utc_from_timestamp(st.st_mtime)))
+        with self._op("LIST"):
+            for e in self._list(os.path.join(self._gen_dir(generation), "wal")):
+                try:
+                    index, offset = parse_wal_segment_path(e.name)
+                    st = e.stat()
+                except (ValueError, FileNotFoundError):
+                    continue
+                out.append(WALSegmentInfo(generation, index, offset, st.st_size,
+                                          utc_from_timestamp(st.st_mtime)))
         return sorted(out, key=lambda s: (s.index, s.offset))
 
     def _write(self, path: str, rd: BinaryIO) -> os.stat_result:
@@ -1375,31 +1386,37 @@ class FileReplicaClient(ReplicaClient):
         return os.stat(path)
 
     def write_snapshot(self, generation: str, index: int, rd: BinaryIO) -> SnapshotInfo:
-        st = self._write(snapshot_path(self.path, generation, index), rd)
+        with self._op("PUT"):
+            st = self._write(snapshot_path(self.path, generation, index), rd)
         return SnapshotInfo(generation, index, st.st_size, utc_from_timestamp(st.st_mtime))
 
     def write_wal_segment(self, pos: Pos, rd: BinaryIO) -> WALSegmentInfo:
-        st = self._write(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), rd)
+        with self._op("PUT"):
+            st = self._write(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), rd)
         return WALSegmentInfo(pos.generation, pos.index, pos.offset, st.st_size,
                               utc_from_timestamp(st.st_mtime))
 
     def delete_snapshot(self, generation: str, index: int) -> None:
-        remove_quietly(snapshot_path(self.path, generation, index))
+        with self._op("DELETE"):
+            remove_quietly(snapshot_path(self.path, generation, index))
 
     def delete_wal_segments(self, positions: Iterable[Pos]) -> None:
         dirs = set()
-        for p in positions:
-            path = wal_segment_path(self.path, p.generation, p.index, p.offset)
-            remove_quietly(path)
-            dirs.add(os.path.dirname(path))
-        for d in dirs:
-            fsync_dir(d)
+        with self._op("DELETE"):
+            for p in positions:
+                path = wal_segment_path(self.path, p.generation, p.index, p.offset)
+                remove_quietly(path)
+                dirs.add(os.path.dirname(path))
+            for d in dirs:
+                fsync_dir(d)
 
     def snapshot_reader(self, generation: str, index: int) -> BinaryIO:
-        return open(snapshot_path(self.path, generation, index), "rb")
+        with self._op("GET"):
+            return open(snapshot_path(self.path, generation, index), "rb")
 
     def wal_segment_reader(self, pos: Pos) -> BinaryIO:
-        return open(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), "rb")
+        with self._op("GET"):
+            return open(wal_segment_path(self.path, pos.generation, pos.index, pos.offset), "rb")
 
 
 ###############################################################################
@@ -1739,7 +1756,9 @@ class _ObjectReader(io.RawIOBase):
                 if self._failures > self._client.max_retries:
                     raise S3Error(0, "ReadError", "read body failed after %d attempts: %s"
                                   % (self._failures, e), key=self._key) from e
-                log.debug("s3: resume %s at %d after: %s", self._key, self._pos, e)
+                log.warning("s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
+                            self._client._server_name(), self._key, self._pos, self._failures,
+                            self._client.max_retries + 1, e)
                 self._client._sleep_backoff(self._failures)
                 continue
             self._pos += n
@@ -2365,8 +2384,13 @@ class S3ReplicaClient(ReplicaClient):
             r.reused = reused
             raise r from e
 
-    def _attempts(self, fn, key: str = "", stats: Optional[dict] = None):
-        """Call fn() until it returns, retrying _Retryable failures with backoff.
+    def _server_name(self, pool: Optional[_HTTPPool] = None) -> str:
+        """Return scheme://host:port of the server requests go to (for messages)."""
+        p = pool or self._pool
+        return "%s://%s:%s" % (p.scheme, p.host, p.port) if p else "server"
+
+    def _attempts(self, fn, key: str = "", stats: Optional[dict] = None, pool: Optional[_HTTPPool] = None):
+        """Call fn() until it returns, retrying _Retryable failures with backoff (each logged at WARN).
 
         stats["sent"] counts the attempts made, for callers that must know
         whether a request may have taken effect more than once.
@@ -2388,14 +2412,15 @@ class S3ReplicaClient(ReplicaClient):
                     free_retry = False
                     continue
                 attempt += 1
+                where = self._server_name(pool)
                 if attempt > self.max_retries:
                     if isinstance(e, S3Error):
                         raise e
-                    pool = self._pool
-                    where = "%s://%s:%s" % (pool.scheme, pool.host, pool.port) if pool else "server"
                     raise S3Error(0, "RequestError", "cannot reach %s after %d attempts: %s" % (
                         where, attempt, e), key=key, bucket=self.bucket) from e
-                log.debug("s3: retry %d/%d: %s", attempt, self.max_retries, e)
+                log.warning("s3: %s: attempt %d of %d failed, retrying: %s",
+                            where, attempt, self.max_retries + 1, e,
+                            extra={"endpoint": where, "attempt": attempt})
                 self._sleep_backoff(attempt)
 
     def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key="", stats=None):
@@ -2419,7 +2444,7 @@ class S3ReplicaClient(ReplicaClient):
                     raise _Retryable(err) if err.code in _RETRYABLE_CODES else err
                 return _Response(resp.status, hdrs, data)
             raise self._classify(self._error_from(resp.status, hdrs, data, key), hdrs)
-        return self._attempts(once, key, stats)
+        return self._attempts(once, key, stats, pool)
 
     def _classify(self, err: S3Error, headers: dict) -> Exception:
         """Wrap retryable S3 errors; fix clock skew; leave the rest to fail fast."""
@@ -2511,13 +2536,17 @@ class S3ReplicaClient(ReplicaClient):
 
         One PutObject when the stream ends within part_size bytes, else a
         multipart upload whose memory is bounded by part_size x (concurrency+1).
+        Either counts as one PUT, as Go's uploader does.
         """
-        first = _read_full(rd, self.part_size)
-        second = _read_full(rd, self.part_size) if len(first) == self.part_size else b""
-        if not second:
-            self.put_object(key, first)
-            return len(first)
-        return self._multipart_upload(key, rd, first, second)
+        with replica_operation(self.client_type, "PUT") as op:
+            first = _read_full(rd, self.part_size)
+            second = _read_full(rd, self.part_size) if len(first) == self.part_size else b""
+            if not second:
+                self.put_object(key, first)
+                op.bytes = len(first)
+            else:
+                op.bytes = self._multipart_upload(key, rd, first, second)
+        return op.bytes
 
     def _multipart_upload(self, key: str, rd: BinaryIO, first: bytes, second: bytes) -> int:
         # A CreateMultipartUpload sent more than once may have created
@@ -2649,14 +2678,20 @@ class S3ReplicaClient(ReplicaClient):
         return n
 
     def open_object(self, key: str) -> BinaryIO:
-        """Return a streaming reader of an object; FileNotFoundError if it is missing."""
-        try:
-            conn, resp = self._open("GET", key, headers=self._sse_headers(False))
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NotFound") or (e.status == 404 and e.code != "NoSuchBucket"):
-                raise FileNotFoundError(errno.ENOENT, "s3: no such key", key) from e
-            raise
-        length = resp.getheader("content-length")
+        """Return a streaming reader of an object; FileNotFoundError if it is missing.
+
+        Counted as one GET of Content-Length bytes, timed to the response
+        headers (resumed reads are part of the same GET).
+        """
+        with replica_operation(self.client_type, "GET") as op:
+            try:
+                conn, resp = self._open("GET", key, headers=self._sse_headers(False))
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NotFound") or (e.status == 404 and e.code != "NoSuchBucket"):
+                    raise FileNotFoundError(errno.ENOENT, "s3: no such key", key) from e
+                raise
+            length = resp.getheader("content-length")
+            op.bytes = int(length) if length is not None else None
         if length is None:
             # No length to resume against: hand out the body as it comes.
             return _ObjectReader(self, key, conn, resp, 0, _UNKNOWN_LENGTH, "")
@@ -2668,7 +2703,13 @@ class S3ReplicaClient(ReplicaClient):
 
         Ranges are written in order, so w need not be seekable; memory is
         bounded by chunk_size x concurrency.  FileNotFoundError if missing.
+        Counted as one GET of the object's size, timed to the last byte.
         """
+        with replica_operation(self.client_type, "GET") as op:
+            op.bytes = self._download(key, w, chunk_size, concurrency)
+        return op.bytes
+
+    def _download(self, key: str, w: BinaryIO, chunk_size: Optional[int], concurrency: Optional[int]) -> int:
         chunk = chunk_size or self.part_size
         conc = concurrency or self.concurrency
         headers = dict(self._sse_headers(False))
@@ -2727,15 +2768,17 @@ class S3ReplicaClient(ReplicaClient):
                     query["continuation-token"] = token
             elif marker:
                 query["marker"] = marker
-            try:
-                resp = self._request("GET", None, query=query)
-            except S3Error as e:
-                if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
-                    log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
-                    self._list_v2, token, marker = False, "", ""
-                    continue
-                raise
-            root = _xml_root(resp.body)
+            with replica_operation(self.client_type, "LIST") as op:  # one per page, as Go
+                try:
+                    resp = self._request("GET", None, query=query)
+                except S3Error as e:
+                    if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
+                        op.skip()
+                        log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
+                        self._list_v2, token, marker = False, "", ""
+                        continue
+                    raise
+                root = _xml_root(resp.body)
             if self._list_v2 and root.find("KeyCount") is None and not token:
                 # A V1-only server ignored list-type=2 and answered V1: keep paging V1.
                 self._list_v2 = False
@@ -2775,17 +2818,18 @@ class S3ReplicaClient(ReplicaClient):
             for k in batch:
                 ET.SubElement(ET.SubElement(root, "Object"), "Key").text = k
             body = ET.tostring(root, encoding="utf-8")
-            resp = self._request("POST", None, query={"delete": ""}, body=body, headers={
-                "content-md5": base64.b64encode(hashlib.md5(body).digest()).decode("ascii"),
-                "content-type": "application/xml"})
-            errors = _xml_root(resp.body).findall("Error") if resp.body.strip() else []
-            if errors:
-                first = errors[0]
-                detail = "; ".join("%s: %s %s" % (_xml_text(e, "Key"), _xml_text(e, "Code"),
-                                                  _xml_text(e, "Message")) for e in errors)
-                raise S3Error(resp.status, _xml_text(first, "Code") or "DeleteError",
-                              self._redact("%d keys not deleted: %s" % (len(errors), detail)),
-                              key=_xml_text(first, "Key"), bucket=self.bucket)
+            with replica_operation(self.client_type, "DELETE"):  # one per batch, as Go
+                resp = self._request("POST", None, query={"delete": ""}, body=body, headers={
+                    "content-md5": base64.b64encode(hashlib.md5(body).digest()).decode("ascii"),
+                    "content-type": "application/xml"})
+                errors = _xml_root(resp.body).findall("Error") if resp.body.strip() else []
+                if errors:
+                    first = errors[0]
+                    detail = "; ".join("%s: %s %s" % (_xml_text(e, "Key"), _xml_text(e, "Code"),
+                                                      _xml_text(e, "Message")) for e in errors)
+                    raise S3Error(resp.status, _xml_text(first, "Code") or "DeleteError",
+                                  self._redact("%d keys not deleted: %s" % (len(errors), detail)),
+                                  key=_xml_text(first, "Key"), bucket=self.bucket)
             if self.verify_deletes:
                 self._verify_deleted(batch)
 
@@ -5893,6 +5937,668 @@ def verify_replica(replica: Replica, generation: str = "", parallelism: int = DE
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+#
+# Spec: https://github.com/prometheus/docs/blob/main/content/docs/instrumenting/exposition_formats.md
+# Text exposition 0.0.4, one family after another:
+#   # HELP <name> <help, with \ and newline escaped>
+#   # TYPE <name> counter|gauge|histogram
+#   <name>{<label>="<value, with \ " and newline escaped>",...} <value>
+# A histogram's series are cumulative <name>_bucket{...,le="<bound>"} lines
+# ending with le="+Inf", then <name>_sum and <name>_count.  As Go's
+# client_golang writes it: families sorted by name, series by label values,
+# label pairs by label name with "le" last, values as strconv.FormatFloat(v,
+# 'g', -1, 64), and counter names as declared (no "_total" added).
+#
+# Wiring, at Go 0.3.13's update points (p = db.path, n = replica.name):
+#   DB opened          register_db_metrics(p); for each replica
+#                      register_replica_metrics(p, n, r.client.client_type)
+#   DB closed          unregister_db_metrics(p) (drops its replicas' series too)
+#   every sync         SYNC_COUNT.labels(p).inc(), SYNC_SECONDS.labels(p).inc(dt),
+#                      SYNC_ERROR_COUNT.labels(p).inc() if it failed (Go's defer)
+#   sync, after stat   DB_SIZE.labels(p).set(db file size), WAL_SIZE.labels(p).set(-wal size)
+#   shadow WAL copy    TOTAL_WAL_BYTES.labels(p).inc(bytes copied)
+#   end of sync        SHADOW_WAL_INDEX.labels(p).set(index), SHADOW_WAL_SIZE.labels(p).set(sum of sizes)
+#   every checkpoint   CHECKPOINT_COUNT.labels(p, mode).inc(), CHECKPOINT_SECONDS.labels(p, mode).inc(dt),
+#                      CHECKPOINT_ERROR_COUNT.labels(p, mode).inc() if it failed
+#   segment uploaded   REPLICA_WAL_BYTES.labels(p, n).inc(uncompressed bytes),
+#                      REPLICA_WAL_INDEX.labels(p, n).set(i), REPLICA_WAL_OFFSET.labels(p, n).set(off)
+#   replica synced     REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
+#   lag, pending       REPLICA_LAG_SECONDS.labels(p, n).set_function(fn) (read at each scrape,
+#                      so an idle stall still rises), REPLICA_PENDING_BYTES likewise or .set()
+#   validation         REPLICA_VALIDATION_TOTAL.labels(p, n, "ok"|"error").inc(),
+#                      VALIDATION_CHECKS_TOTAL.labels(p, n, "success"|"invalid"|"error").inc(),
+#                      LAST_VALIDATION_SUCCESS(_TIMESTAMP_SECONDS).labels(p, n).set(...)
+#   client operations  counted by the clients themselves (replica_operation)
+#   serving            MetricsServer(cfg.addr, healthz=..., readyz=...).start() / .close()
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def format_go_float(v: float) -> str:
+    """Format v as Go's strconv.FormatFloat(v, 'g', -1, 64) (shortest digits)."""
+    v = float(v)
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    if v == 0:
+        return "-0" if repr(v)[0] == "-" else "0"
+    sign, digits, exp = decimal.Decimal(repr(v)).normalize().as_tuple()
+    ds = "".join(map(str, digits))
+    dp = len(ds) + exp  # the decimal point sits after dp digits
+    # %e when the exponent is < -4 or >= the precision, which is 6 for
+    # the shortest form.
+    x = dp - 1
+    if x < -4 or x >= 6:
+        m = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
+        s = "%se%s%02d" % (m, "-" if x < 0 else "+", abs(x))
+    elif dp <= 0:
+        s = "0." + "0" * -dp + ds
+    elif dp >= len(ds):
+        s = ds + "0" * (dp - len(ds))
+    else:
+        s = ds[:dp] + "." + ds[dp:]
+    return "-" + s if sign else s
+
+
+def _escape_label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _escape_help(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class _Series:
+    """One series of a family: a float, or for a gauge a function read at each scrape."""
+
+    __slots__ = ("_lock", "_value", "_fn")
+
+    def __init__(self, lock):
+        self._lock = lock
+        self._value = 0.0
+        self._fn = None
+
+    def get(self) -> float:
+        """Return the current value."""
+        with self._lock:
+            fn, value = self._fn, self._value
+        if fn is None:
+            return value
+        try:
+            return float(fn())
+        except Exception as e:  # a scrape must not fail because one value could not be computed
+            log.debug("metrics: %s", e)
+            return float("nan")
+
+
+class CounterSeries(_Series):
+    """A counter's series: only goes up."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add amount (>= 0)."""
+        if amount < 0:
+            raise ValueError("counters only go up (inc by %r)" % amount)
+        with self._lock:
+            self._value += amount
+
+
+class GaugeSeries(_Series):
+    """A gauge's series: set, raised or lowered, or computed at each scrape."""
+
+    __slots__ = ()
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value, self._fn = float(value), None
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self._value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self._value -= amount
+
+    def set_function(self, fn) -> None:
+        """Compute the value with fn() at each scrape (called without the registry lock held)."""
+        with self._lock:
+            self._fn = fn
+
+
+class HistogramSeries(_Series):
+    """A histogram's series: per-bucket counts, the sum and the count of observations."""
+
+    __slots__ = ("_bounds", "_counts", "_count")
+
+    def __init__(self, lock, bounds):
+        super().__init__(lock)
+        self._bounds = bounds
+        self._counts = [0] * len(bounds)
+        self._count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one observation (the sum is _value)."""
+        with self._lock:
+            for i, b in enumerate(self._bounds):
+                if value <= b:
+                    self._counts[i] += 1
+                    break
+            self._value += value
+            self._count += 1
+
+    def get(self) -> "tuple[List[int], float, int]":
+        """Return (cumulative bucket counts, sum, count)."""
+        with self._lock:
+            return list(accumulate(self._counts)), self._value, self._count
+
+
+class MetricFamily:
+    """A named metric of one type with fixed label names; its series are made by labels().
+
+    Usage: ``DB_SIZE.labels(db_path).set(n)``, ``SYNC_COUNT.labels(db_path).inc()``,
+    ``CHECKPOINT_SECONDS.labels(db_path, mode).inc(seconds)``,
+    ``REPLICA_OPERATION_DURATION_SECONDS.labels("s3", "PUT").observe(seconds)``.
+    Label values are given in the order of labelnames (or by name) and
+    turned into str.  A series exists, at 0, from its first labels() call.
+    """
+
+    def __init__(self, registry: "Metrics", name: str, type_: str, help_: str,
+                 labelnames: Sequence[str] = (), buckets: Sequence[float] = ()):
+        if not _METRIC_NAME_RE.match(name):
+            raise ValueError("invalid metric name %r" % name)
+        for ln in labelnames:
+            if not _LABEL_NAME_RE.match(ln) or ln.startswith("__") or (type_ == "histogram" and ln == "le"):
+                raise ValueError("invalid label name %r for %s" % (ln, name))
+        if type_ == "histogram" and (not buckets or list(buckets) != sorted(set(buckets))):
+            raise ValueError("histogram %s needs increasing buckets" % name)
+        self.name, self.type, self.help = name, type_, help_
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(float(b) for b in buckets)
+        self._lock = registry._lock
+        self._series = {}  # type: Dict[Tuple[str, ...], _Series]
+
+    def _key(self, values, kw) -> Tuple[str, ...]:
+        if kw:
+            if values:
+                raise TypeError("%s: label values by position or by name, not both" % self.name)
+            if set(kw) != set(self.labelnames):
+                raise ValueError("%s: labels %s expected, got %s" % (self.name, list(self.labelnames), sorted(kw)))
+            values = [kw[n] for n in self.labelnames]
+        if len(values) != len(self.labelnames):
+            raise ValueError("%s: %d label values expected (%s), got %d"
+                             % (self.name, len(self.labelnames), ", ".join(self.labelnames), len(values)))
+        return tuple(str(v) for v in values)
+
+    def labels(self, *values, **kw) -> _Series:
+        """Return the series with these label values, creating it at 0."""
+        key = self._key(values, kw)
+        with self._lock:
+            s = self._series.get(key)
+            if s is None:
+                if self.type == "counter":
+                    s = CounterSeries(self._lock)
+                elif self.type == "gauge":
+                    s = GaugeSeries(self._lock)
+                else:
+                    s = HistogramSeries(self._lock, self.buckets)
+                self._series[key] = s
+            return s
+
+    def remove(self, *values, **kw) -> None:
+        """Drop the series with these label values, if it exists."""
+        key = self._key(values, kw)
+        with self._lock:
+            self._series.pop(key, None)
+
+    def remove_matching(self, **labels: str) -> int:
+        """Drop every series whose labels include these; return how many went."""
+        idx = [(self.labelnames.index(k), str(v)) for k, v in labels.items() if k in self.labelnames]
+        if len(idx) != len(labels):
+            return 0
+        with self._lock:
+            gone = [k for k in self._series if all(k[i] == v for i, v in idx)]
+            for k in gone:
+                del self._series[k]
+        return len(gone)
+
+    def series(self) -> "List[Tuple[Tuple[str, ...], _Series]]":
+        """Return [(label values, series)] sorted by label values."""
+        with self._lock:
+            return sorted(self._series.items(), key=lambda kv: kv[0])
+
+
+class Metrics:
+    """A lock-protected registry of metric families that renders the text exposition.
+
+    One lock guards every family and series: updates are a few float
+    operations, so contention is negligible next to a sync.  Collectors
+    (callables returning [(name, type, help, [({label: value}, float)])])
+    add families computed at each scrape, such as the process_* series.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._families = {}  # type: Dict[str, MetricFamily]
+        self._collectors = []
+
+    def _add(self, name, type_, help_, labelnames, buckets=()) -> MetricFamily:
+        fam = MetricFamily(self, name, type_, help_, labelnames, buckets)
+        with self._lock:
+            if name in self._families:
+                raise ValueError("metric %s is already registered" % name)
+            self._families[name] = fam
+        return fam
+
+    def counter(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
+        return self._add(name, "counter", help_, labelnames)
+
+    def gauge(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
+        return self._add(name, "gauge", help_, labelnames)
+
+    def histogram(self, name: str, help_: str, labelnames: Sequence[str], buckets: Sequence[float]) -> MetricFamily:
+        return self._add(name, "histogram", help_, labelnames, buckets)
+
+    def family(self, name: str) -> MetricFamily:
+        """Return a registered family by name (KeyError if unknown)."""
+        with self._lock:
+            return self._families[name]
+
+    def add_collector(self, fn) -> None:
+        with self._lock:
+            self._collectors.append(fn)
+
+    def remove_matching(self, **labels: str) -> int:
+        """Drop the series of every family whose labels include these (e.g. db=path)."""
+        with self._lock:
+            fams = list(self._families.values())
+        return sum(f.remove_matching(**labels) for f in fams)
+
+    def render(self) -> str:
+        """Return the whole registry in the text exposition format 0.0.4."""
+        with self._lock:
+            fams = sorted(self._families.values(), key=lambda f: f.name)
+            collectors = list(self._collectors)
+        out = []
+        blocks = [(f.name, f.type, f.help, f.labelnames, f.series()) for f in fams]
+        for fn in collectors:
+            for name, type_, help_, samples in fn():
+                names = sorted({k for labels, _ in samples for k in labels})
+                blocks.append((name, type_, help_, tuple(names), [
+                    (tuple(str(labels.get(n, "")) for n in names), value) for labels, value in samples]))
+        blocks.sort(key=lambda b: b[0])
+        for name, type_, help_, labelnames, series in blocks:
+            if not series:
+                continue  # as client_golang: a family without series is not exposed
+            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, _escape_help(help_), name, type_))
+            order = sorted(range(len(labelnames)), key=lambda i: labelnames[i])
+            for values, s in sorted(series, key=lambda vs: [vs[0][i] for i in order]):
+                pairs = ",".join('%s="%s"' % (labelnames[i], _escape_label_value(values[i])) for i in order)
+                if type_ != "histogram":
+                    v = s.get() if isinstance(s, _Series) else s
+                    out.append("%s%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(v)))
+                    continue
+                counts, total, count = s.get()
+                sep = "," if pairs else ""
+                for b, c in zip(s._bounds, counts):
+                    out.append('%s_bucket{%s%sle="%s"} %d\n' % (name, pairs, sep, format_go_float(b), c))
+                out.append('%s_bucket{%s%sle="+Inf"} %d\n' % (name, pairs, sep, count))
+                out.append("%s_sum%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(total)))
+                out.append("%s_count%s %d\n" % (name, "{%s}" % pairs if pairs else "", count))
+        return "".join(out)
+
+
+def _process_metrics():
+    """Return the process_* families (Prometheus client conventions) from /proc/self; [] off Linux."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        with open("/proc/self/limits", "rb") as f:
+            limits = {line[:26].strip(): line[26:].split()[0] for line in f}
+        # Soft limits; "unlimited" is Go's MaxUint64.
+        max_fds, max_vm = (float(2**64 - 1) if limits[k] == b"unlimited" else int(limits[k])
+                           for k in (b"Max open files", b"Max address space"))
+        open_fds = len(os.listdir("/proc/self/fd"))
+        ticks = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, StopIteration, IndexError, KeyError, AttributeError):
+        return []
+    # proc(5): fields after "(comm)": 3 state ... 14 utime, 15 stime,
+    # 22 starttime (ticks since boot), 23 vsize (bytes), 24 rss (pages).
+    f = stat[stat.rindex(b")") + 2:].split()
+    utime, stime, start, vsize, rss = int(f[11]), int(f[12]), int(f[19]), int(f[20]), int(f[21])
+    return [
+        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+         [({}, (utime + stime) / ticks)]),
+        ("process_open_fds", "gauge", "Number of open file descriptors.", [({}, open_fds)]),
+        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", [({}, max_fds)]),
+        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", [({}, vsize)]),
+        ("process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.",
+         [({}, max_vm)]),
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [({}, rss * page)]),
+        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+         [({}, btime + start / ticks)]),
+    ]
+
+
+# Every metric litestream.py exports.  Go 0.3.13's families keep Go's names,
+# types, labels and help strings byte for byte (typo included), so
+# dashboards and alerts written for Go Litestream work unchanged.
+METRICS = Metrics()
+METRICS.add_collector(_process_metrics)
+
+# Per database; db is the DB's absolute path (db.go).
+DB_SIZE = METRICS.gauge("litestream_db_size", "The current size of the real DB", ("db",))
+WAL_SIZE = METRICS.gauge("litestream_wal_size", "The current size of the real WAL", ("db",))
+TOTAL_WAL_BYTES = METRICS.counter("litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", ("db",))
+SHADOW_WAL_INDEX = METRICS.gauge("litestream_shadow_wal_index", "The current index of the shadow WAL", ("db",))
+SHADOW_WAL_SIZE = METRICS.gauge("litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", ("db",))
+SYNC_COUNT = METRICS.counter("litestream_sync_count", "Number of sync operations performed", ("db",))
+SYNC_ERROR_COUNT = METRICS.counter("litestream_sync_error_count", "Number of sync errors that have occurred", ("db",))
+SYNC_SECONDS = METRICS.counter("litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", ("db",))
+CHECKPOINT_COUNT = METRICS.counter("litestream_checkpoint_count", "Number of checkpoint operations performed",
+                                   ("db", "mode"))
+CHECKPOINT_ERROR_COUNT = METRICS.counter("litestream_checkpoint_error_count",
+                                         "Number of checkpoint errors that have occurred", ("db", "mode"))
+CHECKPOINT_SECONDS = METRICS.counter("litestream_checkpoint_seconds", "Time spent checkpointing WAL, in seconds",
+                                     ("db", "mode"))
+
+# Per replica; name is the replica's name, or its type when it has none (replica.go).
+REPLICA_WAL_BYTES = METRICS.counter("litestream_replica_wal_bytes", "The number wal bytes written", ("db", "name"))
+REPLICA_WAL_INDEX = METRICS.gauge("litestream_replica_wal_index", "The current WAL index", ("db", "name"))
+REPLICA_WAL_OFFSET = METRICS.gauge("litestream_replica_wal_offset", "The current WAL offset", ("db", "name"))
+REPLICA_VALIDATION_TOTAL = METRICS.counter("litestream_replica_validation_total",
+                                           "The number of validations performed", ("db", "name", "status"))
+
+# Per replica client type (internal/internal.go), counted as Go 0.3.13's S3
+# client counts: LIST per page, DELETE per DeleteObjects batch, PUT per
+# object (a multipart upload once), GET per object read; bytes of PUT and
+# GET only.  The file client counts none of these, as in Go.
+REPLICA_OPERATION_TOTAL = METRICS.counter("litestream_replica_operation_total",
+                                          "The number of replica operations performed",
+                                          ("replica_type", "operation"))
+REPLICA_OPERATION_BYTES = METRICS.counter("litestream_replica_operation_bytes",
+                                          "The number of bytes used by replica operations",
+                                          ("replica_type", "operation"))
+
+# Ours: what no Litestream exports.
+REPLICA_LAG_SECONDS = METRICS.gauge(
+    "litestream_replica_lag_seconds",
+    "Age of the oldest transaction committed locally that is not yet durable in the replica, "
+    "in seconds; 0 when caught up", ("db", "name"))
+REPLICA_PENDING_BYTES = METRICS.gauge(
+    "litestream_replica_pending_bytes",
+    "Bytes of WAL committed locally that are not yet durable in the replica", ("db", "name"))
+REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
+    "litestream_replica_last_success_timestamp_seconds",
+    "Unix time of the replica's last successful sync", ("db", "name"))
+# Names, help and buckets of Go 0.5; kept for every operation of every client.
+REPLICA_OPERATION_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
+REPLICA_OPERATION_DURATION_SECONDS = METRICS.histogram(
+    "litestream_replica_operation_duration_seconds", "Duration of replica operations by type and operation",
+    ("replica_type", "operation"), REPLICA_OPERATION_DURATION_BUCKETS)
+REPLICA_OPERATION_ERRORS_TOTAL = METRICS.counter(
+    "litestream_replica_operation_errors_total",
+    "Number of replica operation errors by type, operation, and error code",
+    ("replica_type", "operation", "code"))
+# Proposed upstream in Litestream #1535, with the replica's name where the
+# proposal has an LTX level.  result is success, invalid or error.
+VALIDATION_CHECKS_TOTAL = METRICS.counter(
+    "litestream_validation_checks_total", "Number of replica validation checks completed, by result",
+    ("db", "name", "result"))
+LAST_VALIDATION_SUCCESS = METRICS.gauge(
+    "litestream_last_validation_success",
+    "Whether the last replica validation check passed (1) or not (0)", ("db", "name"))
+LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
+    "litestream_last_validation_success_timestamp_seconds",
+    "Unix time of the last passing replica validation check; 0 until one passes", ("db", "name"))
+
+REPLICA_OPERATIONS = ("GET", "PUT", "DELETE", "LIST")
+_DB_FAMILIES = (DB_SIZE, WAL_SIZE, TOTAL_WAL_BYTES, SHADOW_WAL_INDEX, SHADOW_WAL_SIZE,
+                SYNC_COUNT, SYNC_ERROR_COUNT, SYNC_SECONDS)
+_CHECKPOINT_FAMILIES = (CHECKPOINT_COUNT, CHECKPOINT_ERROR_COUNT, CHECKPOINT_SECONDS)
+_REPLICA_FAMILIES = (REPLICA_WAL_BYTES, REPLICA_WAL_INDEX, REPLICA_WAL_OFFSET, REPLICA_LAG_SECONDS,
+                     REPLICA_PENDING_BYTES, REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS,
+                     LAST_VALIDATION_SUCCESS, LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS)
+
+
+def register_db_metrics(db: str) -> None:
+    """Create a DB's series at 0 (db = its absolute path), so scrapes never see one appear late.
+
+    Covers the eight per-DB families and the checkpoint families for each
+    mode (PASSIVE, RESTART, TRUNCATE).  Call it when the DB is opened.
+    """
+    for fam in _DB_FAMILIES:
+        fam.labels(db)
+    for fam in _CHECKPOINT_FAMILIES:
+        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
+            fam.labels(db, mode)
+
+
+def unregister_db_metrics(db: str) -> None:
+    """Drop every series labelled with this DB: its own and its replicas'."""
+    METRICS.remove_matching(db=db)
+
+
+def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
+    """Create a replica's series at 0, and its client type's, so scrapes never see one appear late.
+
+    Per replica: wal bytes/index/offset, lag, pending bytes, last success,
+    validation_total for status ok and error (as Go), validation checks for
+    each result.  Per client type: the duration histogram of each operation,
+    and Go's operation counters (not for the file client, as Go).  Error
+    series appear with their first error: their code is not known before.
+    """
+    for fam in _REPLICA_FAMILIES:
+        fam.labels(db, name)
+    for status in ("ok", "error"):
+        REPLICA_VALIDATION_TOTAL.labels(db, name, status)
+    for result in ("success", "invalid", "error"):
+        VALIDATION_CHECKS_TOTAL.labels(db, name, result)
+    for op in REPLICA_OPERATIONS:
+        REPLICA_OPERATION_DURATION_SECONDS.labels(replica_type, op)
+        if replica_type != FileReplicaClient.client_type:
+            REPLICA_OPERATION_TOTAL.labels(replica_type, op)
+            if op in ("GET", "PUT"):
+                REPLICA_OPERATION_BYTES.labels(replica_type, op)
+
+
+def unregister_replica_metrics(db: str, name: str) -> None:
+    """Drop a replica's series (its client type's stay: other replicas share them)."""
+    for fam in _REPLICA_FAMILIES + (REPLICA_VALIDATION_TOTAL, VALIDATION_CHECKS_TOTAL):
+        fam.remove_matching(db=db, name=name)
+
+
+def _error_code(e: BaseException) -> str:
+    """Return the code an operation error is counted under: S3's, else the errno name, else the type."""
+    for err in (e, e.__cause__):
+        if isinstance(err, S3Error) and err.code:
+            return err.code
+    if isinstance(e, OSError) and e.errno:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return type(e).__name__
+
+
+class replica_operation:
+    """Time one replica client operation and count it (a context manager).
+
+    On success it observes litestream_replica_operation_duration_seconds
+    and, when count is true (Go's semantics; the file client passes false),
+    adds 1 to litestream_replica_operation_total and op.bytes, if set, to
+    litestream_replica_operation_bytes.  On an exception it observes the
+    duration and counts litestream_replica_operation_errors_total under
+    the error's code.  op.skip() records nothing (an attempt that does not
+    count, such as a refused ListObjectsV2 before the V1 fallback).
+
+        with replica_operation("s3", "PUT") as op:
+            op.bytes = self.upload(key, rd)
+    """
+
+    __slots__ = ("replica_type", "operation", "count", "bytes", "_skip", "_t0")
+
+    def __init__(self, replica_type: str, operation: str, count: bool = True):
+        self.replica_type, self.operation, self.count = replica_type, operation, count
+        self.bytes = None
+        self._skip = False
+
+    def skip(self) -> None:
+        self._skip = True
+
+    def __enter__(self) -> "replica_operation":
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, typ, e, tb) -> None:
+        if self._skip or (typ is not None and not issubclass(typ, Exception)):
+            return
+        REPLICA_OPERATION_DURATION_SECONDS.labels(self.replica_type, self.operation).observe(
+            time.monotonic() - self._t0)
+        if e is not None:
+            REPLICA_OPERATION_ERRORS_TOTAL.labels(self.replica_type, self.operation, _error_code(e)).inc()
+        elif self.count:
+            REPLICA_OPERATION_TOTAL.labels(self.replica_type, self.operation).inc()
+            if self.bytes is not None:
+                REPLICA_OPERATION_BYTES.labels(self.replica_type, self.operation).inc(self.bytes)
+
+
+# --------------------------------------------------------------------------
+# MetricsServer
+
+
+def parse_bind_addr(addr: str) -> "tuple[str, int]":
+    """Split a bind address as Go's net.SplitHostPort; "" as host means every interface.
+
+    ":9090", "127.0.0.1:9090", "localhost:9090" and "[::1]:9090" are
+    accepted.  Raises ValueError (Go's "must specify port for bind address")
+    when there is no port.
+    """
+    host, port = "", ""
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end > 0 and addr[end + 1:end + 2] == ":":
+            host, port = addr[1:end], addr[end + 2:]
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    if not port:
+        raise ValueError('must specify port for bind address: "%s"' % addr)
+    if not re.fullmatch(r"\d{1,5}", port, re.ASCII) or int(port) > 65535:
+        raise ValueError('invalid port in bind address: "%s" (expected a number from 0 to 65535)' % addr)
+    return host, int(port)
+
+
+class MetricsServer:
+    """Serve GET /metrics, /healthz and /readyz on a bind address from a daemon thread.
+
+    addr is Go's "addr" (":9090" listens on every interface, IPv6 too where
+    the system allows).  /metrics renders registry (default METRICS) as
+    text exposition 0.0.4.  healthz and readyz are callables returning
+    (ok, body): 200 and body when ok, else 503 and body; an endpoint
+    without a callable, like any other path, is 404.  They run on the
+    request's thread, so they must be quick and must not block on a sync.
+
+        srv = MetricsServer(":9090", healthz=engine.healthz, readyz=engine.readyz)
+        srv.start()      # LitestreamError: one line, if the address cannot be bound
+        ...
+        srv.close()      # shutdown() and server_close()
+    """
+
+    def __init__(self, addr: str, registry: Optional[Metrics] = None, healthz=None, readyz=None):
+        self.addr = addr
+        self.host, self.port = parse_bind_addr(addr)
+        self.registry = registry if registry is not None else METRICS
+        self.routes = {"/healthz": healthz, "/readyz": readyz}
+        self._server = None  # type: Optional[http.server.ThreadingHTTPServer]
+        self._thread = None  # type: Optional[threading.Thread]
+
+    @property
+    def url(self) -> str:
+        """Return http://HOST:PORT of the listening socket ("localhost" for every interface, as Go logs)."""
+        host, port = self.host or "localhost", self._server.server_address[1] if self._server else self.port
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def _handler(self):
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 30  # a stalled client gives its thread back
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                ctype = "text/plain; charset=utf-8"
+                try:
+                    if path == "/metrics":
+                        status, body, ctype = 200, srv.registry.render(), PROMETHEUS_CONTENT_TYPE
+                    elif srv.routes.get(path) is not None:
+                        ok, body = srv.routes[path]()
+                        status = 200 if ok else 503
+                    else:
+                        status, body = 404, "404 page not found\n"
+                except Exception as e:
+                    log.error("metrics: %s: %s", path, e)
+                    status, body = 500, "internal error\n"
+                data = body.encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics: %s %s", self.address_string(), fmt % args)
+
+        return Handler
+
+    def start(self) -> None:
+        """Bind and serve; raise LitestreamError naming the address if it cannot be bound."""
+        host, family = self.host, socket.AF_INET
+        if ":" in host:
+            family = socket.AF_INET6
+        elif not host and socket.has_dualstack_ipv6():
+            host, family = "::", socket.AF_INET6
+        dual_stack = family == socket.AF_INET6 and not self.host
+
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+            def server_bind(self):
+                if dual_stack:
+                    # Go's ":PORT" takes IPv4 clients on the IPv6 socket too.
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                # HTTPServer.server_bind would also look up the host's FQDN: skip that.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+            def handle_error(self, request, client_address):
+                # A scraper that hangs up mid-answer is not worth a traceback on stderr.
+                log.debug("metrics: request from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+        try:
+            self._server = Server((host, self.port), self._handler())
+        except (OSError, OverflowError) as e:
+            raise LitestreamError("cannot start metrics server on %s: %s" % (self.addr, e)) from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="litestream-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = self._thread = None
+
+
+###############################################################################
 # Config
 ###############################################################################
 
@@ -6168,8 +6874,7 @@ def _log_level(v):
 
 
 def _addr(v):
-    if not re.fullmatch(r".*:\d+", v, re.ASCII):
-        raise ValueError("invalid address %r (expected HOST:PORT, e.g. :9090)" % v)
+    parse_bind_addr(v)
     return v
 
 
@@ -7430,40 +8135,91 @@ def _go_bool_args(sp: argparse.ArgumentParser, args: List[str]) -> List[str]:
             for a in out if not isinstance(a, argparse.Action) or final[a.dest]]
 
 
-class _LogFormatter(logging.Formatter):
-    """Go's log lines: "2006/01/02 15:04:05 INFO msg", or slog's JSON objects for log-type json."""
+def _go_level(levelno: int) -> str:
+    """Return slog's name for a level: DEBUG, INFO, WARN or ERROR."""
+    if levelno >= logging.ERROR:
+        return "ERROR"
+    if levelno >= logging.WARNING:
+        return "WARN"
+    return "INFO" if levelno >= logging.INFO else "DEBUG"
 
-    def __init__(self, log_type: str = "text"):
-        super().__init__("%(asctime)s %(levelname)s %(message)s", _GO_TIME)
-        self.json = log_type == "json"
 
-    def format(self, record):
-        level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(record.levelname, record.levelname)
-        if self.json:
-            t = datetime.datetime.fromtimestamp(record.created).astimezone()
-            return json.dumps({"time": t.isoformat(timespec="microseconds"), "level": level,
-                               "msg": record.getMessage()})
-        record = logging.makeLogRecord(dict(record.__dict__, levelname=level))
-        return super().format(record)
+class _TextFormatter(logging.Formatter):
+    """Format records as Go's default logger: "2006/01/02 15:04:05 LEVEL msg"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = "%s %s %s" % (time.strftime(_GO_TIME, time.localtime(record.created)),
+                             _go_level(record.levelno), record.getMessage())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+# What every LogRecord carries; anything else came in through `extra`.
+_LOG_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def _rfc3339_nano(ts: float) -> str:
+    """Format a Unix time as Go's time.RFC3339Nano in local time ("Z" for UTC)."""
+    dt = datetime.datetime.fromtimestamp(ts).astimezone()
+    frac = ("%06d" % dt.microsecond).rstrip("0")
+    off = int(dt.utcoffset().total_seconds()) // 60
+    zone = "Z" if off == 0 else "%s%02d:%02d" % ("-" if off < 0 else "+", abs(off) // 60, abs(off) % 60)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + ("." + frac if frac else "") + zone
+
+
+class _JSONFormatter(logging.Formatter):
+    """Format records as Go's slog.JSONHandler: one object per line.
+
+    Keys are time (RFC 3339, local), level (DEBUG, INFO, WARN, ERROR) and
+    msg, then every field given as `extra` (a LoggerAdapter's or a call's:
+    db, replica, endpoint, attempt ...), as slog's With() attributes.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj = {"time": _rfc3339_nano(record.created), "level": _go_level(record.levelno),
+               "msg": record.getMessage()}
+        for k, v in vars(record).items():
+            if k not in _LOG_RECORD_ATTRS and k not in obj:
+                obj[k] = v
+        if record.exc_info:
+            obj["error"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
 
 
 def _setup_logging(level: str = "INFO", stderr: bool = False, log_type: str = "text") -> None:
+    """Send the litestream logger to stdout (or stderr) at level, as text or JSON (main() only)."""
     root = logging.getLogger("litestream")
     for h in list(root.handlers):
         root.removeHandler(h)
     h = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
-    h.setFormatter(_LogFormatter(log_type))
+    h.setFormatter(_JSONFormatter() if log_type == "json" else _TextFormatter())
     root.addHandler(h)
     root.setLevel({"WARN": logging.WARNING}.get(level.upper(), getattr(logging, level.upper(), logging.INFO)))
     root.propagate = False
 
 
-def _load(args) -> "Config":
+def _read_config(args) -> "Config":
+    """Read the config file a command names (-config, $LITESTREAM_CONFIG or the defaults)."""
     path = args.config or default_config_path()
     if not args.config and not os.environ.get("LITESTREAM_CONFIG") and not os.path.exists(path):
         raise ConfigError("config file not found: %s (nor %s; use -config FILE)"
                           % (path, " or ".join(DEFAULT_CONFIG_PATHS[1:])))
     return load_config(path, expand_env=not args.no_expand_env)
+
+
+def _config_for(args) -> Optional[Config]:
+    """Return the Config a command reads from its config file, or None (CLI mode, a replica URL, no -config flag)."""
+    target = getattr(args, "target", None)
+    if not hasattr(args, "config") or (args.command == "replicate" and target) or \
+            (isinstance(target, str) and is_url(target)):
+        return None
+    return _read_config(args)
+
+
+def _load(args) -> "Config":
+    cfg = getattr(args, "loaded_config", None)
+    return cfg if cfg is not None else _config_for(args)
 
 
 def _replicas_for(args) -> "tuple[List[Replica], Optional[DBConfig]]":
@@ -7575,7 +8331,6 @@ def cmd_replicate(args) -> int:
         cfg = config_from_cli(args.target[0], args.target[1:])
     else:
         cfg = _load(args)
-    _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
     if cfg.addr:
         # Serving nothing while the config asks for metrics would be a
         # silent failure; say so until the server exists.
@@ -7728,8 +8483,6 @@ def _fmt_seconds(s: float) -> str:
 
 
 def cmd_restore(args) -> int:
-    # Progress goes to stdout, so a failure leaves exactly one line on stderr.
-    _setup_logging("INFO")
     if args.index is not None and args.timestamp:
         raise _CLIError("cannot specify index & timestamp to restore")
     index = None
@@ -8070,6 +8823,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         args, extra = parser.parse_known_args(argv[:1] + _go_bool_args(sp, argv[1:]))
         if extra:
             sp.error("unrecognized arguments: %s" % " ".join(extra))
+        # Logging is set up here only, from the config the command reads,
+        # as Go's ReadConfigFile does for every command.  Without a config
+        # (CLI mode, a replica URL) it is INFO on stdout, so that a failure
+        # leaves exactly one line on stderr.
+        args.loaded_config = cfg = _config_for(args)
+        if cfg is not None:
+            _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
+        else:
+            _setup_logging("INFO")
         return args.func(args)
     except SystemExit as e:  # -h: argparse printed the help.
         return 1 if e.code in (0, None) else e.code

@@ -43,6 +43,7 @@ import textwrap
 import threading
 import time
 import unittest
+import urllib.error
 import urllib.parse
 import urllib.request
 from unittest import mock
@@ -58,6 +59,10 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "litestream.py")
 REQUIRE_PEERS = os.environ.get("LITESTREAM_TEST_REQUIRE_PEERS") == "1"
+MODULE_IMPORTED_AT = time.time()
+# Fault tests provoke S3 retries, logged at WARN; keep them out of the test
+# output (assertLogs still sees them).
+logging.getLogger("litestream").addHandler(logging.NullHandler())
 
 
 ###############################################################################
@@ -732,6 +737,24 @@ class TestFileReplicaClient(TempDirTestCase):
         self.assertEqual([s.index for s in c.snapshots(g)], [1])
         with self.assertRaises(FileNotFoundError):
             c.snapshot_reader(g, 2)
+
+    def test_operation_metrics(self):
+        """Ensure file operations are timed and their errors counted, with no Go operation counters (as Go)."""
+        c = ls.FileReplicaClient(self.path("rep"))
+        gen = new_generation()
+        before = op_metrics("file")
+        c.write_wal_segment(ls.Pos(gen, 0, 0), io.BytesIO(b"w"))
+        c.write_snapshot(gen, 0, io.BytesIO(b"s"))
+        self.assertEqual(c.generations(), [gen])
+        self.assertEqual(len(c.snapshots(gen)), 1)
+        c.snapshot_reader(gen, 0).close()
+        with self.assertRaises(FileNotFoundError):
+            c.wal_segment_reader(ls.Pos(gen, 1, 0))
+        c.delete_generation(gen)
+        self.assertEqual(metric_delta(before, op_metrics("file")), {
+            ("seconds", "PUT"): 2, ("seconds", "LIST"): 2, ("seconds", "GET"): 2, ("seconds", "DELETE"): 1,
+            ("errors", "GET", "ENOENT"): 1})
+        self.assertEqual([k for k, _ in ls.REPLICA_OPERATION_TOTAL.series() if k[0] == "file"], [])
 
 
 ###############################################################################
@@ -2102,6 +2125,533 @@ class TestVerify(TempDirTestCase):
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+
+# ../shared/reference/metrics.md: name -> (type, label names, help), copied
+# from Go 0.3.13's db.go, replica.go and internal/internal.go (typo included).
+GO_METRICS = {
+    "litestream_db_size": ("gauge", ("db",), "The current size of the real DB"),
+    "litestream_wal_size": ("gauge", ("db",), "The current size of the real WAL"),
+    "litestream_total_wal_bytes": ("counter", ("db",), "Total number of bytes written to shadow WAL"),
+    "litestream_shadow_wal_index": ("gauge", ("db",), "The current index of the shadow WAL"),
+    "litestream_shadow_wal_size": ("gauge", ("db",), "Current size of shadow WAL, in bytes"),
+    "litestream_sync_count": ("counter", ("db",), "Number of sync operations performed"),
+    "litestream_sync_error_count": ("counter", ("db",), "Number of sync errors that have occurred"),
+    "litestream_sync_seconds": ("counter", ("db",), "Time spent syncing shadow WAL, in seconds"),
+    "litestream_checkpoint_count": ("counter", ("db", "mode"), "Number of checkpoint operations performed"),
+    "litestream_checkpoint_error_count": ("counter", ("db", "mode"), "Number of checkpoint errors that have occurred"),
+    "litestream_checkpoint_seconds": ("counter", ("db", "mode"), "Time spent checkpointing WAL, in seconds"),
+    "litestream_replica_wal_bytes": ("counter", ("db", "name"), "The number wal bytes written"),
+    "litestream_replica_wal_index": ("gauge", ("db", "name"), "The current WAL index"),
+    "litestream_replica_wal_offset": ("gauge", ("db", "name"), "The current WAL offset"),
+    "litestream_replica_validation_total": ("counter", ("db", "name", "status"), "The number of validations performed"),
+    "litestream_replica_operation_total": ("counter", ("replica_type", "operation"),
+                                           "The number of replica operations performed"),
+    "litestream_replica_operation_bytes": ("counter", ("replica_type", "operation"),
+                                           "The number of bytes used by replica operations"),
+}
+PROCESS_METRICS = {
+    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
+    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
+    "process_max_fds": ("gauge", (), "Maximum number of open file descriptors."),
+    "process_virtual_memory_bytes": ("gauge", (), "Virtual memory size in bytes."),
+    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
+    "process_start_time_seconds": ("gauge", (), "Start time of the process since unix epoch in seconds."),
+}
+# Ours (the reference's "what we add"): names and label sets; help is ours.
+OUR_METRICS = {
+    "litestream_replica_lag_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_pending_bytes": ("gauge", ("db", "name")),
+    "litestream_replica_last_success_timestamp_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_operation_duration_seconds": ("histogram", ("replica_type", "operation")),
+    "litestream_replica_operation_errors_total": ("counter", ("replica_type", "operation", "code")),
+    "litestream_validation_checks_total": ("counter", ("db", "name", "result")),
+    "litestream_last_validation_success": ("gauge", ("db", "name")),
+    "litestream_last_validation_success_timestamp_seconds": ("gauge", ("db", "name")),
+}
+
+
+def parse_exposition(text):
+    """Parse text exposition with prometheus_client's parser (the test peer): {name: family}."""
+    require_peer(have_module("prometheus_client"), "prometheus_client", "pip install prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    typed = set(re.findall(r"(?m)^# TYPE (\S+) ", text))
+    fams = {}
+    for f in text_string_to_metric_families(text):
+        # The parser drops a counter family's "_total" (and adds it to the
+        # samples of counters without one); key families by the exposed name.
+        fams[f.name + "_total" if f.name + "_total" in typed else f.name] = f
+    return fams
+
+
+def family_labels(fam):
+    return {k for s in fam.samples for k in s.labels if k != "le"}
+
+
+def sample_value(text, name, **labels):
+    """Return the value of one sample in an exposition, or None if it is absent."""
+    for f in parse_exposition(text).values():
+        for s in f.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+def http_get(url, timeout=10):
+    """Return (status, headers, body text) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, e.read().decode()
+
+
+def op_metrics(replica_type):
+    """Return a client type's operation metrics now, without creating series: {key: value}."""
+    out = {}
+    for kind, fam in (("total", ls.REPLICA_OPERATION_TOTAL), ("bytes", ls.REPLICA_OPERATION_BYTES)):
+        for (t, op), s in fam.series():
+            if t == replica_type:
+                out[(kind, op)] = s.get()
+    for (t, op), s in ls.REPLICA_OPERATION_DURATION_SECONDS.series():
+        if t == replica_type:
+            out[("seconds", op)] = s.get()[2]
+    for (t, op, code), s in ls.REPLICA_OPERATION_ERRORS_TOTAL.series():
+        if t == replica_type:
+            out[("errors", op, code)] = s.get()
+    return out
+
+
+def metric_delta(before, after):
+    """Return the non-zero differences between two op_metrics() readings."""
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+class TestMetrics(TempDirTestCase):
+    """The registry and its text exposition (Prometheus text format 0.0.4)."""
+
+    def registry(self):
+        return ls.Metrics()
+
+    def test_go_float_format(self):
+        """Ensure values print as Go's strconv.FormatFloat(v, 'g', -1, 64) (expfmt's format)."""
+        # Go's outputs, e.g. litestream_db_size 1.234567e+06 and Go's own
+        # process_virtual_memory_max_bytes 1.8446744073709552e+19.
+        table = [(0, "0"), (1, "1"), (16384, "16384"), (123456, "123456"), (1e6, "1e+06"),
+                 (1234567, "1.234567e+06"), (0.5, "0.5"), (0.003696091, "0.003696091"),
+                 (0.0001, "0.0001"), (0.00001, "1e-05"), (1.5e-7, "1.5e-07"), (-2.5, "-2.5"),
+                 (1796205056.35, "1.79620505635e+09"), (2.0**64 - 1, "1.8446744073709552e+19"),
+                 (1e21, "1e+21"), (100000, "100000"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"),
+                 (float("nan"), "NaN"), (-0.0, "-0")]
+        for v, want in table:
+            with self.subTest(v=v):
+                self.assertEqual(ls.format_go_float(v), want)
+
+    def test_render_exact_text(self):
+        """Ensure HELP/TYPE lines, escaping, label order, series order, +Inf, _sum and _count are as the format says."""
+        m = self.registry()
+        c = m.counter("t_requests", "Requests\\handled\nby path", ("path", "code"))
+        g = m.gauge("t_temp", "Temperature", ())
+        h = m.histogram("t_latency", "Latency", ("op",), (0.1, 1))
+        m.gauge("t_unused", "Never set", ("x",))
+        c.labels("/a\"b\\c\nd", "200").inc(2)
+        c.labels(path="/", code="500").inc()
+        g.labels().set(-1.5)
+        for v in (0.05, 0.1, 0.5, 7):
+            h.labels("GET").observe(v)
+        self.assertEqual(m.render(), textwrap.dedent('''\
+            # HELP t_latency Latency
+            # TYPE t_latency histogram
+            t_latency_bucket{op="GET",le="0.1"} 2
+            t_latency_bucket{op="GET",le="1"} 3
+            t_latency_bucket{op="GET",le="+Inf"} 4
+            t_latency_sum{op="GET"} 7.65
+            t_latency_count{op="GET"} 4
+            # HELP t_requests Requests\\\\handled\\nby path
+            # TYPE t_requests counter
+            t_requests{code="200",path="/a\\"b\\\\c\\nd"} 2
+            t_requests{code="500",path="/"} 1
+            # HELP t_temp Temperature
+            # TYPE t_temp gauge
+            t_temp -1.5
+            '''))
+
+    def test_label_and_value_errors(self):
+        """Ensure wrong label counts or names, falling counters, bad names and duplicates raise."""
+        m = self.registry()
+        c = m.counter("t_c", "c", ("a", "b"))
+        with self.assertRaises(ValueError):
+            c.labels("x")
+        with self.assertRaises(ValueError):
+            c.labels(a="x", c="y")
+        with self.assertRaises(ValueError):
+            c.labels("x", "y").inc(-1)
+        with self.assertRaises(ValueError):
+            m.counter("t_c", "again")
+        with self.assertRaises(ValueError):
+            m.gauge("bad-name", "g")
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", ("le",), (1,))
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", (), (2, 1))
+
+    def test_remove_series(self):
+        """Ensure remove() drops one series and remove_matching() every series with those labels."""
+        m = self.registry()
+        a = m.gauge("t_a", "a", ("db", "name"))
+        b = m.counter("t_b", "b", ("db",))
+        for db in ("/x", "/y"):
+            b.labels(db)
+            for name in ("s3", "file"):
+                a.labels(db, name).set(1)
+        a.remove("/y", "s3")
+        self.assertEqual(m.remove_matching(db="/x"), 3)
+        self.assertEqual(m.render(), '# HELP t_a a\n# TYPE t_a gauge\nt_a{db="/y",name="file"} 1\n'
+                                     '# HELP t_b b\n# TYPE t_b counter\nt_b{db="/y"} 0\n')
+
+    def test_gauge_function(self):
+        """Ensure a gauge set by function is computed at each scrape, and a failing one reads NaN."""
+        m = self.registry()
+        g = m.gauge("t_lag", "lag", ("name",))
+        now = [5.0]
+        g.labels("ok").set_function(lambda: now[0])
+        g.labels("bad").set_function(lambda: 1 / 0)
+        self.assertIn('t_lag{name="ok"} 5\n', m.render())
+        now[0] = 6.25
+        text = m.render()
+        self.assertIn('t_lag{name="ok"} 6.25\n', text)
+        self.assertIn('t_lag{name="bad"} NaN\n', text)
+        g.labels("ok").set(1)
+        self.assertIn('t_lag{name="ok"} 1\n', m.render())
+
+    def test_concurrent_updates(self):
+        """Ensure updates from many threads are all counted."""
+        m = self.registry()
+        c = m.counter("t_n", "n", ("k",))
+        h = m.histogram("t_h", "h", ("k",), (1,))
+
+        def work():
+            for _ in range(5000):
+                c.labels("k").inc()
+                h.labels("k").observe(0.5)
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(c.labels("k").get(), 40000)
+        self.assertEqual(h.labels("k").get(), ([40000], 20000.0, 40000))
+
+    def test_db_and_replica_series_precreated_and_removed(self):
+        """Ensure registering a DB and replicas creates every series at 0 and unregistering drops them."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        ls.register_replica_metrics(db, "file", "file")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        fams = parse_exposition(ls.METRICS.render())
+        per_db = {n for n, (_, labels, _) in GO_METRICS.items() if labels[0] == "db"}
+        per_db |= {n for n, (_, labels) in OUR_METRICS.items() if labels[0] == "db"}
+        for name in per_db:
+            with self.subTest(name=name):
+                samples = [s for s in fams[name].samples if s.labels.get("db") == db]
+                self.assertTrue(samples, name)
+                self.assertEqual({s.value for s in samples}, {0.0})
+                if "name" in GO_METRICS.get(name, OUR_METRICS.get(name))[1]:
+                    self.assertEqual({s.labels["name"] for s in samples}, {"s3", "file"})
+        modes = {s.labels["mode"] for s in fams["litestream_checkpoint_count"].samples if s.labels["db"] == db}
+        self.assertEqual(modes, {"PASSIVE", "RESTART", "TRUNCATE"})
+        status = {s.labels["status"] for s in fams["litestream_replica_validation_total"].samples
+                  if s.labels["db"] == db and s.labels["name"] == "s3"}
+        self.assertEqual(status, {"ok", "error"})
+        results = {s.labels["result"] for s in fams["litestream_validation_checks_total"].samples
+                   if s.labels["db"] == db and s.labels["name"] == "file"}
+        self.assertEqual(results, {"success", "invalid", "error"})
+        ops = {(s.labels["replica_type"], s.labels["operation"]) for s in fams["litestream_replica_operation_total"].samples}
+        self.assertLessEqual({("s3", op) for op in ("GET", "PUT", "DELETE", "LIST")}, ops)
+        self.assertNotIn("file", {t for t, _ in ops}, "Go's file client counts no operations")
+        durations = {(s.labels["replica_type"], s.labels["operation"])
+                     for s in fams["litestream_replica_operation_duration_seconds"].samples}
+        self.assertLessEqual({("file", "GET"), ("s3", "LIST")}, durations)
+
+        ls.unregister_replica_metrics(db, "s3")
+        text = ls.METRICS.render()
+        self.assertNotIn('name="s3"', "".join(l for l in text.splitlines(True) if db in l))
+        self.assertIn('name="file"', text)
+        ls.unregister_db_metrics(db)
+        self.assertNotIn(db, ls.METRICS.render())
+
+    def test_process_series(self):
+        """Ensure the process_* series match what the kernel and the interpreter report (Linux)."""
+        if not os.path.exists("/proc/self/stat"):
+            self.skipTest("process_* series come from /proc (Linux only)")
+        import resource
+        cpu0 = time.process_time()
+        fams = parse_exposition(ls.METRICS.render())
+        cpu1 = time.process_time()
+        for name, (typ, _, help_) in PROCESS_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual((fams[name].type, fams[name].documentation), (typ, help_))
+
+        def value(name):
+            return fams[name].samples[0].value
+        # CPU time in clock ticks (1/100 s): within a tick of the interpreter's count.
+        self.assertGreaterEqual(value("process_cpu_seconds_total"), cpu0 - 0.02)
+        self.assertLessEqual(value("process_cpu_seconds_total"), cpu1 + 0.02)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(value("process_max_fds"), 2.0**64 - 1 if soft == resource.RLIM_INFINITY else soft)
+        self.assertGreaterEqual(value("process_open_fds"), 3)
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.assertGreater(value("process_resident_memory_bytes"), 0)
+        self.assertLessEqual(value("process_resident_memory_bytes"), rss_kb * 1024)
+        self.assertGreater(value("process_virtual_memory_bytes"), value("process_resident_memory_bytes"))
+        # The kernel's boot time has 1 s resolution; the process started before this module was imported.
+        started = value("process_start_time_seconds")
+        self.assertLessEqual(started, MODULE_IMPORTED_AT + 1)
+        self.assertGreater(started, MODULE_IMPORTED_AT - 120)
+
+
+class TestMetricsExposition(TempDirTestCase):
+    """Our exposition against the reference's list, parsed by prometheus_client (test peer)."""
+
+    def test_families_match_reference(self):
+        """Ensure names, types, label names and help are the reference's Go list plus ours, nothing else."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        with ls.replica_operation("s3", "GET"):
+            pass
+        with self.assertRaises(FileNotFoundError):
+            with ls.replica_operation("s3", "GET"):
+                raise FileNotFoundError(errno.ENOENT, "no such key")
+        fams = parse_exposition(ls.METRICS.render())
+        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
+        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
+        if os.path.exists("/proc/self/stat"):
+            want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
+            want["process_virtual_memory_max_bytes"] = ("gauge", set())
+        self.assertEqual({n: (f.type, family_labels(f)) for n, f in fams.items()}, want)
+        for name, (_, _, help_) in GO_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual(fams[name].documentation, help_)
+        buckets = sorted({s.labels["le"] for s in fams["litestream_replica_operation_duration_seconds"].samples
+                          if s.name.endswith("_bucket")}, key=float)
+        self.assertEqual(buckets, ["0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "+Inf"])
+        errs = [s for s in fams["litestream_replica_operation_errors_total"].samples
+                if s.labels == {"replica_type": "s3", "operation": "GET", "code": "ENOENT"}]
+        self.assertEqual([s.value for s in errs], [1.0])
+
+    def test_families_match_go_binary(self):
+        """Ensure every litestream_* and process_* family Go 0.3.13 serves has our type, labels and help."""
+        go = require_go()
+        srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        dbpath = self.path("go.db")
+        create_wal_db(dbpath, rows=50)
+        port = free_port()
+        yml = self.path("go.yml")
+        with open(yml, "w") as f:
+            f.write('addr: "127.0.0.1:%d"\n' % port)
+            f.write(go_s3_yml(dbpath, srv, prefix, min_ckpt=1))
+            f.write("      - path: %s\n" % json.dumps(self.path("go-file")))
+        r = Replicator(self, ["-config", yml], go=go)
+        url = "http://127.0.0.1:%d/metrics" % port
+        want = ("litestream_replica_operation_total", "litestream_replica_operation_bytes",
+                "litestream_checkpoint_count", "litestream_replica_wal_bytes")
+
+        def scraped():
+            if r.p.poll() is not None:
+                raise AssertionError("Go exited: " + r.log())
+            try:
+                text = http_get(url, timeout=2)[2]
+            except OSError:
+                return None
+            fams = parse_exposition(text)
+            return fams if all(n in fams for n in want) else None
+        go_fams = wait_for(scraped, "Go's /metrics with operation and checkpoint series", timeout=60)
+        stop_replicator(self, "go", r)
+
+        db = self.path("ours.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        ours = parse_exposition(ls.METRICS.render())
+        compared = 0
+        for name, f in go_fams.items():
+            if not name.startswith(("litestream_", "process_")):
+                continue
+            with self.subTest(name=name):
+                self.assertIn(name, ours)
+                self.assertEqual((ours[name].type, ours[name].documentation, family_labels(ours[name])),
+                                 (f.type, f.documentation, family_labels(f)))
+                compared += 1
+        self.assertGreaterEqual(compared, 20)
+        for s in go_fams["litestream_replica_operation_bytes"].samples:
+            self.assertIn(s.labels["operation"], ("GET", "PUT"))
+
+
+class TestMetricsServer(unittest.TestCase):
+    """MetricsServer: /metrics, /healthz, /readyz over real HTTP; bind addresses as Go's."""
+
+    def serve(self, addr="127.0.0.1:0", **kw):
+        srv = ls.MetricsServer(addr, **kw)
+        srv.start()
+        self.addCleanup(srv.close)
+        return srv
+
+    def test_parse_bind_addr(self):
+        """Ensure bind addresses split as Go's net.SplitHostPort and a missing port is Go's error."""
+        for addr, want in ((":9090", ("", 9090)), ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+                           ("localhost:0", ("localhost", 0)), ("[::1]:9090", ("::1", 9090)),
+                           ("[::]:65535", ("::", 65535))):
+            with self.subTest(addr=addr):
+                self.assertEqual(ls.parse_bind_addr(addr), want)
+        for addr in ("localhost", "127.0.0.1:", ":", "", "::1:9090", "[::1]", "[::1]:"):
+            with self.subTest(addr=addr):
+                with self.assertRaises(ValueError) as cm:
+                    ls.parse_bind_addr(addr)
+                self.assertEqual(str(cm.exception), 'must specify port for bind address: "%s"' % addr)
+        for addr in (":http", ":65536", ":-1", ":9090x"):
+            with self.subTest(addr=addr):
+                with self.assertRaisesRegex(ValueError, "invalid port in bind address"):
+                    ls.parse_bind_addr(addr)
+
+    def test_endpoints(self):
+        """Ensure /metrics is text 0.0.4, /healthz and /readyz answer from their callables, others 404."""
+        reg = ls.Metrics()
+        reg.gauge("t_up", "Up", ()).labels().set(1)
+        ready = [(True, "ready\n")]
+        srv = self.serve(registry=reg, healthz=lambda: (True, "ok\n"), readyz=lambda: ready[0])
+        status, headers, body = http_get(srv.url + "/metrics")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        self.assertEqual(body, "# HELP t_up Up\n# TYPE t_up gauge\nt_up 1\n")
+        self.assertEqual(http_get(srv.url + "/metrics?x=1")[2], body)
+        self.assertEqual(http_get(srv.url + "/healthz")[::2], (200, "ok\n"))
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (200, "ready\n"))
+        ready[0] = (False, "/data/app.db(s3): lag 31s > max-lag 10s; last error: timeout\n")
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (503, ready[0][1]))
+        for path in ("/", "/metricsx", "/debug/pprof/"):
+            with self.subTest(path=path):
+                self.assertEqual(http_get(srv.url + path)[0], 404)
+
+    def test_missing_and_failing_callables(self):
+        """Ensure an endpoint without a callable is 404 and a failing one is 500 without its message."""
+        def boom():
+            raise RuntimeError("secret-detail")
+        srv = self.serve(registry=ls.Metrics(), readyz=boom)
+        self.assertEqual(http_get(srv.url + "/healthz")[0], 404)
+        with self.assertLogs("litestream", "ERROR"):
+            status, _, body = http_get(srv.url + "/readyz")
+        self.assertEqual((status, body), (500, "internal error\n"))
+
+    def test_default_registry_serves_declared_families(self):
+        """Ensure the default registry is the module's METRICS, parsed by the peer parser."""
+        ls.register_db_metrics("/srv-test.db")
+        self.addCleanup(ls.unregister_db_metrics, "/srv-test.db")
+        ls.DB_SIZE.labels("/srv-test.db").set(4096)
+        srv = self.serve()
+        self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
+                                      db="/srv-test.db"), 4096)
+
+    def test_all_interfaces_and_close(self):
+        """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
+        srv = self.serve(":0", registry=ls.Metrics(), healthz=lambda: (True, "ok\n"))
+        port = int(srv.url.rsplit(":", 1)[1])
+        self.assertEqual(srv.url, "http://localhost:%d" % port)
+        self.assertEqual(http_get("http://127.0.0.1:%d/healthz" % port)[0], 200)
+        if socket.has_dualstack_ipv6():
+            self.assertEqual(http_get("http://[::1]:%d/healthz" % port)[0], 200)
+        srv.close()
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        self.assertNotIn("litestream-metrics", [t.name for t in threading.enumerate()])
+
+    def test_bind_failure_is_one_line(self):
+        """Ensure a port already in use raises LitestreamError naming the address."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            addr = "127.0.0.1:%d" % taken.getsockname()[1]
+            srv = ls.MetricsServer(addr)
+            with self.assertRaises(ls.LitestreamError) as cm:
+                srv.start()
+        msg = str(cm.exception)
+        self.assertIn("cannot start metrics server on %s" % addr, msg)
+        self.assertNotIn("\n", msg)
+
+
+PROMETHEUS_YML = """\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: litestream
+    metrics_path: /metrics
+    static_configs:
+      - targets: ["%s"]
+"""
+
+
+class TestPrometheusScrape(TempDirTestCase):
+    """A real Prometheus (Debian's package) scrapes a MetricsServer."""
+
+    def test_prometheus_scrapes_our_series(self):
+        """Ensure Prometheus ingests our exposition: up is 1 and litestream_db_size has the DB's value."""
+        prom = shutil.which("prometheus")
+        require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
+        db = self.path("scraped.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        ls.DB_SIZE.labels(db).set(1234567)
+        with ls.replica_operation("s3", "PUT") as op:
+            op.bytes = 42
+        srv = ls.MetricsServer("127.0.0.1:0")
+        srv.start()
+        self.addCleanup(srv.close)
+        target = srv.url.split("//", 1)[1].replace("localhost", "127.0.0.1")
+        with open(self.path("prometheus.yml"), "w") as f:
+            f.write(PROMETHEUS_YML % target)
+        web = "127.0.0.1:%d" % free_port()
+        with open(self.path("prometheus.log"), "wb") as out:
+            p = subprocess.Popen([prom, "--config.file=" + self.path("prometheus.yml"),
+                                  "--storage.tsdb.path=" + self.path("tsdb"), "--web.listen-address=" + web],
+                                 stdout=out, stderr=subprocess.STDOUT)
+
+        def stop():
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.addCleanup(stop)
+
+        def query(q):
+            if p.poll() is not None:
+                raise AssertionError("prometheus exited: " + read_file(self.path("prometheus.log")).decode()[-2000:])
+            try:
+                status, _, body = http_get("http://%s/api/v1/query?%s" % (web, urllib.parse.urlencode({"query": q})), 5)
+            except OSError:
+                return None
+            res = json.loads(body)["data"]["result"] if status == 200 else []
+            return res or None
+        res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
+        self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
+                                            "job": "litestream"})
+        self.assertEqual(float(res[0]["value"][1]), 1234567)
+        self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
+        res = query('litestream_replica_operation_duration_seconds_count{replica_type="s3",operation="PUT"}')
+        self.assertGreaterEqual(float(res[0]["value"][1]), 1)
+        self.assertEqual(query('litestream_replica_operation_bytes{replica_type="s3",operation="PUT"} >= 42')
+                         [0]["metric"]["operation"], "PUT")
+
+
+###############################################################################
 # Config
 ###############################################################################
 
@@ -2520,7 +3070,8 @@ class TestConfig(ConfigFiles, TempDirTestCase):
             ("[litestream]\nlog-level = trace\n", ":[litestream] log-level: invalid log level 'trace' (expected DEBUG, INFO, WARN or ERROR)"),
             ("[litestream]\nlog-type = xml\n", ":[litestream] log-type: invalid value 'xml' (expected text or json)"),
             ("[litestream]\nlog-stderr = maybe\n", ":[litestream] log-stderr: invalid boolean 'maybe' (expected true or false)"),
-            ("[litestream]\naddr = localhost\n", ":[litestream] addr: invalid address 'localhost' (expected HOST:PORT, e.g. :9090)"),
+            ("[litestream]\naddr = localhost\n", ':[litestream] addr: must specify port for bind address: "localhost"'),
+            ("[litestream]\naddr = :http\n", ':[litestream] addr: invalid port in bind address: ":http" (expected a number from 0 to 65535)'),
             (r + "retention = 1 day\n", ":[replica:app:r] retention: invalid duration '1 day' " + dur),
             (r + "sync-interval = 0s\n", ":[replica:app:r] sync-interval: duration '0s' must be greater than 0"),
             (r + "retention-check-interval = 0\n", ":[replica:app:r] retention-check-interval: duration '0' must be greater than 0"),
@@ -4610,8 +5161,8 @@ class FaultProxy:
     "reset" (TCP RST instead of an answer), "stall" (no answer for `stall`
     seconds, then close), "truncate" (half the body, then close).  Requests
     pass unchanged, Host included, so signatures still verify upstream.
-    counts records what was injected; reject_list_v2 answers 501 to
-    ListObjectsV2 like a V1-only server.
+    counts records what was injected and seen every (method, path) received;
+    reject_list_v2 answers 501 to ListObjectsV2 like a V1-only server.
     """
 
     def __init__(self, upstream, rate=0.0, faults=("500", "503", "reset", "stall", "truncate"),
@@ -4629,6 +5180,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = collections.Counter()
+        self.seen = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -4703,6 +5255,7 @@ class FaultProxy:
 
     def pick(self, method, path):
         with self.lock:
+            self.seen.append((method, path))
             if self.reject_list_v2 and method == "GET" and "list-type=2" in path:
                 self.counts["501"] += 1
                 return "501"
@@ -4844,6 +5397,104 @@ class TestS3Faults(MotoTestCase):
                 c.snapshots(new_generation())
         self.assertEqual(cm.exception.code, "SignatureDoesNotMatch")
         self.assertEqual(proxy.counts["ok"], 1)
+
+
+class TestS3ClientMetrics(MotoTestCase):
+    """S3 operation metrics count what Go 0.3.13 counts, checked against the requests a proxy saw."""
+
+    def setUp(self):
+        super().setUp()
+        self.cleanup_prefix()
+
+    def test_operations_counted_as_go(self):
+        """Ensure LIST per page, DELETE per batch, PUT per object (multipart once) and GET per object read."""
+        gen = new_generation()
+        rnd = random.Random(9)
+        sizes = [rnd.randint(1, 4000) for _ in range(25)]
+        big = os.urandom(11 * MIB + 5)
+        with FaultProxy(self.moto.endpoint) as proxy:
+            c = self.new_client(endpoint=proxy.endpoint, list_page_size=10)
+            c.init()
+            before = op_metrics("s3")
+            for i, n in enumerate(sizes):
+                c.write_wal_segment(ls.Pos(gen, 0, i), io.BytesIO(rand_bytes(rnd, n)))
+            c.write_snapshot(gen, 0, io.BytesIO(big))  # three 5 MiB parts
+            self.assertEqual(len(c.wal_segments(gen)), 25)  # pages of 10, 10 and 5
+            with c.wal_segment_reader(ls.Pos(gen, 0, 3)) as rd:
+                self.assertEqual(len(rd.read()), sizes[3])
+            out = WriteOnly()
+            c.download(ls.snapshot_path(self.prefix, gen, 0), out, chunk_size=2 * MIB)  # six ranges
+            with mock.patch.object(ls, "S3_MAX_KEYS", 10):
+                c.delete_wal_segments([ls.Pos(gen, 0, i) for i in range(25)])  # batches of 10, 10 and 5
+            delta = metric_delta(before, op_metrics("s3"))
+        seen = collections.Counter()
+        for method, path in proxy.seen:
+            q = urllib.parse.urlsplit(path).query
+            kind = ("list" if method == "GET" and ("list-type=" in q or "prefix=" in q) else
+                    "delete" if method == "POST" and q.startswith("delete") else
+                    "create-multipart" if method == "POST" and q.startswith("uploads") else
+                    "part" if method == "PUT" and "partNumber=" in q else
+                    "complete" if method == "POST" else method.lower())
+            seen[kind] += 1
+        # What the test did, and what reached the server, agree with the counts.
+        self.assertEqual((seen["put"], seen["create-multipart"], seen["part"], seen["complete"]), (25, 1, 3, 1))
+        self.assertEqual(seen["get"], 1 + 6)
+        self.assertEqual(seen["delete"], 3)
+        # The listing's 3 pages, then the delete verifications' (15, 5, 0 keys left: 2 + 1 + 1).
+        self.assertEqual(seen["list"], 3 + 4)
+        self.assertEqual(delta, {
+            ("total", "PUT"): 26, ("bytes", "PUT"): sum(sizes) + len(big), ("seconds", "PUT"): 26,
+            ("total", "LIST"): seen["list"], ("seconds", "LIST"): seen["list"],
+            ("total", "GET"): 2, ("bytes", "GET"): sizes[3] + len(big), ("seconds", "GET"): 2,
+            ("total", "DELETE"): 3, ("seconds", "DELETE"): 3,
+        })
+
+    def test_errors_counted_by_code(self):
+        """Ensure failed operations count errors_total by S3 code, not operation_total, and time them."""
+        c = self.new_client()
+        before = op_metrics("s3")
+        with self.assertRaises(FileNotFoundError):
+            c.wal_segment_reader(ls.Pos(new_generation(), 0, 0))
+        bad = self.new_client(secret_access_key="wrong", max_retries=0)
+        with self.assertRaises(ls.S3Error):
+            bad.snapshots(new_generation())
+        self.assertEqual(metric_delta(before, op_metrics("s3")), {
+            ("errors", "GET", "NoSuchKey"): 1, ("seconds", "GET"): 1,
+            ("errors", "LIST", "SignatureDoesNotMatch"): 1, ("seconds", "LIST"): 1})
+
+    def test_list_v1_fallback_not_counted(self):
+        """Ensure a refused ListObjectsV2 counts neither a LIST nor an error; the V1 pages count."""
+        gen = new_generation()
+        for i in range(7):
+            self.new_client().write_wal_segment(ls.Pos(gen, 0, i), io.BytesIO(b"w"))
+        with FaultProxy(self.moto.endpoint, reject_list_v2=True) as proxy:
+            c = self.new_client(endpoint=proxy.endpoint, list_page_size=3)
+            before = op_metrics("s3")
+            self.assertEqual(len(c.wal_segments(gen)), 7)
+            delta = metric_delta(before, op_metrics("s3"))
+        self.assertEqual(proxy.counts["501"], 1)
+        self.assertEqual(delta, {("total", "LIST"): 3, ("seconds", "LIST"): 3})
+
+    def test_retries_logged_at_warn(self):
+        """Ensure each retry is one WARN naming the endpoint and the attempt, without the secret."""
+        with FaultProxy(self.moto.endpoint, rate=1.0, faults=("503",)) as proxy:
+            c = self.new_client(endpoint=proxy.endpoint, max_retries=2, retry_base_delay=0.001)
+            before = op_metrics("s3")
+            with self.assertLogs("litestream", "WARNING") as logs:
+                with self.assertRaises(ls.S3Error) as cm:
+                    c.generations()
+            delta = metric_delta(before, op_metrics("s3"))
+        self.assertEqual(cm.exception.code, "SlowDown")
+        self.assertEqual(proxy.counts["503"], 3)
+        msgs = [r.getMessage() for r in logs.records]
+        self.assertEqual(len(msgs), 2, msgs)
+        for i, m in enumerate(msgs):
+            self.assertIn(proxy.endpoint, m)
+            self.assertIn("attempt %d of 3" % (i + 1), m)
+            self.assertEqual((logs.records[i].levelname, logs.records[i].endpoint, logs.records[i].attempt),
+                             ("WARNING", proxy.endpoint, i + 1))
+            self.assertNotIn(MOTO_SECRET, m)
+        self.assertEqual(delta, {("errors", "LIST", "SlowDown"): 1, ("seconds", "LIST"): 1})
 
 
 ###############################################################################
@@ -7470,7 +8121,7 @@ class TestCLI(TempDirTestCase):
                 if log_type == "json":
                     rec = json.loads(text)
                     self.assertEqual((rec["level"], rec["msg"]), ("WARN", "db: sync error: boom"))
-                    self.assertLess(abs(datetime.datetime.fromisoformat(rec["time"]).timestamp() - time.time()), 60)
+                    self.assertLess(abs(parse_rfc3339(rec["time"]).timestamp() - time.time()), 60)
                 else:
                     self.assertRegex(text, r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d WARN db: sync error: boom\n$")
 
@@ -7483,6 +8134,145 @@ class TestCLI(TempDirTestCase):
                 self.assertEqual(code, 1)
                 self.assertIn(want, err)
                 self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+def parse_rfc3339(s: str) -> datetime.datetime:
+    """Parse Go's time.RFC3339Nano ("2023-10-24T09:51:17.837417412Z", "...+02:00"); fail on anything else."""
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$", s)
+    if not m:
+        raise AssertionError("not RFC 3339: %r" % s)
+    frac = (m.group(2) or "").ljust(6, "0")[:6]
+    return datetime.datetime.fromisoformat("%s.%s%s" % (m.group(1), frac, "+00:00" if m.group(3) == "Z" else m.group(3)))
+
+
+class TestLogging(TempDirTestCase):
+    """Log format and destination: Go's text and slog JSON, from the config of every command."""
+
+    def keep_logging(self):
+        """Put the litestream logger back as it was after the test (_setup_logging replaces its handler)."""
+        lg = logging.getLogger("litestream")
+        handlers, level, propagate = lg.handlers[:], lg.level, lg.propagate
+
+        def restore():
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+        self.addCleanup(restore)
+
+
+    def test_json_lines(self):
+        """Ensure log-type json writes one object per record: time, level as slog's, msg, extra fields."""
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            ls._setup_logging("DEBUG", stderr=True, log_type="json")
+        self.keep_logging()
+        ls.log.debug("d %s", "x")
+        ls.log.info("replicating to", extra={"db": "/a \"b\".db", "replica": "s3"})
+        ls.log.warning("w")
+        ls.log.error("e\nsecond line")
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 4, lines)
+        objs = [json.loads(line) for line in lines]
+        self.assertEqual([(o["level"], o["msg"]) for o in objs],
+                         [("DEBUG", "d x"), ("INFO", "replicating to"), ("WARN", "w"), ("ERROR", "e\nsecond line")])
+        self.assertEqual(list(objs[1]), ["time", "level", "msg", "db", "replica"])
+        self.assertEqual((objs[1]["db"], objs[1]["replica"]), ("/a \"b\".db", "s3"))
+        for o in objs:
+            self.assertLess(abs(parse_rfc3339(o["time"]).timestamp() - time.time()), 60)
+
+    def build_file_replica(self):
+        db = self.path("src.db")
+        create_wal_db(db, rows=30)
+        d = open_db(db)
+        r = open_replica(d, self.path("rep"))
+        d.sync()
+        r.sync()
+        d.close()
+        return db
+
+    def config(self, db, **glob):
+        cfg = self.path("ls-%s.ini" % secrets_hex())
+        with open(cfg, "w") as f:
+            f.write("[litestream]\n" + "".join("%s = %s\n" % (k.replace("_", "-"), v) for k, v in glob.items()))
+            f.write("[db:app]\npath = %s\nreplica = %s\n" % (db, self.path("rep")))
+        return cfg
+
+    def test_restore_and_listings_follow_config(self):
+        """Ensure restore and the listing commands log at the configured level, type and destination."""
+        db = self.build_file_replica()
+        cases = [({}, "stdout", "text"), ({"log_level": "WARN"}, None, "text"),
+                 ({"log_stderr": "true", "log_type": "json"}, "stderr", "json")]
+        for i, (glob, where, typ) in enumerate(cases):
+            with self.subTest(config=glob):
+                out = self.path("out-%d.db" % i)
+                p = run_cli("restore", "-config", self.config(db, **glob), "-o", out, db)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertEqual(table_rows(out), table_rows(db))
+                logged = {"stdout": p.stdout, "stderr": p.stderr}
+                if where is None:
+                    self.assertEqual((p.stdout, p.stderr), ("", ""))
+                    continue
+                self.assertEqual(logged["stderr" if where == "stdout" else "stdout"], "")
+                lines = logged[where].splitlines()
+                self.assertTrue(any("restored to" in line for line in lines), lines)
+                for line in lines:
+                    if typ == "json":
+                        self.assertEqual(json.loads(line)["level"], "INFO")
+                    else:
+                        self.assertRegex(line, r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO ")
+        p = run_cli("snapshots", "-config", self.config(db, log_stderr="true", log_level="DEBUG"), db)
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+        self.assertEqual(p.stdout.split()[:5], ["replica", "generation", "index", "size", "created"])
+
+    def test_json_replicate_with_retries_has_no_secret(self):
+        """Ensure every line of a json replicate run with S3 retries parses, retries are WARN, no secret appears."""
+        m = moto()
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        db = self.path("j.db")
+        create_wal_db(db, rows=20)
+        with FaultProxy(m.endpoint, rate=0.25, faults=("500", "503"), seed=5) as proxy:
+            srv = S3Server(proxy.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+            cfg = self.path("j.ini")
+            with open(cfg, "w") as f:
+                f.write(py_s3_ini(db, srv, prefix).replace("[litestream]\n", "[litestream]\nlog-type = json\n"))
+            r = Replicator(self, ["-config", cfg])
+            app = sqlite3.connect(db)
+            self.addCleanup(app.close)
+            for i in range(40):
+                app.execute("INSERT INTO t (v) VALUES (?)", ("row %d" % i,))
+                app.commit()
+                if '"attempt"' in r.log():
+                    break
+                time.sleep(0.1)
+            r.wait_log('"attempt"', timeout=60)
+            stop_replicator(self, "py", r)
+        text = r.log()
+        self.assertNotIn(MOTO_SECRET, text)
+        objs = [json.loads(line) for line in text.splitlines()]
+        self.assertIn("litestream shut down", [o["msg"] for o in objs])
+        self.assertLessEqual({o["level"] for o in objs}, {"DEBUG", "INFO", "WARN", "ERROR"})
+        retries = [o for o in objs if "attempt" in o]
+        self.assertTrue(retries)
+        for o in retries:
+            self.assertEqual((o["level"], o["endpoint"]), ("WARN", proxy.endpoint))
+            self.assertIn("attempt %d of " % o["attempt"], o["msg"])
+
+        # A listing command follows the same config; this proxy's first answer is a 503.
+        self.assertLess(random.Random(1).random(), 0.5)
+        with FaultProxy(m.endpoint, rate=0.5, faults=("503",), seed=1) as proxy:
+            srv = S3Server(proxy.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+            with open(cfg, "w") as f:
+                f.write(py_s3_ini(db, srv, prefix).replace(
+                    "[litestream]\n", "[litestream]\nlog-type = json\nlog-stderr = true\n"))
+            p = run_cli("wal", "-config", cfg, db)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertGreater(proxy.counts["503"], 0)
+        self.assertNotIn(MOTO_SECRET, p.stdout + p.stderr)
+        warns = [json.loads(line) for line in p.stderr.splitlines()]
+        self.assertTrue(warns)
+        self.assertEqual({(o["level"], o["endpoint"]) for o in warns}, {("WARN", proxy.endpoint)})
+        self.assertEqual(p.stdout.split()[:6], ["replica", "generation", "index", "offset", "size", "created"])
 
 
 class TestShutdownRecord(TempDirTestCase):
