@@ -667,6 +667,30 @@ class TestLZ4Peer(unittest.TestCase):
         multiple = self.big[:8 << 20]                 # exact multiple of 4 MiB
         self.assertEqual(lz4.frame.decompress(ls.lz4_compress_frame(multiple)), multiple)
 
+    def test_levels_both_ways(self):
+        """Ensure every level (0 = stored blocks) round-trips with liblz4 on random, real-DB and edge inputs."""
+        inputs = dict(self.data, big=self.big, empty=b"", one=b"x", twelve=b"abcdefghijkl",
+                      thirteen=b"abcdefghijklm", run=b"a" * 300000 + b"b" * 70000)
+        for level in ls.LZ4_LEVELS:
+            for name, data in inputs.items():
+                frame = ls.lz4_compress_frame(data, level=level)
+                self.assertEqual(lz4.frame.decompress(frame), data, (level, name))
+                self.assertEqual(ls.lz4_decompress_frame(lz4.frame.compress(data, compression_level=level)),
+                                 data, (level, name))
+                if level == ls.LZ4_STORED:
+                    # Every block is stored: bit 31 of each size word, the payload verbatim.
+                    off, blocks = 7, []
+                    while True:
+                        size, = struct.unpack_from("<I", frame, off)
+                        if size == 0:
+                            break
+                        self.assertTrue(size & 0x80000000, (name, off))
+                        blocks.append(frame[off + 4:off + 4 + (size & 0x7FFFFFFF)])
+                        off += 4 + (size & 0x7FFFFFFF)
+                    self.assertEqual(b"".join(blocks), data, name)
+                    self.assertEqual(lz4.block.decompress(ls.lz4_compress_block(data, level),
+                                                          uncompressed_size=len(data)), data, name)
+
     def test_liblz4_frames_to_ours(self):
         """Ensure we decode liblz4's frames for every block size, linkage and checksum option."""
         sizes = {64 << 10: lz4.frame.BLOCKSIZE_MAX64KB, 256 << 10: lz4.frame.BLOCKSIZE_MAX256KB,
@@ -6093,6 +6117,29 @@ class TestGoInterop(RowsMixin, TempDirTestCase):
 
     def other(self, tool):
         return "go" if tool == "py" else "py"
+
+    def test_go_restores_our_stored_wal_segments(self):
+        """Ensure Go 0.3.13 restores a replica whose WAL segments are frames of stored (uncompressed) blocks."""
+        db, rep = self.path("stored.db"), self.path("rep-stored")
+        create_wal_db(db, rows=10)
+        r = self.start("py", db, rep)
+        wait_for(lambda: replica_objects(rep, "snapshots"), "the first snapshot")
+        app = sqlite3.connect(db)
+        for i in range(30):
+            app.execute("INSERT INTO t (v) VALUES (?)", ("stored row %d " % i * 50,))
+            app.commit()
+        app.close()
+        self.stop("py", r)
+        want = table_rows(db)
+        segs = replica_objects(rep, "wal")
+        self.assertTrue(segs)
+        for g, n in segs:
+            with open(os.path.join(rep, "generations", g, "wal", n), "rb") as f:
+                frame = f.read()
+            size, = struct.unpack_from("<I", frame, 7)  # the first block after the 7-byte header
+            self.assertTrue(size & 0x80000000, n)
+        out = self.restore("go", rep, self.path("stored-go.db"))
+        self.assertSameRows(out, want)
 
     def test_large_db_big_transaction_and_indices(self):
         """Ensure a >8 MiB DB, a ~2 MB transaction and several WAL indices restore row for row across tools."""
