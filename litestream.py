@@ -3210,6 +3210,8 @@ _SEQ_UPSERT = ("INSERT INTO _litestream_seq (id, seq) VALUES (1, 1) "
 # another cycle's salts) the frame-by-frame copy runs.
 
 SHADOW_WRITE_CHUNK = 4 << 20
+PRE_LOCK_COPY_ENOUGH = 1 << 20  # a backlog this small is copied under the write lock
+PRE_LOCK_COPY_ROUNDS = 4         # ... else copied first without it, at most this often
 SHUTDOWN_HASH_UNDER_LOCK = 64 << 20  # smaller files are hashed holding the write lock
 SHM_HEADER_SIZE = 136  # two WalIndexHdr copies (48 bytes each) and the WalCkptInfo
 WAL_INDEX_VERSION = 3007000
@@ -3494,8 +3496,11 @@ class ShadowWAL:
             trusted_end = calc_wal_size(self.page_size, trusted.max_frame)
             if trusted_end == start:
                 return CopyResult()  # nothing committed since the last copy
-            if start < trusted_end <= end:
-                res = self._copy_trusted(wal_fd, trusted_end, trusted, max_bytes)
+            if start < trusted_end:
+                # Frames below mxFrame are committed and final whatever the
+                # bound: a writer that is still committing moves mxFrame past
+                # end, and the copy stops at end's last commit frame.
+                res = self._copy_trusted(wal_fd, min(trusted_end, end), trusted_end, trusted, max_bytes)
                 if res is not None:
                     return res
         written = start  # [start, written) of the file now holds frames of this step
@@ -3524,10 +3529,11 @@ class ShadowWAL:
             err = e
         return self._finish(start, written, kept, kept_sum, err)
 
-    def _copy_trusted(self, wal_fd: int, trusted_end: int, trusted: WALIndexHeader,
+    def _copy_trusted(self, wal_fd: int, end: int, trusted_end: int, trusted: WALIndexHeader,
                       max_bytes: int) -> Optional[CopyResult]:
-        # Copy [pos.offset, trusted_end) as it is, finding commit frames by
-        # their header; None means "not trusted after all": use the checked copy.
+        # Copy [pos.offset, end) as it is (end <= trusted_end, the end of
+        # mxFrame), finding commit frames by their header; None means "not
+        # trusted after all": use the checked copy.
         fs = self.page_size + WAL_FRAME_HEADER_SIZE
         start = self.pos.offset
         written = kept = start
@@ -3536,8 +3542,8 @@ class ShadowWAL:
         salt = self.header[16:24]
         err = None
         try:
-            while written < trusted_end:
-                data = os.pread(wal_fd, min(step, trusted_end - written), written)
+            while written < end:
+                data = os.pread(wal_fd, min(step, end - written), written)
                 n = len(data) // fs
                 if n == 0:
                     break
@@ -4604,6 +4610,14 @@ class DB:
         timeout.  Raises _WriteLockBusy if the lock stays busy, and the
         copy's write error if the copy fails (nothing is backfilled then).
         """
+        if copy:
+            # Catch up without the lock first (our read lock keeps the WAL
+            # from restarting): the application goes on committing, and only
+            # what it commits during the last, short copy is left to copy
+            # under the write lock, where it would stall every writer.
+            for _ in range(PRE_LOCK_COPY_ROUNDS):
+                if self._copy_or_raise(None) < PRE_LOCK_COPY_ENOUGH:
+                    break
         self._begin_write()
         try:
             if copy:

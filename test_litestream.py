@@ -1060,6 +1060,29 @@ class TestWALIndexHeader(TempDirTestCase):
                 self.assertEqual(shadow, wal[:len(shadow)])
                 self.assertEqual(len(shadow), 32 + committed_frames(wal)[0] * fs)
 
+    def test_trusted_copy_bounded_below_max_frame(self):
+        """Ensure a copy bounded below mxFrame (the app still committing) is trusted and stops at the bound's last commit."""
+        db = open_db(self.dbpath)
+        self.addCleanup(db.close)
+        base = db.pos()
+        for i in range(8):
+            self.app.insert(3, size=2000, tag="b%d" % i)
+        h = ls.parse_wal_index_header(self.shm())
+        wal = read_file(self.dbpath + "-wal")
+        fs = 4096 + 24
+        cut = base.offset + ((32 + h.max_frame * fs - base.offset) // fs // 2) * fs
+        want = 32 + committed_frames(wal[:cut])[0] * fs
+        self.assertGreater(want, base.offset)
+        self.assertLess(want, 32 + h.max_frame * fs)
+        with mock.patch.object(ls, "wal_checksum", wraps=ls.wal_checksum) as spy:
+            res = db.shadow.copy(db._wal_fd, cut, 0, h)
+        self.assertIsNone(res.error)
+        self.assertEqual(spy.call_count, 0)  # no frame checksummed: the trusted copy ran
+        p = db.pos()
+        self.assertEqual(p.offset, want)
+        shadow = read_file(db.shadow_wal_path(p.generation, p.index))
+        self.assertEqual(shadow, wal[:want])
+
     def test_frames_of_another_salt_never_copied(self):
         """Ensure a frame of another WAL cycle inside the trusted range is never copied."""
         db = open_db(self.dbpath)
@@ -1250,6 +1273,30 @@ class TestDBSync(TempDirTestCase):
         db.sync()
         r.sync()
         self.assertEqual(db.pos().index, 1)
+        out = self.path("out.db")
+        ls.restore_replica(r, ls.RestoreOptions(out, db.pos().generation))
+        self.assertEqual(table_rows(out), table_rows(self.dbpath))
+
+    def test_backlog_copied_before_the_write_lock(self):
+        """Ensure a checkpoint copies a large backlog before taking the write lock, so writers are not stalled by it."""
+        db, r = self.open_synced()
+        self.app.insert(400, size=3000, tag="backlog")  # > PRE_LOCK_COPY_ENOUGH of WAL
+        wal_end = os.path.getsize(self.dbpath + "-wal")
+        self.assertGreater(wal_end - db.pos().offset, ls.PRE_LOCK_COPY_ENOUGH)
+        behind = []
+        real_begin = db._begin_write
+
+        def begin_write():
+            behind.append(wal_end - db.pos().offset)  # left to copy under the lock
+            real_begin()
+
+        db._begin_write = begin_write
+        try:
+            self.assertTrue(db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        finally:
+            db._begin_write = real_begin
+        self.assertEqual(behind, [0])
+        r.sync()
         out = self.path("out.db")
         ls.restore_replica(r, ls.RestoreOptions(out, db.pos().generation))
         self.assertEqual(table_rows(out), table_rows(self.dbpath))
