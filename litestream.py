@@ -41,6 +41,7 @@ import abc
 import argparse
 import base64
 import calendar
+import collections
 import concurrent.futures
 import configparser
 import contextlib
@@ -61,6 +62,7 @@ import io
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import posixpath
 import random
@@ -102,6 +104,7 @@ DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_RETENTION_CHECK_INTERVAL = 3600.0
 DEFAULT_RETENTION_MIN_SNAPSHOTS = 1
 DEFAULT_RESTORE_PARALLELISM = 8
+DEFAULT_LZ4_WORKERS = min(4, os.cpu_count() or 1)  # restore's LZ4 worker processes
 RESTORE_RANGED_GET_MIN = 16 << 20  # snapshots this big are fetched with parallel ranged GETs
 RESTORE_REPLAN_ATTEMPTS = 5  # fresh listings a restore or verify takes when objects vanish
 BUSY_TIMEOUT = 1.0
@@ -651,23 +654,64 @@ def xxh32(data, seed=0):
     return _xxh32_finish(_xxh32_merge(lanes), data[nstripes * 16:], n)
 
 
-class _XXH32Stream:
-    """Incremental xxh32 with seed 0 (for frame content checksums)."""
+def _xxh32_lanes_job(data, first, lanes):
+    """Run lanes first, first+1, ... (values `lanes`) over whole 16-byte stripes of data (a worker job).
 
-    def __init__(self):
+    The four lanes are independent, so two workers can each take two.
+    """
+    p1, p2, m32 = _P1, _P2, _M32
+    out = list(lanes)
+    nwords = len(data) // 16 * 4
+    for start in range(0, nwords, 65536):
+        words = struct.unpack_from("<%dI" % min(65536, nwords - start), data, start * 4)
+        for j in range(len(out)):
+            v = out[j]
+            for w in words[first + j::4]:
+                v = (v + w * p2) & m32
+                v = (v << 13 | v >> 19) * p1
+            out[j] = v & m32
+    return out
+
+
+_POOL_XXH32_MIN = 1 << 20   # smaller updates are hashed in the calling process
+
+
+class _XXH32Stream:
+    """Incremental xxh32 with seed 0 (for frame content checksums).
+
+    With a pool, large updates run as two worker jobs of two lanes each,
+    chained on the previous update's lanes.
+    """
+
+    def __init__(self, pool=None):
         self._lanes = [(_P1 + _P2) & _M32, _P2, 0, (-_P1) & _M32]
         self._pending = b""
         self._total = 0
+        self._pool = pool
+        self._futures = None
+
+    def _resolve(self):
+        if self._futures is not None:
+            lo, hi = self._futures
+            self._futures = None
+            self._lanes = self._pool.result(lo) + self._pool.result(hi)
+        return self._lanes
 
     def update(self, data):
         self._total += len(data)
         data = self._pending + bytes(data)
         nstripes = len(data) // 16
-        if nstripes:
-            self._lanes = _xxh32_lanes(self._lanes, data, nstripes)
+        if nstripes and self._pool is not None and nstripes * 16 >= _POOL_XXH32_MIN:
+            lanes = self._resolve()
+            whole = data[:nstripes * 16]
+            self._futures = (self._pool.submit(_xxh32_lanes_job, whole, 0, lanes[:2]),
+                             self._pool.submit(_xxh32_lanes_job, whole, 2, lanes[2:]))
+        elif nstripes:
+            self._lanes = _xxh32_lanes(self._resolve(), data, nstripes)
         self._pending = data[nstripes * 16:]
 
     def intdigest(self):
+        self._resolve()
         if self._total < 16:
             return _xxh32_finish(_P5, self._pending, self._total)
         return _xxh32_finish(_xxh32_merge(self._lanes), self._pending,
@@ -1017,13 +1061,19 @@ class LZ4FrameWriter:
 class LZ4FrameReader:
     """Stream-decode one LZ4 frame from a binary file object.
 
-    Memory is bounded by one block plus a 64 KiB history.  After the end of
-    the frame, `verified` is True if a content check (xxh32 content checksum
-    and/or LSH1 sha256 trailer) passed; `checks` names the ones performed.
+    Memory is bounded by one block plus a 64 KiB history (with a pool, by
+    workers + 1 blocks in flight).  After the end of the frame, `verified`
+    is True if a content check (xxh32 content checksum and/or LSH1 sha256
+    trailer) passed; `checks` names the ones performed.  With an LZ4Pool,
+    the blocks of independent-block frames decode in its worker processes
+    and the xxh32 lanes run there too; every check is the same.
     """
 
-    def __init__(self, fp):
+    def __init__(self, fp, pool=None):
         self._fp = fp
+        self._pool = pool
+        self._queue = collections.deque()
+        self._raw_eof = False
         self._out = b""
         self._pos = 0
         self._started = False
@@ -1077,13 +1127,57 @@ class LZ4FrameReader:
         self._block_checksum = bool(flg & 0x10)
         self._content_size = struct.unpack_from("<Q", desc, 2)[0] if flg & 0x08 else None
         if flg & 0x04:
-            self._xxh = _XXH32Stream()
+            self._xxh = _XXH32Stream(self._pool)
         self._block_max = 1 << (2 * (bd >> 4) + 8)
+
+    def _read_raw(self):
+        """Return (block data, stored) of the next block, or None at the end mark."""
+        size, = struct.unpack("<I", self._read_exact(4))
+        if size == 0:                 # only 0 is the end mark; 0x80000000 is
+            return None               # an empty stored block (Go emits it)
+        stored = size & 0x80000000
+        size &= 0x7FFFFFFF
+        if size > self._block_max:
+            raise CorruptFrameError("lz4: block size %d exceeds maximum %d"
+                                    % (size, self._block_max))
+        data = self._read_exact(size)
+        if self._block_checksum:
+            want, = struct.unpack("<I", self._read_exact(4))
+            if xxh32(data) != want:
+                raise CorruptFrameError("lz4: block checksum mismatch")
+        return data, stored
+
+    def _next_block_pooled(self):
+        # Keep workers + 1 blocks in flight; results are taken in order.
+        q = self._queue
+        while not self._raw_eof and len(q) <= self._pool.workers:
+            raw = self._read_raw()
+            if raw is None:
+                self._raw_eof = True
+                break
+            data, stored = raw
+            q.append(data if stored else self._pool.submit(_lz4_block_job, data, self._block_max))
+        if not q:
+            self._finish()
+            return
+        item = q.popleft()
+        self._accept(item if isinstance(item, bytes) else self._pool.result(item))
+
+    def _accept(self, block):
+        self._total += len(block)
+        self._sha.update(block)
+        if self._xxh is not None:
+            self._xxh.update(block)
+        self._out = block
+        self._pos = 0
 
     def _next_block(self):
         """Decode the next block into self._out; handle the frame end."""
         if not self._started:
             self._read_header()
+        if self._pool is not None and not self._linked:
+            self._next_block_pooled()
+            return
         size, = struct.unpack("<I", self._read_exact(4))
         if size == 0:                 # only 0 is the end mark; 0x80000000 is
             self._finish()            # an empty stored block (Go emits it)
@@ -1107,12 +1201,7 @@ class LZ4FrameReader:
             block = bytes(buf[len(hist):]) if hist else bytes(buf)
         if self._linked:
             self._history = (self._history + block[-65536:])[-65536:]
-        self._total += len(block)
-        self._sha.update(block)
-        if self._xxh is not None:
-            self._xxh.update(block)
-        self._out = block
-        self._pos = 0
+        self._accept(block)
 
     def _finish(self):
         self._eof = True
@@ -1163,6 +1252,68 @@ class LZ4FrameReader:
         """Release buffers; the underlying file object is left open."""
         self._out = self._history = b""
         self._eof = True
+        for item in self._queue:
+            if not isinstance(item, bytes):
+                item.cancel()
+        self._queue.clear()
+
+
+def _lz4_block_job(data, block_max):
+    """Decode one independent block (a worker job)."""
+    out = bytearray()
+    _decode_block(data, out, block_max)
+    return bytes(out)
+
+
+def _lz4_frame_job(data, limit):
+    """Decode a whole small LZ4 frame with every check (a worker job); None if it decodes past limit."""
+    r = LZ4FrameReader(io.BytesIO(data))
+    out = r.read(limit + 1)
+    if len(out) > limit:
+        return None
+    if r.read(1):
+        return None
+    return out
+
+
+class LZ4Pool:
+    """Worker processes for independent LZ4 work: block decoding and xxh32 lanes.
+
+    The processes are started (spawned: never forked from a threaded
+    process) at the first submit, at most `workers` of them, so a pool that
+    is never used costs nothing.  A worker that dies fails every job in
+    flight with LitestreamError; close() stops them all.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+        self._ex = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        with self._lock:
+            if self._ex is None:
+                self._ex = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                return self._ex.submit(fn, *args)
+            except concurrent.futures.BrokenExecutor as e:
+                raise LitestreamError("lz4 worker process died: %s" % e) from None
+
+    @staticmethod
+    def result(fut: concurrent.futures.Future):
+        """Return a job's result; LitestreamError if its worker died."""
+        try:
+            return fut.result()
+        except concurrent.futures.BrokenExecutor as e:
+            raise LitestreamError("lz4 worker process died: %s" % e) from None
+
+    def close(self) -> None:
+        """Stop the workers (jobs not started are dropped)."""
+        with self._lock:
+            ex, self._ex = self._ex, None
+        if ex is not None:
+            ex.shutdown(wait=True)
 
     def __enter__(self):
         return self
@@ -4779,14 +4930,26 @@ class _SnapshotSource:
 ###############################################################################
 
 
-def decompress_object(rd: BinaryIO, name: str, out=None) -> int:
+def decompress_object(rd: BinaryIO, name: str, out=None, pool: Optional[LZ4Pool] = None) -> int:
     """Decompress a stored object into out (or nowhere); return its length.
 
-    Streams one block at a time, and names the object in any error.
+    Streams one block at a time (a pool decodes blocks in its workers),
+    and names the object in any error.
     """
     n = 0
     try:
-        fr = LZ4FrameReader(rd)
+        if pool is not None:
+            # A small object is decoded whole by one worker, which lets
+            # many small WAL segments use every worker.
+            head = rd.read(POOL_OBJECT_MAX + 1)
+            if len(head) <= POOL_OBJECT_MAX:
+                data = pool.result(pool.submit(_lz4_frame_job, head, POOL_OBJECT_DECODED_MAX))
+                if data is not None:
+                    if out is not None:
+                        out.write(data)
+                    return len(data)
+            rd = _Prefixed(head, rd)
+        fr = LZ4FrameReader(rd, pool)
         while True:
             b = fr.read(4 << 20)
             if not b:
@@ -4798,6 +4961,29 @@ def decompress_object(rd: BinaryIO, name: str, out=None) -> int:
         raise CorruptFrameError("%s: %s" % (name, e)) from e
     finally:
         rd.close()
+
+
+POOL_OBJECT_MAX = 4 << 20            # objects up to this size go to one worker whole
+POOL_OBJECT_DECODED_MAX = 64 << 20   # ... if they decode to at most this (else streamed)
+
+
+class _Prefixed:
+    """A reader of bytes already read followed by the rest of a stream."""
+
+    def __init__(self, head: bytes, rd):
+        self._head, self._rd = head, rd
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n < 0:
+                out, self._head = self._head + self._rd.read(), b""
+                return out
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        return self._rd.read(n)
+
+    def close(self) -> None:
+        self._rd.close()
 
 
 def _tty_progress(what: str, total: int, min_total: int = 64 << 20):
@@ -5209,6 +5395,7 @@ class RestoreOptions:
     timestamp: Optional[datetime.datetime] = None
     parallelism: int = DEFAULT_RESTORE_PARALLELISM
     offset: Optional[int] = None
+    lz4_workers: int = DEFAULT_LZ4_WORKERS  # worker processes decoding objects; 0 = none
 
 
 def generation_time_bounds(client: ReplicaClient, generation: str) -> "tuple[datetime.datetime, datetime.datetime]":
@@ -5349,7 +5536,7 @@ def _remove_db(path: str) -> None:
     remove_quietly(path, path + "-wal", path + "-shm")
 
 
-def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str) -> int:
+def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str, pool: Optional[LZ4Pool] = None) -> int:
     """Decompress a snapshot into a new file at path; return its page size.
 
     Big snapshots on clients with ranged reads come down as parallel ranged
@@ -5368,7 +5555,7 @@ def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str) -> int:
                     rd = open(staged, "rb")
                 else:
                     rd = client.snapshot_reader(snap.generation, snap.index)
-                decompress_object(rd, what, f)
+                decompress_object(rd, what, f, pool)
             f.flush()
             os.fsync(f.fileno())
     finally:
@@ -5381,7 +5568,8 @@ def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str) -> int:
     return 65536 if page_size == 1 else page_size
 
 
-def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, name) -> list:
+def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, name,
+                 pool: Optional[LZ4Pool] = None) -> list:
     """Decompress one index's segments, in order, into a WAL file at path.
 
     Returns [(end offset, segment)].  Each segment must start where the one
@@ -5396,7 +5584,7 @@ def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, 
                                                "wal segments not contiguous: the next one is %s"
                                                % format_wal_segment_path(seg.index, seg.offset)))
             with _reading(name(seg)):
-                n = decompress_object(client.wal_segment_reader(seg.pos()), name(seg), f)
+                n = decompress_object(client.wal_segment_reader(seg.pos()), name(seg), f, pool)
             if not n:
                 raise CorruptFrameError("%s: empty wal segment" % name(seg))
             off += n
@@ -5404,7 +5592,8 @@ def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, 
     return ends
 
 
-def _staged_indices(client: ReplicaClient, plan, prefix: str, parallelism: int, staged: dict, name):
+def _staged_indices(client: ReplicaClient, plan, prefix: str, parallelism: int, staged: dict, name,
+                    pool: Optional[LZ4Pool] = None):
     """Yield (group, path, ends, error) for each group of a plan, in order.
 
     A pool of `parallelism` threads stages indices at most `parallelism`
@@ -5416,7 +5605,7 @@ def _staged_indices(client: ReplicaClient, plan, prefix: str, parallelism: int, 
     def fetch(group):
         path = "%s-%08x-wal" % (prefix, group[0].index)
         staged[group[0].index] = path
-        return path, _stage_index(client, group, path, name)
+        return path, _stage_index(client, group, path, name, pool)
 
     parallelism = max(1, parallelism)
     ex = concurrent.futures.ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="litestream-restore")
@@ -5522,7 +5711,8 @@ def _integrity_check(path: str) -> None:
         raise LitestreamError("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
 
 
-def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parallelism: int, progress) -> Pos:
+def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parallelism: int, progress,
+                   pool: Optional[LZ4Pool] = None) -> Pos:
     """Build the database of a snapshot and WAL plan at path (new), then integrity_check it.
 
     Returns the position reached.  Staged files are removed here; path and
@@ -5531,9 +5721,9 @@ def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parall
     name = replica._object_name
     staged: "dict[int, str]" = {}
     try:
-        page_size = _restore_snapshot(replica, snap, path)
+        page_size = _restore_snapshot(replica, snap, path, pool)
         pos = Pos(snap.generation, snap.index, 0)
-        indices = _staged_indices(replica.client, plan, path, parallelism, staged, name)
+        indices = _staged_indices(replica.client, plan, path, parallelism, staged, name, pool)
         try:
             for i, (group, wal, ends, err) in enumerate(indices):
                 if err is not None:
@@ -5578,6 +5768,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
     d = os.path.dirname(out)
     os.makedirs(d, exist_ok=True)
     tmp = "%s.tmp-%s" % (out, secrets.token_hex(4))
+    pool = LZ4Pool(opt.lz4_workers) if opt.lz4_workers > 0 else None
     try:
         floor = vanished = None
         for _ in range(RESTORE_REPLAN_ATTEMPTS):
@@ -5597,7 +5788,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
                                       "restore began" % (opt.generation, end[0], floor[0]))
             log.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation, snap.index, tmp)
             try:
-                pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress)
+                pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress, pool)
                 break
             except _Vanished as e:
                 _remove_db(tmp)
@@ -5623,6 +5814,8 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
         fsync_dir(d)
         log.info("%s: restored to %s", replica._label(), out)
     finally:
+        if pool is not None:
+            pool.close()
         _remove_db(tmp)
     return pos
 
@@ -6704,6 +6897,7 @@ class Config:
     log_stderr: bool = False
     log_type: str = "text"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    lz4_workers: int = DEFAULT_LZ4_WORKERS
     dbs: Tuple[DBConfig, ...] = ()
     config_path: str = ""
 
@@ -6930,7 +7124,7 @@ def _sse_c_key(v):
 _GLOBAL_KEYS = {
     "addr": _addr, "access-key-id": str, "secret-access-key": str, "exec": str,
     "log-level": _log_level, "log-stderr": _bool, "log-type": _choice("text", "json"),
-    "shutdown-timeout": _duration(),
+    "shutdown-timeout": _duration(), "lz4-workers": _int(0),
 }
 _DB_KEYS = {
     "path": _abspath, "meta-path": _abspath, "replica": str,
@@ -8539,7 +8733,8 @@ def cmd_restore(args) -> int:
         def progress(i, n):
             sys.stderr.write("\rrestore: applied wal index %d/%d" % (i, n) + ("\n" if i == n else ""))
             sys.stderr.flush()
-    restore_replica(replica, RestoreOptions(out, gen, index, ts, args.parallelism), progress)
+    workers = DEFAULT_LZ4_WORKERS if is_url(args.target) else _load(args).lz4_workers
+    restore_replica(replica, RestoreOptions(out, gen, index, ts, args.parallelism, lz4_workers=workers), progress)
     return 0
 
 

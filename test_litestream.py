@@ -691,6 +691,37 @@ class TestLZ4Peer(unittest.TestCase):
                     self.assertEqual(lz4.block.decompress(ls.lz4_compress_block(data, level),
                                                           uncompressed_size=len(data)), data, name)
 
+    def test_pool_decodes_like_the_process(self):
+        """Ensure frames decoded with an LZ4Pool (blocks and xxh32 lanes in workers) equal liblz4's content, checks included."""
+        pool = ls.LZ4Pool(2)
+        self.addCleanup(pool.close)
+        data = self.big + self.data["random"]          # several 4 MiB blocks, one stored
+        for cc in (False, True):
+            frame = lz4.frame.compress(data, block_size=lz4.frame.BLOCKSIZE_MAX4MB, block_linked=False,
+                                       content_checksum=cc)
+            r = ls.LZ4FrameReader(io.BytesIO(frame), pool)
+            self.assertEqual(r.read(), data, cc)
+            self.assertEqual(r.checks, ("xxh32",) if cc else ())
+        ours = ls.lz4_compress_frame(data, level=1)
+        r = ls.LZ4FrameReader(io.BytesIO(ours), pool)
+        self.assertEqual(r.read(), data)
+        self.assertEqual(r.checks, ("sha256",))
+        out = io.BytesIO()
+        self.assertEqual(ls.decompress_object(io.BytesIO(ours), "obj", out, pool), len(data))
+        self.assertEqual(out.getvalue(), data)
+        small = lz4.frame.compress(self.data["text"], content_checksum=True)
+        out = io.BytesIO()
+        self.assertEqual(ls.decompress_object(io.BytesIO(small), "obj", out, pool), len(self.data["text"]))
+        self.assertEqual(out.getvalue(), self.data["text"])
+        # A changed byte of content fails the xxh32 computed in the workers.
+        frame = bytearray(lz4.frame.compress(data, block_size=lz4.frame.BLOCKSIZE_MAX4MB, block_linked=False,
+                                             content_checksum=True))
+        frame[-4] ^= 1
+        with self.assertRaisesRegex(ls.CorruptFrameError, "content checksum mismatch"):
+            ls.LZ4FrameReader(io.BytesIO(bytes(frame)), pool).read()
+        with self.assertRaisesRegex(ls.CorruptFrameError, "obj: lz4: content checksum mismatch"):
+            ls.decompress_object(io.BytesIO(bytes(frame)), "obj", None, pool)
+
     def test_liblz4_frames_to_ours(self):
         """Ensure we decode liblz4's frames for every block size, linkage and checksum option."""
         sizes = {64 << 10: lz4.frame.BLOCKSIZE_MAX64KB, 256 << 10: lz4.frame.BLOCKSIZE_MAX256KB,
@@ -1574,6 +1605,11 @@ class TestReplicaLifecycle(RowsMixin, TempDirTestCase):
         self.assertTrue(db.pos().generation)
 
 
+def _kill_this_process(*args):
+    """An LZ4 pool job that kills its worker process (SIGKILL), as the OOM killer would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class TestRestore(TempDirTestCase):
     def setUp(self):
         super().setUp()
@@ -1593,6 +1629,21 @@ class TestRestore(TempDirTestCase):
         self.db.sync()
         self.r.sync()
         return self.db.pos(), table_rows(self.dbpath)
+
+    def test_worker_killed_mid_restore_fails_cleanly(self):
+        """Ensure an LZ4 worker process killed mid-restore fails the restore, leaving nothing at the output path."""
+        for i in range(3):
+            self.step(tag="k%d" % i)
+        out = self.path("out.db")
+        good = self.path("good.db")
+        ls.restore_replica(self.r, ls.RestoreOptions(good, self.gen, lz4_workers=2))  # the pool path works
+        self.assertEqual(table_rows(good), table_rows(self.dbpath))
+        with mock.patch.object(ls, "_lz4_frame_job", _kill_this_process), \
+                mock.patch.object(ls, "_lz4_block_job", _kill_this_process):
+            with self.assertRaisesRegex(ls.LitestreamError, "lz4 worker process died"):
+                ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen, lz4_workers=2))
+        self.assertFalse(os.path.lexists(out))
+        self.assertEqual([n for n in os.listdir(self.dir) if n.startswith("out.db")], [])
 
     def test_restore_to_index(self):
         """Ensure -index restores exactly the state at the end of that WAL index."""
@@ -3141,6 +3192,8 @@ class TestConfig(ConfigFiles, TempDirTestCase):
             ("[litestream]\nlog-level = trace\n", ":[litestream] log-level: invalid log level 'trace' (expected DEBUG, INFO, WARN or ERROR)"),
             ("[litestream]\nlog-type = xml\n", ":[litestream] log-type: invalid value 'xml' (expected text or json)"),
             ("[litestream]\nlog-stderr = maybe\n", ":[litestream] log-stderr: invalid boolean 'maybe' (expected true or false)"),
+            ("[litestream]\nlz4-workers = -1\n", ":[litestream] lz4-workers: invalid value '-1' (expected an integer >= 0)"),
+            ("[litestream]\nlz4-workers = two\n", ":[litestream] lz4-workers: invalid value 'two' (expected an integer >= 0)"),
             ("[litestream]\naddr = localhost\n", ':[litestream] addr: must specify port for bind address: "localhost"'),
             ("[litestream]\naddr = :http\n", ':[litestream] addr: invalid port in bind address: ":http" (expected a number from 0 to 65535)'),
             (r + "retention = 1 day\n", ":[replica:app:r] retention: invalid duration '1 day' " + dur),
