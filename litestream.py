@@ -990,7 +990,7 @@ class LZ4FrameWriter:
     """Write one LZ4 frame of independent blocks to a binary file object."""
 
     def __init__(self, fp, *, content_checksum=False, block_size=LZ4_BLOCK_SIZE,
-                 level=LZ4_DEFAULT_LEVEL):
+                 level=LZ4_DEFAULT_LEVEL, pool=None):
         if block_size not in _BLOCK_IDS:
             raise ValueError("lz4: unsupported block size %r" % (block_size,))
         if level not in LZ4_LEVELS:
@@ -998,6 +998,8 @@ class LZ4FrameWriter:
         self._fp = fp
         self._block_size = block_size
         self._level = level
+        self._pool = pool if level != LZ4_STORED else None
+        self._queue = collections.deque()  # (block, compress job) in frame order
         self._buf = bytearray()
         self._sha = hashlib.sha256()
         self._xxh = _XXH32Stream() if content_checksum else None
@@ -1031,7 +1033,20 @@ class LZ4FrameWriter:
         return len(data)
 
     def _write_block(self, block):
+        if self._pool is not None:
+            # Compress in the workers, at most workers + 1 blocks in flight.
+            self._queue.append((block, self._pool.submit(lz4_compress_block, block, self._level)))
+            while len(self._queue) > self._pool.workers:
+                self._put_next()
+            return
         packed = lz4_compress_block(block, self._level) if self._level != LZ4_STORED else block
+        self._put(block, packed)
+
+    def _put_next(self):
+        block, fut = self._queue.popleft()
+        self._put(block, self._pool.result(fut))
+
+    def _put(self, block, packed):
         if len(packed) < len(block):
             self._fp.write(struct.pack("<I", len(packed)) + packed)
         else:
@@ -1045,6 +1060,8 @@ class LZ4FrameWriter:
         if self._buf:                 # never emit an empty block
             self._write_block(bytes(self._buf))
             self._buf = bytearray()
+        while self._queue:
+            self._put_next()
         tail = b"\x00\x00\x00\x00"
         if self._xxh is not None:
             tail += struct.pack("<I", self._xxh.intdigest())
@@ -1322,6 +1339,26 @@ class LZ4Pool:
         self.close()
 
 
+_lz4_workers = DEFAULT_LZ4_WORKERS
+
+
+def set_lz4_workers(n: int) -> None:
+    """Set how many worker processes a snapshot may compress in (0: in the calling process)."""
+    global _lz4_workers
+    _lz4_workers = n
+
+
+def snapshot_pool(size: int) -> Optional[LZ4Pool]:
+    """Return a new LZ4Pool for compressing a snapshot of size bytes, or None if one process will do.
+
+    A snapshot's pool lives only as long as the snapshot, so the
+    replicator's process tree is small between snapshots.
+    """
+    if _lz4_workers < 1 or size < 2 * LZ4_BLOCK_SIZE:
+        return None
+    return LZ4Pool(_lz4_workers)
+
+
 class _Sink:
     """A write-only buffer that a frame writer fills and a reader drains."""
 
@@ -1340,11 +1377,12 @@ class CompressingReader:
     and large WAL segments stream through without being held whole.
     """
 
-    def __init__(self, chunks: Iterable[bytes], progress=None, level: int = LZ4_DEFAULT_LEVEL):
+    def __init__(self, chunks: Iterable[bytes], progress=None, level: int = LZ4_DEFAULT_LEVEL,
+                 pool: Optional[LZ4Pool] = None):
         self._chunks = iter(chunks)
         self._progress = progress
         self._sink = _Sink()
-        self._writer = LZ4FrameWriter(self._sink, level=level)
+        self._writer = LZ4FrameWriter(self._sink, level=level, pool=pool)
         self._done = False
         self.raw_bytes = 0
 
@@ -5315,9 +5353,14 @@ class Replica:
                 start = Pos(p.generation, p.index, min(p.offset, self._index_end(p.generation, p.index)))
                 self._upload_wal(start, p, track=False)
             t0 = time.monotonic()
-            rd = CompressingReader(src.chunks(), _tty_progress("snapshot %s" % self._label(),
-                                                               os.path.getsize(self.db.path)))
-            info = self.client.write_snapshot(src.pos.generation, src.pos.index, rd)
+            size = os.path.getsize(self.db.path)
+            pool = snapshot_pool(size)
+            try:
+                rd = CompressingReader(src.chunks(), _tty_progress("snapshot %s" % self._label(), size), pool=pool)
+                info = self.client.write_snapshot(src.pos.generation, src.pos.index, rd)
+            finally:
+                if pool is not None:
+                    pool.close()
         self.db.logger.info("%s: snapshot written %s/%08x size=%d compressed=%d elapsed=%.3fs",
                             self._label(), info.generation, info.index, rd.raw_bytes,
                             info.size, time.monotonic() - t0)
@@ -8561,6 +8604,7 @@ def cmd_replicate(args) -> int:
     argv = _parse_exec(exec_cmd) if exec_cmd else None
     if args.once and argv:
         raise _CLIError("cannot use -once with -exec")
+    set_lz4_workers(cfg.lz4_workers)
     timeout = cfg.shutdown_timeout
     if args.shutdown_timeout:
         try:

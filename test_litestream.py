@@ -713,6 +713,12 @@ class TestLZ4Peer(unittest.TestCase):
         out = io.BytesIO()
         self.assertEqual(ls.decompress_object(io.BytesIO(small), "obj", out, pool), len(self.data["text"]))
         self.assertEqual(out.getvalue(), self.data["text"])
+        # Compressing in the workers gives the same frame as in this process.
+        chunks = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+        frame = ls.CompressingReader(iter(chunks), pool=pool).read()
+        self.assertEqual(frame, ls.CompressingReader(iter(chunks)).read())
+        self.assertEqual(lz4.frame.decompress(frame), data)
+        self.assertIsNone(ls.snapshot_pool(2 * ls.LZ4_BLOCK_SIZE - 1))  # one process does for small snapshots
         # A changed byte of content fails the xxh32 computed in the workers.
         frame = bytearray(lz4.frame.compress(data, block_size=lz4.frame.BLOCKSIZE_MAX4MB, block_linked=False,
                                              content_checksum=True))
