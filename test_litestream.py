@@ -3012,7 +3012,7 @@ class TestConfig(ConfigFiles, TempDirTestCase):
         """Ensure the example litestream.ini loads and names every key the loader knows."""
         cfg = ls.load_config(EXAMPLE_CONFIG, env={})
         with open(EXAMPLE_CONFIG, encoding="utf-8") as f:
-            written = set(re.findall(r"^[;#]?\s*([a-z-]+)\s*=", f.read(), re.M))
+            written = set(re.findall(r"^[;#]?\s*([a-z0-9-]+)\s*=", f.read(), re.M))
         for key in list(ls._GLOBAL_KEYS) + list(ls._DB_KEYS) + list(ls._REPLICA_KEYS):
             with self.subTest(key=key):
                 self.assertIn(key, written)
