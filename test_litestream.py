@@ -1402,6 +1402,117 @@ def replace_db(path, other):
     os.rename(other, path)
 
 
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t=1_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class TestLag(TempDirTestCase):
+    """Replica lag and pending bytes, by the definition: the age of the oldest transaction the replica lacks.
+
+    Ages count from the last sync that looked at the WAL without seeing the
+    transaction, so they are never below the truth and above it by at most
+    the time between syncs.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("app.db")
+        create_wal_db(self.dbpath, rows=10)
+        self.clock = FakeClock()
+        self.db = ls.DB(self.dbpath, monitor_interval=0, clock=self.clock)
+        self.r = ls.Replica(self.db, "r", ls.FileReplicaClient(self.path("rep")), clock=self.clock)
+        self.db.replicas = [self.r]
+        self.db.open(background=False)
+        self.addCleanup(self.db.close)
+        self.r.sync()
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+
+    def shadow_size(self):
+        pos = self.db.pos()
+        return os.path.getsize(os.path.join(self.path(".app.db-litestream"), "generations", pos.generation,
+                                            "wal", "%08x.wal" % pos.index))
+
+    def test_lag_counts_from_the_last_look_without_the_transaction(self):
+        """Ensure lag is 0 when caught up, counts from the last sync that saw nothing new, and returns to 0 on upload."""
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+        self.clock.t += 10
+        self.db.sync()           # sees nothing new at t0 + 10
+        self.app.insert(3)       # committed after that look
+        self.clock.t += 2
+        self.db.sync()           # copies it at t0 + 12
+        self.clock.t += 5
+        self.assertEqual(self.r.lag(), 7)   # t0 + 17 - (t0 + 10)
+        self.assertEqual(self.r.pending_bytes(), self.shadow_size() - self.r.pos.offset)
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 8)   # one second per second while nothing is uploaded
+        self.r.sync()
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+
+    def test_own_checkpoint_write_is_not_lag(self):
+        """Ensure the frame a checkpoint writes for itself adds no lag, while a transaction copied by it does."""
+        self.clock.t += 1
+        self.db.sync()
+        self.clock.t += 1
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 2
+        self.assertGreater(self.r.pending_bytes(), 0)  # our own frame is still to be uploaded
+        self.assertEqual(self.r.lag(), 0)
+        self.r.sync()
+        self.app.insert(2)       # copied under the checkpoint's write lock
+        self.clock.t += 3
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 7)  # from the sync at t0 + 1, the last look without it
+
+    def test_failing_sync_counts_from_the_last_clean_look(self):
+        """Ensure a DB whose shadow WAL cannot be written shows lag rising from its last successful look."""
+        self.clock.t += 1
+        self.db.sync()
+        self.app.insert(2)
+        with mock.patch.object(ls.ShadowWAL, "copy", return_value=ls.CopyResult(0, OSError(errno.EIO, "injected"))):
+            self.clock.t += 4
+            with self.assertRaises(ls.LitestreamError):
+                self.db.sync()
+            self.assertEqual(self.r.lag(), 4)
+            self.assertIn("database sync failed", self.r.problem())
+        self.db.sync()
+        self.r.sync()
+        self.assertEqual(self.r.lag(), 0)
+        self.assertEqual(self.r.problem(), "")
+
+    def test_default_max_lag(self):
+        """Ensure max-lag defaults to 10 x sync-interval and at least 10 s."""
+        c = ls.FileReplicaClient(self.path("x"))
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=0.1).max_lag, 10)
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=5).max_lag, 50)
+        self.assertEqual(ls.Replica(None, "a", c, max_lag=3).max_lag, 3)
+
+    def test_commit_log_stays_bounded_and_never_understates(self):
+        """Ensure past MAX_ENTRIES the log merges neighbours and an age is never read below the truth."""
+        log_ = ls._CommitLog()
+        n = ls._CommitLog.MAX_ENTRIES * 3
+        for i in range(1, n + 1):
+            log_.add(ls.Pos("g", 0, i * 100), float(i))  # offsets up to i*100 were committed from time i on
+        self.assertLessEqual(len(log_._entries), ls._CommitLog.MAX_ENTRIES + 1)
+        for have in (0, 1, 150, 99_999, n * 100 - 1):
+            truth = float(have // 100 + 1)  # the first offset above have was committed at this time
+            got = log_.oldest_pending(ls.Pos("g", 0, have))
+            self.assertLessEqual(got, truth, have)
+        self.assertIsNone(log_.oldest_pending(ls.Pos("g", 0, n * 100)))
+        log_.prune([ls.Pos("g", 0, n * 100)])
+        self.assertEqual(len(log_._entries), 0)
+        log_.add(ls.Pos("g", 0, 100), 5.0)
+        log_.add(ls.Pos("h", 0, 100), 9.0)  # a new generation keeps the oldest pending time
+        self.assertEqual(log_.oldest_pending(ls.Pos("g", 0, 100)), 5.0)
+
+
 class TestReplicaLifecycle(RowsMixin, TempDirTestCase):
     """Replica timers and the DB lifecycle around them, through the Replicator."""
 
@@ -7073,7 +7184,8 @@ class TestObservability(RowsMixin, TempDirTestCase):
         cfg = self.path("ls.ini")
         with open(cfg, "w") as f:
             f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port
-                    + py_ini(db, self.path("rep")).replace("monitor-interval", "checkpoint-interval = 5s\nmonitor-interval"))
+                    + py_ini(db, self.path("rep"), sync="1s").replace(
+                        "monitor-interval", "checkpoint-interval = 5s\nmonitor-interval"))
         r = Replicator(self, ["-config", cfg])
         r.wait_log("replicating to")
         lab = {"db": db, "name": "r"}
