@@ -2711,20 +2711,18 @@ class TestPrometheusScrape(TempDirTestCase):
     """A real Prometheus (Debian's package) scrapes a MetricsServer."""
 
     def test_prometheus_scrapes_our_series(self):
-        """Ensure Prometheus ingests our exposition: up is 1 and litestream_db_size has the DB's value."""
+        """Ensure Prometheus ingests a running replicate's exposition: up is 1, litestream_db_size is the file's size."""
         prom = shutil.which("prometheus")
         require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
         db = self.path("scraped.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        ls.DB_SIZE.labels(db).set(1234567)
-        with ls.replica_operation("s3", "PUT") as op:
-            op.bytes = 42
-        srv = ls.MetricsServer("127.0.0.1:0")
-        srv.start()
-        self.addCleanup(srv.close)
-        target = srv.url.split("//", 1)[1].replace("localhost", "127.0.0.1")
+        create_wal_db(db, rows=200)
+        port = free_port()
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port + py_ini(db, self.path("rep")))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        target = "127.0.0.1:%d" % port
         with open(self.path("prometheus.yml"), "w") as f:
             f.write(PROMETHEUS_YML % target)
         web = "127.0.0.1:%d" % free_port()
@@ -2754,12 +2752,13 @@ class TestPrometheusScrape(TempDirTestCase):
         res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
         self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
                                             "job": "litestream"})
-        self.assertEqual(float(res[0]["value"][1]), 1234567)
+        self.assertEqual(float(res[0]["value"][1]), os.path.getsize(db))
         self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
-        res = query('litestream_replica_operation_duration_seconds_count{replica_type="s3",operation="PUT"}')
+        res = wait_for(lambda: query('litestream_replica_wal_offset{name="r"} > 0'), "the replica's offset", 30)
+        self.assertEqual(res[0]["metric"]["db"], db)
+        res = query('litestream_replica_operation_duration_seconds_count{replica_type="file",operation="PUT"}')
         self.assertGreaterEqual(float(res[0]["value"][1]), 1)
-        self.assertEqual(query('litestream_replica_operation_bytes{replica_type="s3",operation="PUT"} >= 42')
-                         [0]["metric"]["operation"], "PUT")
+        self.assertEqual(r.stop(), 0, r.log())
 
 
 ###############################################################################
