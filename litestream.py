@@ -110,13 +110,12 @@ BUSY_TIMEOUT = 1.0
 MAX_INDEX = 0x7FFFFFFF
 DEFAULT_CONFIG_PATH = "/etc/litestream.ini"
 DEFAULT_CONFIG_PATHS = (DEFAULT_CONFIG_PATH, "/etc/litestream.yml")  # looked up in this order
-DEFAULT_S3_PART_SIZE = 5 * 1024 * 1024  # S3's minimum part size
 DEFAULT_S3_CONCURRENCY = 5  # aws-sdk-go s3manager
 DEFAULT_S3_MAX_RETRIES = 3  # aws-sdk-go DefaultRetryer
 S3_MAX_KEYS = 1000
 S3_MIN_PART_SIZE = 5 * 1024 * 1024  # s3manager.MinUploadPartSize
+DEFAULT_S3_PART_SIZE = S3_MIN_PART_SIZE
 S3_MAX_PARTS = 10000  # s3manager.MaxUploadParts
-S3_DEFAULT_CONCURRENCY = 5  # s3manager.DefaultUploadConcurrency
 S3_DEFAULT_REGION = "us-east-1"
 S3_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 S3_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -2846,8 +2845,8 @@ class S3ReplicaClient(ReplicaClient):
                  access_key_id: str = "", secret_access_key: str = "", *,
                  session_token: str = "", sse: str = "", sse_kms_key_id: str = "",
                  sse_c_key: str = "", ca_bundle: str = "", sign_payload: bool = True,
-                 part_size: int = S3_MIN_PART_SIZE, concurrency: int = S3_DEFAULT_CONCURRENCY,
-                 max_retries: int = 5, retry_base_delay: float = 0.1,
+                 part_size: int = DEFAULT_S3_PART_SIZE, concurrency: int = DEFAULT_S3_CONCURRENCY,
+                 max_retries: int = DEFAULT_S3_MAX_RETRIES, retry_base_delay: float = 0.1,
                  retry_max_delay: float = 20.0, connect_timeout: float = 10.0,
                  timeout: float = 60.0, pool_size: int = 8, list_page_size: int = S3_MAX_KEYS,
                  verify_deletes: bool = True, credentials: Optional[CredentialsProvider] = None,
