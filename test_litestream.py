@@ -8973,7 +8973,9 @@ class TestREADME(RowsMixin, TempDirTestCase):
         self.assertEqual(docs["StatefulSet"]["spec"]["replicas"], 1)
         data, etc, rep = self.path("data"), self.path("etc"), self.path("rep")
         os.mkdir(data)
-        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data)]
+        port = free_port()
+        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data),
+                 (":9090", "127.0.0.1:%d" % port)]
 
         def local(s):
             for a, b in paths:
@@ -8995,6 +8997,10 @@ class TestREADME(RowsMixin, TempDirTestCase):
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(lambda: side.poll() is None and (side.kill(), side.wait()))
         wait_for(lambda: (try_restore_rows(rep, self.path("probe.db")) or []) == table_rows(db), "rows in the replica")
+        probe = sidecar["livenessProbe"]["httpGet"]
+        self.assertEqual((sidecar["ports"][0]["containerPort"], probe["port"]), (9090, 9090))
+        self.assertEqual(scrape(port, probe["path"])[0], 200)
+        self.assertEqual(scrape(port, "/readyz")[0], 200)
         side.send_signal(signal.SIGTERM)
         self.assertEqual(side.wait(60), 0, read_file(self.path("sidecar.log")))
         want = table_rows(db)
