@@ -1248,7 +1248,7 @@ def copy_stream(rd, wr, bufsize: int = 1 << 20) -> int:
 # Wiring, at Go 0.3.13's update points (p = db.path, n = replica.name):
 #   DB opened          register_db_metrics(p); for each replica
 #                      register_replica_metrics(p, n, r.client.client_type)
-#   DB closed          unregister_db_metrics(p) (drops its replicas' series too)
+#   DB closed          unregister_db_metrics(p, replica names) (drops its replicas' series too)
 #   every sync         SYNC_COUNT.labels(p).inc(), SYNC_SECONDS.labels(p).inc(dt),
 #                      SYNC_ERROR_COUNT.labels(p).inc() if it failed (Go's defer)
 #   sync, after stat   DB_SIZE.labels(p).set(db file size), WAL_SIZE.labels(p).set(-wal size)
@@ -1656,6 +1656,7 @@ LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
     "Unix time of the last passing replica validation check; 0 until one passes", ("db", "name"))
 
 REPLICA_OPERATIONS = ("GET", "PUT", "DELETE", "LIST")
+VALIDATION_RESULTS = ("success", "invalid", "error")
 _DB_FAMILIES = (DB_SIZE, WAL_SIZE, TOTAL_WAL_BYTES, SHADOW_WAL_INDEX, SHADOW_WAL_SIZE,
                 SYNC_COUNT, SYNC_ERROR_COUNT, SYNC_SECONDS)
 _CHECKPOINT_FAMILIES = (CHECKPOINT_COUNT, CHECKPOINT_ERROR_COUNT, CHECKPOINT_SECONDS)
@@ -1677,9 +1678,23 @@ def register_db_metrics(db: str) -> None:
             fam.labels(db, mode)
 
 
-def unregister_db_metrics(db: str) -> None:
-    """Drop every series labelled with this DB: its own and its replicas'."""
-    METRICS.remove_matching(db=db)
+def unregister_db_metrics(db: str, replicas: Optional[Sequence[str]] = None) -> None:
+    """Drop every series labelled with this DB: its own and its replicas'.
+
+    With the replicas' names each series is removed by its key (what a
+    closing DB does: a scan of every family per DB would make closing N
+    databases cost N squared); without, every family is searched.
+    """
+    if replicas is None:
+        METRICS.remove_matching(db=db)
+        return
+    for fam in _DB_FAMILIES:
+        fam.remove(db)
+    for fam in _CHECKPOINT_FAMILIES:
+        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
+            fam.remove(db, mode)
+    for name in replicas:
+        unregister_replica_metrics(db, name)
 
 
 def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
@@ -1695,7 +1710,7 @@ def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
         fam.labels(db, name)
     for status in ("ok", "error"):
         REPLICA_VALIDATION_TOTAL.labels(db, name, status)
-    for result in ("success", "invalid", "error"):
+    for result in VALIDATION_RESULTS:
         VALIDATION_CHECKS_TOTAL.labels(db, name, result)
     for op in REPLICA_OPERATIONS:
         REPLICA_OPERATION_DURATION_SECONDS.labels(replica_type, op)
@@ -1707,8 +1722,12 @@ def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
 
 def unregister_replica_metrics(db: str, name: str) -> None:
     """Drop a replica's series (its client type's stay: other replicas share them)."""
-    for fam in _REPLICA_FAMILIES + (REPLICA_VALIDATION_TOTAL, VALIDATION_CHECKS_TOTAL):
-        fam.remove_matching(db=db, name=name)
+    for fam in _REPLICA_FAMILIES:
+        fam.remove(db, name)
+    for status in ("ok", "error"):
+        REPLICA_VALIDATION_TOTAL.remove(db, name, status)
+    for result in VALIDATION_RESULTS:
+        VALIDATION_CHECKS_TOTAL.remove(db, name, result)
 
 
 class _DBSeries:
@@ -4693,7 +4712,7 @@ class DB:
             self._chk_lock.release()
         self._closed = True
         self._release()
-        unregister_db_metrics(self.path)
+        unregister_db_metrics(self.path, [r.name for r in self.replicas])
         if first is not None:
             raise first
 

@@ -717,6 +717,532 @@ class TestLZ4Peer(unittest.TestCase):
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+
+# ../shared/reference/metrics.md: name -> (type, label names, help), copied
+# from Go 0.3.13's db.go, replica.go and internal/internal.go (typo included).
+GO_METRICS = {
+    "litestream_db_size": ("gauge", ("db",), "The current size of the real DB"),
+    "litestream_wal_size": ("gauge", ("db",), "The current size of the real WAL"),
+    "litestream_total_wal_bytes": ("counter", ("db",), "Total number of bytes written to shadow WAL"),
+    "litestream_shadow_wal_index": ("gauge", ("db",), "The current index of the shadow WAL"),
+    "litestream_shadow_wal_size": ("gauge", ("db",), "Current size of shadow WAL, in bytes"),
+    "litestream_sync_count": ("counter", ("db",), "Number of sync operations performed"),
+    "litestream_sync_error_count": ("counter", ("db",), "Number of sync errors that have occurred"),
+    "litestream_sync_seconds": ("counter", ("db",), "Time spent syncing shadow WAL, in seconds"),
+    "litestream_checkpoint_count": ("counter", ("db", "mode"), "Number of checkpoint operations performed"),
+    "litestream_checkpoint_error_count": ("counter", ("db", "mode"), "Number of checkpoint errors that have occurred"),
+    "litestream_checkpoint_seconds": ("counter", ("db", "mode"), "Time spent checkpointing WAL, in seconds"),
+    "litestream_replica_wal_bytes": ("counter", ("db", "name"), "The number wal bytes written"),
+    "litestream_replica_wal_index": ("gauge", ("db", "name"), "The current WAL index"),
+    "litestream_replica_wal_offset": ("gauge", ("db", "name"), "The current WAL offset"),
+    "litestream_replica_validation_total": ("counter", ("db", "name", "status"), "The number of validations performed"),
+    "litestream_replica_operation_total": ("counter", ("replica_type", "operation"),
+                                           "The number of replica operations performed"),
+    "litestream_replica_operation_bytes": ("counter", ("replica_type", "operation"),
+                                           "The number of bytes used by replica operations"),
+}
+PROCESS_METRICS = {
+    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
+    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
+    "process_max_fds": ("gauge", (), "Maximum number of open file descriptors."),
+    "process_virtual_memory_bytes": ("gauge", (), "Virtual memory size in bytes."),
+    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
+    "process_start_time_seconds": ("gauge", (), "Start time of the process since unix epoch in seconds."),
+}
+# Ours (the reference's "what we add"): names and label sets; help is ours.
+OUR_METRICS = {
+    "litestream_replica_lag_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_pending_bytes": ("gauge", ("db", "name")),
+    "litestream_replica_last_success_timestamp_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_operation_duration_seconds": ("histogram", ("replica_type", "operation")),
+    "litestream_replica_operation_errors_total": ("counter", ("replica_type", "operation", "code")),
+    "litestream_validation_checks_total": ("counter", ("db", "name", "result")),
+    "litestream_last_validation_success": ("gauge", ("db", "name")),
+    "litestream_last_validation_success_timestamp_seconds": ("gauge", ("db", "name")),
+}
+
+
+def parse_exposition(text):
+    """Parse text exposition with prometheus_client's parser (the test peer): {name: family}."""
+    require_peer(have_module("prometheus_client"), "prometheus_client", "pip install prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    typed = set(re.findall(r"(?m)^# TYPE (\S+) ", text))
+    fams = {}
+    for f in text_string_to_metric_families(text):
+        # The parser drops a counter family's "_total" (and adds it to the
+        # samples of counters without one); key families by the exposed name.
+        fams[f.name + "_total" if f.name + "_total" in typed else f.name] = f
+    return fams
+
+
+def family_labels(fam):
+    return {k for s in fam.samples for k in s.labels if k != "le"}
+
+
+def sample_value(text, name, **labels):
+    """Return the value of one sample in an exposition, or None if it is absent."""
+    for f in parse_exposition(text).values():
+        for s in f.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+def http_get(url, timeout=10):
+    """Return (status, headers, body text) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, e.read().decode()
+
+
+def op_metrics(replica_type):
+    """Return a client type's operation metrics now, without creating series: {key: value}."""
+    out = {}
+    for kind, fam in (("total", ls.REPLICA_OPERATION_TOTAL), ("bytes", ls.REPLICA_OPERATION_BYTES)):
+        for (t, op), s in fam.series():
+            if t == replica_type:
+                out[(kind, op)] = s.get()
+    for (t, op), s in ls.REPLICA_OPERATION_DURATION_SECONDS.series():
+        if t == replica_type:
+            out[("seconds", op)] = s.get()[2]
+    for (t, op, code), s in ls.REPLICA_OPERATION_ERRORS_TOTAL.series():
+        if t == replica_type:
+            out[("errors", op, code)] = s.get()
+    return out
+
+
+def metric_delta(before, after):
+    """Return the non-zero differences between two op_metrics() readings."""
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+class TestMetrics(TempDirTestCase):
+    """The registry and its text exposition (Prometheus text format 0.0.4)."""
+
+    def registry(self):
+        return ls.Metrics()
+
+    def test_go_float_format(self):
+        """Ensure values print as Go's strconv.FormatFloat(v, 'g', -1, 64) (expfmt's format)."""
+        # Go's outputs, e.g. litestream_db_size 1.234567e+06 and Go's own
+        # process_virtual_memory_max_bytes 1.8446744073709552e+19.
+        table = [(0, "0"), (1, "1"), (16384, "16384"), (123456, "123456"), (1e6, "1e+06"),
+                 (1234567, "1.234567e+06"), (0.5, "0.5"), (0.003696091, "0.003696091"),
+                 (0.0001, "0.0001"), (0.00001, "1e-05"), (1.5e-7, "1.5e-07"), (-2.5, "-2.5"),
+                 (1796205056.35, "1.79620505635e+09"), (2.0**64 - 1, "1.8446744073709552e+19"),
+                 (1e21, "1e+21"), (100000, "100000"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"),
+                 (float("nan"), "NaN"), (-0.0, "-0")]
+        for v, want in table:
+            with self.subTest(v=v):
+                self.assertEqual(ls.format_go_float(v), want)
+
+    def test_render_exact_text(self):
+        """Ensure HELP/TYPE lines, escaping, label order, series order, +Inf, _sum and _count are as the format says."""
+        m = self.registry()
+        c = m.counter("t_requests", "Requests\\handled\nby path", ("path", "code"))
+        g = m.gauge("t_temp", "Temperature", ())
+        h = m.histogram("t_latency", "Latency", ("op",), (0.1, 1))
+        m.gauge("t_unused", "Never set", ("x",))
+        c.labels("/a\"b\\c\nd", "200").inc(2)
+        c.labels(path="/", code="500").inc()
+        g.labels().set(-1.5)
+        for v in (0.05, 0.1, 0.5, 7):
+            h.labels("GET").observe(v)
+        self.assertEqual(m.render(), textwrap.dedent('''\
+            # HELP t_latency Latency
+            # TYPE t_latency histogram
+            t_latency_bucket{op="GET",le="0.1"} 2
+            t_latency_bucket{op="GET",le="1"} 3
+            t_latency_bucket{op="GET",le="+Inf"} 4
+            t_latency_sum{op="GET"} 7.65
+            t_latency_count{op="GET"} 4
+            # HELP t_requests Requests\\\\handled\\nby path
+            # TYPE t_requests counter
+            t_requests{code="200",path="/a\\"b\\\\c\\nd"} 2
+            t_requests{code="500",path="/"} 1
+            # HELP t_temp Temperature
+            # TYPE t_temp gauge
+            t_temp -1.5
+            '''))
+
+    def test_label_and_value_errors(self):
+        """Ensure wrong label counts or names, falling counters, bad names and duplicates raise."""
+        m = self.registry()
+        c = m.counter("t_c", "c", ("a", "b"))
+        with self.assertRaises(ValueError):
+            c.labels("x")
+        with self.assertRaises(ValueError):
+            c.labels(a="x", c="y")
+        with self.assertRaises(ValueError):
+            c.labels("x", "y").inc(-1)
+        with self.assertRaises(ValueError):
+            m.counter("t_c", "again")
+        with self.assertRaises(ValueError):
+            m.gauge("bad-name", "g")
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", ("le",), (1,))
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", (), (2, 1))
+
+    def test_remove_series(self):
+        """Ensure remove() drops one series and remove_matching() every series with those labels."""
+        m = self.registry()
+        a = m.gauge("t_a", "a", ("db", "name"))
+        b = m.counter("t_b", "b", ("db",))
+        for db in ("/x", "/y"):
+            b.labels(db)
+            for name in ("s3", "file"):
+                a.labels(db, name).set(1)
+        a.remove("/y", "s3")
+        self.assertEqual(m.remove_matching(db="/x"), 3)
+        self.assertEqual(m.render(), '# HELP t_a a\n# TYPE t_a gauge\nt_a{db="/y",name="file"} 1\n'
+                                     '# HELP t_b b\n# TYPE t_b counter\nt_b{db="/y"} 0\n')
+
+    def test_gauge_function(self):
+        """Ensure a gauge set by function is computed at each scrape, and a failing one reads NaN."""
+        m = self.registry()
+        g = m.gauge("t_lag", "lag", ("name",))
+        now = [5.0]
+        g.labels("ok").set_function(lambda: now[0])
+        g.labels("bad").set_function(lambda: 1 / 0)
+        self.assertIn('t_lag{name="ok"} 5\n', m.render())
+        now[0] = 6.25
+        text = m.render()
+        self.assertIn('t_lag{name="ok"} 6.25\n', text)
+        self.assertIn('t_lag{name="bad"} NaN\n', text)
+        g.labels("ok").set(1)
+        self.assertIn('t_lag{name="ok"} 1\n', m.render())
+
+    def test_concurrent_updates(self):
+        """Ensure updates from many threads are all counted."""
+        m = self.registry()
+        c = m.counter("t_n", "n", ("k",))
+        h = m.histogram("t_h", "h", ("k",), (1,))
+
+        def work():
+            for _ in range(5000):
+                c.labels("k").inc()
+                h.labels("k").observe(0.5)
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(c.labels("k").get(), 40000)
+        self.assertEqual(h.labels("k").get(), ([40000], 20000.0, 40000))
+
+    def test_db_and_replica_series_precreated_and_removed(self):
+        """Ensure registering a DB and replicas creates every series at 0 and unregistering drops them."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        ls.register_replica_metrics(db, "file", "file")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        fams = parse_exposition(ls.METRICS.render())
+        per_db = {n for n, (_, labels, _) in GO_METRICS.items() if labels[0] == "db"}
+        per_db |= {n for n, (_, labels) in OUR_METRICS.items() if labels[0] == "db"}
+        for name in per_db:
+            with self.subTest(name=name):
+                samples = [s for s in fams[name].samples if s.labels.get("db") == db]
+                self.assertTrue(samples, name)
+                self.assertEqual({s.value for s in samples}, {0.0})
+                if "name" in GO_METRICS.get(name, OUR_METRICS.get(name))[1]:
+                    self.assertEqual({s.labels["name"] for s in samples}, {"s3", "file"})
+        modes = {s.labels["mode"] for s in fams["litestream_checkpoint_count"].samples if s.labels["db"] == db}
+        self.assertEqual(modes, {"PASSIVE", "RESTART", "TRUNCATE"})
+        status = {s.labels["status"] for s in fams["litestream_replica_validation_total"].samples
+                  if s.labels["db"] == db and s.labels["name"] == "s3"}
+        self.assertEqual(status, {"ok", "error"})
+        results = {s.labels["result"] for s in fams["litestream_validation_checks_total"].samples
+                   if s.labels["db"] == db and s.labels["name"] == "file"}
+        self.assertEqual(results, {"success", "invalid", "error"})
+        ops = {(s.labels["replica_type"], s.labels["operation"]) for s in fams["litestream_replica_operation_total"].samples}
+        self.assertLessEqual({("s3", op) for op in ("GET", "PUT", "DELETE", "LIST")}, ops)
+        self.assertNotIn("file", {t for t, _ in ops}, "Go's file client counts no operations")
+        durations = {(s.labels["replica_type"], s.labels["operation"])
+                     for s in fams["litestream_replica_operation_duration_seconds"].samples}
+        self.assertLessEqual({("file", "GET"), ("s3", "LIST")}, durations)
+
+        ls.unregister_replica_metrics(db, "s3")
+        text = ls.METRICS.render()
+        self.assertNotIn('name="s3"', "".join(l for l in text.splitlines(True) if db in l))
+        self.assertIn('name="file"', text)
+        ls.unregister_db_metrics(db)
+        self.assertNotIn(db, ls.METRICS.render())
+
+    def test_process_series(self):
+        """Ensure the process_* series match what the kernel and the interpreter report (Linux)."""
+        if not os.path.exists("/proc/self/stat"):
+            self.skipTest("process_* series come from /proc (Linux only)")
+        import resource
+        cpu0 = time.process_time()
+        fams = parse_exposition(ls.METRICS.render())
+        cpu1 = time.process_time()
+        for name, (typ, _, help_) in PROCESS_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual((fams[name].type, fams[name].documentation), (typ, help_))
+
+        def value(name):
+            return fams[name].samples[0].value
+        # CPU time in clock ticks (1/100 s): within a tick of the interpreter's count.
+        self.assertGreaterEqual(value("process_cpu_seconds_total"), cpu0 - 0.02)
+        self.assertLessEqual(value("process_cpu_seconds_total"), cpu1 + 0.02)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(value("process_max_fds"), 2.0**64 - 1 if soft == resource.RLIM_INFINITY else soft)
+        self.assertGreaterEqual(value("process_open_fds"), 3)
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.assertGreater(value("process_resident_memory_bytes"), 0)
+        self.assertLessEqual(value("process_resident_memory_bytes"), rss_kb * 1024)
+        self.assertGreater(value("process_virtual_memory_bytes"), value("process_resident_memory_bytes"))
+        # The kernel's boot time has 1 s resolution; the process started before this module was imported.
+        started = value("process_start_time_seconds")
+        self.assertLessEqual(started, MODULE_IMPORTED_AT + 1)
+        self.assertGreater(started, MODULE_IMPORTED_AT - 120)
+
+
+class TestMetricsExposition(TempDirTestCase):
+    """Our exposition against the reference's list, parsed by prometheus_client (test peer)."""
+
+    def test_families_match_reference(self):
+        """Ensure names, types, label names and help are the reference's Go list plus ours, nothing else."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        with ls.replica_operation("s3", "GET"):
+            pass
+        with self.assertRaises(FileNotFoundError):
+            with ls.replica_operation("s3", "GET"):
+                raise FileNotFoundError(errno.ENOENT, "no such key")
+        fams = parse_exposition(ls.METRICS.render())
+        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
+        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
+        if os.path.exists("/proc/self/stat"):
+            want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
+            want["process_virtual_memory_max_bytes"] = ("gauge", set())
+        self.assertEqual({n: (f.type, family_labels(f)) for n, f in fams.items()}, want)
+        for name, (_, _, help_) in GO_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual(fams[name].documentation, help_)
+        buckets = sorted({s.labels["le"] for s in fams["litestream_replica_operation_duration_seconds"].samples
+                          if s.name.endswith("_bucket")}, key=float)
+        self.assertEqual(buckets, ["0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "+Inf"])
+        errs = [s for s in fams["litestream_replica_operation_errors_total"].samples
+                if s.labels == {"replica_type": "s3", "operation": "GET", "code": "ENOENT"}]
+        self.assertEqual([s.value for s in errs], [1.0])
+
+    def test_families_match_go_binary(self):
+        """Ensure every litestream_* and process_* family Go 0.3.13 serves has our type, labels and help."""
+        go = require_go()
+        srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        dbpath = self.path("go.db")
+        create_wal_db(dbpath, rows=50)
+        port = free_port()
+        yml = self.path("go.yml")
+        with open(yml, "w") as f:
+            f.write('addr: "127.0.0.1:%d"\n' % port)
+            f.write(go_s3_yml(dbpath, srv, prefix, min_ckpt=1))
+            f.write("      - path: %s\n" % json.dumps(self.path("go-file")))
+        r = Replicator(self, ["-config", yml], go=go)
+        url = "http://127.0.0.1:%d/metrics" % port
+        want = ("litestream_replica_operation_total", "litestream_replica_operation_bytes",
+                "litestream_checkpoint_count", "litestream_replica_wal_bytes")
+
+        def scraped():
+            if r.p.poll() is not None:
+                raise AssertionError("Go exited: " + r.log())
+            try:
+                text = http_get(url, timeout=2)[2]
+            except OSError:
+                return None
+            fams = parse_exposition(text)
+            return fams if all(n in fams for n in want) else None
+        go_fams = wait_for(scraped, "Go's /metrics with operation and checkpoint series", timeout=60)
+        stop_replicator(self, "go", r)
+
+        db = self.path("ours.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        ours = parse_exposition(ls.METRICS.render())
+        compared = 0
+        for name, f in go_fams.items():
+            if not name.startswith(("litestream_", "process_")):
+                continue
+            with self.subTest(name=name):
+                self.assertIn(name, ours)
+                self.assertEqual((ours[name].type, ours[name].documentation, family_labels(ours[name])),
+                                 (f.type, f.documentation, family_labels(f)))
+                compared += 1
+        self.assertGreaterEqual(compared, 20)
+        for s in go_fams["litestream_replica_operation_bytes"].samples:
+            self.assertIn(s.labels["operation"], ("GET", "PUT"))
+
+
+class TestMetricsServer(unittest.TestCase):
+    """MetricsServer: /metrics, /healthz, /readyz over real HTTP; bind addresses as Go's."""
+
+    def serve(self, addr="127.0.0.1:0", **kw):
+        srv = ls.MetricsServer(addr, **kw)
+        srv.start()
+        self.addCleanup(srv.close)
+        return srv
+
+    def test_parse_bind_addr(self):
+        """Ensure bind addresses split as Go's net.SplitHostPort and a missing port is Go's error."""
+        for addr, want in ((":9090", ("", 9090)), ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+                           ("localhost:0", ("localhost", 0)), ("[::1]:9090", ("::1", 9090)),
+                           ("[::]:65535", ("::", 65535))):
+            with self.subTest(addr=addr):
+                self.assertEqual(ls.parse_bind_addr(addr), want)
+        for addr in ("localhost", "127.0.0.1:", ":", "", "::1:9090", "[::1]", "[::1]:"):
+            with self.subTest(addr=addr):
+                with self.assertRaises(ValueError) as cm:
+                    ls.parse_bind_addr(addr)
+                self.assertEqual(str(cm.exception), 'must specify port for bind address: "%s"' % addr)
+        for addr in (":http", ":65536", ":-1", ":9090x"):
+            with self.subTest(addr=addr):
+                with self.assertRaisesRegex(ValueError, "invalid port in bind address"):
+                    ls.parse_bind_addr(addr)
+
+    def test_endpoints(self):
+        """Ensure /metrics is text 0.0.4, /healthz and /readyz answer from their callables, others 404."""
+        reg = ls.Metrics()
+        reg.gauge("t_up", "Up", ()).labels().set(1)
+        ready = [(True, "ready\n")]
+        srv = self.serve(registry=reg, healthz=lambda: (True, "ok\n"), readyz=lambda: ready[0])
+        status, headers, body = http_get(srv.url + "/metrics")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        self.assertEqual(body, "# HELP t_up Up\n# TYPE t_up gauge\nt_up 1\n")
+        self.assertEqual(http_get(srv.url + "/metrics?x=1")[2], body)
+        self.assertEqual(http_get(srv.url + "/healthz")[::2], (200, "ok\n"))
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (200, "ready\n"))
+        ready[0] = (False, "/data/app.db(s3): lag 31s > max-lag 10s; last error: timeout\n")
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (503, ready[0][1]))
+        for path in ("/", "/metricsx", "/debug/pprof/"):
+            with self.subTest(path=path):
+                self.assertEqual(http_get(srv.url + path)[0], 404)
+
+    def test_missing_and_failing_callables(self):
+        """Ensure an endpoint without a callable is 404 and a failing one is 500 without its message."""
+        def boom():
+            raise RuntimeError("secret-detail")
+        srv = self.serve(registry=ls.Metrics(), readyz=boom)
+        self.assertEqual(http_get(srv.url + "/healthz")[0], 404)
+        with self.assertLogs("litestream", "ERROR"):
+            status, _, body = http_get(srv.url + "/readyz")
+        self.assertEqual((status, body), (500, "internal error\n"))
+
+    def test_default_registry_serves_declared_families(self):
+        """Ensure the default registry is the module's METRICS, parsed by the peer parser."""
+        ls.register_db_metrics("/srv-test.db")
+        self.addCleanup(ls.unregister_db_metrics, "/srv-test.db")
+        ls.DB_SIZE.labels("/srv-test.db").set(4096)
+        srv = self.serve()
+        self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
+                                      db="/srv-test.db"), 4096)
+
+    def test_all_interfaces_and_close(self):
+        """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
+        srv = self.serve(":0", registry=ls.Metrics(), healthz=lambda: (True, "ok\n"))
+        port = int(srv.url.rsplit(":", 1)[1])
+        self.assertEqual(srv.url, "http://localhost:%d" % port)
+        self.assertEqual(http_get("http://127.0.0.1:%d/healthz" % port)[0], 200)
+        if socket.has_dualstack_ipv6():
+            self.assertEqual(http_get("http://[::1]:%d/healthz" % port)[0], 200)
+        srv.close()
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        self.assertNotIn("litestream-metrics", [t.name for t in threading.enumerate()])
+
+    def test_bind_failure_is_one_line(self):
+        """Ensure a port already in use raises LitestreamError naming the address."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            addr = "127.0.0.1:%d" % taken.getsockname()[1]
+            srv = ls.MetricsServer(addr)
+            with self.assertRaises(ls.LitestreamError) as cm:
+                srv.start()
+        msg = str(cm.exception)
+        self.assertIn("cannot start metrics server on %s" % addr, msg)
+        self.assertNotIn("\n", msg)
+
+
+PROMETHEUS_YML = """\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: litestream
+    metrics_path: /metrics
+    static_configs:
+      - targets: ["%s"]
+"""
+
+
+class TestPrometheusScrape(TempDirTestCase):
+    """A real Prometheus (Debian's package) scrapes a MetricsServer."""
+
+    def test_prometheus_scrapes_our_series(self):
+        """Ensure Prometheus ingests a running replicate's exposition: up is 1, litestream_db_size is the file's size."""
+        prom = shutil.which("prometheus")
+        require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
+        db = self.path("scraped.db")
+        create_wal_db(db, rows=200)
+        port = free_port()
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port + py_ini(db, self.path("rep")))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        target = "127.0.0.1:%d" % port
+        with open(self.path("prometheus.yml"), "w") as f:
+            f.write(PROMETHEUS_YML % target)
+        web = "127.0.0.1:%d" % free_port()
+        with open(self.path("prometheus.log"), "wb") as out:
+            p = subprocess.Popen([prom, "--config.file=" + self.path("prometheus.yml"),
+                                  "--storage.tsdb.path=" + self.path("tsdb"), "--web.listen-address=" + web],
+                                 stdout=out, stderr=subprocess.STDOUT)
+
+        def stop():
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.addCleanup(stop)
+
+        def query(q):
+            if p.poll() is not None:
+                raise AssertionError("prometheus exited: " + read_file(self.path("prometheus.log")).decode()[-2000:])
+            try:
+                status, _, body = http_get("http://%s/api/v1/query?%s" % (web, urllib.parse.urlencode({"query": q})), 5)
+            except OSError:
+                return None
+            res = json.loads(body)["data"]["result"] if status == 200 else []
+            return res or None
+        res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
+        self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
+                                            "job": "litestream"})
+        self.assertEqual(float(res[0]["value"][1]), os.path.getsize(db))
+        self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
+        res = wait_for(lambda: query('litestream_replica_wal_offset{name="r"} > 0'), "the replica's offset", 30)
+        self.assertEqual(res[0]["metric"]["db"], db)
+        res = query('litestream_replica_operation_duration_seconds_count{replica_type="file",operation="PUT"}')
+        self.assertGreaterEqual(float(res[0]["value"][1]), 1)
+        self.assertEqual(r.stop(), 0, r.log())
+
+
+###############################################################################
 # FileReplicaClient
 ###############################################################################
 
@@ -2233,532 +2759,6 @@ class TestVerify(TempDirTestCase):
         code, out, err = self.cli("verify", "-generation", "0123456789abcdef", "file://" + self.rep)
         self.assertEqual(code, 1)
         self.assertEqual(err, "litestream: generation 0123456789abcdef not found in file://%s\n" % self.rep)
-
-
-###############################################################################
-# Metrics
-###############################################################################
-
-# ../shared/reference/metrics.md: name -> (type, label names, help), copied
-# from Go 0.3.13's db.go, replica.go and internal/internal.go (typo included).
-GO_METRICS = {
-    "litestream_db_size": ("gauge", ("db",), "The current size of the real DB"),
-    "litestream_wal_size": ("gauge", ("db",), "The current size of the real WAL"),
-    "litestream_total_wal_bytes": ("counter", ("db",), "Total number of bytes written to shadow WAL"),
-    "litestream_shadow_wal_index": ("gauge", ("db",), "The current index of the shadow WAL"),
-    "litestream_shadow_wal_size": ("gauge", ("db",), "Current size of shadow WAL, in bytes"),
-    "litestream_sync_count": ("counter", ("db",), "Number of sync operations performed"),
-    "litestream_sync_error_count": ("counter", ("db",), "Number of sync errors that have occurred"),
-    "litestream_sync_seconds": ("counter", ("db",), "Time spent syncing shadow WAL, in seconds"),
-    "litestream_checkpoint_count": ("counter", ("db", "mode"), "Number of checkpoint operations performed"),
-    "litestream_checkpoint_error_count": ("counter", ("db", "mode"), "Number of checkpoint errors that have occurred"),
-    "litestream_checkpoint_seconds": ("counter", ("db", "mode"), "Time spent checkpointing WAL, in seconds"),
-    "litestream_replica_wal_bytes": ("counter", ("db", "name"), "The number wal bytes written"),
-    "litestream_replica_wal_index": ("gauge", ("db", "name"), "The current WAL index"),
-    "litestream_replica_wal_offset": ("gauge", ("db", "name"), "The current WAL offset"),
-    "litestream_replica_validation_total": ("counter", ("db", "name", "status"), "The number of validations performed"),
-    "litestream_replica_operation_total": ("counter", ("replica_type", "operation"),
-                                           "The number of replica operations performed"),
-    "litestream_replica_operation_bytes": ("counter", ("replica_type", "operation"),
-                                           "The number of bytes used by replica operations"),
-}
-PROCESS_METRICS = {
-    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
-    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
-    "process_max_fds": ("gauge", (), "Maximum number of open file descriptors."),
-    "process_virtual_memory_bytes": ("gauge", (), "Virtual memory size in bytes."),
-    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
-    "process_start_time_seconds": ("gauge", (), "Start time of the process since unix epoch in seconds."),
-}
-# Ours (the reference's "what we add"): names and label sets; help is ours.
-OUR_METRICS = {
-    "litestream_replica_lag_seconds": ("gauge", ("db", "name")),
-    "litestream_replica_pending_bytes": ("gauge", ("db", "name")),
-    "litestream_replica_last_success_timestamp_seconds": ("gauge", ("db", "name")),
-    "litestream_replica_operation_duration_seconds": ("histogram", ("replica_type", "operation")),
-    "litestream_replica_operation_errors_total": ("counter", ("replica_type", "operation", "code")),
-    "litestream_validation_checks_total": ("counter", ("db", "name", "result")),
-    "litestream_last_validation_success": ("gauge", ("db", "name")),
-    "litestream_last_validation_success_timestamp_seconds": ("gauge", ("db", "name")),
-}
-
-
-def parse_exposition(text):
-    """Parse text exposition with prometheus_client's parser (the test peer): {name: family}."""
-    require_peer(have_module("prometheus_client"), "prometheus_client", "pip install prometheus_client")
-    from prometheus_client.parser import text_string_to_metric_families
-    typed = set(re.findall(r"(?m)^# TYPE (\S+) ", text))
-    fams = {}
-    for f in text_string_to_metric_families(text):
-        # The parser drops a counter family's "_total" (and adds it to the
-        # samples of counters without one); key families by the exposed name.
-        fams[f.name + "_total" if f.name + "_total" in typed else f.name] = f
-    return fams
-
-
-def family_labels(fam):
-    return {k for s in fam.samples for k in s.labels if k != "le"}
-
-
-def sample_value(text, name, **labels):
-    """Return the value of one sample in an exposition, or None if it is absent."""
-    for f in parse_exposition(text).values():
-        for s in f.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
-
-
-def http_get(url, timeout=10):
-    """Return (status, headers, body text) of a GET, errors included."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.headers, r.read().decode()
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.headers, e.read().decode()
-
-
-def op_metrics(replica_type):
-    """Return a client type's operation metrics now, without creating series: {key: value}."""
-    out = {}
-    for kind, fam in (("total", ls.REPLICA_OPERATION_TOTAL), ("bytes", ls.REPLICA_OPERATION_BYTES)):
-        for (t, op), s in fam.series():
-            if t == replica_type:
-                out[(kind, op)] = s.get()
-    for (t, op), s in ls.REPLICA_OPERATION_DURATION_SECONDS.series():
-        if t == replica_type:
-            out[("seconds", op)] = s.get()[2]
-    for (t, op, code), s in ls.REPLICA_OPERATION_ERRORS_TOTAL.series():
-        if t == replica_type:
-            out[("errors", op, code)] = s.get()
-    return out
-
-
-def metric_delta(before, after):
-    """Return the non-zero differences between two op_metrics() readings."""
-    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-
-
-class TestMetrics(TempDirTestCase):
-    """The registry and its text exposition (Prometheus text format 0.0.4)."""
-
-    def registry(self):
-        return ls.Metrics()
-
-    def test_go_float_format(self):
-        """Ensure values print as Go's strconv.FormatFloat(v, 'g', -1, 64) (expfmt's format)."""
-        # Go's outputs, e.g. litestream_db_size 1.234567e+06 and Go's own
-        # process_virtual_memory_max_bytes 1.8446744073709552e+19.
-        table = [(0, "0"), (1, "1"), (16384, "16384"), (123456, "123456"), (1e6, "1e+06"),
-                 (1234567, "1.234567e+06"), (0.5, "0.5"), (0.003696091, "0.003696091"),
-                 (0.0001, "0.0001"), (0.00001, "1e-05"), (1.5e-7, "1.5e-07"), (-2.5, "-2.5"),
-                 (1796205056.35, "1.79620505635e+09"), (2.0**64 - 1, "1.8446744073709552e+19"),
-                 (1e21, "1e+21"), (100000, "100000"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"),
-                 (float("nan"), "NaN"), (-0.0, "-0")]
-        for v, want in table:
-            with self.subTest(v=v):
-                self.assertEqual(ls.format_go_float(v), want)
-
-    def test_render_exact_text(self):
-        """Ensure HELP/TYPE lines, escaping, label order, series order, +Inf, _sum and _count are as the format says."""
-        m = self.registry()
-        c = m.counter("t_requests", "Requests\\handled\nby path", ("path", "code"))
-        g = m.gauge("t_temp", "Temperature", ())
-        h = m.histogram("t_latency", "Latency", ("op",), (0.1, 1))
-        m.gauge("t_unused", "Never set", ("x",))
-        c.labels("/a\"b\\c\nd", "200").inc(2)
-        c.labels(path="/", code="500").inc()
-        g.labels().set(-1.5)
-        for v in (0.05, 0.1, 0.5, 7):
-            h.labels("GET").observe(v)
-        self.assertEqual(m.render(), textwrap.dedent('''\
-            # HELP t_latency Latency
-            # TYPE t_latency histogram
-            t_latency_bucket{op="GET",le="0.1"} 2
-            t_latency_bucket{op="GET",le="1"} 3
-            t_latency_bucket{op="GET",le="+Inf"} 4
-            t_latency_sum{op="GET"} 7.65
-            t_latency_count{op="GET"} 4
-            # HELP t_requests Requests\\\\handled\\nby path
-            # TYPE t_requests counter
-            t_requests{code="200",path="/a\\"b\\\\c\\nd"} 2
-            t_requests{code="500",path="/"} 1
-            # HELP t_temp Temperature
-            # TYPE t_temp gauge
-            t_temp -1.5
-            '''))
-
-    def test_label_and_value_errors(self):
-        """Ensure wrong label counts or names, falling counters, bad names and duplicates raise."""
-        m = self.registry()
-        c = m.counter("t_c", "c", ("a", "b"))
-        with self.assertRaises(ValueError):
-            c.labels("x")
-        with self.assertRaises(ValueError):
-            c.labels(a="x", c="y")
-        with self.assertRaises(ValueError):
-            c.labels("x", "y").inc(-1)
-        with self.assertRaises(ValueError):
-            m.counter("t_c", "again")
-        with self.assertRaises(ValueError):
-            m.gauge("bad-name", "g")
-        with self.assertRaises(ValueError):
-            m.histogram("t_h", "h", ("le",), (1,))
-        with self.assertRaises(ValueError):
-            m.histogram("t_h", "h", (), (2, 1))
-
-    def test_remove_series(self):
-        """Ensure remove() drops one series and remove_matching() every series with those labels."""
-        m = self.registry()
-        a = m.gauge("t_a", "a", ("db", "name"))
-        b = m.counter("t_b", "b", ("db",))
-        for db in ("/x", "/y"):
-            b.labels(db)
-            for name in ("s3", "file"):
-                a.labels(db, name).set(1)
-        a.remove("/y", "s3")
-        self.assertEqual(m.remove_matching(db="/x"), 3)
-        self.assertEqual(m.render(), '# HELP t_a a\n# TYPE t_a gauge\nt_a{db="/y",name="file"} 1\n'
-                                     '# HELP t_b b\n# TYPE t_b counter\nt_b{db="/y"} 0\n')
-
-    def test_gauge_function(self):
-        """Ensure a gauge set by function is computed at each scrape, and a failing one reads NaN."""
-        m = self.registry()
-        g = m.gauge("t_lag", "lag", ("name",))
-        now = [5.0]
-        g.labels("ok").set_function(lambda: now[0])
-        g.labels("bad").set_function(lambda: 1 / 0)
-        self.assertIn('t_lag{name="ok"} 5\n', m.render())
-        now[0] = 6.25
-        text = m.render()
-        self.assertIn('t_lag{name="ok"} 6.25\n', text)
-        self.assertIn('t_lag{name="bad"} NaN\n', text)
-        g.labels("ok").set(1)
-        self.assertIn('t_lag{name="ok"} 1\n', m.render())
-
-    def test_concurrent_updates(self):
-        """Ensure updates from many threads are all counted."""
-        m = self.registry()
-        c = m.counter("t_n", "n", ("k",))
-        h = m.histogram("t_h", "h", ("k",), (1,))
-
-        def work():
-            for _ in range(5000):
-                c.labels("k").inc()
-                h.labels("k").observe(0.5)
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.assertEqual(c.labels("k").get(), 40000)
-        self.assertEqual(h.labels("k").get(), ([40000], 20000.0, 40000))
-
-    def test_db_and_replica_series_precreated_and_removed(self):
-        """Ensure registering a DB and replicas creates every series at 0 and unregistering drops them."""
-        db = self.path("app.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        ls.register_replica_metrics(db, "file", "file")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        fams = parse_exposition(ls.METRICS.render())
-        per_db = {n for n, (_, labels, _) in GO_METRICS.items() if labels[0] == "db"}
-        per_db |= {n for n, (_, labels) in OUR_METRICS.items() if labels[0] == "db"}
-        for name in per_db:
-            with self.subTest(name=name):
-                samples = [s for s in fams[name].samples if s.labels.get("db") == db]
-                self.assertTrue(samples, name)
-                self.assertEqual({s.value for s in samples}, {0.0})
-                if "name" in GO_METRICS.get(name, OUR_METRICS.get(name))[1]:
-                    self.assertEqual({s.labels["name"] for s in samples}, {"s3", "file"})
-        modes = {s.labels["mode"] for s in fams["litestream_checkpoint_count"].samples if s.labels["db"] == db}
-        self.assertEqual(modes, {"PASSIVE", "RESTART", "TRUNCATE"})
-        status = {s.labels["status"] for s in fams["litestream_replica_validation_total"].samples
-                  if s.labels["db"] == db and s.labels["name"] == "s3"}
-        self.assertEqual(status, {"ok", "error"})
-        results = {s.labels["result"] for s in fams["litestream_validation_checks_total"].samples
-                   if s.labels["db"] == db and s.labels["name"] == "file"}
-        self.assertEqual(results, {"success", "invalid", "error"})
-        ops = {(s.labels["replica_type"], s.labels["operation"]) for s in fams["litestream_replica_operation_total"].samples}
-        self.assertLessEqual({("s3", op) for op in ("GET", "PUT", "DELETE", "LIST")}, ops)
-        self.assertNotIn("file", {t for t, _ in ops}, "Go's file client counts no operations")
-        durations = {(s.labels["replica_type"], s.labels["operation"])
-                     for s in fams["litestream_replica_operation_duration_seconds"].samples}
-        self.assertLessEqual({("file", "GET"), ("s3", "LIST")}, durations)
-
-        ls.unregister_replica_metrics(db, "s3")
-        text = ls.METRICS.render()
-        self.assertNotIn('name="s3"', "".join(l for l in text.splitlines(True) if db in l))
-        self.assertIn('name="file"', text)
-        ls.unregister_db_metrics(db)
-        self.assertNotIn(db, ls.METRICS.render())
-
-    def test_process_series(self):
-        """Ensure the process_* series match what the kernel and the interpreter report (Linux)."""
-        if not os.path.exists("/proc/self/stat"):
-            self.skipTest("process_* series come from /proc (Linux only)")
-        import resource
-        cpu0 = time.process_time()
-        fams = parse_exposition(ls.METRICS.render())
-        cpu1 = time.process_time()
-        for name, (typ, _, help_) in PROCESS_METRICS.items():
-            with self.subTest(name=name):
-                self.assertEqual((fams[name].type, fams[name].documentation), (typ, help_))
-
-        def value(name):
-            return fams[name].samples[0].value
-        # CPU time in clock ticks (1/100 s): within a tick of the interpreter's count.
-        self.assertGreaterEqual(value("process_cpu_seconds_total"), cpu0 - 0.02)
-        self.assertLessEqual(value("process_cpu_seconds_total"), cpu1 + 0.02)
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.assertEqual(value("process_max_fds"), 2.0**64 - 1 if soft == resource.RLIM_INFINITY else soft)
-        self.assertGreaterEqual(value("process_open_fds"), 3)
-        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.assertGreater(value("process_resident_memory_bytes"), 0)
-        self.assertLessEqual(value("process_resident_memory_bytes"), rss_kb * 1024)
-        self.assertGreater(value("process_virtual_memory_bytes"), value("process_resident_memory_bytes"))
-        # The kernel's boot time has 1 s resolution; the process started before this module was imported.
-        started = value("process_start_time_seconds")
-        self.assertLessEqual(started, MODULE_IMPORTED_AT + 1)
-        self.assertGreater(started, MODULE_IMPORTED_AT - 120)
-
-
-class TestMetricsExposition(TempDirTestCase):
-    """Our exposition against the reference's list, parsed by prometheus_client (test peer)."""
-
-    def test_families_match_reference(self):
-        """Ensure names, types, label names and help are the reference's Go list plus ours, nothing else."""
-        db = self.path("app.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        with ls.replica_operation("s3", "GET"):
-            pass
-        with self.assertRaises(FileNotFoundError):
-            with ls.replica_operation("s3", "GET"):
-                raise FileNotFoundError(errno.ENOENT, "no such key")
-        fams = parse_exposition(ls.METRICS.render())
-        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
-        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
-        if os.path.exists("/proc/self/stat"):
-            want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
-            want["process_virtual_memory_max_bytes"] = ("gauge", set())
-        self.assertEqual({n: (f.type, family_labels(f)) for n, f in fams.items()}, want)
-        for name, (_, _, help_) in GO_METRICS.items():
-            with self.subTest(name=name):
-                self.assertEqual(fams[name].documentation, help_)
-        buckets = sorted({s.labels["le"] for s in fams["litestream_replica_operation_duration_seconds"].samples
-                          if s.name.endswith("_bucket")}, key=float)
-        self.assertEqual(buckets, ["0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "+Inf"])
-        errs = [s for s in fams["litestream_replica_operation_errors_total"].samples
-                if s.labels == {"replica_type": "s3", "operation": "GET", "code": "ENOENT"}]
-        self.assertEqual([s.value for s in errs], [1.0])
-
-    def test_families_match_go_binary(self):
-        """Ensure every litestream_* and process_* family Go 0.3.13 serves has our type, labels and help."""
-        go = require_go()
-        srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
-        prefix = "%016x" % random.getrandbits(64)
-        self.addCleanup(delete_all, moto_client(), prefix)
-        dbpath = self.path("go.db")
-        create_wal_db(dbpath, rows=50)
-        port = free_port()
-        yml = self.path("go.yml")
-        with open(yml, "w") as f:
-            f.write('addr: "127.0.0.1:%d"\n' % port)
-            f.write(go_s3_yml(dbpath, srv, prefix, min_ckpt=1))
-            f.write("      - path: %s\n" % json.dumps(self.path("go-file")))
-        r = Replicator(self, ["-config", yml], go=go)
-        url = "http://127.0.0.1:%d/metrics" % port
-        want = ("litestream_replica_operation_total", "litestream_replica_operation_bytes",
-                "litestream_checkpoint_count", "litestream_replica_wal_bytes")
-
-        def scraped():
-            if r.p.poll() is not None:
-                raise AssertionError("Go exited: " + r.log())
-            try:
-                text = http_get(url, timeout=2)[2]
-            except OSError:
-                return None
-            fams = parse_exposition(text)
-            return fams if all(n in fams for n in want) else None
-        go_fams = wait_for(scraped, "Go's /metrics with operation and checkpoint series", timeout=60)
-        stop_replicator(self, "go", r)
-
-        db = self.path("ours.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        ours = parse_exposition(ls.METRICS.render())
-        compared = 0
-        for name, f in go_fams.items():
-            if not name.startswith(("litestream_", "process_")):
-                continue
-            with self.subTest(name=name):
-                self.assertIn(name, ours)
-                self.assertEqual((ours[name].type, ours[name].documentation, family_labels(ours[name])),
-                                 (f.type, f.documentation, family_labels(f)))
-                compared += 1
-        self.assertGreaterEqual(compared, 20)
-        for s in go_fams["litestream_replica_operation_bytes"].samples:
-            self.assertIn(s.labels["operation"], ("GET", "PUT"))
-
-
-class TestMetricsServer(unittest.TestCase):
-    """MetricsServer: /metrics, /healthz, /readyz over real HTTP; bind addresses as Go's."""
-
-    def serve(self, addr="127.0.0.1:0", **kw):
-        srv = ls.MetricsServer(addr, **kw)
-        srv.start()
-        self.addCleanup(srv.close)
-        return srv
-
-    def test_parse_bind_addr(self):
-        """Ensure bind addresses split as Go's net.SplitHostPort and a missing port is Go's error."""
-        for addr, want in ((":9090", ("", 9090)), ("127.0.0.1:9090", ("127.0.0.1", 9090)),
-                           ("localhost:0", ("localhost", 0)), ("[::1]:9090", ("::1", 9090)),
-                           ("[::]:65535", ("::", 65535))):
-            with self.subTest(addr=addr):
-                self.assertEqual(ls.parse_bind_addr(addr), want)
-        for addr in ("localhost", "127.0.0.1:", ":", "", "::1:9090", "[::1]", "[::1]:"):
-            with self.subTest(addr=addr):
-                with self.assertRaises(ValueError) as cm:
-                    ls.parse_bind_addr(addr)
-                self.assertEqual(str(cm.exception), 'must specify port for bind address: "%s"' % addr)
-        for addr in (":http", ":65536", ":-1", ":9090x"):
-            with self.subTest(addr=addr):
-                with self.assertRaisesRegex(ValueError, "invalid port in bind address"):
-                    ls.parse_bind_addr(addr)
-
-    def test_endpoints(self):
-        """Ensure /metrics is text 0.0.4, /healthz and /readyz answer from their callables, others 404."""
-        reg = ls.Metrics()
-        reg.gauge("t_up", "Up", ()).labels().set(1)
-        ready = [(True, "ready\n")]
-        srv = self.serve(registry=reg, healthz=lambda: (True, "ok\n"), readyz=lambda: ready[0])
-        status, headers, body = http_get(srv.url + "/metrics")
-        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
-        self.assertEqual(body, "# HELP t_up Up\n# TYPE t_up gauge\nt_up 1\n")
-        self.assertEqual(http_get(srv.url + "/metrics?x=1")[2], body)
-        self.assertEqual(http_get(srv.url + "/healthz")[::2], (200, "ok\n"))
-        self.assertEqual(http_get(srv.url + "/readyz")[::2], (200, "ready\n"))
-        ready[0] = (False, "/data/app.db(s3): lag 31s > max-lag 10s; last error: timeout\n")
-        self.assertEqual(http_get(srv.url + "/readyz")[::2], (503, ready[0][1]))
-        for path in ("/", "/metricsx", "/debug/pprof/"):
-            with self.subTest(path=path):
-                self.assertEqual(http_get(srv.url + path)[0], 404)
-
-    def test_missing_and_failing_callables(self):
-        """Ensure an endpoint without a callable is 404 and a failing one is 500 without its message."""
-        def boom():
-            raise RuntimeError("secret-detail")
-        srv = self.serve(registry=ls.Metrics(), readyz=boom)
-        self.assertEqual(http_get(srv.url + "/healthz")[0], 404)
-        with self.assertLogs("litestream", "ERROR"):
-            status, _, body = http_get(srv.url + "/readyz")
-        self.assertEqual((status, body), (500, "internal error\n"))
-
-    def test_default_registry_serves_declared_families(self):
-        """Ensure the default registry is the module's METRICS, parsed by the peer parser."""
-        ls.register_db_metrics("/srv-test.db")
-        self.addCleanup(ls.unregister_db_metrics, "/srv-test.db")
-        ls.DB_SIZE.labels("/srv-test.db").set(4096)
-        srv = self.serve()
-        self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
-                                      db="/srv-test.db"), 4096)
-
-    def test_all_interfaces_and_close(self):
-        """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
-        srv = self.serve(":0", registry=ls.Metrics(), healthz=lambda: (True, "ok\n"))
-        port = int(srv.url.rsplit(":", 1)[1])
-        self.assertEqual(srv.url, "http://localhost:%d" % port)
-        self.assertEqual(http_get("http://127.0.0.1:%d/healthz" % port)[0], 200)
-        if socket.has_dualstack_ipv6():
-            self.assertEqual(http_get("http://[::1]:%d/healthz" % port)[0], 200)
-        srv.close()
-        with self.assertRaises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        self.assertNotIn("litestream-metrics", [t.name for t in threading.enumerate()])
-
-    def test_bind_failure_is_one_line(self):
-        """Ensure a port already in use raises LitestreamError naming the address."""
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen(1)
-            addr = "127.0.0.1:%d" % taken.getsockname()[1]
-            srv = ls.MetricsServer(addr)
-            with self.assertRaises(ls.LitestreamError) as cm:
-                srv.start()
-        msg = str(cm.exception)
-        self.assertIn("cannot start metrics server on %s" % addr, msg)
-        self.assertNotIn("\n", msg)
-
-
-PROMETHEUS_YML = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: litestream
-    metrics_path: /metrics
-    static_configs:
-      - targets: ["%s"]
-"""
-
-
-class TestPrometheusScrape(TempDirTestCase):
-    """A real Prometheus (Debian's package) scrapes a MetricsServer."""
-
-    def test_prometheus_scrapes_our_series(self):
-        """Ensure Prometheus ingests a running replicate's exposition: up is 1, litestream_db_size is the file's size."""
-        prom = shutil.which("prometheus")
-        require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
-        db = self.path("scraped.db")
-        create_wal_db(db, rows=200)
-        port = free_port()
-        cfg = self.path("ls.ini")
-        with open(cfg, "w") as f:
-            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port + py_ini(db, self.path("rep")))
-        r = Replicator(self, ["-config", cfg])
-        r.wait_log("replicating to")
-        target = "127.0.0.1:%d" % port
-        with open(self.path("prometheus.yml"), "w") as f:
-            f.write(PROMETHEUS_YML % target)
-        web = "127.0.0.1:%d" % free_port()
-        with open(self.path("prometheus.log"), "wb") as out:
-            p = subprocess.Popen([prom, "--config.file=" + self.path("prometheus.yml"),
-                                  "--storage.tsdb.path=" + self.path("tsdb"), "--web.listen-address=" + web],
-                                 stdout=out, stderr=subprocess.STDOUT)
-
-        def stop():
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.addCleanup(stop)
-
-        def query(q):
-            if p.poll() is not None:
-                raise AssertionError("prometheus exited: " + read_file(self.path("prometheus.log")).decode()[-2000:])
-            try:
-                status, _, body = http_get("http://%s/api/v1/query?%s" % (web, urllib.parse.urlencode({"query": q})), 5)
-            except OSError:
-                return None
-            res = json.loads(body)["data"]["result"] if status == 200 else []
-            return res or None
-        res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
-        self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
-                                            "job": "litestream"})
-        self.assertEqual(float(res[0]["value"][1]), os.path.getsize(db))
-        self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
-        res = wait_for(lambda: query('litestream_replica_wal_offset{name="r"} > 0'), "the replica's offset", 30)
-        self.assertEqual(res[0]["metric"]["db"], db)
-        res = query('litestream_replica_operation_duration_seconds_count{replica_type="file",operation="PUT"}')
-        self.assertGreaterEqual(float(res[0]["value"][1]), 1)
-        self.assertEqual(r.stop(), 0, r.log())
 
 
 ###############################################################################
