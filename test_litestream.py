@@ -5894,10 +5894,15 @@ class TestReplicateProcess(RowsMixin, TempDirTestCase):
 
 class TestBadInput(TempDirTestCase):
     def assertOneLineError(self, p, *needles):
-        """Assert a non-zero exit and exactly one non-empty stderr line containing every needle."""
+        """Assert a non-zero exit and exactly one non-empty stderr line containing every needle.
+
+        Log records are set aside: without a config they go to stderr, as
+        Go's default logger.
+        """
         self.assertNotEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertNotIn("Traceback", p.stdout + p.stderr)
-        lines = p.stderr.splitlines()
+        lines = [line for line in p.stderr.splitlines()
+                 if not re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARN|ERROR) ", line)]
         self.assertEqual(len(lines), 1, "stderr is not one line: %r" % p.stderr)
         self.assertTrue(lines[0].strip())
         for n in needles:
@@ -8273,6 +8278,153 @@ class TestLogging(TempDirTestCase):
         self.assertTrue(warns)
         self.assertEqual({(o["level"], o["endpoint"]) for o in warns}, {("WARN", proxy.endpoint)})
         self.assertEqual(p.stdout.split()[:6], ["replica", "generation", "index", "offset", "size", "created"])
+
+
+def replica_tail(root: str, generation: str) -> "tuple[int, int, int]":
+    """Return (index, end offset, segments) of a file replica generation's last WAL segment, read independently.
+
+    The end is the segment's offset plus its length decompressed by
+    python-lz4.
+    """
+    segs = sorted((int(n[:8], 16), int(n[9:17], 16), n) for g, n in replica_objects(root, "wal") if g == generation)
+    index, offset, name = segs[-1]
+    return index, offset + len(lz4_payload(os.path.join(root, "generations", generation, "wal", name))), len(segs)
+
+
+def rfc3339_epoch(s: str) -> float:
+    return parse_rfc3339(s).timestamp()
+
+
+class TestStatus(RowsMixin, TempDirTestCase):
+    """`status`: positions, lag and the replicator lock read from disk and the replicas, with no replicator."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.path("app.db")
+        self.rep = self.path("rep")
+        self.ini = self.path("ls.ini")
+        with open(self.ini, "w") as f:
+            f.write(py_ini(self.db, self.rep))
+
+    def status(self, *args, code=0):
+        p = run_cli("status", "-config", self.ini, *args)
+        self.assertEqual(p.returncode, code, p.stdout + p.stderr)
+        return p
+
+    def status_json(self, code=0):
+        p = self.status("-json", code=code)
+        doc = json.loads(p.stdout)  # one document: nothing else on stdout
+        self.assertEqual(len(doc["dbs"]), 1)
+        return doc["dbs"][0], p
+
+    def expected_wal_end(self) -> int:
+        """Where the DB's own WAL's last commit ends, walked by the test (no checkpoint restarted it)."""
+        wal = read_file(self.db + "-wal")
+        n, _ = committed_frames(wal)
+        return 32 + n * (struct.unpack(">I", wal[8:12])[0] + 24)
+
+    def check_against_listing(self, d, min_segments=2):
+        """Check a status DB entry against the replica directory and the WAL, listed by the test."""
+        gens = os.listdir(os.path.join(self.rep, "generations"))
+        self.assertEqual(len(gens), 1, gens)
+        gen = gens[0]
+        index, end, nsegs = replica_tail(self.rep, gen)
+        self.assertGreaterEqual(nsegs, min_segments)
+        self.assertEqual(d["path"], self.db)
+        self.assertEqual(d["generation"], gen)
+        self.assertEqual(d["position"], {"generation": gen, "index": index, "offset": self.expected_wal_end()})
+        r = d["replicas"][0]
+        self.assertIsNone(r["error"])
+        self.assertEqual((r["name"], r["type"], r["url"], r["generation"]), ("r", "file", "file://" + self.rep, gen))
+        self.assertEqual(r["position"], {"generation": gen, "index": index, "offset": end})
+        self.assertEqual(r["bytes_behind"], 0)
+        snaps = [n for g, n in replica_objects(self.rep, "snapshots")]
+        self.assertEqual(r["snapshots"], len(snaps))
+        gdir = os.path.join(self.rep, "generations", gen)
+        mtimes = [os.stat(os.path.join(gdir, k, n)).st_mtime for k in ("wal", "snapshots")
+                  for n in os.listdir(os.path.join(gdir, k))]
+        snap_mtime = max(os.stat(os.path.join(gdir, "snapshots", n)).st_mtime for n in snaps)
+        self.assertAlmostEqual(rfc3339_epoch(r["last_replicated"]), max(mtimes), delta=1e-5)
+        self.assertAlmostEqual(rfc3339_epoch(r["last_snapshot"]), snap_mtime, delta=1e-5)
+        return gen, index, end
+
+    def test_json_running_and_stopped(self):
+        """Ensure status -json reports what the replica directory and the WAL hold, and the lock holder's PID."""
+        create_wal_db(self.db, rows=20)
+        d, _ = self.status_json()
+        self.assertEqual((d["generation"], d["position"], d["replicator"]), ("", None, {"running": False, "pid": None}))
+        self.assertEqual((d["replicas"][0]["position"], d["replicas"][0]["snapshots"]), (None, 0))
+
+        r = Replicator(self, ["-config", self.ini])
+        app = AppDB(self.db)
+        self.addCleanup(app.close)
+        for i in range(3):
+            app.insert(5, tag="w%d" % i)
+            wait_for(lambda: os.path.isdir(os.path.join(self.rep, "generations")) and
+                     replica_objects(self.rep, "wal") and
+                     replica_tail(self.rep, os.listdir(os.path.join(self.rep, "generations"))[0])[1] ==
+                     self.expected_wal_end(), "the replica to reach the WAL's end")
+        d, _ = self.status_json()
+        self.assertEqual(d["replicator"], {"running": True, "pid": r.p.pid})
+        self.assertEqual(len(d["replicas"]), 1)
+        self.check_against_listing(d)
+
+        stop_replicator(self, "py", r)
+        d, p = self.status_json()
+        self.assertEqual(d["replicator"], {"running": False, "pid": None})
+        gen, index, end = self.check_against_listing(d)
+
+        # Without the last WAL segment the replica is behind by its bytes.
+        segs = sorted(n for g, n in replica_objects(self.rep, "wal") if g == gen)
+        os.unlink(os.path.join(self.rep, "generations", gen, "wal", segs[-1]))
+        prev_index, prev_end, _ = replica_tail(self.rep, gen)
+        self.assertEqual(prev_index, index)
+        d, _ = self.status_json()
+        self.assertEqual(d["replicas"][0]["position"]["offset"], prev_end)
+        self.assertEqual(d["replicas"][0]["bytes_behind"], end - prev_end)
+
+        # The text form: one aligned row per replica under a header.
+        p = self.status()
+        lines = p.stdout.splitlines()
+        self.assertEqual(len(lines), 2, p.stdout)
+        self.assertEqual(lines[0].split()[:4], ["db", "replicator", "replica", "generation"])
+        self.assertEqual(lines[1].split()[:7], [self.db, "stopped", "r", gen, "%08x:%d" % (index, end),
+                                                "%08x:%d" % (index, prev_end), str(end - prev_end)])
+        self.assertEqual(lines[0].index("replica "), lines[1].index(" r ") + 1)
+
+    def test_failing_replica_is_reported_and_others_listed(self):
+        """Ensure a replica that cannot be listed is one stderr line and exit 1, the others still reported."""
+        create_wal_db(self.db, rows=20)
+        app = AppDB(self.db)  # keeps the WAL for expected_wal_end
+        self.addCleanup(app.close)
+        app.insert(5)
+        self.assertEqual(run_cli("replicate", "-once", "-config", self.ini).returncode, 0)
+        secret = "status-secret-%s" % secrets_hex()
+        with open(self.ini, "a") as f:
+            f.write("[replica:app:bad]\ntype = s3\nbucket = b\nendpoint = http://127.0.0.1:%d\n"
+                    "access-key-id = AKIAEXAMPLE\nsecret-access-key = %s\nmax-retries = 0\n" % (free_port(), secret))
+        d, p = self.status_json(code=1)
+        good, bad = d["replicas"]
+        self.assertEqual(good["name"], "r")
+        self.check_against_listing(d, min_segments=1)
+        self.assertEqual((bad["name"], bad["type"]), ("bad", "s3"))
+        self.assertIn("127.0.0.1", bad["error"])
+        err = p.stderr.splitlines()
+        self.assertEqual(len(err), 1, p.stderr)
+        self.assertRegex(err[0], r"^litestream: status: %s: replica bad \(s3://b/\): " % re.escape(self.db))
+        p2 = self.status(code=1)
+        self.assertEqual([line.split()[2] for line in p2.stdout.splitlines()], ["replica", "r", "bad"])
+        for text in (p.stdout, p.stderr, p2.stdout, p2.stderr):
+            self.assertNotIn(secret, text)
+
+    def test_bad_flag_and_unknown_db(self):
+        """Ensure a bad flag is one usage line and exit 1, as is a DB not in the config."""
+        p = run_cli("status", "-jsn", "-config", self.ini)
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertEqual(p.stderr, "litestream status: unknown flag -jsn (did you mean -json?)\n")
+        p = run_cli("status", "-config", self.ini, self.path("other.db"))
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertEqual(p.stderr, "litestream: database not found in config: %s\n" % self.path("other.db"))
 
 
 class TestShutdownRecord(TempDirTestCase):
