@@ -1247,6 +1247,8 @@ class ReplicaClient(abc.ABC):
     """
 
     client_type = ""
+    # Its replica's logger (db and replica fields), set by Replica.
+    logger = log
 
     @abc.abstractmethod
     def generations(self) -> List[str]:
@@ -1768,9 +1770,10 @@ class _ObjectReader(io.RawIOBase):
                 if self._failures > self._client.max_retries:
                     raise S3Error(0, "ReadError", "read body failed after %d attempts: %s"
                                   % (self._failures, e), key=self._key) from e
-                log.warning("s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
-                            self._client._server_name(), self._key, self._pos, self._failures,
-                            self._client.max_retries + 1, e)
+                self._client.logger.warning(
+                    "s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
+                    self._client._server_name(), self._key, self._pos, self._failures,
+                    self._client.max_retries + 1, e, extra={"attempt": self._failures, "key": self._key})
                 self._client._sleep_backoff(self._failures)
                 continue
             self._pos += n
@@ -2263,7 +2266,7 @@ class S3ReplicaClient(ReplicaClient):
         ctx = None
         if u.scheme == "https":
             if self.skip_verify:
-                log.warning("s3: skip-verify is set: TLS certificates of %s are not checked", u.hostname)
+                self.logger.warning("s3: skip-verify is set: TLS certificates of %s are not checked", u.hostname)
             ctx = _ssl_context(self.ca_bundle, self.skip_verify)
         port = u.port or (443 if u.scheme == "https" else 80)
         return _HTTPPool(u.scheme, u.hostname, port, ctx, self.pool_size,
@@ -2284,7 +2287,7 @@ class S3ReplicaClient(ReplicaClient):
                 # Legacy names: an empty constraint is us-east-1, "EU" is eu-west-1.
                 return {"": S3_DEFAULT_REGION, "EU": "eu-west-1"}.get(loc, loc)
             except (S3Error, ET.ParseError) as e:
-                log.debug("s3: GetBucketLocation %s: %s; trying HEAD", self.bucket, e)
+                self.logger.debug("s3: GetBucketLocation %s: %s; trying HEAD", self.bucket, e)
             resp = self._do(pool, S3_DEFAULT_REGION, "HEAD", path, {}, {}, b"",
                             expect=(200, 301, 307, 400, 403))
             region = resp.headers.get("x-amz-bucket-region", "")
@@ -2430,9 +2433,9 @@ class S3ReplicaClient(ReplicaClient):
                         raise e
                     raise S3Error(0, "RequestError", "cannot reach %s after %d attempts: %s" % (
                         where, attempt, e), key=key, bucket=self.bucket) from e
-                log.warning("s3: %s: attempt %d of %d failed, retrying: %s",
-                            where, attempt, self.max_retries + 1, e,
-                            extra={"endpoint": where, "attempt": attempt})
+                self.logger.warning("s3: %s: attempt %d of %d failed, retrying: %s",
+                                    where, attempt, self.max_retries + 1, e,
+                                    extra={"endpoint": where, "attempt": attempt})
                 self._sleep_backoff(attempt)
 
     def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key="", stats=None):
@@ -2466,7 +2469,7 @@ class S3ReplicaClient(ReplicaClient):
             except (TypeError, ValueError):
                 return err
             self._clock_offset = server - self._clock()
-            log.warning("s3: clock skew of %.0fs with the server, adjusting", self._clock_offset)
+            self.logger.warning("s3: clock skew of %.0fs with the server, adjusting", self._clock_offset)
             return _Retryable(err)
         if err.code == "ExpiredToken":
             self._credentials.invalidate()
@@ -2574,9 +2577,9 @@ class S3ReplicaClient(ReplicaClient):
                 try:
                     n = self.abort_uploads(key, exact=True)
                     if n:
-                        log.info("s3: aborted %d orphaned multipart uploads of %s", n, key)
+                        self.logger.info("s3: aborted %d orphaned multipart uploads of %s", n, key)
                 except (LitestreamError, OSError) as e:
-                    log.warning("s3: cannot clean up multipart uploads of %s: %s", key, e)
+                    self.logger.warning("s3: cannot clean up multipart uploads of %s: %s", key, e)
 
     def _multipart_upload_once(self, key: str, rd: BinaryIO, first: bytes, second: bytes, stats: dict) -> int:
         resp = self._request("POST", key, query={"uploads": ""}, headers=self._sse_headers(True), stats=stats)
@@ -2640,7 +2643,7 @@ class S3ReplicaClient(ReplicaClient):
             try:
                 self._request("DELETE", key, query={"uploadId": upload_id}, expect=(200, 204, 404))
             except (LitestreamError, OSError) as e:
-                log.warning("s3: abort multipart upload %s: %s", key, e)
+                self.logger.warning("s3: abort multipart upload %s: %s", key, e)
             raise
         return total
 
@@ -2685,8 +2688,8 @@ class S3ReplicaClient(ReplicaClient):
         prefix = _join(self.path, "generations") + "/"
         n = self.abort_uploads(prefix, older_than=older_than)
         if n:
-            log.info("s3: aborted %d incomplete multipart uploads older than %dh under s3://%s/%s",
-                     n, older_than // 3600, self.bucket, prefix)
+            self.logger.info("s3: aborted %d incomplete multipart uploads older than %dh under s3://%s/%s",
+                             n, older_than // 3600, self.bucket, prefix)
         return n
 
     def open_object(self, key: str) -> BinaryIO:
@@ -2786,7 +2789,7 @@ class S3ReplicaClient(ReplicaClient):
                 except S3Error as e:
                     if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
                         op.skip()
-                        log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
+                        self.logger.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
                         self._list_v2, token, marker = False, "", ""
                         continue
                     raise
@@ -4834,6 +4837,7 @@ class Replica:
         self.db = db
         self.name = name or client.client_type
         self.client = client
+        client.logger = self.logger
         self.sync_interval = sync_interval
         self.retention = retention
         self.retention_check_interval = retention_check_interval

@@ -8279,6 +8279,118 @@ class TestLogging(TempDirTestCase):
         self.assertEqual({(o["level"], o["endpoint"]) for o in warns}, {("WARN", proxy.endpoint)})
         self.assertEqual(p.stdout.split()[:6], ["replica", "generation", "index", "offset", "size", "created"])
 
+    def test_json_replicate_tells_the_story(self):
+        """Ensure a json replicate run logs each upload, snapshot, deletion, new generation, checkpoint and retry.
+
+        Every stderr line is one JSON object with time, level and msg, and
+        db and replica fields where a DB or replica speaks; every object
+        stored in the bucket (listed by boto3) has its upload logged with
+        its uncompressed size; the secret appears in no log nor in status.
+        """
+        lz4 = import_lz4()
+        m = moto()
+        s3 = boto3_s3(m.endpoint, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        db = self.path("story.db")
+        create_wal_db(db, rows=20)
+        out, err = self.path("out.log"), self.path("err.log")
+        with FaultProxy(m.endpoint, rate=0.1, faults=("500", "503"), seed=11) as proxy:
+            cfg = self.path("story.ini")
+            with open(cfg, "w") as f:
+                f.write("[litestream]\nlog-type = json\nlog-level = debug\nlog-stderr = true\n"
+                        "access-key-id = %s\nsecret-access-key = %s\n"
+                        "[db:x]\npath = %s\nmonitor-interval = 100ms\nmin-checkpoint-page-count = 8\n"
+                        "[replica:x:s3]\nurl = s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true\n"
+                        "sync-interval = 100ms\nsnapshot-interval = 1s\nretention = 2s\n"
+                        "retention-check-interval = 1s\n"
+                        % (MOTO_KEY, MOTO_SECRET, db, MOTO_BUCKET, prefix, proxy.endpoint))
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                p = subprocess.Popen([sys.executable, SCRIPT, "replicate", "-config", cfg], stdout=fo, stderr=fe,
+                                     env=child_env())
+            self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+            app = AppDB(db)
+            self.addCleanup(app.close)
+
+            def told():
+                text = read_file(err).decode()
+                return all(s in text for s in ('"attempt"', "snapshot deleted", '"level": "DEBUG", "msg": "x: '
+                                               'checkpoint', "wal segments deleted before"))
+            for i in range(600):
+                self.assertIsNone(p.poll(), read_file(err).decode()[-3000:])
+                app.insert(30, size=300, tag="s%d-" % i)
+                if told():
+                    break
+                time.sleep(0.1)
+            self.assertTrue(told(), read_file(err).decode()[-3000:])
+            st = run_cli("status", "-json", "-config", cfg, db)
+            p.send_signal(signal.SIGTERM)
+            self.assertEqual(p.wait(60), 0, read_file(err).decode()[-3000:])
+        self.assertEqual(st.returncode, 0, st.stderr)
+        self.assertEqual(json.loads(st.stdout)["dbs"][0]["replicator"], {"running": True, "pid": p.pid})
+        for line in st.stderr.splitlines():
+            self.assertEqual(list(json.loads(line))[:3], ["time", "level", "msg"])
+
+        text = read_file(err).decode()
+        self.assertEqual(read_file(out), b"")
+        for t in (text, st.stdout, st.stderr):
+            self.assertNotIn(MOTO_SECRET, t)
+        objs = [json.loads(line) for line in text.splitlines()]
+        for o in objs:
+            self.assertEqual(list(o)[:3], ["time", "level", "msg"], o)
+            self.assertLess(abs(parse_rfc3339(o["time"]).timestamp() - time.time()), 600)
+            self.assertIn(o["level"], ("DEBUG", "INFO", "WARN", "ERROR"))
+            if o["msg"].startswith(("x: ", "x(s3): ")):
+                self.assertEqual(o["db"], db, o)
+            if o["msg"].startswith("x(s3): "):
+                self.assertEqual(o["replica"], "s3", o)
+
+        def events(msg):
+            return [o for o in objs if re.match(r"x(\(s3\))?: %s( |$)" % re.escape(msg), o["msg"])]
+        gens = events("sync: new generation")
+        self.assertEqual([(o["level"], o["reason"]) for o in gens], [("INFO", "no generation exists")])
+        gen = gens[0]["generation"]
+        ckpt = events("checkpoint")
+        self.assertTrue(ckpt)
+        self.assertEqual({(o["level"], o["mode"]) for o in ckpt}, {("DEBUG", "PASSIVE")})
+        retries = [o for o in objs if "attempt" in o]
+        self.assertTrue(retries)
+        for o in retries:
+            self.assertEqual((o["level"], o["endpoint"], o["db"], o["replica"]), ("WARN", proxy.endpoint, db, "s3"))
+            self.assertIn("attempt %d of " % o["attempt"], o["msg"])
+        self.assertIn("litestream shut down", [o["msg"] for o in objs])
+
+        # What the bucket holds was logged as written, with its size; each start has its end.
+        keys = {k for k, _ in s3_replica_keys(s3, MOTO_BUCKET, prefix)}
+        base = "%s/generations/%s/" % (prefix, gen)
+        wal_logged = {o["position"]: o for o in events("wal segment written")}
+        snap_logged = {o["position"]: o for o in events("snapshot written")}
+        for what, logged in (("wal segment", wal_logged), ("snapshot", snap_logged)):
+            self.assertEqual(sorted(o["position"] for o in events("write " + what)), sorted(logged), what)
+            for o in logged.values():
+                self.assertEqual(o["level"], "INFO")
+                self.assertRegex(o["elapsed"], r"^\d+(\.\d+)?(ns|\u00b5s|ms|s)$")
+        stored_wal = [k for k in keys if "/wal/" in k]
+        stored_snaps = [k for k in keys if "/snapshots/" in k]
+        self.assertTrue(stored_wal and stored_snaps, keys)
+        for k in stored_wal:
+            idx, off = re.search(r"/wal/([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$", k).groups()
+            o = wal_logged["%s/%s:%d" % (gen, idx, int(off, 16))]
+            data = lz4.decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=k)["Body"].read())
+            self.assertEqual(o["sz"], len(data), k)
+        snap_idx = {int(p.split("/")[1].split(":")[0], 16) for p in snap_logged}
+        for k in stored_snaps:
+            self.assertIn(int(re.search(r"/snapshots/([0-9a-f]{8})\.snapshot\.lz4$", k).group(1), 16), snap_idx)
+        # Retention: what it says it deleted is gone.
+        deleted = events("snapshot deleted")
+        self.assertTrue(deleted)
+        for o in deleted:
+            self.assertEqual((o["level"], o["generation"]), ("INFO", gen))
+            self.assertNotIn(base + "snapshots/%08x.snapshot.lz4" % o["index"], keys)
+        for o in events("wal segments deleted before"):
+            self.assertFalse([k for k in stored_wal if int(k.split("/wal/")[1][:8], 16) < o["index"]])
+            self.assertGreater(o["n"], 0)
+
 
 def replica_tail(root: str, generation: str) -> "tuple[int, int, int]":
     """Return (index, end offset, segments) of a file replica generation's last WAL segment, read independently.
