@@ -8391,6 +8391,68 @@ class TestLogging(TempDirTestCase):
             self.assertFalse([k for k in stored_wal if int(k.split("/wal/")[1][:8], 16) < o["index"]])
             self.assertGreater(o["n"], 0)
 
+    def test_every_command_logs_as_configured(self):
+        """Ensure verify and status follow log-type and log-stderr, -json keeps stdout one document, CLI mode logs to stderr.
+
+        Each command goes through a proxy whose first answer is a 503, so
+        each logs a WARN retry.
+        """
+        m = moto()
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        db = self.path("d.db")
+        create_wal_db(db, rows=20)
+        direct = S3Server(m.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        cfg = self.path("d.ini")
+        with open(cfg, "w") as f:
+            f.write(py_s3_ini(db, direct, prefix))
+        self.assertEqual(run_cli("replicate", "-once", "-config", cfg).returncode, 0)
+        self.assertLess(random.Random(1).random(), 0.5)
+
+        def through_proxy(glob, *args, env=None):
+            with FaultProxy(m.endpoint, rate=0.5, faults=("503",), seed=1) as proxy:
+                if glob is not None:
+                    srv = S3Server(proxy.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+                    with open(cfg, "w") as f:
+                        f.write(py_s3_ini(db, srv, prefix).replace("[litestream]\n", "[litestream]\n" + glob))
+                    args = args + ("-config", cfg, db)
+                else:
+                    args += ("s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true"
+                             % (MOTO_BUCKET, prefix, proxy.endpoint),)
+                p = subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
+                                   timeout=120, env=env or child_env())
+            self.assertGreater(proxy.counts["503"], 0)
+            self.assertNotIn(MOTO_SECRET, p.stdout + p.stderr)
+            return p
+
+        def json_warns(text):
+            objs = [json.loads(line) for line in text.splitlines()]
+            self.assertTrue(objs)
+            self.assertEqual({(o["level"], o["db"], o["replica"]) for o in objs}, {("WARN", db, "s3")})
+            return objs
+
+        p = through_proxy("log-type = json\nlog-stderr = true\n", "verify")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        json_warns(p.stderr)
+        self.assertRegex(p.stdout.splitlines()[0], r"^s3 replica s3 \(s3://.*\): ok$")
+
+        for extra in ("", "log-stderr = false\n"):
+            p = through_proxy("log-type = json\n" + extra, "status", "-json")
+            self.assertEqual(p.returncode, 0, p.stderr)
+            json_warns(p.stderr)
+            self.assertEqual(json.loads(p.stdout)["dbs"][0]["replicas"][0]["bytes_behind"], 0)
+
+        env = dict(child_env(), LITESTREAM_ACCESS_KEY_ID=MOTO_KEY, LITESTREAM_SECRET_ACCESS_KEY=MOTO_SECRET)
+        out = self.path("restored.db")
+        p = through_proxy(None, "restore", "-o", out, env=env)
+        self.assertEqual((p.returncode, p.stdout), (0, ""), p.stderr)
+        lines = p.stderr.splitlines()
+        for line in lines:
+            self.assertRegex(line, r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN) ")
+        self.assertTrue(any(" WARN s3: " in line and "attempt 1 of" in line for line in lines), lines)
+        self.assertTrue(any("restored to %s" % out in line for line in lines), lines)
+        self.assertEqual(table_rows(out), table_rows(db))
+
 
 def replica_tail(root: str, generation: str) -> "tuple[int, int, int]":
     """Return (index, end offset, segments) of a file replica generation's last WAL segment, read independently.
