@@ -1402,6 +1402,117 @@ def replace_db(path, other):
     os.rename(other, path)
 
 
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t=1_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class TestLag(TempDirTestCase):
+    """Replica lag and pending bytes, by the definition: the age of the oldest transaction the replica lacks.
+
+    Ages count from the last sync that looked at the WAL without seeing the
+    transaction, so they are never below the truth and above it by at most
+    the time between syncs.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("app.db")
+        create_wal_db(self.dbpath, rows=10)
+        self.clock = FakeClock()
+        self.db = ls.DB(self.dbpath, monitor_interval=0, clock=self.clock)
+        self.r = ls.Replica(self.db, "r", ls.FileReplicaClient(self.path("rep")), clock=self.clock)
+        self.db.replicas = [self.r]
+        self.db.open(background=False)
+        self.addCleanup(self.db.close)
+        self.r.sync()
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+
+    def shadow_size(self):
+        pos = self.db.pos()
+        return os.path.getsize(os.path.join(self.path(".app.db-litestream"), "generations", pos.generation,
+                                            "wal", "%08x.wal" % pos.index))
+
+    def test_lag_counts_from_the_last_look_without_the_transaction(self):
+        """Ensure lag is 0 when caught up, counts from the last sync that saw nothing new, and returns to 0 on upload."""
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+        self.clock.t += 10
+        self.db.sync()           # sees nothing new at t0 + 10
+        self.app.insert(3)       # committed after that look
+        self.clock.t += 2
+        self.db.sync()           # copies it at t0 + 12
+        self.clock.t += 5
+        self.assertEqual(self.r.lag(), 7)   # t0 + 17 - (t0 + 10)
+        self.assertEqual(self.r.pending_bytes(), self.shadow_size() - self.r.pos.offset)
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 8)   # one second per second while nothing is uploaded
+        self.r.sync()
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+
+    def test_own_checkpoint_write_is_not_lag(self):
+        """Ensure the frame a checkpoint writes for itself adds no lag, while a transaction copied by it does."""
+        self.clock.t += 1
+        self.db.sync()
+        self.clock.t += 1
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 2
+        self.assertGreater(self.r.pending_bytes(), 0)  # our own frame is still to be uploaded
+        self.assertEqual(self.r.lag(), 0)
+        self.r.sync()
+        self.app.insert(2)       # copied under the checkpoint's write lock
+        self.clock.t += 3
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 7)  # from the sync at t0 + 1, the last look without it
+
+    def test_failing_sync_counts_from_the_last_clean_look(self):
+        """Ensure a DB whose shadow WAL cannot be written shows lag rising from its last successful look."""
+        self.clock.t += 1
+        self.db.sync()
+        self.app.insert(2)
+        with mock.patch.object(ls.ShadowWAL, "copy", return_value=ls.CopyResult(0, OSError(errno.EIO, "injected"))):
+            self.clock.t += 4
+            with self.assertRaises(ls.LitestreamError):
+                self.db.sync()
+            self.assertEqual(self.r.lag(), 4)
+            self.assertIn("database sync failed", self.r.problem())
+        self.db.sync()
+        self.r.sync()
+        self.assertEqual(self.r.lag(), 0)
+        self.assertEqual(self.r.problem(), "")
+
+    def test_default_max_lag(self):
+        """Ensure max-lag defaults to 10 x sync-interval and at least 10 s."""
+        c = ls.FileReplicaClient(self.path("x"))
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=0.1).max_lag, 10)
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=5).max_lag, 50)
+        self.assertEqual(ls.Replica(None, "a", c, max_lag=3).max_lag, 3)
+
+    def test_commit_log_stays_bounded_and_never_understates(self):
+        """Ensure past MAX_ENTRIES the log merges neighbours and an age is never read below the truth."""
+        log_ = ls._CommitLog()
+        n = ls._CommitLog.MAX_ENTRIES * 3
+        for i in range(1, n + 1):
+            log_.add(ls.Pos("g", 0, i * 100), float(i))  # offsets up to i*100 were committed from time i on
+        self.assertLessEqual(len(log_._entries), ls._CommitLog.MAX_ENTRIES + 1)
+        for have in (0, 1, 150, 99_999, n * 100 - 1):
+            truth = float(have // 100 + 1)  # the first offset above have was committed at this time
+            got = log_.oldest_pending(ls.Pos("g", 0, have))
+            self.assertLessEqual(got, truth, have)
+        self.assertIsNone(log_.oldest_pending(ls.Pos("g", 0, n * 100)))
+        log_.prune([ls.Pos("g", 0, n * 100)])
+        self.assertEqual(len(log_._entries), 0)
+        log_.add(ls.Pos("g", 0, 100), 5.0)
+        log_.add(ls.Pos("h", 0, 100), 9.0)  # a new generation keeps the oldest pending time
+        self.assertEqual(log_.oldest_pending(ls.Pos("g", 0, 100)), 5.0)
+
+
 class TestReplicaLifecycle(RowsMixin, TempDirTestCase):
     """Replica timers and the DB lifecycle around them, through the Replicator."""
 
@@ -6889,6 +7000,263 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
         self.assertSameRows(out, table_rows(db))
 
 
+def scrape(port, path="/metrics", timeout=5):
+    """GET a path of a replicate's metrics server: (status, body), or (None, "") while it does not answer."""
+    try:
+        status, _, body = http_get("http://127.0.0.1:%d%s" % (port, path), timeout)
+    except OSError:
+        return None, ""
+    return status, body
+
+
+def sample_of(text, metric, labels):
+    """Return the value of one sample (labels a dict, so a label may be called name), or None."""
+    for f in parse_exposition(text).values():
+        for smp in f.samples:
+            # The parser names a counter's samples with "_total" added.
+            if smp.name in (metric, metric + "_total") and smp.labels == labels:
+                return smp.value
+    return None
+
+
+def s3_request_kinds(seen):
+    """Count a FaultProxy's requests as Go 0.3.13 counts S3 operations: {GET, PUT, DELETE, LIST: n}.
+
+    LIST is a ListObjects page, DELETE a DeleteObjects batch, PUT a PutObject
+    or a CreateMultipartUpload (a multipart upload counts once), GET an
+    object read.  Parts, completions, ListMultipartUploads and bucket
+    lookups are not operations.
+    """
+    kinds = collections.Counter()
+    for method, path in seen:
+        u = urllib.parse.urlsplit(path)
+        q = urllib.parse.parse_qs(u.query, keep_blank_values=True)
+        if method == "GET" and ("list-type" in q or "prefix" in q) and "uploads" not in q:
+            kinds["LIST"] += 1
+        elif method == "POST" and "delete" in q:
+            kinds["DELETE"] += 1
+        elif (method == "PUT" and "partNumber" not in q) or (method == "POST" and "uploads" in q):
+            kinds["PUT"] += 1
+        elif method == "GET" and not q:
+            kinds["GET"] += 1
+    return kinds
+
+
+class TestObservability(RowsMixin, TempDirTestCase):
+    """A real replicate serving /metrics, /healthz and /readyz: values checked against what the test sees."""
+
+    def setUp(self):
+        super().setUp()
+        self.moto = moto()
+        self.srv = S3Server(self.moto.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        self.prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(self.prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, self.prefix)
+
+    def start(self, db, endpoint, extra_replica="", extra_global=""):
+        port = free_port()
+        cfg = self.path("ls.ini")
+        ini = py_s3_ini(db, self.srv, self.prefix, endpoint=endpoint)
+        ini = ini.replace("[litestream]\n", "[litestream]\naddr = 127.0.0.1:%d\n%s" % (port, extra_global), 1)
+        with open(cfg, "w") as f:
+            f.write(ini + extra_replica)
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        wait_for(lambda: scrape(port)[0] == 200, "the metrics server")
+        return r, port
+
+    def value(self, port, metric, **labels):
+        status, body = scrape(port)
+        self.assertEqual(status, 200)
+        return sample_of(body, metric, labels)
+
+    def test_metrics_match_reference_files_and_requests(self):
+        """Ensure a running replicate exposes the reference's families, with values equal to the files and the requests seen."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        with FaultProxy(self.moto.endpoint) as proxy:
+            r, port = self.start(db, proxy.endpoint)
+            app = AppDB(db)
+            for i in range(5):
+                app.insert(3, size=300, tag="m%d-" % i)
+                time.sleep(0.15)
+            app.close()
+            lab = {"db": db, "name": "s3"}
+            wait_for(lambda: self.value(port, "litestream_replica_pending_bytes", **lab) == 0
+                     and self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "the replica caught up")
+            time.sleep(1.0)  # let the last upload's counters settle
+            status, text = scrape(port)
+            kinds = s3_request_kinds(proxy.seen)
+            self.assertEqual(s3_request_kinds(proxy.seen), kinds, "requests still running")
+        fams = parse_exposition(text)
+        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
+        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
+        want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
+        want["process_virtual_memory_max_bytes"] = ("gauge", set())
+        got = {n: (f.type, family_labels(f)) for n, f in fams.items()}
+        # Error series appear with the first error; this run may have none.
+        got.setdefault("litestream_replica_operation_errors_total", want["litestream_replica_operation_errors_total"])
+        self.assertEqual(got, want)
+        for name, (_, _, help_) in GO_METRICS.items():
+            self.assertEqual(fams[name].documentation, help_, name)
+
+        def v(metric, **labels):
+            return sample_of(text, metric, labels)
+        # The database's files, as the test sees them (the replicator is idle now).
+        self.assertEqual(v("litestream_db_size", db=db), os.path.getsize(db))
+        self.assertEqual(v("litestream_wal_size", db=db), os.path.getsize(db + "-wal"))
+        meta = self.path(".app.db-litestream")
+        gen = read_file(os.path.join(meta, "generation")).decode().strip()
+        wals = sorted(os.listdir(os.path.join(meta, "generations", gen, "wal")))
+        index = int(wals[-1].split(".")[0], 16)
+        self.assertEqual(v("litestream_shadow_wal_index", db=db), index)
+        self.assertEqual(v("litestream_shadow_wal_size", db=db),
+                         sum(os.path.getsize(os.path.join(meta, "generations", gen, "wal", w)) for w in wals))
+        # The replica's position is the end of the newest segment in the bucket.
+        s3 = boto3_s3(self.srv.endpoint, MOTO_KEY, MOTO_SECRET)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=MOTO_BUCKET, Prefix="%s/generations/%s/wal/"
+                                                      % (self.prefix, gen))["Contents"]]
+        last = max(keys, key=lambda k: tuple(int(x, 16) for x in k.rsplit("/", 1)[1].split(".")[0].split("_")))
+        seg_index, seg_off = (int(x, 16) for x in last.rsplit("/", 1)[1].split(".")[0].split("_"))
+        import lz4.frame
+        seg_len = len(lz4.frame.decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=last)["Body"].read()))
+        self.assertEqual((v("litestream_replica_wal_index", **lab), v("litestream_replica_wal_offset", **lab)),
+                         (seg_index, seg_off + seg_len))
+        self.assertGreater(v("litestream_sync_count", db=db), 0)
+        self.assertEqual(v("litestream_sync_error_count", db=db), 0)
+        self.assertGreater(v("litestream_replica_last_success_timestamp_seconds", **lab), time.time() - 60)
+        # S3 operations: what the proxy forwarded, counted as Go counts.
+        for op in ("GET", "PUT", "DELETE", "LIST"):
+            self.assertEqual(v("litestream_replica_operation_total", replica_type="s3", operation=op),
+                             kinds[op], op)
+        self.assertGreater(kinds["PUT"], 5)
+        self.assertNotIn(MOTO_SECRET, text)
+        self.assertEqual(scrape(port, "/healthz")[0], 200)
+        self.assertEqual(r.stop(), 0, r.log())
+
+    def test_lag_and_readiness_follow_an_outage(self):
+        """Ensure lag rises second by second and /readyz turns 503 naming the replica while S3 is cut, and both recover with no further writes."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        proxy = TCPProxy(self.moto.endpoint)
+        proxy.up()
+        self.addCleanup(proxy.down)
+        r, port = self.start(db, proxy.endpoint, extra_replica="max-lag = 3s\n")
+        lab = {"db": db, "name": "s3"}
+        wait_for(lambda: scrape(port, "/readyz")[0] == 200
+                 and self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "/readyz 200 and lag 0")
+        proxy.down()
+        app = AppDB(db)
+        app.insert(5, tag="cut")
+        # Failing at once (the sync fails), and past max-lag once the data is 3 s old.
+        wait_for(lambda: scrape(port, "/readyz")[0] == 503, "/readyz 503 after the cut", timeout=30)
+        wait_for(lambda: "exceeds max-lag" in scrape(port, "/readyz")[1], "lag past max-lag", timeout=30)
+        status, body = scrape(port, "/readyz")
+        self.assertEqual(status, 503)
+        lines = body.strip().splitlines()
+        self.assertEqual(len(lines), 1, body)
+        self.assertIn("x(s3): lag=", lines[0])
+        self.assertIn("exceeds max-lag 3s", lines[0])
+        self.assertIn("last sync failed", lines[0])
+        self.assertIn("127.0.0.1:%d" % proxy.port, lines[0])  # the last error names the endpoint
+        self.assertNotIn(MOTO_SECRET, body)
+        # Nothing new reaches the replica, so lag grows with the clock.
+        t1 = time.monotonic()
+        lag1 = self.value(port, "litestream_replica_lag_seconds", **lab)
+        time.sleep(2)
+        lag2 = self.value(port, "litestream_replica_lag_seconds", **lab)
+        t2 = time.monotonic()
+        self.assertGreater(lag1, 3)
+        self.assertGreater(lag2, lag1 + 1)
+        self.assertLess(lag2 - lag1, (t2 - t1) + 1)
+        self.assertGreater(self.value(port, "litestream_replica_pending_bytes", **lab), 0)
+        proxy.up()  # and no more writes: the retry timer alone must catch up
+        wait_for(lambda: scrape(port, "/readyz")[0] == 200, "/readyz 200 after the cut heals", timeout=90)
+        self.assertEqual(self.value(port, "litestream_replica_lag_seconds", **lab), 0)
+        self.assertEqual(self.value(port, "litestream_replica_pending_bytes", **lab), 0)
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        out = self.path("out.db")
+        self.assertIsNotNone(s3_restore_rows(self.prefix, out))
+        self.assertSameRows(out, table_rows(db))
+
+    def test_idle_caught_up_replica_keeps_lag_zero(self):
+        """Ensure an idle, caught-up replica reads lag 0 for a minute, through the checkpoint its own write causes."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        port = free_port()
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port
+                    + py_ini(db, self.path("rep"), sync="1s").replace(
+                        "monitor-interval", "checkpoint-interval = 5s\nmonitor-interval"))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        lab = {"db": db, "name": "r"}
+        wait_for(lambda: scrape(port)[0] == 200 and
+                 self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "lag 0 after start-up")
+        end = time.monotonic() + 60
+        samples = []
+        while time.monotonic() < end:
+            samples.append(self.value(port, "litestream_replica_lag_seconds", **lab))
+            self.assertEqual(scrape(port, "/readyz")[0], 200)
+            time.sleep(0.25)
+        self.assertGreater(len(samples), 100)
+        self.assertEqual(set(samples), {0.0})
+        # The timed checkpoint ran (and wrote its own frame) within the minute.
+        self.assertGreaterEqual(self.value(port, "litestream_checkpoint_count", db=db, mode="PASSIVE"), 1)
+        self.assertEqual(r.stop(), 0, r.log())
+
+    def test_heartbeat_only_while_replicating(self):
+        """Ensure heartbeat GETs arrive once per interval while the replica is healthy, stop while it fails, and a failing heartbeat URL is only a warning."""
+        hits = []
+        answer = {"status": 200}
+
+        class Ping(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append((time.monotonic(), self.path))
+                self.send_response(answer["status"])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        ping = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ping)
+        threading.Thread(target=ping.serve_forever, daemon=True).start()
+        self.addCleanup(ping.server_close)
+        self.addCleanup(ping.shutdown)
+        token = "ping-%s" % secrets_hex()
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        proxy = TCPProxy(self.moto.endpoint)
+        proxy.up()
+        self.addCleanup(proxy.down)
+        r, port = self.start(db, proxy.endpoint, extra_replica="max-lag = 2s\n",
+                             extra_global="heartbeat-url = http://127.0.0.1:%d/%s\nheartbeat-interval = 1s\n"
+                             % (ping.server_address[1], token))
+        wait_for(lambda: len(hits) >= 3, "three heartbeats", timeout=30)
+        self.assertEqual({p for _, p in hits}, {"/" + token})
+        gaps = [b[0] - a[0] for a, b in zip(hits, hits[1:])]
+        self.assertGreaterEqual(min(gaps), 0.9, gaps)  # at most one per interval
+        proxy.down()
+        app = AppDB(db)
+        app.insert(5, tag="cut")
+        wait_for(lambda: scrape(port, "/readyz")[0] == 503, "/readyz 503 after the cut", timeout=30)
+        time.sleep(1.5)
+        n = len(hits)
+        time.sleep(3)
+        self.assertEqual(len(hits), n, "heartbeats kept coming while the replica failed")
+        proxy.up()
+        wait_for(lambda: len(hits) > n, "heartbeats again after the cut heals", timeout=90)
+        answer["status"] = 500
+        r.wait_log("heartbeat to 127.0.0.1 failed: HTTP 500")
+        self.assertIsNone(r.p.poll())
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        self.assertNotIn(token, r.log())
+
+
 def remove_files(*paths):
     for p in paths:
         if os.path.exists(p):
@@ -7943,16 +8311,31 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(code, 1)
         self.assertIn("validation-interval", err)
 
-    def test_addr_refused_until_metrics_exist(self):
-        """Ensure replicate refuses addr instead of silently serving no metrics."""
+    def test_addr_bind_failure_is_one_line(self):
+        """Ensure a taken metrics port fails replicate with one line, before any database is touched."""
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        db = self.path("a.db")
+        create_wal_db(db, rows=1)
         cfg = self.path("ls.ini")
         with open(cfg, "w") as f:
-            f.write("[litestream]\naddr = :9090\n[db:a]\npath = %s\nreplica = %s\n"
-                    % (self.path("a.db"), self.path("r")))
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n[db:a]\npath = %s\nreplica = %s\n"
+                    % (busy.getsockname()[1], db, self.path("r")))
         code, _, err = self.cli("replicate", "-config", cfg)
         self.assertEqual(code, 1)
-        self.assertIn("addr", err)
-        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("cannot start metrics server on 127.0.0.1:%d" % busy.getsockname()[1], err)
+        self.assertFalse(os.path.exists(self.path(".a.db-litestream")), "the database was touched")
+        self.assertFalse(os.path.exists(self.path("r")))
+        for flag, want in (("-addr=9090", "must specify port"), ("-addr=:x", "invalid port")):
+            with self.subTest(flag=flag):
+                code, _, err = self.cli("replicate", flag, "-config", cfg)
+                self.assertEqual(code, 1)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn("-addr", err)
+                self.assertIn(want, err)
 
     def test_s3_addressing_from_config(self):
         """Ensure path style follows Go: default with an endpoint or a provider host, explicit false kept."""
