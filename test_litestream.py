@@ -8819,11 +8819,20 @@ class TestLogging(TempDirTestCase):
         json_warns(p.stderr)
         self.assertRegex(p.stdout.splitlines()[0], r"^s3 replica s3 \(s3://.*\): ok$")
 
+        # status's S3 position is where the last WAL object, listed and decompressed by boto3 and python-lz4, ends.
+        s3 = boto3_s3(m.endpoint, MOTO_KEY, MOTO_SECRET)
+        wal = sorted(re.search(r"/generations/([0-9a-f]{16})/wal/([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$", k).groups()
+                     + (k,) for k, _ in s3_replica_keys(s3, MOTO_BUCKET, prefix) if "/wal/" in k)
+        gen, idx, off, key = wal[-1]
+        n = len(import_lz4().decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=key)["Body"].read()))
         for extra in ("", "log-stderr = false\n"):
             p = through_proxy("log-type = json\n" + extra, "status", "-json")
             self.assertEqual(p.returncode, 0, p.stderr)
             json_warns(p.stderr)
-            self.assertEqual(json.loads(p.stdout)["dbs"][0]["replicas"][0]["bytes_behind"], 0)
+            r = json.loads(p.stdout)["dbs"][0]["replicas"][0]
+            self.assertEqual((r["position"], r["bytes_behind"], r["snapshots"]),
+                             ({"generation": gen, "index": int(idx, 16), "offset": int(off, 16) + n}, 0,
+                              len(s3_snapshots(s3, MOTO_BUCKET, prefix))))
 
         env = dict(child_env(), LITESTREAM_ACCESS_KEY_ID=MOTO_KEY, LITESTREAM_SECRET_ACCESS_KEY=MOTO_SECRET)
         out = self.path("restored.db")
