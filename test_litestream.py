@@ -124,6 +124,14 @@ def run_cli(*args, timeout=120, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=child_env(), **kw)
 
 
+_GO_LOG_LINE = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARN|ERROR) ")
+
+
+def error_lines(stderr: str) -> list:
+    """Return the non-empty stderr lines that are not log records (CLI mode logs to stderr, as Go's)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not _GO_LOG_LINE.match(ln)]
+
+
 def create_wal_db(path: str, rows: int = 100, page_size: int = 4096) -> None:
     """Create a WAL-mode database with a table t(id, v) of rows rows."""
     c = sqlite3.connect(path)
@@ -6012,8 +6020,7 @@ class TestBadInput(TempDirTestCase):
         """
         self.assertNotEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertNotIn("Traceback", p.stdout + p.stderr)
-        lines = [line for line in p.stderr.splitlines()
-                 if not re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARN|ERROR) ", line)]
+        lines = [line for line in p.stderr.splitlines() if not _GO_LOG_LINE.match(line)]
         self.assertEqual(len(lines), 1, "stderr is not one line: %r" % p.stderr)
         self.assertTrue(lines[0].strip())
         for n in needles:
@@ -7398,7 +7405,7 @@ class TestOneReplicatorPerDB(RowsMixin, TempDirTestCase):
                 except subprocess.TimeoutExpired:
                     self.fail("a second replicate on %s kept running" % db)
                 self.assertNotEqual(p.returncode, 0)
-                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                lines = error_lines(p.stderr)
                 self.assertEqual(len(lines), 1, p.stderr)
                 self.assertIn(db, lines[0])
                 self.assertIn("pid %d" % r.p.pid, lines[0])
@@ -7451,7 +7458,7 @@ class TestExec(TempDirTestCase):
                 p = run_cli("replicate", "-exec", cmd, db, self.path("rep"), timeout=30)
                 self.assertNotEqual(p.returncode, 0)
                 self.assertNotIn("Traceback", p.stderr + p.stdout)
-                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                lines = error_lines(p.stderr)
                 self.assertEqual(len(lines), 1, p.stderr)
                 self.assertIn(needle, lines[0])
 
