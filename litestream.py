@@ -141,6 +141,18 @@ WAL_FRAME_HEADER_SIZE = 24
 log = logging.getLogger("litestream")
 
 
+class _LogAdapter(logging.LoggerAdapter):
+    """A logger carrying fields (db, replica) for log-type json, as slog's With().
+
+    Unlike LoggerAdapter before Python 3.13 it keeps a call's own `extra`
+    (position, elapsed ...) next to its fields; adapters nest.
+    """
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = dict(self.extra, **kwargs.get("extra") or {})
+        return msg, kwargs
+
+
 ###############################################################################
 # Errors
 ###############################################################################
@@ -1947,6 +1959,8 @@ class ReplicaClient(abc.ABC):
     """
 
     client_type = ""
+    # Its replica's logger (db and replica fields), set by Replica.
+    logger = log
 
     @abc.abstractmethod
     def generations(self) -> List[str]:
@@ -2468,9 +2482,10 @@ class _ObjectReader(io.RawIOBase):
                 if self._failures > self._client.max_retries:
                     raise S3Error(0, "ReadError", "read body failed after %d attempts: %s"
                                   % (self._failures, e), key=self._key) from e
-                log.warning("s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
-                            self._client._server_name(), self._key, self._pos, self._failures,
-                            self._client.max_retries + 1, e)
+                self._client.logger.warning(
+                    "s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
+                    self._client._server_name(), self._key, self._pos, self._failures,
+                    self._client.max_retries + 1, e, extra={"attempt": self._failures, "key": self._key})
                 self._client._sleep_backoff(self._failures)
                 continue
             self._pos += n
@@ -2963,7 +2978,7 @@ class S3ReplicaClient(ReplicaClient):
         ctx = None
         if u.scheme == "https":
             if self.skip_verify:
-                log.warning("s3: skip-verify is set: TLS certificates of %s are not checked", u.hostname)
+                self.logger.warning("s3: skip-verify is set: TLS certificates of %s are not checked", u.hostname)
             ctx = _ssl_context(self.ca_bundle, self.skip_verify)
         port = u.port or (443 if u.scheme == "https" else 80)
         return _HTTPPool(u.scheme, u.hostname, port, ctx, self.pool_size,
@@ -2984,7 +2999,7 @@ class S3ReplicaClient(ReplicaClient):
                 # Legacy names: an empty constraint is us-east-1, "EU" is eu-west-1.
                 return {"": S3_DEFAULT_REGION, "EU": "eu-west-1"}.get(loc, loc)
             except (S3Error, ET.ParseError) as e:
-                log.debug("s3: GetBucketLocation %s: %s; trying HEAD", self.bucket, e)
+                self.logger.debug("s3: GetBucketLocation %s: %s; trying HEAD", self.bucket, e)
             resp = self._do(pool, S3_DEFAULT_REGION, "HEAD", path, {}, {}, b"",
                             expect=(200, 301, 307, 400, 403))
             region = resp.headers.get("x-amz-bucket-region", "")
@@ -3130,9 +3145,9 @@ class S3ReplicaClient(ReplicaClient):
                         raise e
                     raise S3Error(0, "RequestError", "cannot reach %s after %d attempts: %s" % (
                         where, attempt, e), key=key, bucket=self.bucket) from e
-                log.warning("s3: %s: attempt %d of %d failed, retrying: %s",
-                            where, attempt, self.max_retries + 1, e,
-                            extra={"endpoint": where, "attempt": attempt})
+                self.logger.warning("s3: %s: attempt %d of %d failed, retrying: %s",
+                                    where, attempt, self.max_retries + 1, e,
+                                    extra={"endpoint": where, "attempt": attempt})
                 self._sleep_backoff(attempt)
 
     def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key="", stats=None):
@@ -3166,7 +3181,7 @@ class S3ReplicaClient(ReplicaClient):
             except (TypeError, ValueError):
                 return err
             self._clock_offset = server - self._clock()
-            log.warning("s3: clock skew of %.0fs with the server, adjusting", self._clock_offset)
+            self.logger.warning("s3: clock skew of %.0fs with the server, adjusting", self._clock_offset)
             return _Retryable(err)
         if err.code == "ExpiredToken":
             self._credentials.invalidate()
@@ -3274,9 +3289,9 @@ class S3ReplicaClient(ReplicaClient):
                 try:
                     n = self.abort_uploads(key, exact=True)
                     if n:
-                        log.info("s3: aborted %d orphaned multipart uploads of %s", n, key)
+                        self.logger.info("s3: aborted %d orphaned multipart uploads of %s", n, key)
                 except (LitestreamError, OSError) as e:
-                    log.warning("s3: cannot clean up multipart uploads of %s: %s", key, e)
+                    self.logger.warning("s3: cannot clean up multipart uploads of %s: %s", key, e)
 
     def _multipart_upload_once(self, key: str, rd: BinaryIO, first: bytes, second: bytes, stats: dict) -> int:
         resp = self._request("POST", key, query={"uploads": ""}, headers=self._sse_headers(True), stats=stats)
@@ -3340,7 +3355,7 @@ class S3ReplicaClient(ReplicaClient):
             try:
                 self._request("DELETE", key, query={"uploadId": upload_id}, expect=(200, 204, 404))
             except (LitestreamError, OSError) as e:
-                log.warning("s3: abort multipart upload %s: %s", key, e)
+                self.logger.warning("s3: abort multipart upload %s: %s", key, e)
             raise
         return total
 
@@ -3385,8 +3400,8 @@ class S3ReplicaClient(ReplicaClient):
         prefix = _join(self.path, "generations") + "/"
         n = self.abort_uploads(prefix, older_than=older_than)
         if n:
-            log.info("s3: aborted %d incomplete multipart uploads older than %dh under s3://%s/%s",
-                     n, older_than // 3600, self.bucket, prefix)
+            self.logger.info("s3: aborted %d incomplete multipart uploads older than %dh under s3://%s/%s",
+                             n, older_than // 3600, self.bucket, prefix)
         return n
 
     def open_object(self, key: str) -> BinaryIO:
@@ -3486,7 +3501,7 @@ class S3ReplicaClient(ReplicaClient):
                 except S3Error as e:
                     if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
                         op.skip()
-                        log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
+                        self.logger.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
                         self._list_v2, token, marker = False, "", ""
                         continue
                     raise
@@ -4552,7 +4567,7 @@ class DB:
         self.clock = clock
         self.replicas: List[Replica] = []
         self.page_size = 0
-        self.logger = logging.LoggerAdapter(log, {})
+        self.logger = _LogAdapter(log, {"db": self.path})
         self.shadow = ShadowWAL(self.meta_path, self.logger)
 
         self._lock = threading.RLock()       # Go's db.mu: one sync at a time.
@@ -4745,8 +4760,8 @@ class DB:
                     "%s(%s): final sync did not finish in time" % (self.name, r.name)))
             e = errors.get(r.name)
             if e is not None:
-                self.logger.error("%s(%s): not replicated: replica at %s, db at %s (%s): %s",
-                                  self.name, r.name, r.pos or "nothing", self.pos(), r.behind(), e)
+                r.logger.error("%s(%s): not replicated: replica at %s, db at %s (%s): %s",
+                               self.name, r.name, r.pos or "nothing", self.pos(), r.behind(), e)
                 first = first or e
         return first
 
@@ -5400,7 +5415,8 @@ class DB:
             self._release_read_lock()
             raise
         self._new_generation_reason = ""
-        self.logger.info("%s: sync: new generation %s reason=%s", self.name, gen, reason)
+        self.logger.info("%s: sync: new generation %s reason=%s", self.name, gen, reason,
+                         extra={"generation": gen, "reason": reason})
         self.shadow.remove_other_generations()
 
     def _start_index(self, generation: str, index: int, since: Optional[float] = None, ours: bool = False) -> None:
@@ -5489,7 +5505,8 @@ class DB:
         try:
             with self._locked_backfill(mode != CHECKPOINT_MODE_PASSIVE, reacquire=True) as (n_log, n_ckpt):
                 self.logger.debug("%s: checkpoint mode=%s log=%d checkpointed=%d",
-                                  self.name, mode, n_log, n_ckpt)
+                                  self.name, mode, n_log, n_ckpt,
+                                  extra={"mode": mode, "log": n_log, "checkpointed": n_ckpt})
         except _WriteLockBusy as e:
             # A writer held the lock for the whole busy timeout: try again
             # at the next sync rather than failing this one.
@@ -5698,6 +5715,7 @@ class Replica:
         self.db = db
         self.name = name or client.client_type
         self.client = client
+        client.logger = self.logger
         self.sync_interval = sync_interval
         self.retention = retention
         self.retention_check_interval = retention_check_interval
@@ -5725,6 +5743,11 @@ class Replica:
 
     def _label(self) -> str:
         return "%s(%s)" % (self.db.name if self.db else "", self.name)
+
+    @property
+    def logger(self) -> logging.LoggerAdapter:
+        """The DB's logger with this replica's name (Go's Replica.Logger)."""
+        return _LogAdapter(self.db.logger if self.db else log, {"replica": self.name})
 
     # Metrics and health ------------------------------------------------------
 
@@ -5839,14 +5862,14 @@ class Replica:
         self.failures += 1
         self.last_error = str(e)
         delay = self._retry_delay(self.failures)
-        self.db.logger.warning("%s: sync failed (attempt %d), retrying in %.1fs: %s",
-                               self._label(), self.failures, delay, e)
+        self.logger.warning("%s: sync failed (attempt %d), retrying in %.1fs: %s",
+                            self._label(), self.failures, delay, e)
         return delay
 
     def _sync_recovered(self) -> None:
         if self.failures:
-            self.db.logger.info("%s: replica caught up after %d failed attempts; it was behind for %.1fs",
-                                self._label(), self.failures, self.clock() - self._failing_since)
+            self.logger.info("%s: replica caught up after %d failed attempts; it was behind for %.1fs",
+                             self._label(), self.failures, self.clock() - self._failing_since)
         self.failures = 0
         self.last_error = ""
 
@@ -5867,7 +5890,7 @@ class Replica:
         except NoGenerationError:
             pass
         except Exception as e:
-            self.db.logger.error("%s: retainer error: %s", self._label(), e)
+            self.logger.error("%s: retainer error: %s", self._label(), e)
         return interval
 
     def _snapshot_step(self) -> Optional[float]:
@@ -5884,8 +5907,8 @@ class Replica:
             # Its own count: a failed snapshot must not hold off WAL uploads.
             self._snapshot_failures += 1
             delay = self._retry_delay(self._snapshot_failures)
-            self.db.logger.warning("%s: snapshot failed (attempt %d), retrying in %.1fs: %s",
-                                   self._label(), self._snapshot_failures, delay, e)
+            self.logger.warning("%s: snapshot failed (attempt %d), retrying in %.1fs: %s",
+                                self._label(), self._snapshot_failures, delay, e)
             return delay
         self._snapshot_failures = 0
         return self.snapshot_interval
@@ -5894,7 +5917,7 @@ class Replica:
         try:
             self.client.abort_stale_uploads()
         except Exception as e:
-            self.db.logger.warning("%s: cannot list incomplete uploads: %s", self._label(), e)
+            self.logger.warning("%s: cannot list incomplete uploads: %s", self._label(), e)
         return None
 
     def _next_snapshot_delay(self) -> float:
@@ -5952,8 +5975,8 @@ class Replica:
             if not self.client.snapshots(dpos.generation):
                 self._snapshot()
             self._set_pos(self.calc_pos(dpos.generation))
-            self.db.logger.info("%s: replicating to %s position=%s",
-                                self._label(), self.client.client_type, self.pos)
+            self.logger.info("%s: replicating to %s position=%s",
+                             self._label(), self.client.client_type, self.pos)
         self._upload_wal(self.pos, None, track=True)
 
     def _upload_wal(self, pos: Pos, stop: Optional[Pos], track: bool) -> None:
@@ -5973,7 +5996,10 @@ class Replica:
                 if start.index == stop.index:
                     end = min(end, stop.offset)
             rd = CompressingReader(self.db.read_shadow_chunks(start, end))
-            self.client.write_wal_segment(start, rd)
+            self.logger.info("%s: write wal segment position=%s", self._label(), start, extra={"position": str(start)})
+            t0 = time.monotonic()
+            info = self.client.write_wal_segment(start, rd)
+            self._log_written("wal segment", start, t0, rd.raw_bytes, info.size)
             pos = Pos(start.generation, start.index, end)
             m = self._metrics()
             m.wal_bytes.inc(end - start.offset)
@@ -6029,14 +6055,20 @@ class Replica:
             else:
                 start = Pos(p.generation, p.index, min(p.offset, self._index_end(p.generation, p.index)))
                 self._upload_wal(start, p, track=False)
+            self.logger.info("%s: write snapshot position=%s", self._label(), p, extra={"position": str(p)})
             t0 = time.monotonic()
             rd = CompressingReader(src.chunks(), _tty_progress("snapshot %s" % self._label(),
                                                                os.path.getsize(self.db.path)))
             info = self.client.write_snapshot(src.pos.generation, src.pos.index, rd)
-        self.db.logger.info("%s: snapshot written %s/%08x size=%d compressed=%d elapsed=%.3fs",
-                            self._label(), info.generation, info.index, rd.raw_bytes,
-                            info.size, time.monotonic() - t0)
+        self._log_written("snapshot", p, t0, rd.raw_bytes, info.size)
         return info
+
+    def _log_written(self, what: str, pos: Pos, t0: float, size: int, compressed: int) -> None:
+        """Log an uploaded object as Go: "wal segment written" / "snapshot written" position elapsed sz."""
+        elapsed = format_duration(int((time.monotonic() - t0) * 1e9))
+        self.logger.info("%s: %s written position=%s elapsed=%s sz=%d compressed=%d", self._label(), what,
+                         pos, elapsed, size, compressed,
+                         extra={"position": str(pos), "elapsed": elapsed, "sz": size, "compressed": compressed})
 
     # Retention ---------------------------------------------------------------
 
@@ -6076,18 +6108,22 @@ class Replica:
                     if g == self.pos.generation:
                         continue  # still being uploaded to
                     self.client.delete_generation(g)
-                    self.db.logger.info("%s: generation deleted %s", self._label(), g)
+                    self.logger.info("%s: generation deleted generation=%s", self._label(), g,
+                                     extra={"generation": g})
                     continue
                 lo = min(s.index for s in keep)
                 for s in snaps[g]:
                     if s.index < lo:
                         self.client.delete_snapshot(g, s.index)
+                        self.logger.info("%s: snapshot deleted generation=%s index=%08x", self._label(), g,
+                                         s.index, extra={"generation": g, "index": s.index})
                 old = [w.pos() for w in self.client.wal_segments(g) if w.index < lo]
                 if old:
                     self.client.delete_wal_segments([p for p in old if p.offset != 0])
                     self.client.delete_wal_segments([p for p in old if p.offset == 0])
-                    self.db.logger.info("%s: wal segments deleted below index %08x in %s: %d",
-                                        self._label(), lo, g, len(old))
+                    self.logger.info("%s: wal segments deleted before generation=%s index=%08x n=%d",
+                                     self._label(), g, lo, len(old), extra={"generation": g, "index": lo,
+                                                                            "n": len(old)})
 
 
 ###############################################################################
@@ -6496,14 +6532,16 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
                 raise LitestreamError("cannot restore %s: objects were deleted during the restore and the "
                                       "replica now ends at %08x, before %08x where it ended when the "
                                       "restore began" % (opt.generation, end[0], floor[0]))
-            log.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation, snap.index, tmp)
+            replica.logger.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation,
+                                snap.index, tmp)
             try:
                 pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress)
                 break
             except _Vanished as e:
                 _remove_db(tmp)
                 vanished = e
-                log.warning("%s: %s; planning the restore again from a fresh listing", replica._label(), e)
+                replica.logger.warning("%s: %s; planning the restore again from a fresh listing",
+                                       replica._label(), e)
         else:
             raise LitestreamError("cannot restore %s: replica objects vanished %d times while restoring "
                                   "(last: %s)" % (opt.generation, RESTORE_REPLAN_ATTEMPTS, vanished))
@@ -6522,7 +6560,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
                 raise LitestreamError("cannot restore, output path already exists: %s" % out) from None
             os.rename(tmp, out)  # Filesystems without hard links.
         fsync_dir(d)
-        log.info("%s: restored to %s", replica._label(), out)
+        replica.logger.info("%s: restored to %s", replica._label(), out)
     finally:
         _remove_db(tmp)
     return pos
@@ -6836,7 +6874,8 @@ def verify_generation(replica: Replica, generation: str, parallelism: int = DEFA
             return _GenerationVerifier(replica, generation, scratch, parallelism, progress).run()
         except _Vanished as e:
             vanished = e
-            log.info("%s: %s; verifying generation %s again from a fresh listing", replica._label(), e, generation)
+            replica.logger.info("%s: %s; verifying generation %s again from a fresh listing", replica._label(), e,
+                                generation)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return GenerationReport(generation, problems=("%s (objects vanished %d times while verifying)"
@@ -8135,8 +8174,9 @@ class Replicator:
         self.dbs = [new_db_from_config(dc, scheduler=db_sched, replica_scheduler=rep_sched) for dc in cfg.dbs]
         for db in self.dbs:
             for r in db.replicas:
-                log.info("%s(%s): replicating to: name=%s type=%s db=%s replica=%s", db.name, r.name, r.name,
-                         r.client.client_type, db.path, r.client)
+                r.logger.info("%s(%s): replicating to: name=%s type=%s db=%s replica=%s", db.name, r.name, r.name,
+                              r.client.client_type, db.path, r.client,
+                              extra={"type": r.client.client_type, "url": str(r.client)})
         try:
             _parallel([functools.partial(db.open, self.background) for db in self.dbs], "litestream-open")
         except BaseException:
@@ -8963,8 +9003,7 @@ def _verify_text(replica: Replica, latest: str, reports: "List[GenerationReport]
 
 
 def cmd_verify(args) -> int:
-    # The report goes to stdout; warnings, progress and a failure summary to stderr.
-    _setup_logging("WARN", stderr=True)
+    # The report goes to stdout; progress and a failure summary to stderr.
     if args.parallelism < 1:
         raise _CLIError("invalid -parallelism %d: must be at least 1" % args.parallelism)
     replicas, _ = _replicas_for(args)
@@ -9049,6 +9088,182 @@ def cmd_databases(args) -> int:
     return 0
 
 
+def _shadow_ends(shadow: ShadowWAL, generation: str) -> "tuple[Pos, Dict[int, int]]":
+    """Return the shadow WAL's durable position in a generation and where each of its indexes ends, read-only.
+
+    The last index ends after its last commit frame whose checksum chain
+    holds (what open() would keep; a running replicator may be appending);
+    earlier ones end at their last whole frame, as range() reads them.
+    """
+    idx = shadow.indexes(generation)
+    if not idx:
+        return Pos(), {}
+    ends: Dict[int, int] = {}
+    page_size = 0
+    with open(shadow.path(generation, idx[-1]), "rb") as f:
+        try:
+            hdr = parse_wal_header(f.read(WAL_HEADER_SIZE))
+        except CorruptFrameError:
+            hdr = None
+        end = WAL_HEADER_SIZE
+        if hdr is not None:
+            page_size = hdr.page_size
+            for off, _, is_commit in iter_wal_frames(f, WAL_HEADER_SIZE, hdr, hdr.checksum1, hdr.checksum2):
+                if is_commit:
+                    end = off + page_size + WAL_FRAME_HEADER_SIZE
+    for i in idx[:-1]:
+        try:
+            size = os.path.getsize(shadow.path(generation, i))
+        except FileNotFoundError:
+            continue
+        ends[i] = frame_align(size, page_size) if page_size else size
+    ends[idx[-1]] = end
+    return Pos(generation, idx[-1], end), ends
+
+
+def _bytes_behind(ends: Dict[int, int], rpos: Pos) -> int:
+    """Return the shadow WAL bytes after rpos (in rpos's generation), as a sync would send them."""
+    return sum(max(0, end - (rpos.offset if i == rpos.index else 0)) for i, end in ends.items() if i >= rpos.index)
+
+
+def _age(now: float, t: Optional[datetime.datetime]) -> Optional[float]:
+    return None if t is None else round(max(0.0, now - t.timestamp()), 3)
+
+
+def _pos_json(p: Pos) -> Optional[dict]:
+    return None if p.is_zero() else {"generation": p.generation, "index": p.index, "offset": p.offset}
+
+
+def replica_status(replica: Replica, local: Pos, ends: Dict[int, int], now: float) -> dict:
+    """Describe what a replica holds compared with the local shadow WAL, from its listing alone.
+
+    The generation is the DB's current one when the replica has it (else
+    the replica's newest); its position is where its last WAL segment ends
+    (the segment is downloaded to learn its uncompressed size, as calc_pos).
+    bytes_behind counts the shadow WAL bytes a sync would still send: all
+    of the current generation when the replica does not have it yet.
+    """
+    c = replica.client
+    out = {"name": replica.name, "type": c.client_type, "url": str(c), "generation": "", "position": None,
+           "bytes_behind": None, "last_replicated": None, "last_replicated_age_seconds": None,
+           "generations": 0, "snapshots": 0, "last_snapshot": None, "last_snapshot_age_seconds": None,
+           "error": None}
+    gens = c.generations()
+    snaps = {g: c.snapshots(g) for g in gens}
+    all_snaps = [s for g in gens for s in snaps[g]]
+    segs = {}
+
+    def newest(g):
+        if g not in segs:
+            segs[g] = c.wal_segments(g)
+        times = [o.created_at for o in snaps[g] + segs[g]]
+        return max(times) if times else None
+    gen = local.generation if local.generation in gens else ""
+    if not gen and gens:
+        dated = [(newest(g), g) for g in gens]
+        dated = [x for x in dated if x[0] is not None]
+        gen = max(dated)[1] if dated else ""
+    last = max(all_snaps, key=lambda s: s.created_at, default=None)
+    out.update(generations=len(gens), snapshots=len(all_snaps),
+               last_snapshot=_fmt_time_exact(last.created_at) if last else None,
+               last_snapshot_age_seconds=_age(now, last.created_at if last else None))
+    if gen:
+        t = newest(gen)
+        rpos = Pos()
+        if segs[gen]:
+            seg = max(segs[gen], key=lambda s: (s.index, s.offset))
+            n = decompress_object(c.wal_segment_reader(seg.pos()), replica._object_name(seg))
+            rpos = Pos(gen, seg.index, seg.offset + n)
+        elif snaps[gen]:
+            rpos = Pos(gen, max(s.index for s in snaps[gen]), 0)
+        out.update(generation=gen, position=_pos_json(rpos), last_replicated=_fmt_time_exact(t),
+                   last_replicated_age_seconds=_age(now, t))
+        if gen == local.generation:
+            out["bytes_behind"] = _bytes_behind(ends, rpos)
+    if local.generation and gen != local.generation:
+        out["bytes_behind"] = _bytes_behind(ends, Pos(local.generation, 0, 0))
+    return out
+
+
+def db_status(db: DB, now: Optional[float] = None) -> dict:
+    """Describe a DB's local replication state and each replica's, without its replicator.
+
+    Nothing is locked or written: the meta directory is read as it is (a
+    running replicator may move on meanwhile) and the replicator lock is
+    only tested.  A replica that cannot be listed gets its error instead.
+    """
+    now = time.time() if now is None else now
+    pid = _DBLock.holder(db.meta_path)
+    gen = db.shadow.current_generation()
+    local, ends = _shadow_ends(db.shadow, gen) if gen else (Pos(), {})
+    if gen and local.is_zero():
+        local = Pos(gen, 0, 0)
+    reps = []
+    for r in db.replicas:
+        try:
+            reps.append(replica_status(r, local, ends, now))
+        except (LitestreamError, OSError) as e:
+            reps.append({"name": r.name, "type": r.client.client_type, "url": str(r.client),
+                         "error": str(e)})
+    return {"path": db.path, "name": db.name, "meta_path": db.meta_path, "exists": os.path.exists(db.path),
+            "replicator": {"running": pid != 0, "pid": pid if pid > 0 else None},
+            "generation": gen, "position": _pos_json(local), "replicas": reps}
+
+
+def _fmt_age(age: Optional[float]) -> str:
+    return "" if age is None else format_duration(_truncate_duration(int(age * 1e9))) + " ago"
+
+
+def _status_text(dbs: List[dict], out) -> None:
+    rows = [["db", "replicator", "replica", "generation", "local", "replicated", "behind", "last upload",
+             "snapshots", "last snapshot"]]
+    for d in dbs:
+        rep = d["replicator"]
+        holder = ("pid %d" % rep["pid"] if rep["pid"] else "running") if rep["running"] else "stopped"
+        local = d["position"]
+        lpos = "%08x:%d" % (local["index"], local["offset"]) if local else "-"
+        for r in d["replicas"] or [{"name": "-", "error": None, "position": None, "generation": ""}]:
+            if r.get("error"):
+                rows.append([d["path"], holder, r["name"], d["generation"] or "-", lpos, "ERROR", "", "", "", ""])
+                continue
+            p = r["position"]
+            gen = d["generation"] or r.get("generation") or "-"
+            if r.get("generation") and r["generation"] != d["generation"]:
+                gen = "%s (replica: %s)" % (gen, r["generation"])
+            rows.append([d["path"], holder, r["name"], gen, lpos,
+                         "%08x:%d" % (p["index"], p["offset"]) if p else "-",
+                         "" if r.get("bytes_behind") is None else str(r["bytes_behind"]),
+                         _fmt_age(r.get("last_replicated_age_seconds")),
+                         str(r.get("snapshots", "")), _fmt_age(r.get("last_snapshot_age_seconds"))])
+    _table(rows, out)
+
+
+def cmd_status(args) -> int:
+    cfg = _load(args)
+    dcs = cfg.dbs
+    if args.target:
+        dc = cfg.db_config(args.target)
+        if dc is None:
+            raise LitestreamError("database not found in config: %s" % os.path.abspath(args.target))
+        dcs = [dc]
+    now = time.time()
+    dbs = [db_status(new_db_from_config(dc), now) for dc in dcs]
+    code = 0
+    for d in dbs:
+        for r in d["replicas"]:
+            if r.get("error"):
+                sys.stderr.write("litestream: status: %s: replica %s (%s): %s\n"
+                                 % (d["path"], r["name"], r["url"], r["error"]))
+                code = 1
+    if args.json:
+        json.dump({"ok": code == 0, "time": _fmt_time_exact(utc_from_timestamp(now)), "dbs": dbs},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _status_text(dbs, sys.stdout)
+    return code
+
+
 def cmd_config(args) -> int:
     """Print a config file as INI or YAML (-format), after checking it as replicate would."""
     path = args.target or default_config_path()
@@ -9084,7 +9299,7 @@ def cmd_version(args) -> int:
     return 0
 
 
-COMMANDS = ("replicate", "restore", "verify", "generations", "snapshots", "wal", "databases", "config",
+COMMANDS = ("replicate", "restore", "verify", "generations", "snapshots", "wal", "databases", "status", "config",
             "version")
 
 
@@ -9148,6 +9363,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
 
     cmd("databases", "list databases in the config", cmd_databases)
+    sp = cmd("status", "show each database's and replica's position, lag and replicator, without replicating",
+             cmd_status)
+    sp.add_argument("-json", "--json", action="store_true", help="print one JSON document")
+    sp.add_argument("target", nargs="?", default="", metavar="DB_PATH", help="only this database")
     sp = cmd("config", "print a config file (INI or Go's YAML) as INI or YAML", cmd_config, config=False)
     sp.add_argument("-format", "--format", choices=("ini", "yaml"), default="ini", help="output format (default ini)")
     sp.add_argument("-no-expand-env", "--no-expand-env", action="store_true",
@@ -9180,13 +9399,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             sp.error("unrecognized arguments: %s" % " ".join(extra))
         # Logging is set up here only, from the config the command reads,
         # as Go's ReadConfigFile does for every command.  Without a config
-        # (CLI mode, a replica URL) it is INFO on stdout, so that a failure
-        # leaves exactly one line on stderr.
+        # (CLI mode, a replica URL) it is INFO text on stderr, as Go's
+        # default logger.  A -json report is the whole of stdout, so its
+        # logs go to stderr whatever the config says.
         args.loaded_config = cfg = _config_for(args)
         if cfg is not None:
-            _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
+            _setup_logging(cfg.log_level, cfg.log_stderr or getattr(args, "json", False), cfg.log_type)
         else:
-            _setup_logging("INFO")
+            _setup_logging("INFO", stderr=True)
         return args.func(args)
     except SystemExit as e:  # -h: argparse printed the help.
         return 1 if e.code in (0, None) else e.code

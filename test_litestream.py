@@ -124,6 +124,14 @@ def run_cli(*args, timeout=120, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=child_env(), **kw)
 
 
+_GO_LOG_LINE = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARN|ERROR) ")
+
+
+def error_lines(stderr: str) -> list:
+    """Return the non-empty stderr lines that are not log records (CLI mode logs to stderr, as Go's)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not _GO_LOG_LINE.match(ln)]
+
+
 def create_wal_db(path: str, rows: int = 100, page_size: int = 4096) -> None:
     """Create a WAL-mode database with a table t(id, v) of rows rows."""
     c = sqlite3.connect(path)
@@ -6004,10 +6012,14 @@ class TestReplicateProcess(RowsMixin, TempDirTestCase):
 
 class TestBadInput(TempDirTestCase):
     def assertOneLineError(self, p, *needles):
-        """Assert a non-zero exit and exactly one non-empty stderr line containing every needle."""
+        """Assert a non-zero exit and exactly one non-empty stderr line containing every needle.
+
+        Log records are set aside: without a config they go to stderr, as
+        Go's default logger.
+        """
         self.assertNotEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertNotIn("Traceback", p.stdout + p.stderr)
-        lines = p.stderr.splitlines()
+        lines = [line for line in p.stderr.splitlines() if not _GO_LOG_LINE.match(line)]
         self.assertEqual(len(lines), 1, "stderr is not one line: %r" % p.stderr)
         self.assertTrue(lines[0].strip())
         for n in needles:
@@ -7392,7 +7404,7 @@ class TestOneReplicatorPerDB(RowsMixin, TempDirTestCase):
                 except subprocess.TimeoutExpired:
                     self.fail("a second replicate on %s kept running" % db)
                 self.assertNotEqual(p.returncode, 0)
-                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                lines = error_lines(p.stderr)
                 self.assertEqual(len(lines), 1, p.stderr)
                 self.assertIn(db, lines[0])
                 self.assertIn("pid %d" % r.p.pid, lines[0])
@@ -7445,7 +7457,7 @@ class TestExec(TempDirTestCase):
                 p = run_cli("replicate", "-exec", cmd, db, self.path("rep"), timeout=30)
                 self.assertNotEqual(p.returncode, 0)
                 self.assertNotIn("Traceback", p.stderr + p.stdout)
-                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                lines = error_lines(p.stderr)
                 self.assertEqual(len(lines), 1, p.stderr)
                 self.assertIn(needle, lines[0])
 
@@ -8655,6 +8667,336 @@ class TestLogging(TempDirTestCase):
         self.assertTrue(warns)
         self.assertEqual({(o["level"], o["endpoint"]) for o in warns}, {("WARN", proxy.endpoint)})
         self.assertEqual(p.stdout.split()[:6], ["replica", "generation", "index", "offset", "size", "created"])
+
+    def test_json_replicate_tells_the_story(self):
+        """Ensure a json replicate run logs each upload, snapshot, deletion, new generation, checkpoint and retry.
+
+        Every stderr line is one JSON object with time, level and msg, and
+        db and replica fields where a DB or replica speaks; every object
+        stored in the bucket (listed by boto3) has its upload logged with
+        its uncompressed size; the secret appears in no log nor in status.
+        """
+        lz4 = import_lz4()
+        m = moto()
+        s3 = boto3_s3(m.endpoint, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        db = self.path("story.db")
+        create_wal_db(db, rows=20)
+        out, err = self.path("out.log"), self.path("err.log")
+        with FaultProxy(m.endpoint, rate=0.1, faults=("500", "503"), seed=11) as proxy:
+            cfg = self.path("story.ini")
+            with open(cfg, "w") as f:
+                f.write("[litestream]\nlog-type = json\nlog-level = debug\nlog-stderr = true\n"
+                        "access-key-id = %s\nsecret-access-key = %s\n"
+                        "[db:x]\npath = %s\nmonitor-interval = 100ms\nmin-checkpoint-page-count = 8\n"
+                        "[replica:x:s3]\nurl = s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true\n"
+                        "sync-interval = 100ms\nsnapshot-interval = 1s\nretention = 2s\n"
+                        "retention-check-interval = 1s\n"
+                        % (MOTO_KEY, MOTO_SECRET, db, MOTO_BUCKET, prefix, proxy.endpoint))
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                p = subprocess.Popen([sys.executable, SCRIPT, "replicate", "-config", cfg], stdout=fo, stderr=fe,
+                                     env=child_env())
+            self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+            app = AppDB(db)
+            self.addCleanup(app.close)
+
+            def told():
+                text = read_file(err).decode()
+                return all(s in text for s in ('"attempt"', "snapshot deleted", '"level": "DEBUG", "msg": "x: '
+                                               'checkpoint', "wal segments deleted before"))
+            for i in range(600):
+                self.assertIsNone(p.poll(), read_file(err).decode()[-3000:])
+                app.insert(30, size=300, tag="s%d-" % i)
+                if told():
+                    break
+                time.sleep(0.1)
+            self.assertTrue(told(), read_file(err).decode()[-3000:])
+            st = run_cli("status", "-json", "-config", cfg, db)
+            p.send_signal(signal.SIGTERM)
+            self.assertEqual(p.wait(60), 0, read_file(err).decode()[-3000:])
+        self.assertEqual(st.returncode, 0, st.stderr)
+        self.assertEqual(json.loads(st.stdout)["dbs"][0]["replicator"], {"running": True, "pid": p.pid})
+        for line in st.stderr.splitlines():
+            self.assertEqual(list(json.loads(line))[:3], ["time", "level", "msg"])
+
+        text = read_file(err).decode()
+        self.assertEqual(read_file(out), b"")
+        for t in (text, st.stdout, st.stderr):
+            self.assertNotIn(MOTO_SECRET, t)
+        objs = [json.loads(line) for line in text.splitlines()]
+        for o in objs:
+            self.assertEqual(list(o)[:3], ["time", "level", "msg"], o)
+            self.assertLess(abs(parse_rfc3339(o["time"]).timestamp() - time.time()), 600)
+            self.assertIn(o["level"], ("DEBUG", "INFO", "WARN", "ERROR"))
+            if o["msg"].startswith(("x: ", "x(s3): ")):
+                self.assertEqual(o["db"], db, o)
+            if o["msg"].startswith("x(s3): "):
+                self.assertEqual(o["replica"], "s3", o)
+
+        def events(msg):
+            return [o for o in objs if re.match(r"x(\(s3\))?: %s( |$)" % re.escape(msg), o["msg"])]
+        gens = events("sync: new generation")
+        self.assertEqual([(o["level"], o["reason"]) for o in gens], [("INFO", "no generation exists")])
+        gen = gens[0]["generation"]
+        ckpt = events("checkpoint")
+        self.assertTrue(ckpt)
+        self.assertEqual({(o["level"], o["mode"]) for o in ckpt}, {("DEBUG", "PASSIVE")})
+        retries = [o for o in objs if "attempt" in o]
+        self.assertTrue(retries)
+        for o in retries:
+            self.assertEqual((o["level"], o["endpoint"], o["db"], o["replica"]), ("WARN", proxy.endpoint, db, "s3"))
+            self.assertIn("attempt %d of " % o["attempt"], o["msg"])
+        self.assertIn("litestream shut down", [o["msg"] for o in objs])
+
+        # What the bucket holds was logged as written, with its size; each start has its end.
+        keys = {k for k, _ in s3_replica_keys(s3, MOTO_BUCKET, prefix)}
+        base = "%s/generations/%s/" % (prefix, gen)
+        wal_logged = {o["position"]: o for o in events("wal segment written")}
+        snap_logged = {o["position"]: o for o in events("snapshot written")}
+        for what, logged in (("wal segment", wal_logged), ("snapshot", snap_logged)):
+            self.assertEqual(sorted(o["position"] for o in events("write " + what)), sorted(logged), what)
+            for o in logged.values():
+                self.assertEqual(o["level"], "INFO")
+                self.assertRegex(o["elapsed"], r"^\d+(\.\d+)?(ns|\u00b5s|ms|s)$")
+        stored_wal = [k for k in keys if "/wal/" in k]
+        stored_snaps = [k for k in keys if "/snapshots/" in k]
+        self.assertTrue(stored_wal and stored_snaps, keys)
+        for k in stored_wal:
+            idx, off = re.search(r"/wal/([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$", k).groups()
+            o = wal_logged["%s/%s:%d" % (gen, idx, int(off, 16))]
+            data = lz4.decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=k)["Body"].read())
+            self.assertEqual(o["sz"], len(data), k)
+        snap_idx = {int(p.split("/")[1].split(":")[0], 16) for p in snap_logged}
+        for k in stored_snaps:
+            self.assertIn(int(re.search(r"/snapshots/([0-9a-f]{8})\.snapshot\.lz4$", k).group(1), 16), snap_idx)
+        # Retention: what it says it deleted is gone.
+        deleted = events("snapshot deleted")
+        self.assertTrue(deleted)
+        for o in deleted:
+            self.assertEqual((o["level"], o["generation"]), ("INFO", gen))
+            self.assertNotIn(base + "snapshots/%08x.snapshot.lz4" % o["index"], keys)
+        for o in events("wal segments deleted before"):
+            self.assertFalse([k for k in stored_wal if int(k.split("/wal/")[1][:8], 16) < o["index"]])
+            self.assertGreater(o["n"], 0)
+
+    def test_every_command_logs_as_configured(self):
+        """Ensure verify and status follow log-type and log-stderr, -json keeps stdout one document, CLI mode logs to stderr.
+
+        Each command goes through a proxy whose first answer is a 503, so
+        each logs a WARN retry.
+        """
+        m = moto()
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        db = self.path("d.db")
+        create_wal_db(db, rows=20)
+        direct = S3Server(m.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        cfg = self.path("d.ini")
+        with open(cfg, "w") as f:
+            f.write(py_s3_ini(db, direct, prefix))
+        self.assertEqual(run_cli("replicate", "-once", "-config", cfg).returncode, 0)
+        self.assertLess(random.Random(1).random(), 0.5)
+
+        def through_proxy(glob, *args, env=None):
+            with FaultProxy(m.endpoint, rate=0.5, faults=("503",), seed=1) as proxy:
+                if glob is not None:
+                    srv = S3Server(proxy.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+                    with open(cfg, "w") as f:
+                        f.write(py_s3_ini(db, srv, prefix).replace("[litestream]\n", "[litestream]\n" + glob))
+                    args = args + ("-config", cfg, db)
+                else:
+                    args += ("s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true"
+                             % (MOTO_BUCKET, prefix, proxy.endpoint),)
+                p = subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
+                                   timeout=120, env=env or child_env())
+            self.assertGreater(proxy.counts["503"], 0)
+            self.assertNotIn(MOTO_SECRET, p.stdout + p.stderr)
+            return p
+
+        def json_warns(text):
+            objs = [json.loads(line) for line in text.splitlines()]
+            self.assertTrue(objs)
+            self.assertEqual({(o["level"], o["db"], o["replica"]) for o in objs}, {("WARN", db, "s3")})
+            return objs
+
+        p = through_proxy("log-type = json\nlog-stderr = true\n", "verify")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        json_warns(p.stderr)
+        self.assertRegex(p.stdout.splitlines()[0], r"^s3 replica s3 \(s3://.*\): ok$")
+
+        # status's S3 position is where the last WAL object, listed and decompressed by boto3 and python-lz4, ends.
+        s3 = boto3_s3(m.endpoint, MOTO_KEY, MOTO_SECRET)
+        wal = sorted(re.search(r"/generations/([0-9a-f]{16})/wal/([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$", k).groups()
+                     + (k,) for k, _ in s3_replica_keys(s3, MOTO_BUCKET, prefix) if "/wal/" in k)
+        gen, idx, off, key = wal[-1]
+        n = len(import_lz4().decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=key)["Body"].read()))
+        for extra in ("", "log-stderr = false\n"):
+            p = through_proxy("log-type = json\n" + extra, "status", "-json")
+            self.assertEqual(p.returncode, 0, p.stderr)
+            json_warns(p.stderr)
+            r = json.loads(p.stdout)["dbs"][0]["replicas"][0]
+            self.assertEqual((r["position"], r["bytes_behind"], r["snapshots"]),
+                             ({"generation": gen, "index": int(idx, 16), "offset": int(off, 16) + n}, 0,
+                              len(s3_snapshots(s3, MOTO_BUCKET, prefix))))
+
+        env = dict(child_env(), LITESTREAM_ACCESS_KEY_ID=MOTO_KEY, LITESTREAM_SECRET_ACCESS_KEY=MOTO_SECRET)
+        out = self.path("restored.db")
+        p = through_proxy(None, "restore", "-o", out, env=env)
+        self.assertEqual((p.returncode, p.stdout), (0, ""), p.stderr)
+        lines = p.stderr.splitlines()
+        for line in lines:
+            self.assertRegex(line, r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN) ")
+        self.assertTrue(any(" WARN s3: " in line and "attempt 1 of" in line for line in lines), lines)
+        self.assertTrue(any("restored to %s" % out in line for line in lines), lines)
+        self.assertEqual(table_rows(out), table_rows(db))
+
+
+def replica_tail(root: str, generation: str) -> "tuple[int, int, int]":
+    """Return (index, end offset, segments) of a file replica generation's last WAL segment, read independently.
+
+    The end is the segment's offset plus its length decompressed by
+    python-lz4.
+    """
+    segs = sorted((int(n[:8], 16), int(n[9:17], 16), n) for g, n in replica_objects(root, "wal") if g == generation)
+    index, offset, name = segs[-1]
+    return index, offset + len(lz4_payload(os.path.join(root, "generations", generation, "wal", name))), len(segs)
+
+
+def rfc3339_epoch(s: str) -> float:
+    return parse_rfc3339(s).timestamp()
+
+
+class TestStatus(RowsMixin, TempDirTestCase):
+    """`status`: positions, lag and the replicator lock read from disk and the replicas, with no replicator."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.path("app.db")
+        self.rep = self.path("rep")
+        self.ini = self.path("ls.ini")
+        with open(self.ini, "w") as f:
+            f.write(py_ini(self.db, self.rep))
+
+    def status(self, *args, code=0):
+        p = run_cli("status", "-config", self.ini, *args)
+        self.assertEqual(p.returncode, code, p.stdout + p.stderr)
+        return p
+
+    def status_json(self, code=0):
+        p = self.status("-json", code=code)
+        doc = json.loads(p.stdout)  # one document: nothing else on stdout
+        self.assertEqual(len(doc["dbs"]), 1)
+        return doc["dbs"][0], p
+
+    def expected_wal_end(self) -> int:
+        """Where the DB's own WAL's last commit ends, walked by the test (no checkpoint restarted it)."""
+        wal = read_file(self.db + "-wal")
+        n, _ = committed_frames(wal)
+        return 32 + n * (struct.unpack(">I", wal[8:12])[0] + 24)
+
+    def check_against_listing(self, d, min_segments=2):
+        """Check a status DB entry against the replica directory and the WAL, listed by the test."""
+        gens = os.listdir(os.path.join(self.rep, "generations"))
+        self.assertEqual(len(gens), 1, gens)
+        gen = gens[0]
+        index, end, nsegs = replica_tail(self.rep, gen)
+        self.assertGreaterEqual(nsegs, min_segments)
+        self.assertEqual(d["path"], self.db)
+        self.assertEqual(d["generation"], gen)
+        self.assertEqual(d["position"], {"generation": gen, "index": index, "offset": self.expected_wal_end()})
+        r = d["replicas"][0]
+        self.assertIsNone(r["error"])
+        self.assertEqual((r["name"], r["type"], r["url"], r["generation"]), ("r", "file", "file://" + self.rep, gen))
+        self.assertEqual(r["position"], {"generation": gen, "index": index, "offset": end})
+        self.assertEqual(r["bytes_behind"], 0)
+        snaps = [n for g, n in replica_objects(self.rep, "snapshots")]
+        self.assertEqual(r["snapshots"], len(snaps))
+        gdir = os.path.join(self.rep, "generations", gen)
+        mtimes = [os.stat(os.path.join(gdir, k, n)).st_mtime for k in ("wal", "snapshots")
+                  for n in os.listdir(os.path.join(gdir, k))]
+        snap_mtime = max(os.stat(os.path.join(gdir, "snapshots", n)).st_mtime for n in snaps)
+        self.assertAlmostEqual(rfc3339_epoch(r["last_replicated"]), max(mtimes), delta=1e-5)
+        self.assertAlmostEqual(rfc3339_epoch(r["last_snapshot"]), snap_mtime, delta=1e-5)
+        return gen, index, end
+
+    def test_json_running_and_stopped(self):
+        """Ensure status -json reports what the replica directory and the WAL hold, and the lock holder's PID."""
+        create_wal_db(self.db, rows=20)
+        d, _ = self.status_json()
+        self.assertEqual((d["generation"], d["position"], d["replicator"]), ("", None, {"running": False, "pid": None}))
+        self.assertEqual((d["replicas"][0]["position"], d["replicas"][0]["snapshots"]), (None, 0))
+
+        r = Replicator(self, ["-config", self.ini])
+        app = AppDB(self.db)
+        self.addCleanup(app.close)
+        for i in range(3):
+            app.insert(5, tag="w%d" % i)
+            wait_for(lambda: os.path.isdir(os.path.join(self.rep, "generations")) and
+                     replica_objects(self.rep, "wal") and
+                     replica_tail(self.rep, os.listdir(os.path.join(self.rep, "generations"))[0])[1] ==
+                     self.expected_wal_end(), "the replica to reach the WAL's end")
+        d, _ = self.status_json()
+        self.assertEqual(d["replicator"], {"running": True, "pid": r.p.pid})
+        self.assertEqual(len(d["replicas"]), 1)
+        self.check_against_listing(d)
+
+        stop_replicator(self, "py", r)
+        d, p = self.status_json()
+        self.assertEqual(d["replicator"], {"running": False, "pid": None})
+        gen, index, end = self.check_against_listing(d)
+
+        # Without the last WAL segment the replica is behind by its bytes.
+        segs = sorted(n for g, n in replica_objects(self.rep, "wal") if g == gen)
+        os.unlink(os.path.join(self.rep, "generations", gen, "wal", segs[-1]))
+        prev_index, prev_end, _ = replica_tail(self.rep, gen)
+        self.assertEqual(prev_index, index)
+        d, _ = self.status_json()
+        self.assertEqual(d["replicas"][0]["position"]["offset"], prev_end)
+        self.assertEqual(d["replicas"][0]["bytes_behind"], end - prev_end)
+
+        # The text form: one aligned row per replica under a header.
+        p = self.status()
+        lines = p.stdout.splitlines()
+        self.assertEqual(len(lines), 2, p.stdout)
+        self.assertEqual(lines[0].split()[:4], ["db", "replicator", "replica", "generation"])
+        self.assertEqual(lines[1].split()[:7], [self.db, "stopped", "r", gen, "%08x:%d" % (index, end),
+                                                "%08x:%d" % (index, prev_end), str(end - prev_end)])
+        self.assertEqual(lines[0].index("replica "), lines[1].index(" r ") + 1)
+
+    def test_failing_replica_is_reported_and_others_listed(self):
+        """Ensure a replica that cannot be listed is one stderr line and exit 1, the others still reported."""
+        create_wal_db(self.db, rows=20)
+        app = AppDB(self.db)  # keeps the WAL for expected_wal_end
+        self.addCleanup(app.close)
+        app.insert(5)
+        self.assertEqual(run_cli("replicate", "-once", "-config", self.ini).returncode, 0)
+        secret = "status-secret-%s" % secrets_hex()
+        with open(self.ini, "a") as f:
+            f.write("[replica:app:bad]\ntype = s3\nbucket = b\nendpoint = http://127.0.0.1:%d\n"
+                    "access-key-id = AKIAEXAMPLE\nsecret-access-key = %s\nmax-retries = 0\n" % (free_port(), secret))
+        d, p = self.status_json(code=1)
+        good, bad = d["replicas"]
+        self.assertEqual(good["name"], "r")
+        self.check_against_listing(d, min_segments=1)
+        self.assertEqual((bad["name"], bad["type"]), ("bad", "s3"))
+        self.assertIn("127.0.0.1", bad["error"])
+        err = p.stderr.splitlines()
+        self.assertEqual(len(err), 1, p.stderr)
+        self.assertRegex(err[0], r"^litestream: status: %s: replica bad \(s3://b/\): " % re.escape(self.db))
+        p2 = self.status(code=1)
+        self.assertEqual([line.split()[2] for line in p2.stdout.splitlines()], ["replica", "r", "bad"])
+        for text in (p.stdout, p.stderr, p2.stdout, p2.stderr):
+            self.assertNotIn(secret, text)
+
+    def test_bad_flag_and_unknown_db(self):
+        """Ensure a bad flag is one usage line and exit 1, as is a DB not in the config."""
+        p = run_cli("status", "-jsn", "-config", self.ini)
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertEqual(p.stderr, "litestream status: unknown flag -jsn (did you mean -json?)\n")
+        p = run_cli("status", "-config", self.ini, self.path("other.db"))
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertEqual(p.stderr, "litestream: database not found in config: %s\n" % self.path("other.db"))
 
 
 class TestShutdownRecord(TempDirTestCase):
