@@ -5366,6 +5366,22 @@ def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, 
     with open(path, "wb") as f:
         off = 0
         for seg in group:
+            if seg.offset != off and ends:
+                # The segment before decoded to a length that does not reach
+                # this one: it is the damaged object when it runs past this
+                # one's start, and the first suspect (before a missing
+                # segment) when it stops short.
+                prev, n = ends[-1][1], off - (ends[-2][0] if len(ends) > 1 else 0)
+                nxt = format_wal_segment_path(seg.index, seg.offset)
+                if off > seg.offset:
+                    why = "damaged: wal segments not contiguous: it decodes to %d bytes, ending at offset " \
+                          "%d, past the start of the next segment %s" % (n, off, nxt)
+                else:
+                    why = "wal segments not contiguous: it decodes to %d bytes, ending at offset %d, but the " \
+                          "next segment is %s: this segment is damaged, or %s is missing" \
+                          % (n, off, nxt, name(WALSegmentInfo(seg.generation, seg.index, off, 0,
+                                                              utc_from_timestamp(0))))
+                raise LitestreamError("%s: %s" % (name(prev), why))
             if seg.offset != off:
                 raise LitestreamError(_missing(name, seg.generation, seg.index, off,
                                                "wal segments not contiguous: the next one is %s"

@@ -1642,6 +1642,40 @@ class TestRestore(TempDirTestCase):
         self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
         self.assertFalse(os.path.exists(out))
 
+    def test_middle_segment_of_another_length_named(self):
+        """Ensure a middle segment replaced by a valid object one frame shorter or longer is named, not its neighbour."""
+        self.db.min_checkpoint_page_n = 10000  # one index holding several segments
+        for i in range(4):
+            self.step(3, size=3000, tag="m%d" % i)
+        segs = [s for s in self.r.client.wal_segments(self.gen) if s.index == self.db.pos().index]
+        self.assertGreaterEqual(len(segs), 4)
+        mid, nxt = segs[1], segs[2]
+        p = ls.wal_segment_path(self.path("rep"), mid.generation, mid.index, mid.offset)
+        orig = read_file(p)
+        data = ls.lz4_decompress_frame(orig)
+        fs = 4096 + ls.WAL_FRAME_HEADER_SIZE
+        self.assertGreaterEqual(len(data), 2 * fs)
+        damaged = "generations/%s/wal/%s" % (self.gen, ls.format_wal_segment_path(mid.index, mid.offset))
+        for case, body in (("shorter", data[:-fs]), ("longer", data + data[-fs:])):
+            with self.subTest(case=case):
+                with open(p, "wb") as f:
+                    f.write(ls.lz4_compress_frame(body, content_checksum=True))  # valid LZ4 and xxh32
+                out = self.path("out-%s.db" % case)
+                with self.assertRaises(ls.LitestreamError) as cm:
+                    ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+                msg = str(cm.exception)
+                self.assertIn(damaged, msg)
+                nxt_name = ls.format_wal_segment_path(nxt.index, nxt.offset)
+                if nxt_name in msg:
+                    self.assertLess(msg.index(damaged), msg.index(nxt_name), msg)
+                self.assertFalse(os.path.exists(out))
+                # verify names it too.
+                code, vout, verr = TestVerify.cli(self, "verify", "file://" + self.path("rep"))
+                self.assertEqual(code, 1, vout)
+                self.assertTrue(any(damaged in line for line in vout.splitlines() if "problem:" in line), vout)
+        with open(p, "wb") as f:
+            f.write(orig)
+
     def test_segment_from_another_wal_fails_loudly(self):
         """Ensure a valid segment of another database's WAL at the next offset fails the restore, naming it."""
         self.step(5, size=500)
