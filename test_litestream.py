@@ -8862,6 +8862,31 @@ class TestValidation(TempDirTestCase):
         p = run_cli("verify", "file://" + self.rep)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
 
+    def test_pinned_reader_sees_p_and_checkpoints_stay_passive(self):
+        """Ensure pin_read's reader keeps seeing P while the app writes, and RESTART waits until it ends."""
+        app = AppDB(self.dbpath)
+        self.addCleanup(app.close)
+        db = open_db(self.dbpath, min_checkpoint_page_n=2, max_checkpoint_page_n=4)
+        self.addCleanup(db.close)
+        app.insert(3, size=100, tag="before")
+        db.sync()
+        want = table_rows(self.dbpath)
+        pos, conn, held = db.pin_read()
+        try:
+            self.assertEqual(pos, db.pos())
+            # The shadow WAL ends where the WAL's last commit ends.
+            self.assertEqual(pos.offset, os.path.getsize(db.shadow_wal_path(pos.generation, pos.index)))
+            app.insert(20, size=3000, tag="after")
+            modes = {db.sync().checkpoint for _ in range(2)}
+            self.assertEqual(modes - {""}, {ls.CHECKPOINT_MODE_PASSIVE})
+            self.assertEqual(db.pos().index, pos.index)  # no WAL restart while pinned
+            self.assertEqual(conn.execute("SELECT * FROM t ORDER BY rowid").fetchall(), want)
+        finally:
+            db.unpin(conn)
+        app.insert(1, tag="later")
+        self.assertEqual(db.sync().checkpoint, ls.CHECKPOINT_MODE_RESTART)
+        self.assertEqual(db.pos().index, pos.index + 1)
+
     def test_verify_live_exit_codes(self):
         """Ensure verify -live exits 0 on a good replica, 1 on an altered one and alongside a running replicator."""
         prefix = "%016x" % random.getrandbits(64)
