@@ -41,6 +41,7 @@ import abc
 import argparse
 import base64
 import calendar
+import collections
 import concurrent.futures
 import configparser
 import contextlib
@@ -111,21 +112,29 @@ BUSY_TIMEOUT = 1.0
 MAX_INDEX = 0x7FFFFFFF
 DEFAULT_CONFIG_PATH = "/etc/litestream.ini"
 DEFAULT_CONFIG_PATHS = (DEFAULT_CONFIG_PATH, "/etc/litestream.yml")  # looked up in this order
-DEFAULT_S3_PART_SIZE = 5 * 1024 * 1024  # S3's minimum part size
 DEFAULT_S3_CONCURRENCY = 5  # aws-sdk-go s3manager
 DEFAULT_S3_MAX_RETRIES = 3  # aws-sdk-go DefaultRetryer
 S3_MAX_KEYS = 1000
 S3_MIN_PART_SIZE = 5 * 1024 * 1024  # s3manager.MinUploadPartSize
+DEFAULT_S3_PART_SIZE = S3_MIN_PART_SIZE
 S3_MAX_PARTS = 10000  # s3manager.MaxUploadParts
-S3_DEFAULT_CONCURRENCY = 5  # s3manager.DefaultUploadConcurrency
 S3_DEFAULT_REGION = "us-east-1"
 S3_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 S3_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-S3_CREDENTIALS_REFRESH_WINDOW = 5 * 60.0
-STALE_UPLOAD_AGE = 6 * 3600.0  # incomplete multipart uploads this old are a crash's leftovers  # refresh temporary keys this long before expiry
+S3_CREDENTIALS_REFRESH_WINDOW = 5 * 60.0  # refresh temporary keys this long before expiry
+STALE_UPLOAD_AGE = 6 * 3600.0  # incomplete multipart uploads this old are a crash's leftovers
 
 DEFAULT_MAX_RETRY_DELAY = 60.0  # the longest wait between retries of a failed replica sync
 DEFAULT_SHUTDOWN_TIMEOUT = 25.0  # fits Kubernetes' default 30 s grace period, with room to exit
+DEFAULT_HEARTBEAT_INTERVAL = 60.0  # Go 0.5's heartbeat-interval
+MIN_MAX_LAG = 10.0  # the default max-lag is 10 x sync-interval, and at least this
+HEARTBEAT_CHECK_INTERVAL = 5.0  # how often a due heartbeat looks whether everything replicates
+HEALTH_STALL = 60.0  # /healthz fails when a DB's sync loop has not run for this long (or 10 intervals)
+
+
+def default_max_lag(sync_interval: float) -> float:
+    """Return the default max-lag of a replica with this sync interval."""
+    return max(10 * sync_interval, MIN_MAX_LAG)
 
 WAL_HEADER_SIZE = 32
 SHADOW_COPY_CHUNK = 64 << 20  # replicas are woken after each chunk of a big backlog
@@ -1224,6 +1233,709 @@ def copy_stream(rd, wr, bufsize: int = 1 << 20) -> int:
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+#
+# Spec: https://github.com/prometheus/docs/blob/main/content/docs/instrumenting/exposition_formats.md
+# Text exposition 0.0.4, one family after another:
+#   # HELP <name> <help, with \ and newline escaped>
+#   # TYPE <name> counter|gauge|histogram
+#   <name>{<label>="<value, with \ " and newline escaped>",...} <value>
+# A histogram's series are cumulative <name>_bucket{...,le="<bound>"} lines
+# ending with le="+Inf", then <name>_sum and <name>_count.  As Go's
+# client_golang writes it: families sorted by name, series by label values,
+# label pairs by label name with "le" last, values as strconv.FormatFloat(v,
+# 'g', -1, 64), and counter names as declared (no "_total" added).
+#
+# Wiring, at Go 0.3.13's update points (p = db.path, n = replica.name):
+#   DB opened          register_db_metrics(p); for each replica
+#                      register_replica_metrics(p, n, r.client.client_type)
+#   DB closed          unregister_db_metrics(p, replica names) (drops its replicas' series too)
+#   every sync         SYNC_COUNT.labels(p).inc(), SYNC_SECONDS.labels(p).inc(dt),
+#                      SYNC_ERROR_COUNT.labels(p).inc() if it failed (Go's defer)
+#   sync, after stat   DB_SIZE.labels(p).set(db file size), WAL_SIZE.labels(p).set(-wal size)
+#   shadow WAL copy    TOTAL_WAL_BYTES.labels(p).inc(bytes copied)
+#   end of sync        SHADOW_WAL_INDEX.labels(p).set(index), SHADOW_WAL_SIZE.labels(p).set(sum of sizes)
+#   every checkpoint   CHECKPOINT_COUNT.labels(p, mode).inc(), CHECKPOINT_SECONDS.labels(p, mode).inc(dt),
+#                      CHECKPOINT_ERROR_COUNT.labels(p, mode).inc() if it failed
+#   segment uploaded   REPLICA_WAL_BYTES.labels(p, n).inc(uncompressed bytes),
+#                      REPLICA_WAL_INDEX.labels(p, n).set(i), REPLICA_WAL_OFFSET.labels(p, n).set(off)
+#   replica synced     REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
+#   lag, pending       REPLICA_LAG_SECONDS.labels(p, n).set_function(fn) (read at each scrape,
+#                      so an idle stall still rises), REPLICA_PENDING_BYTES likewise or .set()
+#   validation         REPLICA_VALIDATION_TOTAL.labels(p, n, "ok"|"error").inc(),
+#                      VALIDATION_CHECKS_TOTAL.labels(p, n, "success"|"invalid"|"error").inc(),
+#                      LAST_VALIDATION_SUCCESS(_TIMESTAMP_SECONDS).labels(p, n).set(...)
+#   client operations  counted by the clients themselves (replica_operation)
+#   serving            MetricsServer(cfg.addr, healthz=..., readyz=...).start() / .close()
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def format_go_float(v: float) -> str:
+    """Format v as Go's strconv.FormatFloat(v, 'g', -1, 64) (shortest digits)."""
+    v = float(v)
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    if v == 0:
+        return "-0" if repr(v)[0] == "-" else "0"
+    sign, digits, exp = decimal.Decimal(repr(v)).normalize().as_tuple()
+    ds = "".join(map(str, digits))
+    dp = len(ds) + exp  # the decimal point sits after dp digits
+    # %e when the exponent is < -4 or >= the precision, which is 6 for
+    # the shortest form.
+    x = dp - 1
+    if x < -4 or x >= 6:
+        m = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
+        s = "%se%s%02d" % (m, "-" if x < 0 else "+", abs(x))
+    elif dp <= 0:
+        s = "0." + "0" * -dp + ds
+    elif dp >= len(ds):
+        s = ds + "0" * (dp - len(ds))
+    else:
+        s = ds[:dp] + "." + ds[dp:]
+    return "-" + s if sign else s
+
+
+def _escape_label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _escape_help(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class _Series:
+    """One series of a family: a float, or for a gauge a function read at each scrape."""
+
+    __slots__ = ("_lock", "_value", "_fn")
+
+    def __init__(self, lock):
+        self._lock = lock
+        self._value = 0.0
+        self._fn = None
+
+    def get(self) -> float:
+        """Return the current value."""
+        with self._lock:
+            fn, value = self._fn, self._value
+        if fn is None:
+            return value
+        try:
+            return float(fn())
+        except Exception as e:  # a scrape must not fail because one value could not be computed
+            log.debug("metrics: %s", e)
+            return float("nan")
+
+
+class CounterSeries(_Series):
+    """A counter's series: only goes up."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add amount (>= 0)."""
+        if amount < 0:
+            raise ValueError("counters only go up (inc by %r)" % amount)
+        with self._lock:
+            self._value += amount
+
+
+class GaugeSeries(_Series):
+    """A gauge's series: set, raised or lowered, or computed at each scrape."""
+
+    __slots__ = ()
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value, self._fn = float(value), None
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self._value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self._value -= amount
+
+    def set_function(self, fn) -> None:
+        """Compute the value with fn() at each scrape (called without the registry lock held)."""
+        with self._lock:
+            self._fn = fn
+
+
+class HistogramSeries(_Series):
+    """A histogram's series: per-bucket counts, the sum and the count of observations."""
+
+    __slots__ = ("_bounds", "_counts", "_count")
+
+    def __init__(self, lock, bounds):
+        super().__init__(lock)
+        self._bounds = bounds
+        self._counts = [0] * len(bounds)
+        self._count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one observation (the sum is _value)."""
+        with self._lock:
+            for i, b in enumerate(self._bounds):
+                if value <= b:
+                    self._counts[i] += 1
+                    break
+            self._value += value
+            self._count += 1
+
+    def get(self) -> "tuple[List[int], float, int]":
+        """Return (cumulative bucket counts, sum, count)."""
+        with self._lock:
+            return list(accumulate(self._counts)), self._value, self._count
+
+
+class MetricFamily:
+    """A named metric of one type with fixed label names; its series are made by labels().
+
+    Usage: ``DB_SIZE.labels(db_path).set(n)``, ``SYNC_COUNT.labels(db_path).inc()``,
+    ``CHECKPOINT_SECONDS.labels(db_path, mode).inc(seconds)``,
+    ``REPLICA_OPERATION_DURATION_SECONDS.labels("s3", "PUT").observe(seconds)``.
+    Label values are given in the order of labelnames (or by name) and
+    turned into str.  A series exists, at 0, from its first labels() call.
+    """
+
+    def __init__(self, registry: "Metrics", name: str, type_: str, help_: str,
+                 labelnames: Sequence[str] = (), buckets: Sequence[float] = ()):
+        if not _METRIC_NAME_RE.match(name):
+            raise ValueError("invalid metric name %r" % name)
+        for ln in labelnames:
+            if not _LABEL_NAME_RE.match(ln) or ln.startswith("__") or (type_ == "histogram" and ln == "le"):
+                raise ValueError("invalid label name %r for %s" % (ln, name))
+        if type_ == "histogram" and (not buckets or list(buckets) != sorted(set(buckets))):
+            raise ValueError("histogram %s needs increasing buckets" % name)
+        self.name, self.type, self.help = name, type_, help_
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(float(b) for b in buckets)
+        self._lock = registry._lock
+        self._series = {}  # type: Dict[Tuple[str, ...], _Series]
+
+    def _key(self, values, kw) -> Tuple[str, ...]:
+        if kw:
+            if values:
+                raise TypeError("%s: label values by position or by name, not both" % self.name)
+            if set(kw) != set(self.labelnames):
+                raise ValueError("%s: labels %s expected, got %s" % (self.name, list(self.labelnames), sorted(kw)))
+            values = [kw[n] for n in self.labelnames]
+        if len(values) != len(self.labelnames):
+            raise ValueError("%s: %d label values expected (%s), got %d"
+                             % (self.name, len(self.labelnames), ", ".join(self.labelnames), len(values)))
+        return tuple(str(v) for v in values)
+
+    def labels(self, *values, **kw) -> _Series:
+        """Return the series with these label values, creating it at 0."""
+        key = self._key(values, kw)
+        with self._lock:
+            s = self._series.get(key)
+            if s is None:
+                if self.type == "counter":
+                    s = CounterSeries(self._lock)
+                elif self.type == "gauge":
+                    s = GaugeSeries(self._lock)
+                else:
+                    s = HistogramSeries(self._lock, self.buckets)
+                self._series[key] = s
+            return s
+
+    def remove(self, *values, **kw) -> None:
+        """Drop the series with these label values, if it exists."""
+        key = self._key(values, kw)
+        with self._lock:
+            self._series.pop(key, None)
+
+    def remove_matching(self, **labels: str) -> int:
+        """Drop every series whose labels include these; return how many went."""
+        idx = [(self.labelnames.index(k), str(v)) for k, v in labels.items() if k in self.labelnames]
+        if len(idx) != len(labels):
+            return 0
+        with self._lock:
+            gone = [k for k in self._series if all(k[i] == v for i, v in idx)]
+            for k in gone:
+                del self._series[k]
+        return len(gone)
+
+    def series(self) -> "List[Tuple[Tuple[str, ...], _Series]]":
+        """Return [(label values, series)] sorted by label values."""
+        with self._lock:
+            return sorted(self._series.items(), key=lambda kv: kv[0])
+
+
+class Metrics:
+    """A lock-protected registry of metric families that renders the text exposition.
+
+    One lock guards every family and series: updates are a few float
+    operations, so contention is negligible next to a sync.  Collectors
+    (callables returning [(name, type, help, [({label: value}, float)])])
+    add families computed at each scrape, such as the process_* series.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._families = {}  # type: Dict[str, MetricFamily]
+        self._collectors = []
+
+    def _add(self, name, type_, help_, labelnames, buckets=()) -> MetricFamily:
+        fam = MetricFamily(self, name, type_, help_, labelnames, buckets)
+        with self._lock:
+            if name in self._families:
+                raise ValueError("metric %s is already registered" % name)
+            self._families[name] = fam
+        return fam
+
+    def counter(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
+        return self._add(name, "counter", help_, labelnames)
+
+    def gauge(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
+        return self._add(name, "gauge", help_, labelnames)
+
+    def histogram(self, name: str, help_: str, labelnames: Sequence[str], buckets: Sequence[float]) -> MetricFamily:
+        return self._add(name, "histogram", help_, labelnames, buckets)
+
+    def family(self, name: str) -> MetricFamily:
+        """Return a registered family by name (KeyError if unknown)."""
+        with self._lock:
+            return self._families[name]
+
+    def add_collector(self, fn) -> None:
+        with self._lock:
+            self._collectors.append(fn)
+
+    def remove_matching(self, **labels: str) -> int:
+        """Drop the series of every family whose labels include these (e.g. db=path)."""
+        with self._lock:
+            fams = list(self._families.values())
+        return sum(f.remove_matching(**labels) for f in fams)
+
+    def render(self) -> str:
+        """Return the whole registry in the text exposition format 0.0.4."""
+        with self._lock:
+            fams = sorted(self._families.values(), key=lambda f: f.name)
+            collectors = list(self._collectors)
+        out = []
+        blocks = [(f.name, f.type, f.help, f.labelnames, f.series()) for f in fams]
+        for fn in collectors:
+            for name, type_, help_, samples in fn():
+                names = sorted({k for labels, _ in samples for k in labels})
+                blocks.append((name, type_, help_, tuple(names), [
+                    (tuple(str(labels.get(n, "")) for n in names), value) for labels, value in samples]))
+        blocks.sort(key=lambda b: b[0])
+        for name, type_, help_, labelnames, series in blocks:
+            if not series:
+                continue  # as client_golang: a family without series is not exposed
+            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, _escape_help(help_), name, type_))
+            order = sorted(range(len(labelnames)), key=lambda i: labelnames[i])
+            for values, s in sorted(series, key=lambda vs: [vs[0][i] for i in order]):
+                pairs = ",".join('%s="%s"' % (labelnames[i], _escape_label_value(values[i])) for i in order)
+                if type_ != "histogram":
+                    v = s.get() if isinstance(s, _Series) else s
+                    out.append("%s%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(v)))
+                    continue
+                counts, total, count = s.get()
+                sep = "," if pairs else ""
+                for b, c in zip(s._bounds, counts):
+                    out.append('%s_bucket{%s%sle="%s"} %d\n' % (name, pairs, sep, format_go_float(b), c))
+                out.append('%s_bucket{%s%sle="+Inf"} %d\n' % (name, pairs, sep, count))
+                out.append("%s_sum%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(total)))
+                out.append("%s_count%s %d\n" % (name, "{%s}" % pairs if pairs else "", count))
+        return "".join(out)
+
+
+def _process_metrics():
+    """Return the process_* families (Prometheus client conventions) from /proc/self; [] off Linux."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        with open("/proc/self/limits", "rb") as f:
+            limits = {line[:26].strip(): line[26:].split()[0] for line in f}
+        # Soft limits; "unlimited" is Go's MaxUint64.
+        max_fds, max_vm = (float(2**64 - 1) if limits[k] == b"unlimited" else int(limits[k])
+                           for k in (b"Max open files", b"Max address space"))
+        open_fds = len(os.listdir("/proc/self/fd"))
+        ticks = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, StopIteration, IndexError, KeyError, AttributeError):
+        return []
+    # proc(5): fields after "(comm)": 3 state ... 14 utime, 15 stime,
+    # 22 starttime (ticks since boot), 23 vsize (bytes), 24 rss (pages).
+    f = stat[stat.rindex(b")") + 2:].split()
+    utime, stime, start, vsize, rss = int(f[11]), int(f[12]), int(f[19]), int(f[20]), int(f[21])
+    return [
+        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+         [({}, (utime + stime) / ticks)]),
+        ("process_open_fds", "gauge", "Number of open file descriptors.", [({}, open_fds)]),
+        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", [({}, max_fds)]),
+        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", [({}, vsize)]),
+        ("process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.",
+         [({}, max_vm)]),
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [({}, rss * page)]),
+        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+         [({}, btime + start / ticks)]),
+    ]
+
+
+# Every metric litestream.py exports.  Go 0.3.13's families keep Go's names,
+# types, labels and help strings byte for byte (typo included), so
+# dashboards and alerts written for Go Litestream work unchanged.
+METRICS = Metrics()
+METRICS.add_collector(_process_metrics)
+
+# Per database; db is the DB's absolute path (db.go).
+DB_SIZE = METRICS.gauge("litestream_db_size", "The current size of the real DB", ("db",))
+WAL_SIZE = METRICS.gauge("litestream_wal_size", "The current size of the real WAL", ("db",))
+TOTAL_WAL_BYTES = METRICS.counter("litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", ("db",))
+SHADOW_WAL_INDEX = METRICS.gauge("litestream_shadow_wal_index", "The current index of the shadow WAL", ("db",))
+SHADOW_WAL_SIZE = METRICS.gauge("litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", ("db",))
+SYNC_COUNT = METRICS.counter("litestream_sync_count", "Number of sync operations performed", ("db",))
+SYNC_ERROR_COUNT = METRICS.counter("litestream_sync_error_count", "Number of sync errors that have occurred", ("db",))
+SYNC_SECONDS = METRICS.counter("litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", ("db",))
+CHECKPOINT_COUNT = METRICS.counter("litestream_checkpoint_count", "Number of checkpoint operations performed",
+                                   ("db", "mode"))
+CHECKPOINT_ERROR_COUNT = METRICS.counter("litestream_checkpoint_error_count",
+                                         "Number of checkpoint errors that have occurred", ("db", "mode"))
+CHECKPOINT_SECONDS = METRICS.counter("litestream_checkpoint_seconds", "Time spent checkpointing WAL, in seconds",
+                                     ("db", "mode"))
+
+# Per replica; name is the replica's name, or its type when it has none (replica.go).
+REPLICA_WAL_BYTES = METRICS.counter("litestream_replica_wal_bytes", "The number wal bytes written", ("db", "name"))
+REPLICA_WAL_INDEX = METRICS.gauge("litestream_replica_wal_index", "The current WAL index", ("db", "name"))
+REPLICA_WAL_OFFSET = METRICS.gauge("litestream_replica_wal_offset", "The current WAL offset", ("db", "name"))
+REPLICA_VALIDATION_TOTAL = METRICS.counter("litestream_replica_validation_total",
+                                           "The number of validations performed", ("db", "name", "status"))
+
+# Per replica client type (internal/internal.go), counted as Go 0.3.13's S3
+# client counts: LIST per page, DELETE per DeleteObjects batch, PUT per
+# object (a multipart upload once), GET per object read; bytes of PUT and
+# GET only.  The file client counts none of these, as in Go.
+REPLICA_OPERATION_TOTAL = METRICS.counter("litestream_replica_operation_total",
+                                          "The number of replica operations performed",
+                                          ("replica_type", "operation"))
+REPLICA_OPERATION_BYTES = METRICS.counter("litestream_replica_operation_bytes",
+                                          "The number of bytes used by replica operations",
+                                          ("replica_type", "operation"))
+
+# Ours: what no Litestream exports.
+REPLICA_LAG_SECONDS = METRICS.gauge(
+    "litestream_replica_lag_seconds",
+    "Age of the oldest transaction committed locally that is not yet durable in the replica, "
+    "in seconds; 0 when caught up", ("db", "name"))
+REPLICA_PENDING_BYTES = METRICS.gauge(
+    "litestream_replica_pending_bytes",
+    "Bytes of WAL committed locally that are not yet durable in the replica", ("db", "name"))
+REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
+    "litestream_replica_last_success_timestamp_seconds",
+    "Unix time of the replica's last successful sync", ("db", "name"))
+# Names, help and buckets of Go 0.5; kept for every operation of every client.
+REPLICA_OPERATION_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
+REPLICA_OPERATION_DURATION_SECONDS = METRICS.histogram(
+    "litestream_replica_operation_duration_seconds", "Duration of replica operations by type and operation",
+    ("replica_type", "operation"), REPLICA_OPERATION_DURATION_BUCKETS)
+REPLICA_OPERATION_ERRORS_TOTAL = METRICS.counter(
+    "litestream_replica_operation_errors_total",
+    "Number of replica operation errors by type, operation, and error code",
+    ("replica_type", "operation", "code"))
+# Proposed upstream in Litestream #1535, with the replica's name where the
+# proposal has an LTX level.  result is success, invalid or error.
+VALIDATION_CHECKS_TOTAL = METRICS.counter(
+    "litestream_validation_checks_total", "Number of replica validation checks completed, by result",
+    ("db", "name", "result"))
+LAST_VALIDATION_SUCCESS = METRICS.gauge(
+    "litestream_last_validation_success",
+    "Whether the last replica validation check passed (1) or not (0)", ("db", "name"))
+LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
+    "litestream_last_validation_success_timestamp_seconds",
+    "Unix time of the last passing replica validation check; 0 until one passes", ("db", "name"))
+
+REPLICA_OPERATIONS = ("GET", "PUT", "DELETE", "LIST")
+VALIDATION_RESULTS = ("success", "invalid", "error")
+_DB_FAMILIES = (DB_SIZE, WAL_SIZE, TOTAL_WAL_BYTES, SHADOW_WAL_INDEX, SHADOW_WAL_SIZE,
+                SYNC_COUNT, SYNC_ERROR_COUNT, SYNC_SECONDS)
+_CHECKPOINT_FAMILIES = (CHECKPOINT_COUNT, CHECKPOINT_ERROR_COUNT, CHECKPOINT_SECONDS)
+_REPLICA_FAMILIES = (REPLICA_WAL_BYTES, REPLICA_WAL_INDEX, REPLICA_WAL_OFFSET, REPLICA_LAG_SECONDS,
+                     REPLICA_PENDING_BYTES, REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS,
+                     LAST_VALIDATION_SUCCESS, LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS)
+
+
+def register_db_metrics(db: str) -> None:
+    """Create a DB's series at 0 (db = its absolute path), so scrapes never see one appear late.
+
+    Covers the eight per-DB families and the checkpoint families for each
+    mode (PASSIVE, RESTART, TRUNCATE).  Call it when the DB is opened.
+    """
+    for fam in _DB_FAMILIES:
+        fam.labels(db)
+    for fam in _CHECKPOINT_FAMILIES:
+        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
+            fam.labels(db, mode)
+
+
+def unregister_db_metrics(db: str, replicas: Optional[Sequence[str]] = None) -> None:
+    """Drop every series labelled with this DB: its own and its replicas'.
+
+    With the replicas' names each series is removed by its key (what a
+    closing DB does: a scan of every family per DB would make closing N
+    databases cost N squared); without, every family is searched.
+    """
+    if replicas is None:
+        METRICS.remove_matching(db=db)
+        return
+    for fam in _DB_FAMILIES:
+        fam.remove(db)
+    for fam in _CHECKPOINT_FAMILIES:
+        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
+            fam.remove(db, mode)
+    for name in replicas:
+        unregister_replica_metrics(db, name)
+
+
+def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
+    """Create a replica's series at 0, and its client type's, so scrapes never see one appear late.
+
+    Per replica: wal bytes/index/offset, lag, pending bytes, last success,
+    validation_total for status ok and error (as Go), validation checks for
+    each result.  Per client type: the duration histogram of each operation,
+    and Go's operation counters (not for the file client, as Go).  Error
+    series appear with their first error: their code is not known before.
+    """
+    for fam in _REPLICA_FAMILIES:
+        fam.labels(db, name)
+    for status in ("ok", "error"):
+        REPLICA_VALIDATION_TOTAL.labels(db, name, status)
+    for result in VALIDATION_RESULTS:
+        VALIDATION_CHECKS_TOTAL.labels(db, name, result)
+    for op in REPLICA_OPERATIONS:
+        REPLICA_OPERATION_DURATION_SECONDS.labels(replica_type, op)
+        if replica_type != "file":
+            REPLICA_OPERATION_TOTAL.labels(replica_type, op)
+            if op in ("GET", "PUT"):
+                REPLICA_OPERATION_BYTES.labels(replica_type, op)
+
+
+def unregister_replica_metrics(db: str, name: str) -> None:
+    """Drop a replica's series (its client type's stay: other replicas share them)."""
+    for fam in _REPLICA_FAMILIES:
+        fam.remove(db, name)
+    for status in ("ok", "error"):
+        REPLICA_VALIDATION_TOTAL.remove(db, name, status)
+    for result in VALIDATION_RESULTS:
+        VALIDATION_CHECKS_TOTAL.remove(db, name, result)
+
+
+class _DBSeries:
+    """A DB's own series, looked up once (db = its absolute path)."""
+
+    def __init__(self, db: str):
+        self.db_size, self.wal_size = DB_SIZE.labels(db), WAL_SIZE.labels(db)
+        self.total_wal_bytes = TOTAL_WAL_BYTES.labels(db)
+        self.shadow_wal_index, self.shadow_wal_size = SHADOW_WAL_INDEX.labels(db), SHADOW_WAL_SIZE.labels(db)
+        self.sync_count, self.sync_errors = SYNC_COUNT.labels(db), SYNC_ERROR_COUNT.labels(db)
+        self.sync_seconds = SYNC_SECONDS.labels(db)
+
+
+class _ReplicaSeries:
+    """A replica's own series, looked up once."""
+
+    def __init__(self, db: str, name: str):
+        self.wal_bytes = REPLICA_WAL_BYTES.labels(db, name)
+        self.wal_index, self.wal_offset = REPLICA_WAL_INDEX.labels(db, name), REPLICA_WAL_OFFSET.labels(db, name)
+        self.lag, self.pending = REPLICA_LAG_SECONDS.labels(db, name), REPLICA_PENDING_BYTES.labels(db, name)
+        self.last_success = REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(db, name)
+
+
+def _error_code(e: BaseException) -> str:
+    """Return the code an operation error is counted under: S3's, else the errno name, else the type."""
+    for err in (e, e.__cause__):
+        if isinstance(err, S3Error) and err.code:
+            return err.code
+    if isinstance(e, OSError) and e.errno:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return type(e).__name__
+
+
+class replica_operation:
+    """Time one replica client operation and count it (a context manager).
+
+    On success it observes litestream_replica_operation_duration_seconds
+    and, when count is true (Go's semantics; the file client passes false),
+    adds 1 to litestream_replica_operation_total and op.bytes, if set, to
+    litestream_replica_operation_bytes.  On an exception it observes the
+    duration and counts litestream_replica_operation_errors_total under
+    the error's code.  op.skip() records nothing (an attempt that does not
+    count, such as a refused ListObjectsV2 before the V1 fallback).
+
+        with replica_operation("s3", "PUT") as op:
+            op.bytes = self.upload(key, rd)
+    """
+
+    __slots__ = ("replica_type", "operation", "count", "bytes", "_skip", "_t0")
+
+    def __init__(self, replica_type: str, operation: str, count: bool = True):
+        self.replica_type, self.operation, self.count = replica_type, operation, count
+        self.bytes = None
+        self._skip = False
+
+    def skip(self) -> None:
+        self._skip = True
+
+    def __enter__(self) -> "replica_operation":
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, typ, e, tb) -> None:
+        if self._skip or (typ is not None and not issubclass(typ, Exception)):
+            return
+        REPLICA_OPERATION_DURATION_SECONDS.labels(self.replica_type, self.operation).observe(
+            time.monotonic() - self._t0)
+        if e is not None:
+            REPLICA_OPERATION_ERRORS_TOTAL.labels(self.replica_type, self.operation, _error_code(e)).inc()
+        elif self.count:
+            REPLICA_OPERATION_TOTAL.labels(self.replica_type, self.operation).inc()
+            if self.bytes is not None:
+                REPLICA_OPERATION_BYTES.labels(self.replica_type, self.operation).inc(self.bytes)
+
+
+# --------------------------------------------------------------------------
+# MetricsServer
+
+
+def parse_bind_addr(addr: str) -> "tuple[str, int]":
+    """Split a bind address as Go's net.SplitHostPort; "" as host means every interface.
+
+    ":9090", "127.0.0.1:9090", "localhost:9090" and "[::1]:9090" are
+    accepted.  Raises ValueError (Go's "must specify port for bind address")
+    when there is no port.
+    """
+    host, port = "", ""
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end > 0 and addr[end + 1:end + 2] == ":":
+            host, port = addr[1:end], addr[end + 2:]
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    if not port:
+        raise ValueError('must specify port for bind address: "%s"' % addr)
+    if not re.fullmatch(r"\d{1,5}", port, re.ASCII) or int(port) > 65535:
+        raise ValueError('invalid port in bind address: "%s" (expected a number from 0 to 65535)' % addr)
+    return host, int(port)
+
+
+class MetricsServer:
+    """Serve GET /metrics, /healthz and /readyz on a bind address from a daemon thread.
+
+    addr is Go's "addr" (":9090" listens on every interface, IPv6 too where
+    the system allows).  /metrics renders registry (default METRICS) as
+    text exposition 0.0.4.  healthz and readyz are callables returning
+    (ok, body): 200 and body when ok, else 503 and body; an endpoint
+    without a callable, like any other path, is 404.  They run on the
+    request's thread, so they must be quick and must not block on a sync.
+
+        srv = MetricsServer(":9090", healthz=engine.healthz, readyz=engine.readyz)
+        srv.start()      # LitestreamError: one line, if the address cannot be bound
+        ...
+        srv.close()      # shutdown() and server_close()
+    """
+
+    def __init__(self, addr: str, registry: Optional[Metrics] = None, healthz=None, readyz=None):
+        self.addr = addr
+        self.host, self.port = parse_bind_addr(addr)
+        self.registry = registry if registry is not None else METRICS
+        self.routes = {"/healthz": healthz, "/readyz": readyz}
+        self._server = None  # type: Optional[http.server.ThreadingHTTPServer]
+        self._thread = None  # type: Optional[threading.Thread]
+
+    @property
+    def url(self) -> str:
+        """Return http://HOST:PORT of the listening socket ("localhost" for every interface, as Go logs)."""
+        host, port = self.host or "localhost", self._server.server_address[1] if self._server else self.port
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def _handler(self):
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 30  # a stalled client gives its thread back
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                ctype = "text/plain; charset=utf-8"
+                try:
+                    if path == "/metrics":
+                        status, body, ctype = 200, srv.registry.render(), PROMETHEUS_CONTENT_TYPE
+                    elif srv.routes.get(path) is not None:
+                        ok, body = srv.routes[path]()
+                        status = 200 if ok else 503
+                    else:
+                        status, body = 404, "404 page not found\n"
+                except Exception as e:
+                    log.error("metrics: %s: %s", path, e)
+                    status, body = 500, "internal error\n"
+                data = body.encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics: %s %s", self.address_string(), fmt % args)
+
+        return Handler
+
+    def start(self) -> None:
+        """Bind and serve; raise LitestreamError naming the address if it cannot be bound."""
+        host, family = self.host, socket.AF_INET
+        if ":" in host:
+            family = socket.AF_INET6
+        elif not host and socket.has_dualstack_ipv6():
+            host, family = "::", socket.AF_INET6
+        dual_stack = family == socket.AF_INET6 and not self.host
+
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+            def server_bind(self):
+                if dual_stack:
+                    # Go's ":PORT" takes IPv4 clients on the IPv6 socket too.
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                # HTTPServer.server_bind would also look up the host's FQDN: skip that.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+            def handle_error(self, request, client_address):
+                # A scraper that hangs up mid-answer is not worth a traceback on stderr.
+                log.debug("metrics: request from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+        try:
+            self._server = Server((host, self.port), self._handler())
+        except (OSError, OverflowError) as e:
+            raise LitestreamError("cannot start metrics server on %s: %s" % (self.addr, e)) from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="litestream-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = self._thread = None
+
+
+
+###############################################################################
 # Replica clients
 ###############################################################################
 
@@ -2154,8 +2866,8 @@ class S3ReplicaClient(ReplicaClient):
                  access_key_id: str = "", secret_access_key: str = "", *,
                  session_token: str = "", sse: str = "", sse_kms_key_id: str = "",
                  sse_c_key: str = "", ca_bundle: str = "", sign_payload: bool = True,
-                 part_size: int = S3_MIN_PART_SIZE, concurrency: int = S3_DEFAULT_CONCURRENCY,
-                 max_retries: int = 5, retry_base_delay: float = 0.1,
+                 part_size: int = DEFAULT_S3_PART_SIZE, concurrency: int = DEFAULT_S3_CONCURRENCY,
+                 max_retries: int = DEFAULT_S3_MAX_RETRIES, retry_base_delay: float = 0.1,
                  retry_max_delay: float = 20.0, connect_timeout: float = 10.0,
                  timeout: float = 60.0, pool_size: int = 8, list_page_size: int = S3_MAX_KEYS,
                  verify_deletes: bool = True, credentials: Optional[CredentialsProvider] = None,
@@ -3665,6 +4377,63 @@ class ShadowWAL:
             self._fd = -1
 
 
+class _CommitLog:
+    """When each stretch of the shadow WAL was committed: the basis of every replica's lag.
+
+    An entry (pos, t) says the shadow WAL up to pos holds transactions
+    committed no earlier than t.  t is the last time the database was seen
+    without them (the previous sync's look at the WAL), so a lag computed
+    from it is never understated, and overstated by at most one monitor
+    interval.  Entries every replica holds are pruned; past MAX_ENTRIES,
+    neighbours merge keeping the earlier time, so memory stays bounded
+    while ages still never read low.
+    """
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: "collections.deque[Tuple[Pos, float]]" = collections.deque()
+
+    def add(self, pos: Pos, t: float) -> None:
+        """Record that the shadow WAL now reaches pos with transactions from t on."""
+        with self._lock:
+            e = self._entries
+            if e and e[-1][0].generation != pos.generation:
+                # A new generation holds everything the old one had: what
+                # was pending stays pending from its own time.
+                t = min(t, e[0][1])
+                e.clear()
+            e.append((pos, t))
+            if len(e) > self.MAX_ENTRIES:
+                old = list(e)
+                e.clear()
+                for i in range(0, len(old) - 1, 2):
+                    e.append((old[i + 1][0], old[i][1]))
+                if len(old) % 2:
+                    e.append(old[-1])
+
+    def prune(self, positions: Sequence[Pos]) -> None:
+        """Drop the entries every one of positions holds."""
+        with self._lock:
+            e = self._entries
+            while e and all(_holds(p, e[0][0]) for p in positions):
+                e.popleft()
+
+    def oldest_pending(self, pos: Pos) -> Optional[float]:
+        """Return the time of the oldest transaction pos does not hold, or None."""
+        with self._lock:
+            for p, t in self._entries:
+                if not _holds(pos, p):
+                    return t
+        return None
+
+
+def _holds(have: Pos, want: Pos) -> bool:
+    """Whether a replica at have holds the shadow WAL up to want."""
+    return have.generation == want.generation and (have.index, have.offset) >= (want.index, want.offset)
+
+
 class _DBLock:
     """One replicator per database: an exclusive flock on "<meta>/lock" for the replicator's life.
 
@@ -3810,6 +4579,11 @@ class DB:
         self._enospc_replica_pos: Dict[str, Pos] = {}
         self._enospc_since = 0.0
         self._pins = 0                     # read transactions pin_read() holds open (restore drills)
+        self._commits = _CommitLog()       # when the shadow WAL's data was committed: replicas' lag
+        self._clean_at = 0.0               # clock() when the WAL was last seen fully copied
+        self.sync_error = ""               # the last sync's error, "" when it succeeded
+        self._last_monitor = 0.0           # monotonic end of the last background sync
+        self._series = None
 
     def __repr__(self) -> str:
         return "DB(%r)" % self.path
@@ -3853,7 +4627,12 @@ class DB:
         self._db_lock = _DBLock(self.meta_path, self.path)
         self._opened = True
         _OPEN_DBS.add(self)
+        register_db_metrics(self.path)
+        for r in self.replicas:
+            r.register_metrics()
+        self._clean_at = self.clock()
         self._background = self.monitor_interval > 0 if background is None else background
+        self._last_monitor = time.monotonic()
         try:
             if self._background:
                 if self.scheduler is None:
@@ -3940,6 +4719,7 @@ class DB:
             self._chk_lock.release()
         self._closed = True
         self._release()
+        unregister_db_metrics(self.path, [r.name for r in self.replicas])
         if first is not None:
             raise first
 
@@ -4049,7 +4829,8 @@ class DB:
             self.sync()
         except Exception as e:
             self.logger.error("%s: sync error: %s", self.name, e)
-        return max(0.0, self.monitor_interval - (time.monotonic() - t0))
+        self._last_monitor = time.monotonic()
+        return max(0.0, self.monitor_interval - (self._last_monitor - t0))
 
     def notify(self) -> threading.Event:
         """Return the event that is set the next time the shadow WAL changes."""
@@ -4064,6 +4845,38 @@ class DB:
     def pos(self) -> Pos:
         """Return the shadow WAL position: (generation, index, committed size)."""
         return self.shadow.pos
+
+    # Lag ---------------------------------------------------------------------
+
+    def lag(self, pos: Pos) -> float:
+        """Return the age in seconds of the oldest transaction a replica at pos lacks (0 when none)."""
+        t = self._commits.oldest_pending(pos)
+        if self.sync_error and not self._closed:
+            # The WAL may hold commits the shadow WAL could not take.
+            t = self._clean_at if t is None else min(t, self._clean_at)
+        return 0.0 if t is None else max(0.0, self.clock() - t)
+
+    def pending_bytes(self, pos: Pos) -> int:
+        """Return the bytes of the shadow WAL a replica at pos lacks."""
+        dpos = self.shadow.pos
+        if not dpos.generation or _holds(pos, dpos):
+            return 0
+        if pos.generation != dpos.generation:
+            return self.shadow.size()
+        total = 0
+        for i in self.shadow.indexes(dpos.generation):
+            if i < pos.index or i > dpos.index:
+                continue
+            try:
+                size = dpos.offset if i == dpos.index else os.path.getsize(self.shadow.path(dpos.generation, i))
+            except FileNotFoundError:
+                continue
+            total += max(0, size - (pos.offset if i == pos.index else 0))
+        return total
+
+    def replicated(self, positions: Sequence[Pos]) -> None:
+        """Forget the commit times of what every replica holds (positions: each replica's)."""
+        self._commits.prune(positions)
 
     # Init --------------------------------------------------------------------
 
@@ -4312,6 +5125,37 @@ class DB:
         if self._closed:
             raise LitestreamError("%s: the database is closed" % self.name)
         with self._lock:
+            m = self._metrics()
+            t0 = time.monotonic()
+            before = self.shadow.pos
+            try:
+                res = self._sync()
+            except BaseException as e:
+                self.sync_error = str(e) or type(e).__name__
+                m.sync_count.inc()
+                m.sync_errors.inc()
+                m.sync_seconds.inc(time.monotonic() - t0)
+                raise
+            self.sync_error = ""
+            if res.exists:
+                # Counted as Go counts: every sync of a database that exists.
+                m.sync_count.inc()
+                m.sync_seconds.inc(time.monotonic() - t0)
+                if self._db_file is not None:
+                    m.db_size.set(os.fstat(self._db_file.fileno()).st_size)
+                    m.wal_size.set(os.fstat(self._wal_fd).st_size)
+                if res.pos != before:
+                    m.shadow_wal_index.set(res.pos.index)
+                    m.shadow_wal_size.set(self.shadow.size())
+            return res
+
+    def _metrics(self) -> "_DBSeries":
+        if self._series is None:
+            self._series = _DBSeries(self.path)
+        return self._series
+
+    def _sync(self) -> SyncResult:
+        with self._lock:
             if self._conn is not None:
                 why = self._replaced()
                 if why:
@@ -4332,9 +5176,13 @@ class DB:
             if self._conn is None:
                 if not os.path.exists(self.path):
                     return SyncResult(exists=False)
+                # What the WAL holds already is counted from now: its
+                # commit times are not known.
+                self._clean_at = self.clock()
                 self._init()
             self._ensure_wal_exists()
             copied, new_gen, mode, changed = 0, "", "", False
+            seen = self.clock()  # no later than the look at the WAL below
             try:
                 reason, restart, wal_size = self._verify()
                 if reason:
@@ -4372,6 +5220,7 @@ class DB:
             except _ShadowWriteError as e:
                 self._shadow_write_failed(e.err, e.copied + copied)
             except _WriteLockBusy as e:
+                seen = self._clean_at  # the new cycle is not copied yet
                 self.logger.warning("%s: sync: wal restarted; write lock busy, trying again next sync: %s",
                                     self.name, e)
             finally:
@@ -4379,6 +5228,7 @@ class DB:
                 if copied or changed or mode:
                     self._broadcast()
                 self._clean_wal()
+            self._clean_at = seen
             return SyncResult(True, self.shadow.pos, copied, new_gen, mode)
 
     def _finish_old_cycle(self) -> "tuple[int, str]":
@@ -4400,18 +5250,32 @@ class DB:
         finally:
             self._conn.execute("ROLLBACK")
 
-    def _copy_or_raise(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True) -> int:
-        res = self._copy(end, max_bytes, trusted)
+    def _copy_or_raise(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True,
+                       since: Optional[float] = None, ours: bool = False) -> int:
+        res = self._copy(end, max_bytes, trusted, since, ours)
         if res.error is not None:
             raise _ShadowWriteError(res.error, res.copied)
         return res.copied
 
-    def _copy(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True) -> CopyResult:
-        """Copy committed frames up to end (None: the WAL's current size) into the shadow WAL."""
+    def _copy(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True,
+              since: Optional[float] = None, ours: bool = False) -> CopyResult:
+        """Copy committed frames up to end (None: the WAL's current size) into the shadow WAL.
+
+        What is copied is recorded for the replicas' lag as committed no
+        earlier than since (default: the last look that found the WAL
+        fully copied).  With ours, the copy follows our own one-page write
+        (checkpoint): a copy of just that frame holds no application
+        transaction and adds no lag.
+        """
         if end is None:
             end = frame_align(os.fstat(self._wal_fd).st_size, self.page_size)
         hdr = self._wal_index_header() if trusted else None
-        return self.shadow.copy(self._wal_fd, end, max_bytes, hdr)
+        res = self.shadow.copy(self._wal_fd, end, max_bytes, hdr)
+        if res.copied:
+            self._metrics().total_wal_bytes.inc(res.copied)
+            if not (ours and res.copied <= self.page_size + WAL_FRAME_HEADER_SIZE):
+                self._commits.add(self.shadow.pos, self._clean_at if since is None else since)
+        return res
 
     def _wal_index_header(self) -> Optional[WALIndexHeader]:
         if self._shm_fd < 0:
@@ -4550,13 +5414,13 @@ class DB:
         self.logger.info("%s: sync: new generation %s reason=%s", self.name, gen, reason)
         self.shadow.remove_other_generations()
 
-    def _start_index(self, generation: str, index: int) -> None:
+    def _start_index(self, generation: str, index: int, since: Optional[float] = None, ours: bool = False) -> None:
         """Start shadow index from the real WAL's header, then copy its frames."""
         try:
             self.shadow.start_index(generation, index, os.pread(self._wal_fd, WAL_HEADER_SIZE, 0))
         except OSError as e:
             raise _ShadowWriteError(e, 0) from e
-        self._copy_or_raise(None)
+        self._copy_or_raise(None, since=since, ours=ours)
 
     # Checkpoint --------------------------------------------------------------
 
@@ -4580,10 +5444,18 @@ class DB:
         with self._lock:
             if not self._chk_lock.acquire(blocking=False):
                 return False
+            t0 = time.monotonic()
+            ok = False
             try:
-                return self._checkpoint(mode)
+                ok = self._checkpoint(mode)
+                return ok
             finally:
                 self._chk_lock.release()
+                # As Go: every attempt counts; one that did not checkpoint is an error.
+                CHECKPOINT_COUNT.labels(self.path, mode).inc()
+                CHECKPOINT_SECONDS.labels(self.path, mode).inc(time.monotonic() - t0)
+                if not ok:
+                    CHECKPOINT_ERROR_COUNT.labels(self.path, mode).inc()
 
     def _begin_write(self) -> None:
         """Take SQLite's write lock on our connection; _WriteLockBusy after the busy timeout."""
@@ -4636,6 +5508,9 @@ class DB:
             return False
 
         # Write to force the WAL to restart if it was fully backfilled.
+        # Anything the application commits from here on comes after
+        # released: what is copied next is counted from then for the lag.
+        released = self.clock()
         if mode == CHECKPOINT_MODE_TRUNCATE:
             self._conn.execute("PRAGMA journal_size_limit = 0")
         try:
@@ -4647,9 +5522,9 @@ class DB:
         # A changed header means the WAL restarted after the old cycle was
         # copied whole: begin the next index.  Otherwise keep copying.
         if not self._headers_match():
-            self._start_index(pos.generation, pos.index + 1)
+            self._start_index(pos.generation, pos.index + 1, since=released, ours=True)
         else:
-            self._copy_or_raise(None)
+            self._copy_or_raise(None, since=released, ours=True)
         return True
 
     # Snapshots ---------------------------------------------------------------
@@ -4887,6 +5762,8 @@ class Replica:
       snapshot_interval         take a snapshot this often; 0 = only when needed.
       validation_interval       run a restore drill (validate()) this often; 0 = never.
       max_retry_delay           the longest wait between retries of a failed sync.
+      max_lag                   readiness fails when lag exceeds this (0: the
+                                default, 10 x sync_interval and at least 10 s).
 
     A failed sync or snapshot is retried on a timer, with jittered
     exponential backoff from about sync_interval up to max_retry_delay,
@@ -4901,6 +5778,7 @@ class Replica:
                  snapshot_interval: float = 0.0,
                  validation_interval: float = 0.0,
                  max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY,
+                 max_lag: float = 0.0,
                  clock=time.time):
         self.db = db
         self.name = name or client.client_type
@@ -4912,8 +5790,10 @@ class Replica:
         self.snapshot_interval = snapshot_interval
         self.validation_interval = validation_interval
         self.max_retry_delay = max_retry_delay
+        self.max_lag = max_lag if max_lag > 0 else default_max_lag(sync_interval)
         self.clock = clock
         self.pos = Pos()
+        self.durable = Pos()          # the furthest position known stored (pos is reset on errors)
         self.failures = 0             # failed syncs in a row
         self.last_error = ""
         self.last_success = 0.0       # clock() of the last successful sync
@@ -4927,12 +5807,49 @@ class Replica:
         self._drill_stop = threading.Event()   # set by stop(): a drill in progress gives up
         self._drill_idle = threading.Event()   # clear while a drill runs
         self._drill_idle.set()
+        self._series: Optional[_ReplicaSeries] = None
 
     def __repr__(self) -> str:
         return "Replica(%r, %s)" % (self.name, self.client)
 
     def _label(self) -> str:
         return "%s(%s)" % (self.db.name if self.db else "", self.name)
+
+    # Metrics and health ------------------------------------------------------
+
+    def register_metrics(self) -> None:
+        """Create this replica's series; lag and pending bytes are computed at each scrape."""
+        register_replica_metrics(self.db.path, self.name, self.client.client_type)
+        self._series = m = _ReplicaSeries(self.db.path, self.name)
+        m.lag.set_function(self.lag)
+        m.pending.set_function(self.pending_bytes)
+
+    def _metrics(self) -> _ReplicaSeries:
+        if self._series is None:
+            self._series = _ReplicaSeries(self.db.path, self.name)
+        return self._series
+
+    def lag(self) -> float:
+        """Return the age in seconds of the oldest committed transaction this replica lacks (0: caught up)."""
+        return self.db.lag(self.durable) if self.db is not None else 0.0
+
+    def pending_bytes(self) -> int:
+        """Return the bytes of the DB's shadow WAL this replica lacks."""
+        return self.db.pending_bytes(self.durable) if self.db is not None else 0
+
+    def problem(self) -> str:
+        """Return why this replica is not ready ("" when it is): lag above max_lag, or a failing sync."""
+        lag = self.lag()
+        why = []
+        if lag > self.max_lag:
+            why.append("lag exceeds max-lag %s" % format_duration(int(self.max_lag * 1e9)))
+        if self.failures:
+            why.append("last sync failed (attempt %d): %s" % (self.failures, self.last_error))
+        elif self.db is not None and self.db.sync_error:
+            why.append("database sync failed: %s" % self.db.sync_error)
+        if not why:
+            return ""
+        return "%s(%s): lag=%.1fs: %s" % (self.db.name if self.db else "", self.name, lag, "; ".join(why))
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -5113,11 +6030,16 @@ class Replica:
             self._set_pos(Pos())
             raise
         self.last_success = self.clock()
+        if self.db is not None:
+            self._metrics().last_success.set(self.last_success)
+            self.db.replicated([r.durable for r in self.db.replicas])
         return self.pos
 
     def _set_pos(self, pos: Pos) -> None:
         with self._changed:
             self.pos = pos
+            if pos.generation:
+                self.durable = pos
             self._changed.notify_all()
 
     def wait_pos(self, pred, timeout: Optional[float]) -> bool:
@@ -5156,6 +6078,10 @@ class Replica:
             rd = CompressingReader(self.db.read_shadow_chunks(start, end))
             self.client.write_wal_segment(start, rd)
             pos = Pos(start.generation, start.index, end)
+            m = self._metrics()
+            m.wal_bytes.inc(end - start.offset)
+            m.wal_index.set(start.index)
+            m.wal_offset.set(end)
             if track:
                 self._set_pos(pos)
 
@@ -6260,668 +7186,6 @@ def verify_replica(replica: Replica, generation: str = "", parallelism: int = DE
 
 
 ###############################################################################
-# Metrics
-###############################################################################
-#
-# Spec: https://github.com/prometheus/docs/blob/main/content/docs/instrumenting/exposition_formats.md
-# Text exposition 0.0.4, one family after another:
-#   # HELP <name> <help, with \ and newline escaped>
-#   # TYPE <name> counter|gauge|histogram
-#   <name>{<label>="<value, with \ " and newline escaped>",...} <value>
-# A histogram's series are cumulative <name>_bucket{...,le="<bound>"} lines
-# ending with le="+Inf", then <name>_sum and <name>_count.  As Go's
-# client_golang writes it: families sorted by name, series by label values,
-# label pairs by label name with "le" last, values as strconv.FormatFloat(v,
-# 'g', -1, 64), and counter names as declared (no "_total" added).
-#
-# Wiring, at Go 0.3.13's update points (p = db.path, n = replica.name):
-#   DB opened          register_db_metrics(p); for each replica
-#                      register_replica_metrics(p, n, r.client.client_type)
-#   DB closed          unregister_db_metrics(p) (drops its replicas' series too)
-#   every sync         SYNC_COUNT.labels(p).inc(), SYNC_SECONDS.labels(p).inc(dt),
-#                      SYNC_ERROR_COUNT.labels(p).inc() if it failed (Go's defer)
-#   sync, after stat   DB_SIZE.labels(p).set(db file size), WAL_SIZE.labels(p).set(-wal size)
-#   shadow WAL copy    TOTAL_WAL_BYTES.labels(p).inc(bytes copied)
-#   end of sync        SHADOW_WAL_INDEX.labels(p).set(index), SHADOW_WAL_SIZE.labels(p).set(sum of sizes)
-#   every checkpoint   CHECKPOINT_COUNT.labels(p, mode).inc(), CHECKPOINT_SECONDS.labels(p, mode).inc(dt),
-#                      CHECKPOINT_ERROR_COUNT.labels(p, mode).inc() if it failed
-#   segment uploaded   REPLICA_WAL_BYTES.labels(p, n).inc(uncompressed bytes),
-#                      REPLICA_WAL_INDEX.labels(p, n).set(i), REPLICA_WAL_OFFSET.labels(p, n).set(off)
-#   replica synced     REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
-#   lag, pending       REPLICA_LAG_SECONDS.labels(p, n).set_function(fn) (read at each scrape,
-#                      so an idle stall still rises), REPLICA_PENDING_BYTES likewise or .set()
-#   validation         REPLICA_VALIDATION_TOTAL.labels(p, n, "ok"|"error").inc(),
-#                      VALIDATION_CHECKS_TOTAL.labels(p, n, "success"|"invalid"|"error").inc(),
-#                      LAST_VALIDATION_SUCCESS(_TIMESTAMP_SECONDS).labels(p, n).set(...)
-#   client operations  counted by the clients themselves (replica_operation)
-#   serving            MetricsServer(cfg.addr, healthz=..., readyz=...).start() / .close()
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-def format_go_float(v: float) -> str:
-    """Format v as Go's strconv.FormatFloat(v, 'g', -1, 64) (shortest digits)."""
-    v = float(v)
-    if v != v:
-        return "NaN"
-    if v in (float("inf"), float("-inf")):
-        return "+Inf" if v > 0 else "-Inf"
-    if v == 0:
-        return "-0" if repr(v)[0] == "-" else "0"
-    sign, digits, exp = decimal.Decimal(repr(v)).normalize().as_tuple()
-    ds = "".join(map(str, digits))
-    dp = len(ds) + exp  # the decimal point sits after dp digits
-    # %e when the exponent is < -4 or >= the precision, which is 6 for
-    # the shortest form.
-    x = dp - 1
-    if x < -4 or x >= 6:
-        m = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
-        s = "%se%s%02d" % (m, "-" if x < 0 else "+", abs(x))
-    elif dp <= 0:
-        s = "0." + "0" * -dp + ds
-    elif dp >= len(ds):
-        s = ds + "0" * (dp - len(ds))
-    else:
-        s = ds[:dp] + "." + ds[dp:]
-    return "-" + s if sign else s
-
-
-def _escape_label_value(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def _escape_help(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-class _Series:
-    """One series of a family: a float, or for a gauge a function read at each scrape."""
-
-    __slots__ = ("_lock", "_value", "_fn")
-
-    def __init__(self, lock):
-        self._lock = lock
-        self._value = 0.0
-        self._fn = None
-
-    def get(self) -> float:
-        """Return the current value."""
-        with self._lock:
-            fn, value = self._fn, self._value
-        if fn is None:
-            return value
-        try:
-            return float(fn())
-        except Exception as e:  # a scrape must not fail because one value could not be computed
-            log.debug("metrics: %s", e)
-            return float("nan")
-
-
-class CounterSeries(_Series):
-    """A counter's series: only goes up."""
-
-    __slots__ = ()
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add amount (>= 0)."""
-        if amount < 0:
-            raise ValueError("counters only go up (inc by %r)" % amount)
-        with self._lock:
-            self._value += amount
-
-
-class GaugeSeries(_Series):
-    """A gauge's series: set, raised or lowered, or computed at each scrape."""
-
-    __slots__ = ()
-
-    def set(self, value: float) -> None:
-        with self._lock:
-            self._value, self._fn = float(value), None
-
-    def inc(self, amount: float = 1.0) -> None:
-        with self._lock:
-            self._value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        with self._lock:
-            self._value -= amount
-
-    def set_function(self, fn) -> None:
-        """Compute the value with fn() at each scrape (called without the registry lock held)."""
-        with self._lock:
-            self._fn = fn
-
-
-class HistogramSeries(_Series):
-    """A histogram's series: per-bucket counts, the sum and the count of observations."""
-
-    __slots__ = ("_bounds", "_counts", "_count")
-
-    def __init__(self, lock, bounds):
-        super().__init__(lock)
-        self._bounds = bounds
-        self._counts = [0] * len(bounds)
-        self._count = 0
-
-    def observe(self, value: float) -> None:
-        """Record one observation (the sum is _value)."""
-        with self._lock:
-            for i, b in enumerate(self._bounds):
-                if value <= b:
-                    self._counts[i] += 1
-                    break
-            self._value += value
-            self._count += 1
-
-    def get(self) -> "tuple[List[int], float, int]":
-        """Return (cumulative bucket counts, sum, count)."""
-        with self._lock:
-            return list(accumulate(self._counts)), self._value, self._count
-
-
-class MetricFamily:
-    """A named metric of one type with fixed label names; its series are made by labels().
-
-    Usage: ``DB_SIZE.labels(db_path).set(n)``, ``SYNC_COUNT.labels(db_path).inc()``,
-    ``CHECKPOINT_SECONDS.labels(db_path, mode).inc(seconds)``,
-    ``REPLICA_OPERATION_DURATION_SECONDS.labels("s3", "PUT").observe(seconds)``.
-    Label values are given in the order of labelnames (or by name) and
-    turned into str.  A series exists, at 0, from its first labels() call.
-    """
-
-    def __init__(self, registry: "Metrics", name: str, type_: str, help_: str,
-                 labelnames: Sequence[str] = (), buckets: Sequence[float] = ()):
-        if not _METRIC_NAME_RE.match(name):
-            raise ValueError("invalid metric name %r" % name)
-        for ln in labelnames:
-            if not _LABEL_NAME_RE.match(ln) or ln.startswith("__") or (type_ == "histogram" and ln == "le"):
-                raise ValueError("invalid label name %r for %s" % (ln, name))
-        if type_ == "histogram" and (not buckets or list(buckets) != sorted(set(buckets))):
-            raise ValueError("histogram %s needs increasing buckets" % name)
-        self.name, self.type, self.help = name, type_, help_
-        self.labelnames = tuple(labelnames)
-        self.buckets = tuple(float(b) for b in buckets)
-        self._lock = registry._lock
-        self._series = {}  # type: Dict[Tuple[str, ...], _Series]
-
-    def _key(self, values, kw) -> Tuple[str, ...]:
-        if kw:
-            if values:
-                raise TypeError("%s: label values by position or by name, not both" % self.name)
-            if set(kw) != set(self.labelnames):
-                raise ValueError("%s: labels %s expected, got %s" % (self.name, list(self.labelnames), sorted(kw)))
-            values = [kw[n] for n in self.labelnames]
-        if len(values) != len(self.labelnames):
-            raise ValueError("%s: %d label values expected (%s), got %d"
-                             % (self.name, len(self.labelnames), ", ".join(self.labelnames), len(values)))
-        return tuple(str(v) for v in values)
-
-    def labels(self, *values, **kw) -> _Series:
-        """Return the series with these label values, creating it at 0."""
-        key = self._key(values, kw)
-        with self._lock:
-            s = self._series.get(key)
-            if s is None:
-                if self.type == "counter":
-                    s = CounterSeries(self._lock)
-                elif self.type == "gauge":
-                    s = GaugeSeries(self._lock)
-                else:
-                    s = HistogramSeries(self._lock, self.buckets)
-                self._series[key] = s
-            return s
-
-    def remove(self, *values, **kw) -> None:
-        """Drop the series with these label values, if it exists."""
-        key = self._key(values, kw)
-        with self._lock:
-            self._series.pop(key, None)
-
-    def remove_matching(self, **labels: str) -> int:
-        """Drop every series whose labels include these; return how many went."""
-        idx = [(self.labelnames.index(k), str(v)) for k, v in labels.items() if k in self.labelnames]
-        if len(idx) != len(labels):
-            return 0
-        with self._lock:
-            gone = [k for k in self._series if all(k[i] == v for i, v in idx)]
-            for k in gone:
-                del self._series[k]
-        return len(gone)
-
-    def series(self) -> "List[Tuple[Tuple[str, ...], _Series]]":
-        """Return [(label values, series)] sorted by label values."""
-        with self._lock:
-            return sorted(self._series.items(), key=lambda kv: kv[0])
-
-
-class Metrics:
-    """A lock-protected registry of metric families that renders the text exposition.
-
-    One lock guards every family and series: updates are a few float
-    operations, so contention is negligible next to a sync.  Collectors
-    (callables returning [(name, type, help, [({label: value}, float)])])
-    add families computed at each scrape, such as the process_* series.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._families = {}  # type: Dict[str, MetricFamily]
-        self._collectors = []
-
-    def _add(self, name, type_, help_, labelnames, buckets=()) -> MetricFamily:
-        fam = MetricFamily(self, name, type_, help_, labelnames, buckets)
-        with self._lock:
-            if name in self._families:
-                raise ValueError("metric %s is already registered" % name)
-            self._families[name] = fam
-        return fam
-
-    def counter(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
-        return self._add(name, "counter", help_, labelnames)
-
-    def gauge(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
-        return self._add(name, "gauge", help_, labelnames)
-
-    def histogram(self, name: str, help_: str, labelnames: Sequence[str], buckets: Sequence[float]) -> MetricFamily:
-        return self._add(name, "histogram", help_, labelnames, buckets)
-
-    def family(self, name: str) -> MetricFamily:
-        """Return a registered family by name (KeyError if unknown)."""
-        with self._lock:
-            return self._families[name]
-
-    def add_collector(self, fn) -> None:
-        with self._lock:
-            self._collectors.append(fn)
-
-    def remove_matching(self, **labels: str) -> int:
-        """Drop the series of every family whose labels include these (e.g. db=path)."""
-        with self._lock:
-            fams = list(self._families.values())
-        return sum(f.remove_matching(**labels) for f in fams)
-
-    def render(self) -> str:
-        """Return the whole registry in the text exposition format 0.0.4."""
-        with self._lock:
-            fams = sorted(self._families.values(), key=lambda f: f.name)
-            collectors = list(self._collectors)
-        out = []
-        blocks = [(f.name, f.type, f.help, f.labelnames, f.series()) for f in fams]
-        for fn in collectors:
-            for name, type_, help_, samples in fn():
-                names = sorted({k for labels, _ in samples for k in labels})
-                blocks.append((name, type_, help_, tuple(names), [
-                    (tuple(str(labels.get(n, "")) for n in names), value) for labels, value in samples]))
-        blocks.sort(key=lambda b: b[0])
-        for name, type_, help_, labelnames, series in blocks:
-            if not series:
-                continue  # as client_golang: a family without series is not exposed
-            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, _escape_help(help_), name, type_))
-            order = sorted(range(len(labelnames)), key=lambda i: labelnames[i])
-            for values, s in sorted(series, key=lambda vs: [vs[0][i] for i in order]):
-                pairs = ",".join('%s="%s"' % (labelnames[i], _escape_label_value(values[i])) for i in order)
-                if type_ != "histogram":
-                    v = s.get() if isinstance(s, _Series) else s
-                    out.append("%s%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(v)))
-                    continue
-                counts, total, count = s.get()
-                sep = "," if pairs else ""
-                for b, c in zip(s._bounds, counts):
-                    out.append('%s_bucket{%s%sle="%s"} %d\n' % (name, pairs, sep, format_go_float(b), c))
-                out.append('%s_bucket{%s%sle="+Inf"} %d\n' % (name, pairs, sep, count))
-                out.append("%s_sum%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(total)))
-                out.append("%s_count%s %d\n" % (name, "{%s}" % pairs if pairs else "", count))
-        return "".join(out)
-
-
-def _process_metrics():
-    """Return the process_* families (Prometheus client conventions) from /proc/self; [] off Linux."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        with open("/proc/self/limits", "rb") as f:
-            limits = {line[:26].strip(): line[26:].split()[0] for line in f}
-        # Soft limits; "unlimited" is Go's MaxUint64.
-        max_fds, max_vm = (float(2**64 - 1) if limits[k] == b"unlimited" else int(limits[k])
-                           for k in (b"Max open files", b"Max address space"))
-        open_fds = len(os.listdir("/proc/self/fd"))
-        ticks = os.sysconf("SC_CLK_TCK")
-        page = os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, StopIteration, IndexError, KeyError, AttributeError):
-        return []
-    # proc(5): fields after "(comm)": 3 state ... 14 utime, 15 stime,
-    # 22 starttime (ticks since boot), 23 vsize (bytes), 24 rss (pages).
-    f = stat[stat.rindex(b")") + 2:].split()
-    utime, stime, start, vsize, rss = int(f[11]), int(f[12]), int(f[19]), int(f[20]), int(f[21])
-    return [
-        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
-         [({}, (utime + stime) / ticks)]),
-        ("process_open_fds", "gauge", "Number of open file descriptors.", [({}, open_fds)]),
-        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", [({}, max_fds)]),
-        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", [({}, vsize)]),
-        ("process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.",
-         [({}, max_vm)]),
-        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [({}, rss * page)]),
-        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
-         [({}, btime + start / ticks)]),
-    ]
-
-
-# Every metric litestream.py exports.  Go 0.3.13's families keep Go's names,
-# types, labels and help strings byte for byte (typo included), so
-# dashboards and alerts written for Go Litestream work unchanged.
-METRICS = Metrics()
-METRICS.add_collector(_process_metrics)
-
-# Per database; db is the DB's absolute path (db.go).
-DB_SIZE = METRICS.gauge("litestream_db_size", "The current size of the real DB", ("db",))
-WAL_SIZE = METRICS.gauge("litestream_wal_size", "The current size of the real WAL", ("db",))
-TOTAL_WAL_BYTES = METRICS.counter("litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", ("db",))
-SHADOW_WAL_INDEX = METRICS.gauge("litestream_shadow_wal_index", "The current index of the shadow WAL", ("db",))
-SHADOW_WAL_SIZE = METRICS.gauge("litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", ("db",))
-SYNC_COUNT = METRICS.counter("litestream_sync_count", "Number of sync operations performed", ("db",))
-SYNC_ERROR_COUNT = METRICS.counter("litestream_sync_error_count", "Number of sync errors that have occurred", ("db",))
-SYNC_SECONDS = METRICS.counter("litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", ("db",))
-CHECKPOINT_COUNT = METRICS.counter("litestream_checkpoint_count", "Number of checkpoint operations performed",
-                                   ("db", "mode"))
-CHECKPOINT_ERROR_COUNT = METRICS.counter("litestream_checkpoint_error_count",
-                                         "Number of checkpoint errors that have occurred", ("db", "mode"))
-CHECKPOINT_SECONDS = METRICS.counter("litestream_checkpoint_seconds", "Time spent checkpointing WAL, in seconds",
-                                     ("db", "mode"))
-
-# Per replica; name is the replica's name, or its type when it has none (replica.go).
-REPLICA_WAL_BYTES = METRICS.counter("litestream_replica_wal_bytes", "The number wal bytes written", ("db", "name"))
-REPLICA_WAL_INDEX = METRICS.gauge("litestream_replica_wal_index", "The current WAL index", ("db", "name"))
-REPLICA_WAL_OFFSET = METRICS.gauge("litestream_replica_wal_offset", "The current WAL offset", ("db", "name"))
-REPLICA_VALIDATION_TOTAL = METRICS.counter("litestream_replica_validation_total",
-                                           "The number of validations performed", ("db", "name", "status"))
-
-# Per replica client type (internal/internal.go), counted as Go 0.3.13's S3
-# client counts: LIST per page, DELETE per DeleteObjects batch, PUT per
-# object (a multipart upload once), GET per object read; bytes of PUT and
-# GET only.  The file client counts none of these, as in Go.
-REPLICA_OPERATION_TOTAL = METRICS.counter("litestream_replica_operation_total",
-                                          "The number of replica operations performed",
-                                          ("replica_type", "operation"))
-REPLICA_OPERATION_BYTES = METRICS.counter("litestream_replica_operation_bytes",
-                                          "The number of bytes used by replica operations",
-                                          ("replica_type", "operation"))
-
-# Ours: what no Litestream exports.
-REPLICA_LAG_SECONDS = METRICS.gauge(
-    "litestream_replica_lag_seconds",
-    "Age of the oldest transaction committed locally that is not yet durable in the replica, "
-    "in seconds; 0 when caught up", ("db", "name"))
-REPLICA_PENDING_BYTES = METRICS.gauge(
-    "litestream_replica_pending_bytes",
-    "Bytes of WAL committed locally that are not yet durable in the replica", ("db", "name"))
-REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
-    "litestream_replica_last_success_timestamp_seconds",
-    "Unix time of the replica's last successful sync", ("db", "name"))
-# Names, help and buckets of Go 0.5; kept for every operation of every client.
-REPLICA_OPERATION_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
-REPLICA_OPERATION_DURATION_SECONDS = METRICS.histogram(
-    "litestream_replica_operation_duration_seconds", "Duration of replica operations by type and operation",
-    ("replica_type", "operation"), REPLICA_OPERATION_DURATION_BUCKETS)
-REPLICA_OPERATION_ERRORS_TOTAL = METRICS.counter(
-    "litestream_replica_operation_errors_total",
-    "Number of replica operation errors by type, operation, and error code",
-    ("replica_type", "operation", "code"))
-# Proposed upstream in Litestream #1535, with the replica's name where the
-# proposal has an LTX level.  result is success, invalid or error.
-VALIDATION_CHECKS_TOTAL = METRICS.counter(
-    "litestream_validation_checks_total", "Number of replica validation checks completed, by result",
-    ("db", "name", "result"))
-LAST_VALIDATION_SUCCESS = METRICS.gauge(
-    "litestream_last_validation_success",
-    "Whether the last replica validation check passed (1) or not (0)", ("db", "name"))
-LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
-    "litestream_last_validation_success_timestamp_seconds",
-    "Unix time of the last passing replica validation check; 0 until one passes", ("db", "name"))
-
-REPLICA_OPERATIONS = ("GET", "PUT", "DELETE", "LIST")
-_DB_FAMILIES = (DB_SIZE, WAL_SIZE, TOTAL_WAL_BYTES, SHADOW_WAL_INDEX, SHADOW_WAL_SIZE,
-                SYNC_COUNT, SYNC_ERROR_COUNT, SYNC_SECONDS)
-_CHECKPOINT_FAMILIES = (CHECKPOINT_COUNT, CHECKPOINT_ERROR_COUNT, CHECKPOINT_SECONDS)
-_REPLICA_FAMILIES = (REPLICA_WAL_BYTES, REPLICA_WAL_INDEX, REPLICA_WAL_OFFSET, REPLICA_LAG_SECONDS,
-                     REPLICA_PENDING_BYTES, REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS,
-                     LAST_VALIDATION_SUCCESS, LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS)
-
-
-def register_db_metrics(db: str) -> None:
-    """Create a DB's series at 0 (db = its absolute path), so scrapes never see one appear late.
-
-    Covers the eight per-DB families and the checkpoint families for each
-    mode (PASSIVE, RESTART, TRUNCATE).  Call it when the DB is opened.
-    """
-    for fam in _DB_FAMILIES:
-        fam.labels(db)
-    for fam in _CHECKPOINT_FAMILIES:
-        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
-            fam.labels(db, mode)
-
-
-def unregister_db_metrics(db: str) -> None:
-    """Drop every series labelled with this DB: its own and its replicas'."""
-    METRICS.remove_matching(db=db)
-
-
-def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
-    """Create a replica's series at 0, and its client type's, so scrapes never see one appear late.
-
-    Per replica: wal bytes/index/offset, lag, pending bytes, last success,
-    validation_total for status ok and error (as Go), validation checks for
-    each result.  Per client type: the duration histogram of each operation,
-    and Go's operation counters (not for the file client, as Go).  Error
-    series appear with their first error: their code is not known before.
-    """
-    for fam in _REPLICA_FAMILIES:
-        fam.labels(db, name)
-    for status in ("ok", "error"):
-        REPLICA_VALIDATION_TOTAL.labels(db, name, status)
-    for result in ("success", "invalid", "error"):
-        VALIDATION_CHECKS_TOTAL.labels(db, name, result)
-    for op in REPLICA_OPERATIONS:
-        REPLICA_OPERATION_DURATION_SECONDS.labels(replica_type, op)
-        if replica_type != FileReplicaClient.client_type:
-            REPLICA_OPERATION_TOTAL.labels(replica_type, op)
-            if op in ("GET", "PUT"):
-                REPLICA_OPERATION_BYTES.labels(replica_type, op)
-
-
-def unregister_replica_metrics(db: str, name: str) -> None:
-    """Drop a replica's series (its client type's stay: other replicas share them)."""
-    for fam in _REPLICA_FAMILIES + (REPLICA_VALIDATION_TOTAL, VALIDATION_CHECKS_TOTAL):
-        fam.remove_matching(db=db, name=name)
-
-
-def _error_code(e: BaseException) -> str:
-    """Return the code an operation error is counted under: S3's, else the errno name, else the type."""
-    for err in (e, e.__cause__):
-        if isinstance(err, S3Error) and err.code:
-            return err.code
-    if isinstance(e, OSError) and e.errno:
-        return errno.errorcode.get(e.errno, str(e.errno))
-    return type(e).__name__
-
-
-class replica_operation:
-    """Time one replica client operation and count it (a context manager).
-
-    On success it observes litestream_replica_operation_duration_seconds
-    and, when count is true (Go's semantics; the file client passes false),
-    adds 1 to litestream_replica_operation_total and op.bytes, if set, to
-    litestream_replica_operation_bytes.  On an exception it observes the
-    duration and counts litestream_replica_operation_errors_total under
-    the error's code.  op.skip() records nothing (an attempt that does not
-    count, such as a refused ListObjectsV2 before the V1 fallback).
-
-        with replica_operation("s3", "PUT") as op:
-            op.bytes = self.upload(key, rd)
-    """
-
-    __slots__ = ("replica_type", "operation", "count", "bytes", "_skip", "_t0")
-
-    def __init__(self, replica_type: str, operation: str, count: bool = True):
-        self.replica_type, self.operation, self.count = replica_type, operation, count
-        self.bytes = None
-        self._skip = False
-
-    def skip(self) -> None:
-        self._skip = True
-
-    def __enter__(self) -> "replica_operation":
-        self._t0 = time.monotonic()
-        return self
-
-    def __exit__(self, typ, e, tb) -> None:
-        if self._skip or (typ is not None and not issubclass(typ, Exception)):
-            return
-        REPLICA_OPERATION_DURATION_SECONDS.labels(self.replica_type, self.operation).observe(
-            time.monotonic() - self._t0)
-        if e is not None:
-            REPLICA_OPERATION_ERRORS_TOTAL.labels(self.replica_type, self.operation, _error_code(e)).inc()
-        elif self.count:
-            REPLICA_OPERATION_TOTAL.labels(self.replica_type, self.operation).inc()
-            if self.bytes is not None:
-                REPLICA_OPERATION_BYTES.labels(self.replica_type, self.operation).inc(self.bytes)
-
-
-# --------------------------------------------------------------------------
-# MetricsServer
-
-
-def parse_bind_addr(addr: str) -> "tuple[str, int]":
-    """Split a bind address as Go's net.SplitHostPort; "" as host means every interface.
-
-    ":9090", "127.0.0.1:9090", "localhost:9090" and "[::1]:9090" are
-    accepted.  Raises ValueError (Go's "must specify port for bind address")
-    when there is no port.
-    """
-    host, port = "", ""
-    if addr.startswith("["):
-        end = addr.find("]")
-        if end > 0 and addr[end + 1:end + 2] == ":":
-            host, port = addr[1:end], addr[end + 2:]
-    elif addr.count(":") == 1:
-        host, port = addr.split(":")
-    if not port:
-        raise ValueError('must specify port for bind address: "%s"' % addr)
-    if not re.fullmatch(r"\d{1,5}", port, re.ASCII) or int(port) > 65535:
-        raise ValueError('invalid port in bind address: "%s" (expected a number from 0 to 65535)' % addr)
-    return host, int(port)
-
-
-class MetricsServer:
-    """Serve GET /metrics, /healthz and /readyz on a bind address from a daemon thread.
-
-    addr is Go's "addr" (":9090" listens on every interface, IPv6 too where
-    the system allows).  /metrics renders registry (default METRICS) as
-    text exposition 0.0.4.  healthz and readyz are callables returning
-    (ok, body): 200 and body when ok, else 503 and body; an endpoint
-    without a callable, like any other path, is 404.  They run on the
-    request's thread, so they must be quick and must not block on a sync.
-
-        srv = MetricsServer(":9090", healthz=engine.healthz, readyz=engine.readyz)
-        srv.start()      # LitestreamError: one line, if the address cannot be bound
-        ...
-        srv.close()      # shutdown() and server_close()
-    """
-
-    def __init__(self, addr: str, registry: Optional[Metrics] = None, healthz=None, readyz=None):
-        self.addr = addr
-        self.host, self.port = parse_bind_addr(addr)
-        self.registry = registry if registry is not None else METRICS
-        self.routes = {"/healthz": healthz, "/readyz": readyz}
-        self._server = None  # type: Optional[http.server.ThreadingHTTPServer]
-        self._thread = None  # type: Optional[threading.Thread]
-
-    @property
-    def url(self) -> str:
-        """Return http://HOST:PORT of the listening socket ("localhost" for every interface, as Go logs)."""
-        host, port = self.host or "localhost", self._server.server_address[1] if self._server else self.port
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
-
-    def _handler(self):
-        srv = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 30  # a stalled client gives its thread back
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                ctype = "text/plain; charset=utf-8"
-                try:
-                    if path == "/metrics":
-                        status, body, ctype = 200, srv.registry.render(), PROMETHEUS_CONTENT_TYPE
-                    elif srv.routes.get(path) is not None:
-                        ok, body = srv.routes[path]()
-                        status = 200 if ok else 503
-                    else:
-                        status, body = 404, "404 page not found\n"
-                except Exception as e:
-                    log.error("metrics: %s: %s", path, e)
-                    status, body = 500, "internal error\n"
-                data = body.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, fmt, *args):
-                log.debug("metrics: %s %s", self.address_string(), fmt % args)
-
-        return Handler
-
-    def start(self) -> None:
-        """Bind and serve; raise LitestreamError naming the address if it cannot be bound."""
-        host, family = self.host, socket.AF_INET
-        if ":" in host:
-            family = socket.AF_INET6
-        elif not host and socket.has_dualstack_ipv6():
-            host, family = "::", socket.AF_INET6
-        dual_stack = family == socket.AF_INET6 and not self.host
-
-        class Server(http.server.ThreadingHTTPServer):
-            address_family = family
-            daemon_threads = True
-
-            def server_bind(self):
-                if dual_stack:
-                    # Go's ":PORT" takes IPv4 clients on the IPv6 socket too.
-                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                # HTTPServer.server_bind would also look up the host's FQDN: skip that.
-                socketserver.TCPServer.server_bind(self)
-                self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-            def handle_error(self, request, client_address):
-                # A scraper that hangs up mid-answer is not worth a traceback on stderr.
-                log.debug("metrics: request from %s failed: %s", client_address[0], sys.exc_info()[1])
-
-        try:
-            self._server = Server((host, self.port), self._handler())
-        except (OSError, OverflowError) as e:
-            raise LitestreamError("cannot start metrics server on %s: %s" % (self.addr, e)) from None
-        self._thread = threading.Thread(target=self._server.serve_forever, name="litestream-metrics",
-                                        daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop serving and close the listening socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
-            self._server = self._thread = None
-
-
-###############################################################################
 # Config
 ###############################################################################
 
@@ -6950,6 +7214,7 @@ class ReplicaConfig:
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     snapshot_interval: float = 0.0
     validation_interval: float = 0.0
+    max_lag: float = 0.0
     bucket: str = ""
     region: str = ""
     endpoint: str = ""
@@ -7002,6 +7267,8 @@ class Config:
     log_stderr: bool = False
     log_type: str = "text"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    heartbeat_url: str = ""
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     dbs: Tuple[DBConfig, ...] = ()
     config_path: str = ""
 
@@ -7215,6 +7482,13 @@ def _part_size(v):
     return n
 
 
+def _heartbeat_url(v):
+    u = urllib.parse.urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return v
+
+
 def _sse_c_key(v):
     try:
         ok = len(base64.b64decode(v, validate=True)) == 32
@@ -7228,7 +7502,7 @@ def _sse_c_key(v):
 _GLOBAL_KEYS = {
     "addr": _addr, "access-key-id": str, "secret-access-key": str, "exec": str,
     "log-level": _log_level, "log-stderr": _bool, "log-type": _choice("text", "json"),
-    "shutdown-timeout": _duration(),
+    "shutdown-timeout": _duration(), "heartbeat-url": _heartbeat_url, "heartbeat-interval": _duration(strict=True),
 }
 _DB_KEYS = {
     "path": _abspath, "meta-path": _abspath, "replica": str,
@@ -7247,6 +7521,7 @@ _REPLICA_KEYS = dict({
     "retention-check-interval": _duration(strict=True), "retention-min-snapshots": _int(1),
     "sync-interval": _duration(strict=True),
     "snapshot-interval": _duration(), "validation-interval": _duration(),
+    "max-lag": _duration(strict=True),
 }, **_S3_KEYS)
 # S3 keys that may also come in an s3:// URL's query; credentials may not.
 _URL_QUERY_KEYS = sorted(set(_S3_KEYS) - {"bucket", "access-key-id", "secret-access-key", "sse-c-key"})
@@ -8065,7 +8340,8 @@ def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
                    sync_interval=rc.sync_interval, retention=rc.retention,
                    retention_check_interval=rc.retention_check_interval,
                    retention_min_snapshots=rc.retention_min_snapshots,
-                   snapshot_interval=rc.snapshot_interval, validation_interval=rc.validation_interval)
+                   snapshot_interval=rc.snapshot_interval, validation_interval=rc.validation_interval,
+                   max_lag=rc.max_lag)
 
 
 def new_db_from_config(dc: "DBConfig", scheduler: Optional[Scheduler] = None,
@@ -8125,10 +8401,13 @@ class Replicator:
         self.background = background
         self.shutdown_timeout = config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         self.dbs: List[DB] = []
+        self.metrics_server: Optional[MetricsServer] = None
         self._schedulers: List[Scheduler] = []
         self._lock = threading.Lock()
         self._opened = self._closed = False
         self._deadline: Optional[_Deadline] = None
+        self._heartbeat_task: Optional[Task] = None
+        self._heartbeat_sent = -1e18  # monotonic
 
     @classmethod
     def from_config(cls, path: str, *, expand_env: bool = True, **kw) -> "Replicator":
@@ -8159,6 +8438,11 @@ class Replicator:
         cfg = self.config
         if not cfg.dbs:
             raise ConfigError("no databases specified in configuration")
+        if cfg.addr:
+            # First, as Go: a port taken by someone else fails before any database is touched.
+            self.metrics_server = MetricsServer(cfg.addr, healthz=self.healthz, readyz=self.readyz)
+            self.metrics_server.start()
+            log.info("serving metrics on %s/metrics", self.metrics_server.url)
         # A restore drill holds a worker for minutes: one more for each.
         n_replicas = sum(len(dc.replicas) + sum(1 for rc in dc.replicas if rc.validation_interval > 0)
                          for dc in cfg.dbs)
@@ -8183,7 +8467,11 @@ class Replicator:
                         db.close(0)
             for s in self._schedulers:
                 s.close()
+            self._close_metrics_server()
             raise
+        if cfg.heartbeat_url and rep_sched is not None:
+            self._heartbeat_task = rep_sched.task(self._heartbeat_step, "heartbeat")
+            self._heartbeat_task.schedule(min(cfg.heartbeat_interval, HEARTBEAT_CHECK_INTERVAL))
         return self
 
     def close(self, timeout: Optional[float] = None) -> None:
@@ -8208,10 +8496,13 @@ class Replicator:
             except Exception as e:
                 failed.append("%s: %s" % (db.name, e))
 
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         _parallel([functools.partial(close_db, db) for db in self.dbs], "litestream-close", deadline=dl,
                   on_timeout=lambda: failed.append("final sync did not finish within the shutdown timeout"))
         for s in self._schedulers:
             s.close()
+        self._close_metrics_server()
         if failed:
             raise ShutdownError("not everything was replicated: " + "; ".join(sorted(failed)))
 
@@ -8220,6 +8511,50 @@ class Replicator:
         dl = self._deadline
         if dl is not None:
             dl.abort()
+
+    def _close_metrics_server(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+
+    # Health ------------------------------------------------------------------
+
+    def healthz(self) -> "tuple[bool, str]":
+        """Return (alive, body): whether every database's sync loop is running and recent (/healthz)."""
+        if not self._opened or self._closed:
+            return False, "replicator is not running\n"
+        now, stuck = time.monotonic(), []
+        for db in self.dbs:
+            if db._background and not db._stopping:
+                idle = now - db._last_monitor
+                if idle > max(HEALTH_STALL, 10 * db.monitor_interval):
+                    stuck.append("%s: sync loop has not run for %.0fs\n" % (db.name, idle))
+        return (False, "".join(stuck)) if stuck else (True, "ok\n")
+
+    def readyz(self) -> "tuple[bool, str]":
+        """Return (ready, body): whether every replica is within its max-lag and syncing (/readyz).
+
+        When not ready, the body has one line per failing replica naming
+        the DB, the replica, the lag and the last error.
+        """
+        if not self._opened or self._closed:
+            return False, "replicator is not running\n"
+        lines = [r.problem() for db in self.dbs for r in db.replicas]
+        lines = [line + "\n" for line in lines if line]
+        return (False, "".join(lines)) if lines else (True, "ok\n")
+
+    def _heartbeat_step(self) -> Optional[float]:
+        # Go 0.5's heartbeat: a GET once per interval while everything
+        # replicates (each replica's last sync succeeded, within max-lag).
+        cfg = self.config
+        if time.monotonic() - self._heartbeat_sent < cfg.heartbeat_interval:
+            return max(0.0, self._heartbeat_sent + cfg.heartbeat_interval - time.monotonic())
+        healthy = all(r.last_success and not r.problem() for db in self.dbs for r in db.replicas)
+        if healthy:
+            self._heartbeat_sent = time.monotonic()
+            send_heartbeat(cfg.heartbeat_url)
+            return cfg.heartbeat_interval
+        return min(cfg.heartbeat_interval, HEARTBEAT_CHECK_INTERVAL)
 
     # Syncing -----------------------------------------------------------------
 
@@ -8312,6 +8647,24 @@ class Replicator:
                                              ", last error: " + x.last_error if x.last_error else "")
                         for x in behind)))
         return targets["pos"]
+
+
+def send_heartbeat(url: str, timeout: float = 10.0) -> bool:
+    """GET url (a healthchecks.io-style ping); log a failure and return False, never raise.
+
+    The URL is not logged: ping URLs are bearer tokens.
+    """
+    import urllib.request
+    host = urllib.parse.urlsplit(url).hostname or "?"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout) as resp:
+            resp.read(1 << 16)
+            log.debug("heartbeat sent to %s: %d", host, resp.status)
+            return True
+    except Exception as e:  # urllib raises a zoo (URLError, HTTPError, OSError, ValueError...)
+        code = getattr(e, "code", None)
+        log.warning("heartbeat to %s failed: %s", host, "HTTP %d" % code if code else getattr(e, "reason", e))
+        return False
 
 
 def _parallel(fns, name: str, limit: int = 16, deadline: Optional[_Deadline] = None, on_timeout=None) -> None:
@@ -8651,11 +9004,12 @@ def cmd_replicate(args) -> int:
         cfg = config_from_cli(args.target[0], args.target[1:])
     else:
         cfg = _load(args)
-    if cfg.addr:
-        # Serving nothing while the config asks for metrics would be a
-        # silent failure; say so until the server exists.
-        raise ConfigError("%s:[litestream] addr: the /metrics server is not implemented in "
-                          "litestream.py yet; remove the key" % (cfg.config_path or "config"))
+    if args.addr is not None:
+        try:
+            parse_bind_addr(args.addr)
+        except ValueError as e:
+            raise _CLIError("invalid -addr: %s" % e) from None
+        cfg = replace(cfg, addr=args.addr)
     if not cfg.dbs:
         raise ConfigError("no databases specified in configuration")
     exec_cmd = args.exec if args.exec is not None else cfg.exec
@@ -9134,6 +9488,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-shutdown-timeout", "--shutdown-timeout", default="", metavar="DURATION",
                     help="bound on the final sync after a signal (default: config's shutdown-timeout, %gs)"
                     % DEFAULT_SHUTDOWN_TIMEOUT)
+    sp.add_argument("-addr", "--addr", default=None, metavar="HOST:PORT",
+                    help="serve /metrics, /healthz and /readyz here (default: config's addr; none)")
     sp.add_argument("target", nargs="*", metavar="DB_PATH REPLICA_URL", help="database and replica URLs or directories")
 
     sp = cmd("restore", "restore a database from a replica", cmd_restore)

@@ -717,6 +717,532 @@ class TestLZ4Peer(unittest.TestCase):
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+
+# ../shared/reference/metrics.md: name -> (type, label names, help), copied
+# from Go 0.3.13's db.go, replica.go and internal/internal.go (typo included).
+GO_METRICS = {
+    "litestream_db_size": ("gauge", ("db",), "The current size of the real DB"),
+    "litestream_wal_size": ("gauge", ("db",), "The current size of the real WAL"),
+    "litestream_total_wal_bytes": ("counter", ("db",), "Total number of bytes written to shadow WAL"),
+    "litestream_shadow_wal_index": ("gauge", ("db",), "The current index of the shadow WAL"),
+    "litestream_shadow_wal_size": ("gauge", ("db",), "Current size of shadow WAL, in bytes"),
+    "litestream_sync_count": ("counter", ("db",), "Number of sync operations performed"),
+    "litestream_sync_error_count": ("counter", ("db",), "Number of sync errors that have occurred"),
+    "litestream_sync_seconds": ("counter", ("db",), "Time spent syncing shadow WAL, in seconds"),
+    "litestream_checkpoint_count": ("counter", ("db", "mode"), "Number of checkpoint operations performed"),
+    "litestream_checkpoint_error_count": ("counter", ("db", "mode"), "Number of checkpoint errors that have occurred"),
+    "litestream_checkpoint_seconds": ("counter", ("db", "mode"), "Time spent checkpointing WAL, in seconds"),
+    "litestream_replica_wal_bytes": ("counter", ("db", "name"), "The number wal bytes written"),
+    "litestream_replica_wal_index": ("gauge", ("db", "name"), "The current WAL index"),
+    "litestream_replica_wal_offset": ("gauge", ("db", "name"), "The current WAL offset"),
+    "litestream_replica_validation_total": ("counter", ("db", "name", "status"), "The number of validations performed"),
+    "litestream_replica_operation_total": ("counter", ("replica_type", "operation"),
+                                           "The number of replica operations performed"),
+    "litestream_replica_operation_bytes": ("counter", ("replica_type", "operation"),
+                                           "The number of bytes used by replica operations"),
+}
+PROCESS_METRICS = {
+    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
+    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
+    "process_max_fds": ("gauge", (), "Maximum number of open file descriptors."),
+    "process_virtual_memory_bytes": ("gauge", (), "Virtual memory size in bytes."),
+    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
+    "process_start_time_seconds": ("gauge", (), "Start time of the process since unix epoch in seconds."),
+}
+# Ours (the reference's "what we add"): names and label sets; help is ours.
+OUR_METRICS = {
+    "litestream_replica_lag_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_pending_bytes": ("gauge", ("db", "name")),
+    "litestream_replica_last_success_timestamp_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_operation_duration_seconds": ("histogram", ("replica_type", "operation")),
+    "litestream_replica_operation_errors_total": ("counter", ("replica_type", "operation", "code")),
+    "litestream_validation_checks_total": ("counter", ("db", "name", "result")),
+    "litestream_last_validation_success": ("gauge", ("db", "name")),
+    "litestream_last_validation_success_timestamp_seconds": ("gauge", ("db", "name")),
+}
+
+
+def parse_exposition(text):
+    """Parse text exposition with prometheus_client's parser (the test peer): {name: family}."""
+    require_peer(have_module("prometheus_client"), "prometheus_client", "pip install prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    typed = set(re.findall(r"(?m)^# TYPE (\S+) ", text))
+    fams = {}
+    for f in text_string_to_metric_families(text):
+        # The parser drops a counter family's "_total" (and adds it to the
+        # samples of counters without one); key families by the exposed name.
+        fams[f.name + "_total" if f.name + "_total" in typed else f.name] = f
+    return fams
+
+
+def family_labels(fam):
+    return {k for s in fam.samples for k in s.labels if k != "le"}
+
+
+def sample_value(text, name, **labels):
+    """Return the value of one sample in an exposition, or None if it is absent."""
+    for f in parse_exposition(text).values():
+        for s in f.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+def http_get(url, timeout=10):
+    """Return (status, headers, body text) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, e.read().decode()
+
+
+def op_metrics(replica_type):
+    """Return a client type's operation metrics now, without creating series: {key: value}."""
+    out = {}
+    for kind, fam in (("total", ls.REPLICA_OPERATION_TOTAL), ("bytes", ls.REPLICA_OPERATION_BYTES)):
+        for (t, op), s in fam.series():
+            if t == replica_type:
+                out[(kind, op)] = s.get()
+    for (t, op), s in ls.REPLICA_OPERATION_DURATION_SECONDS.series():
+        if t == replica_type:
+            out[("seconds", op)] = s.get()[2]
+    for (t, op, code), s in ls.REPLICA_OPERATION_ERRORS_TOTAL.series():
+        if t == replica_type:
+            out[("errors", op, code)] = s.get()
+    return out
+
+
+def metric_delta(before, after):
+    """Return the non-zero differences between two op_metrics() readings."""
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+class TestMetrics(TempDirTestCase):
+    """The registry and its text exposition (Prometheus text format 0.0.4)."""
+
+    def registry(self):
+        return ls.Metrics()
+
+    def test_go_float_format(self):
+        """Ensure values print as Go's strconv.FormatFloat(v, 'g', -1, 64) (expfmt's format)."""
+        # Go's outputs, e.g. litestream_db_size 1.234567e+06 and Go's own
+        # process_virtual_memory_max_bytes 1.8446744073709552e+19.
+        table = [(0, "0"), (1, "1"), (16384, "16384"), (123456, "123456"), (1e6, "1e+06"),
+                 (1234567, "1.234567e+06"), (0.5, "0.5"), (0.003696091, "0.003696091"),
+                 (0.0001, "0.0001"), (0.00001, "1e-05"), (1.5e-7, "1.5e-07"), (-2.5, "-2.5"),
+                 (1796205056.35, "1.79620505635e+09"), (2.0**64 - 1, "1.8446744073709552e+19"),
+                 (1e21, "1e+21"), (100000, "100000"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"),
+                 (float("nan"), "NaN"), (-0.0, "-0")]
+        for v, want in table:
+            with self.subTest(v=v):
+                self.assertEqual(ls.format_go_float(v), want)
+
+    def test_render_exact_text(self):
+        """Ensure HELP/TYPE lines, escaping, label order, series order, +Inf, _sum and _count are as the format says."""
+        m = self.registry()
+        c = m.counter("t_requests", "Requests\\handled\nby path", ("path", "code"))
+        g = m.gauge("t_temp", "Temperature", ())
+        h = m.histogram("t_latency", "Latency", ("op",), (0.1, 1))
+        m.gauge("t_unused", "Never set", ("x",))
+        c.labels("/a\"b\\c\nd", "200").inc(2)
+        c.labels(path="/", code="500").inc()
+        g.labels().set(-1.5)
+        for v in (0.05, 0.1, 0.5, 7):
+            h.labels("GET").observe(v)
+        self.assertEqual(m.render(), textwrap.dedent('''\
+            # HELP t_latency Latency
+            # TYPE t_latency histogram
+            t_latency_bucket{op="GET",le="0.1"} 2
+            t_latency_bucket{op="GET",le="1"} 3
+            t_latency_bucket{op="GET",le="+Inf"} 4
+            t_latency_sum{op="GET"} 7.65
+            t_latency_count{op="GET"} 4
+            # HELP t_requests Requests\\\\handled\\nby path
+            # TYPE t_requests counter
+            t_requests{code="200",path="/a\\"b\\\\c\\nd"} 2
+            t_requests{code="500",path="/"} 1
+            # HELP t_temp Temperature
+            # TYPE t_temp gauge
+            t_temp -1.5
+            '''))
+
+    def test_label_and_value_errors(self):
+        """Ensure wrong label counts or names, falling counters, bad names and duplicates raise."""
+        m = self.registry()
+        c = m.counter("t_c", "c", ("a", "b"))
+        with self.assertRaises(ValueError):
+            c.labels("x")
+        with self.assertRaises(ValueError):
+            c.labels(a="x", c="y")
+        with self.assertRaises(ValueError):
+            c.labels("x", "y").inc(-1)
+        with self.assertRaises(ValueError):
+            m.counter("t_c", "again")
+        with self.assertRaises(ValueError):
+            m.gauge("bad-name", "g")
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", ("le",), (1,))
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", (), (2, 1))
+
+    def test_remove_series(self):
+        """Ensure remove() drops one series and remove_matching() every series with those labels."""
+        m = self.registry()
+        a = m.gauge("t_a", "a", ("db", "name"))
+        b = m.counter("t_b", "b", ("db",))
+        for db in ("/x", "/y"):
+            b.labels(db)
+            for name in ("s3", "file"):
+                a.labels(db, name).set(1)
+        a.remove("/y", "s3")
+        self.assertEqual(m.remove_matching(db="/x"), 3)
+        self.assertEqual(m.render(), '# HELP t_a a\n# TYPE t_a gauge\nt_a{db="/y",name="file"} 1\n'
+                                     '# HELP t_b b\n# TYPE t_b counter\nt_b{db="/y"} 0\n')
+
+    def test_gauge_function(self):
+        """Ensure a gauge set by function is computed at each scrape, and a failing one reads NaN."""
+        m = self.registry()
+        g = m.gauge("t_lag", "lag", ("name",))
+        now = [5.0]
+        g.labels("ok").set_function(lambda: now[0])
+        g.labels("bad").set_function(lambda: 1 / 0)
+        self.assertIn('t_lag{name="ok"} 5\n', m.render())
+        now[0] = 6.25
+        text = m.render()
+        self.assertIn('t_lag{name="ok"} 6.25\n', text)
+        self.assertIn('t_lag{name="bad"} NaN\n', text)
+        g.labels("ok").set(1)
+        self.assertIn('t_lag{name="ok"} 1\n', m.render())
+
+    def test_concurrent_updates(self):
+        """Ensure updates from many threads are all counted."""
+        m = self.registry()
+        c = m.counter("t_n", "n", ("k",))
+        h = m.histogram("t_h", "h", ("k",), (1,))
+
+        def work():
+            for _ in range(5000):
+                c.labels("k").inc()
+                h.labels("k").observe(0.5)
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(c.labels("k").get(), 40000)
+        self.assertEqual(h.labels("k").get(), ([40000], 20000.0, 40000))
+
+    def test_db_and_replica_series_precreated_and_removed(self):
+        """Ensure registering a DB and replicas creates every series at 0 and unregistering drops them."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        ls.register_replica_metrics(db, "file", "file")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        fams = parse_exposition(ls.METRICS.render())
+        per_db = {n for n, (_, labels, _) in GO_METRICS.items() if labels[0] == "db"}
+        per_db |= {n for n, (_, labels) in OUR_METRICS.items() if labels[0] == "db"}
+        for name in per_db:
+            with self.subTest(name=name):
+                samples = [s for s in fams[name].samples if s.labels.get("db") == db]
+                self.assertTrue(samples, name)
+                self.assertEqual({s.value for s in samples}, {0.0})
+                if "name" in GO_METRICS.get(name, OUR_METRICS.get(name))[1]:
+                    self.assertEqual({s.labels["name"] for s in samples}, {"s3", "file"})
+        modes = {s.labels["mode"] for s in fams["litestream_checkpoint_count"].samples if s.labels["db"] == db}
+        self.assertEqual(modes, {"PASSIVE", "RESTART", "TRUNCATE"})
+        status = {s.labels["status"] for s in fams["litestream_replica_validation_total"].samples
+                  if s.labels["db"] == db and s.labels["name"] == "s3"}
+        self.assertEqual(status, {"ok", "error"})
+        results = {s.labels["result"] for s in fams["litestream_validation_checks_total"].samples
+                   if s.labels["db"] == db and s.labels["name"] == "file"}
+        self.assertEqual(results, {"success", "invalid", "error"})
+        ops = {(s.labels["replica_type"], s.labels["operation"]) for s in fams["litestream_replica_operation_total"].samples}
+        self.assertLessEqual({("s3", op) for op in ("GET", "PUT", "DELETE", "LIST")}, ops)
+        self.assertNotIn("file", {t for t, _ in ops}, "Go's file client counts no operations")
+        durations = {(s.labels["replica_type"], s.labels["operation"])
+                     for s in fams["litestream_replica_operation_duration_seconds"].samples}
+        self.assertLessEqual({("file", "GET"), ("s3", "LIST")}, durations)
+
+        ls.unregister_replica_metrics(db, "s3")
+        text = ls.METRICS.render()
+        self.assertNotIn('name="s3"', "".join(l for l in text.splitlines(True) if db in l))
+        self.assertIn('name="file"', text)
+        ls.unregister_db_metrics(db)
+        self.assertNotIn(db, ls.METRICS.render())
+
+    def test_process_series(self):
+        """Ensure the process_* series match what the kernel and the interpreter report (Linux)."""
+        if not os.path.exists("/proc/self/stat"):
+            self.skipTest("process_* series come from /proc (Linux only)")
+        import resource
+        cpu0 = time.process_time()
+        fams = parse_exposition(ls.METRICS.render())
+        cpu1 = time.process_time()
+        for name, (typ, _, help_) in PROCESS_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual((fams[name].type, fams[name].documentation), (typ, help_))
+
+        def value(name):
+            return fams[name].samples[0].value
+        # CPU time in clock ticks (1/100 s): within a tick of the interpreter's count.
+        self.assertGreaterEqual(value("process_cpu_seconds_total"), cpu0 - 0.02)
+        self.assertLessEqual(value("process_cpu_seconds_total"), cpu1 + 0.02)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(value("process_max_fds"), 2.0**64 - 1 if soft == resource.RLIM_INFINITY else soft)
+        self.assertGreaterEqual(value("process_open_fds"), 3)
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.assertGreater(value("process_resident_memory_bytes"), 0)
+        self.assertLessEqual(value("process_resident_memory_bytes"), rss_kb * 1024)
+        self.assertGreater(value("process_virtual_memory_bytes"), value("process_resident_memory_bytes"))
+        # The kernel's boot time has 1 s resolution; the process started before this module was imported.
+        started = value("process_start_time_seconds")
+        self.assertLessEqual(started, MODULE_IMPORTED_AT + 1)
+        self.assertGreater(started, MODULE_IMPORTED_AT - 120)
+
+
+class TestMetricsExposition(TempDirTestCase):
+    """Our exposition against the reference's list, parsed by prometheus_client (test peer)."""
+
+    def test_families_match_reference(self):
+        """Ensure names, types, label names and help are the reference's Go list plus ours, nothing else."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        with ls.replica_operation("s3", "GET"):
+            pass
+        with self.assertRaises(FileNotFoundError):
+            with ls.replica_operation("s3", "GET"):
+                raise FileNotFoundError(errno.ENOENT, "no such key")
+        fams = parse_exposition(ls.METRICS.render())
+        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
+        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
+        if os.path.exists("/proc/self/stat"):
+            want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
+            want["process_virtual_memory_max_bytes"] = ("gauge", set())
+        self.assertEqual({n: (f.type, family_labels(f)) for n, f in fams.items()}, want)
+        for name, (_, _, help_) in GO_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual(fams[name].documentation, help_)
+        buckets = sorted({s.labels["le"] for s in fams["litestream_replica_operation_duration_seconds"].samples
+                          if s.name.endswith("_bucket")}, key=float)
+        self.assertEqual(buckets, ["0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "+Inf"])
+        errs = [s for s in fams["litestream_replica_operation_errors_total"].samples
+                if s.labels == {"replica_type": "s3", "operation": "GET", "code": "ENOENT"}]
+        self.assertEqual([s.value for s in errs], [1.0])
+
+    def test_families_match_go_binary(self):
+        """Ensure every litestream_* and process_* family Go 0.3.13 serves has our type, labels and help."""
+        go = require_go()
+        srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        dbpath = self.path("go.db")
+        create_wal_db(dbpath, rows=50)
+        port = free_port()
+        yml = self.path("go.yml")
+        with open(yml, "w") as f:
+            f.write('addr: "127.0.0.1:%d"\n' % port)
+            f.write(go_s3_yml(dbpath, srv, prefix, min_ckpt=1))
+            f.write("      - path: %s\n" % json.dumps(self.path("go-file")))
+        r = Replicator(self, ["-config", yml], go=go)
+        url = "http://127.0.0.1:%d/metrics" % port
+        want = ("litestream_replica_operation_total", "litestream_replica_operation_bytes",
+                "litestream_checkpoint_count", "litestream_replica_wal_bytes")
+
+        def scraped():
+            if r.p.poll() is not None:
+                raise AssertionError("Go exited: " + r.log())
+            try:
+                text = http_get(url, timeout=2)[2]
+            except OSError:
+                return None
+            fams = parse_exposition(text)
+            return fams if all(n in fams for n in want) else None
+        go_fams = wait_for(scraped, "Go's /metrics with operation and checkpoint series", timeout=60)
+        stop_replicator(self, "go", r)
+
+        db = self.path("ours.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        ours = parse_exposition(ls.METRICS.render())
+        compared = 0
+        for name, f in go_fams.items():
+            if not name.startswith(("litestream_", "process_")):
+                continue
+            with self.subTest(name=name):
+                self.assertIn(name, ours)
+                self.assertEqual((ours[name].type, ours[name].documentation, family_labels(ours[name])),
+                                 (f.type, f.documentation, family_labels(f)))
+                compared += 1
+        self.assertGreaterEqual(compared, 20)
+        for s in go_fams["litestream_replica_operation_bytes"].samples:
+            self.assertIn(s.labels["operation"], ("GET", "PUT"))
+
+
+class TestMetricsServer(unittest.TestCase):
+    """MetricsServer: /metrics, /healthz, /readyz over real HTTP; bind addresses as Go's."""
+
+    def serve(self, addr="127.0.0.1:0", **kw):
+        srv = ls.MetricsServer(addr, **kw)
+        srv.start()
+        self.addCleanup(srv.close)
+        return srv
+
+    def test_parse_bind_addr(self):
+        """Ensure bind addresses split as Go's net.SplitHostPort and a missing port is Go's error."""
+        for addr, want in ((":9090", ("", 9090)), ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+                           ("localhost:0", ("localhost", 0)), ("[::1]:9090", ("::1", 9090)),
+                           ("[::]:65535", ("::", 65535))):
+            with self.subTest(addr=addr):
+                self.assertEqual(ls.parse_bind_addr(addr), want)
+        for addr in ("localhost", "127.0.0.1:", ":", "", "::1:9090", "[::1]", "[::1]:"):
+            with self.subTest(addr=addr):
+                with self.assertRaises(ValueError) as cm:
+                    ls.parse_bind_addr(addr)
+                self.assertEqual(str(cm.exception), 'must specify port for bind address: "%s"' % addr)
+        for addr in (":http", ":65536", ":-1", ":9090x"):
+            with self.subTest(addr=addr):
+                with self.assertRaisesRegex(ValueError, "invalid port in bind address"):
+                    ls.parse_bind_addr(addr)
+
+    def test_endpoints(self):
+        """Ensure /metrics is text 0.0.4, /healthz and /readyz answer from their callables, others 404."""
+        reg = ls.Metrics()
+        reg.gauge("t_up", "Up", ()).labels().set(1)
+        ready = [(True, "ready\n")]
+        srv = self.serve(registry=reg, healthz=lambda: (True, "ok\n"), readyz=lambda: ready[0])
+        status, headers, body = http_get(srv.url + "/metrics")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        self.assertEqual(body, "# HELP t_up Up\n# TYPE t_up gauge\nt_up 1\n")
+        self.assertEqual(http_get(srv.url + "/metrics?x=1")[2], body)
+        self.assertEqual(http_get(srv.url + "/healthz")[::2], (200, "ok\n"))
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (200, "ready\n"))
+        ready[0] = (False, "/data/app.db(s3): lag 31s > max-lag 10s; last error: timeout\n")
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (503, ready[0][1]))
+        for path in ("/", "/metricsx", "/debug/pprof/"):
+            with self.subTest(path=path):
+                self.assertEqual(http_get(srv.url + path)[0], 404)
+
+    def test_missing_and_failing_callables(self):
+        """Ensure an endpoint without a callable is 404 and a failing one is 500 without its message."""
+        def boom():
+            raise RuntimeError("secret-detail")
+        srv = self.serve(registry=ls.Metrics(), readyz=boom)
+        self.assertEqual(http_get(srv.url + "/healthz")[0], 404)
+        with self.assertLogs("litestream", "ERROR"):
+            status, _, body = http_get(srv.url + "/readyz")
+        self.assertEqual((status, body), (500, "internal error\n"))
+
+    def test_default_registry_serves_declared_families(self):
+        """Ensure the default registry is the module's METRICS, parsed by the peer parser."""
+        ls.register_db_metrics("/srv-test.db")
+        self.addCleanup(ls.unregister_db_metrics, "/srv-test.db")
+        ls.DB_SIZE.labels("/srv-test.db").set(4096)
+        srv = self.serve()
+        self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
+                                      db="/srv-test.db"), 4096)
+
+    def test_all_interfaces_and_close(self):
+        """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
+        srv = self.serve(":0", registry=ls.Metrics(), healthz=lambda: (True, "ok\n"))
+        port = int(srv.url.rsplit(":", 1)[1])
+        self.assertEqual(srv.url, "http://localhost:%d" % port)
+        self.assertEqual(http_get("http://127.0.0.1:%d/healthz" % port)[0], 200)
+        if socket.has_dualstack_ipv6():
+            self.assertEqual(http_get("http://[::1]:%d/healthz" % port)[0], 200)
+        srv.close()
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        self.assertNotIn("litestream-metrics", [t.name for t in threading.enumerate()])
+
+    def test_bind_failure_is_one_line(self):
+        """Ensure a port already in use raises LitestreamError naming the address."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            addr = "127.0.0.1:%d" % taken.getsockname()[1]
+            srv = ls.MetricsServer(addr)
+            with self.assertRaises(ls.LitestreamError) as cm:
+                srv.start()
+        msg = str(cm.exception)
+        self.assertIn("cannot start metrics server on %s" % addr, msg)
+        self.assertNotIn("\n", msg)
+
+
+PROMETHEUS_YML = """\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: litestream
+    metrics_path: /metrics
+    static_configs:
+      - targets: ["%s"]
+"""
+
+
+class TestPrometheusScrape(TempDirTestCase):
+    """A real Prometheus (Debian's package) scrapes a MetricsServer."""
+
+    def test_prometheus_scrapes_our_series(self):
+        """Ensure Prometheus ingests a running replicate's exposition: up is 1, litestream_db_size is the file's size."""
+        prom = shutil.which("prometheus")
+        require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
+        db = self.path("scraped.db")
+        create_wal_db(db, rows=200)
+        port = free_port()
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port + py_ini(db, self.path("rep")))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        target = "127.0.0.1:%d" % port
+        with open(self.path("prometheus.yml"), "w") as f:
+            f.write(PROMETHEUS_YML % target)
+        web = "127.0.0.1:%d" % free_port()
+        with open(self.path("prometheus.log"), "wb") as out:
+            p = subprocess.Popen([prom, "--config.file=" + self.path("prometheus.yml"),
+                                  "--storage.tsdb.path=" + self.path("tsdb"), "--web.listen-address=" + web],
+                                 stdout=out, stderr=subprocess.STDOUT)
+
+        def stop():
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.addCleanup(stop)
+
+        def query(q):
+            if p.poll() is not None:
+                raise AssertionError("prometheus exited: " + read_file(self.path("prometheus.log")).decode()[-2000:])
+            try:
+                status, _, body = http_get("http://%s/api/v1/query?%s" % (web, urllib.parse.urlencode({"query": q})), 5)
+            except OSError:
+                return None
+            res = json.loads(body)["data"]["result"] if status == 200 else []
+            return res or None
+        res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
+        self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
+                                            "job": "litestream"})
+        self.assertEqual(float(res[0]["value"][1]), os.path.getsize(db))
+        self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
+        res = wait_for(lambda: query('litestream_replica_wal_offset{name="r"} > 0'), "the replica's offset", 30)
+        self.assertEqual(res[0]["metric"]["db"], db)
+        res = query('litestream_replica_operation_duration_seconds_count{replica_type="file",operation="PUT"}')
+        self.assertGreaterEqual(float(res[0]["value"][1]), 1)
+        self.assertEqual(r.stop(), 0, r.log())
+
+
+###############################################################################
 # FileReplicaClient
 ###############################################################################
 
@@ -1400,6 +1926,117 @@ def replace_db(path, other):
     create_wal_db(other, rows=7)
     remove_files(path + "-wal", path + "-shm")
     os.rename(other, path)
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t=1_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class TestLag(TempDirTestCase):
+    """Replica lag and pending bytes, by the definition: the age of the oldest transaction the replica lacks.
+
+    Ages count from the last sync that looked at the WAL without seeing the
+    transaction, so they are never below the truth and above it by at most
+    the time between syncs.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("app.db")
+        create_wal_db(self.dbpath, rows=10)
+        self.clock = FakeClock()
+        self.db = ls.DB(self.dbpath, monitor_interval=0, clock=self.clock)
+        self.r = ls.Replica(self.db, "r", ls.FileReplicaClient(self.path("rep")), clock=self.clock)
+        self.db.replicas = [self.r]
+        self.db.open(background=False)
+        self.addCleanup(self.db.close)
+        self.r.sync()
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+
+    def shadow_size(self):
+        pos = self.db.pos()
+        return os.path.getsize(os.path.join(self.path(".app.db-litestream"), "generations", pos.generation,
+                                            "wal", "%08x.wal" % pos.index))
+
+    def test_lag_counts_from_the_last_look_without_the_transaction(self):
+        """Ensure lag is 0 when caught up, counts from the last sync that saw nothing new, and returns to 0 on upload."""
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+        self.clock.t += 10
+        self.db.sync()           # sees nothing new at t0 + 10
+        self.app.insert(3)       # committed after that look
+        self.clock.t += 2
+        self.db.sync()           # copies it at t0 + 12
+        self.clock.t += 5
+        self.assertEqual(self.r.lag(), 7)   # t0 + 17 - (t0 + 10)
+        self.assertEqual(self.r.pending_bytes(), self.shadow_size() - self.r.pos.offset)
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 8)   # one second per second while nothing is uploaded
+        self.r.sync()
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+
+    def test_own_checkpoint_write_is_not_lag(self):
+        """Ensure the frame a checkpoint writes for itself adds no lag, while a transaction copied by it does."""
+        self.clock.t += 1
+        self.db.sync()
+        self.clock.t += 1
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 2
+        self.assertGreater(self.r.pending_bytes(), 0)  # our own frame is still to be uploaded
+        self.assertEqual(self.r.lag(), 0)
+        self.r.sync()
+        self.app.insert(2)       # copied under the checkpoint's write lock
+        self.clock.t += 3
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 7)  # from the sync at t0 + 1, the last look without it
+
+    def test_failing_sync_counts_from_the_last_clean_look(self):
+        """Ensure a DB whose shadow WAL cannot be written shows lag rising from its last successful look."""
+        self.clock.t += 1
+        self.db.sync()
+        self.app.insert(2)
+        with mock.patch.object(ls.ShadowWAL, "copy", return_value=ls.CopyResult(0, OSError(errno.EIO, "injected"))):
+            self.clock.t += 4
+            with self.assertRaises(ls.LitestreamError):
+                self.db.sync()
+            self.assertEqual(self.r.lag(), 4)
+            self.assertIn("database sync failed", self.r.problem())
+        self.db.sync()
+        self.r.sync()
+        self.assertEqual(self.r.lag(), 0)
+        self.assertEqual(self.r.problem(), "")
+
+    def test_default_max_lag(self):
+        """Ensure max-lag defaults to 10 x sync-interval and at least 10 s."""
+        c = ls.FileReplicaClient(self.path("x"))
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=0.1).max_lag, 10)
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=5).max_lag, 50)
+        self.assertEqual(ls.Replica(None, "a", c, max_lag=3).max_lag, 3)
+
+    def test_commit_log_stays_bounded_and_never_understates(self):
+        """Ensure past MAX_ENTRIES the log merges neighbours and an age is never read below the truth."""
+        log_ = ls._CommitLog()
+        n = ls._CommitLog.MAX_ENTRIES * 3
+        for i in range(1, n + 1):
+            log_.add(ls.Pos("g", 0, i * 100), float(i))  # offsets up to i*100 were committed from time i on
+        self.assertLessEqual(len(log_._entries), ls._CommitLog.MAX_ENTRIES + 1)
+        for have in (0, 1, 150, 99_999, n * 100 - 1):
+            truth = float(have // 100 + 1)  # the first offset above have was committed at this time
+            got = log_.oldest_pending(ls.Pos("g", 0, have))
+            self.assertLessEqual(got, truth, have)
+        self.assertIsNone(log_.oldest_pending(ls.Pos("g", 0, n * 100)))
+        log_.prune([ls.Pos("g", 0, n * 100)])
+        self.assertEqual(len(log_._entries), 0)
+        log_.add(ls.Pos("g", 0, 100), 5.0)
+        log_.add(ls.Pos("h", 0, 100), 9.0)  # a new generation keeps the oldest pending time
+        self.assertEqual(log_.oldest_pending(ls.Pos("g", 0, 100)), 5.0)
 
 
 class TestReplicaLifecycle(RowsMixin, TempDirTestCase):
@@ -2156,533 +2793,6 @@ class TestVerify(TempDirTestCase):
         code, out, err = self.cli("verify", "-generation", "0123456789abcdef", "file://" + self.rep)
         self.assertEqual(code, 1)
         self.assertEqual(err, "litestream: generation 0123456789abcdef not found in file://%s\n" % self.rep)
-
-
-###############################################################################
-# Metrics
-###############################################################################
-
-# ../shared/reference/metrics.md: name -> (type, label names, help), copied
-# from Go 0.3.13's db.go, replica.go and internal/internal.go (typo included).
-GO_METRICS = {
-    "litestream_db_size": ("gauge", ("db",), "The current size of the real DB"),
-    "litestream_wal_size": ("gauge", ("db",), "The current size of the real WAL"),
-    "litestream_total_wal_bytes": ("counter", ("db",), "Total number of bytes written to shadow WAL"),
-    "litestream_shadow_wal_index": ("gauge", ("db",), "The current index of the shadow WAL"),
-    "litestream_shadow_wal_size": ("gauge", ("db",), "Current size of shadow WAL, in bytes"),
-    "litestream_sync_count": ("counter", ("db",), "Number of sync operations performed"),
-    "litestream_sync_error_count": ("counter", ("db",), "Number of sync errors that have occurred"),
-    "litestream_sync_seconds": ("counter", ("db",), "Time spent syncing shadow WAL, in seconds"),
-    "litestream_checkpoint_count": ("counter", ("db", "mode"), "Number of checkpoint operations performed"),
-    "litestream_checkpoint_error_count": ("counter", ("db", "mode"), "Number of checkpoint errors that have occurred"),
-    "litestream_checkpoint_seconds": ("counter", ("db", "mode"), "Time spent checkpointing WAL, in seconds"),
-    "litestream_replica_wal_bytes": ("counter", ("db", "name"), "The number wal bytes written"),
-    "litestream_replica_wal_index": ("gauge", ("db", "name"), "The current WAL index"),
-    "litestream_replica_wal_offset": ("gauge", ("db", "name"), "The current WAL offset"),
-    "litestream_replica_validation_total": ("counter", ("db", "name", "status"), "The number of validations performed"),
-    "litestream_replica_operation_total": ("counter", ("replica_type", "operation"),
-                                           "The number of replica operations performed"),
-    "litestream_replica_operation_bytes": ("counter", ("replica_type", "operation"),
-                                           "The number of bytes used by replica operations"),
-}
-PROCESS_METRICS = {
-    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
-    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
-    "process_max_fds": ("gauge", (), "Maximum number of open file descriptors."),
-    "process_virtual_memory_bytes": ("gauge", (), "Virtual memory size in bytes."),
-    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
-    "process_start_time_seconds": ("gauge", (), "Start time of the process since unix epoch in seconds."),
-}
-# Ours (the reference's "what we add"): names and label sets; help is ours.
-OUR_METRICS = {
-    "litestream_replica_lag_seconds": ("gauge", ("db", "name")),
-    "litestream_replica_pending_bytes": ("gauge", ("db", "name")),
-    "litestream_replica_last_success_timestamp_seconds": ("gauge", ("db", "name")),
-    "litestream_replica_operation_duration_seconds": ("histogram", ("replica_type", "operation")),
-    "litestream_replica_operation_errors_total": ("counter", ("replica_type", "operation", "code")),
-    "litestream_validation_checks_total": ("counter", ("db", "name", "result")),
-    "litestream_last_validation_success": ("gauge", ("db", "name")),
-    "litestream_last_validation_success_timestamp_seconds": ("gauge", ("db", "name")),
-}
-
-
-def parse_exposition(text):
-    """Parse text exposition with prometheus_client's parser (the test peer): {name: family}."""
-    require_peer(have_module("prometheus_client"), "prometheus_client", "pip install prometheus_client")
-    from prometheus_client.parser import text_string_to_metric_families
-    typed = set(re.findall(r"(?m)^# TYPE (\S+) ", text))
-    fams = {}
-    for f in text_string_to_metric_families(text):
-        # The parser drops a counter family's "_total" (and adds it to the
-        # samples of counters without one); key families by the exposed name.
-        fams[f.name + "_total" if f.name + "_total" in typed else f.name] = f
-    return fams
-
-
-def family_labels(fam):
-    return {k for s in fam.samples for k in s.labels if k != "le"}
-
-
-def sample_value(text, name, **labels):
-    """Return the value of one sample in an exposition, or None if it is absent."""
-    for f in parse_exposition(text).values():
-        for s in f.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
-
-
-def http_get(url, timeout=10):
-    """Return (status, headers, body text) of a GET, errors included."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.headers, r.read().decode()
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.headers, e.read().decode()
-
-
-def op_metrics(replica_type):
-    """Return a client type's operation metrics now, without creating series: {key: value}."""
-    out = {}
-    for kind, fam in (("total", ls.REPLICA_OPERATION_TOTAL), ("bytes", ls.REPLICA_OPERATION_BYTES)):
-        for (t, op), s in fam.series():
-            if t == replica_type:
-                out[(kind, op)] = s.get()
-    for (t, op), s in ls.REPLICA_OPERATION_DURATION_SECONDS.series():
-        if t == replica_type:
-            out[("seconds", op)] = s.get()[2]
-    for (t, op, code), s in ls.REPLICA_OPERATION_ERRORS_TOTAL.series():
-        if t == replica_type:
-            out[("errors", op, code)] = s.get()
-    return out
-
-
-def metric_delta(before, after):
-    """Return the non-zero differences between two op_metrics() readings."""
-    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-
-
-class TestMetrics(TempDirTestCase):
-    """The registry and its text exposition (Prometheus text format 0.0.4)."""
-
-    def registry(self):
-        return ls.Metrics()
-
-    def test_go_float_format(self):
-        """Ensure values print as Go's strconv.FormatFloat(v, 'g', -1, 64) (expfmt's format)."""
-        # Go's outputs, e.g. litestream_db_size 1.234567e+06 and Go's own
-        # process_virtual_memory_max_bytes 1.8446744073709552e+19.
-        table = [(0, "0"), (1, "1"), (16384, "16384"), (123456, "123456"), (1e6, "1e+06"),
-                 (1234567, "1.234567e+06"), (0.5, "0.5"), (0.003696091, "0.003696091"),
-                 (0.0001, "0.0001"), (0.00001, "1e-05"), (1.5e-7, "1.5e-07"), (-2.5, "-2.5"),
-                 (1796205056.35, "1.79620505635e+09"), (2.0**64 - 1, "1.8446744073709552e+19"),
-                 (1e21, "1e+21"), (100000, "100000"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"),
-                 (float("nan"), "NaN"), (-0.0, "-0")]
-        for v, want in table:
-            with self.subTest(v=v):
-                self.assertEqual(ls.format_go_float(v), want)
-
-    def test_render_exact_text(self):
-        """Ensure HELP/TYPE lines, escaping, label order, series order, +Inf, _sum and _count are as the format says."""
-        m = self.registry()
-        c = m.counter("t_requests", "Requests\\handled\nby path", ("path", "code"))
-        g = m.gauge("t_temp", "Temperature", ())
-        h = m.histogram("t_latency", "Latency", ("op",), (0.1, 1))
-        m.gauge("t_unused", "Never set", ("x",))
-        c.labels("/a\"b\\c\nd", "200").inc(2)
-        c.labels(path="/", code="500").inc()
-        g.labels().set(-1.5)
-        for v in (0.05, 0.1, 0.5, 7):
-            h.labels("GET").observe(v)
-        self.assertEqual(m.render(), textwrap.dedent('''\
-            # HELP t_latency Latency
-            # TYPE t_latency histogram
-            t_latency_bucket{op="GET",le="0.1"} 2
-            t_latency_bucket{op="GET",le="1"} 3
-            t_latency_bucket{op="GET",le="+Inf"} 4
-            t_latency_sum{op="GET"} 7.65
-            t_latency_count{op="GET"} 4
-            # HELP t_requests Requests\\\\handled\\nby path
-            # TYPE t_requests counter
-            t_requests{code="200",path="/a\\"b\\\\c\\nd"} 2
-            t_requests{code="500",path="/"} 1
-            # HELP t_temp Temperature
-            # TYPE t_temp gauge
-            t_temp -1.5
-            '''))
-
-    def test_label_and_value_errors(self):
-        """Ensure wrong label counts or names, falling counters, bad names and duplicates raise."""
-        m = self.registry()
-        c = m.counter("t_c", "c", ("a", "b"))
-        with self.assertRaises(ValueError):
-            c.labels("x")
-        with self.assertRaises(ValueError):
-            c.labels(a="x", c="y")
-        with self.assertRaises(ValueError):
-            c.labels("x", "y").inc(-1)
-        with self.assertRaises(ValueError):
-            m.counter("t_c", "again")
-        with self.assertRaises(ValueError):
-            m.gauge("bad-name", "g")
-        with self.assertRaises(ValueError):
-            m.histogram("t_h", "h", ("le",), (1,))
-        with self.assertRaises(ValueError):
-            m.histogram("t_h", "h", (), (2, 1))
-
-    def test_remove_series(self):
-        """Ensure remove() drops one series and remove_matching() every series with those labels."""
-        m = self.registry()
-        a = m.gauge("t_a", "a", ("db", "name"))
-        b = m.counter("t_b", "b", ("db",))
-        for db in ("/x", "/y"):
-            b.labels(db)
-            for name in ("s3", "file"):
-                a.labels(db, name).set(1)
-        a.remove("/y", "s3")
-        self.assertEqual(m.remove_matching(db="/x"), 3)
-        self.assertEqual(m.render(), '# HELP t_a a\n# TYPE t_a gauge\nt_a{db="/y",name="file"} 1\n'
-                                     '# HELP t_b b\n# TYPE t_b counter\nt_b{db="/y"} 0\n')
-
-    def test_gauge_function(self):
-        """Ensure a gauge set by function is computed at each scrape, and a failing one reads NaN."""
-        m = self.registry()
-        g = m.gauge("t_lag", "lag", ("name",))
-        now = [5.0]
-        g.labels("ok").set_function(lambda: now[0])
-        g.labels("bad").set_function(lambda: 1 / 0)
-        self.assertIn('t_lag{name="ok"} 5\n', m.render())
-        now[0] = 6.25
-        text = m.render()
-        self.assertIn('t_lag{name="ok"} 6.25\n', text)
-        self.assertIn('t_lag{name="bad"} NaN\n', text)
-        g.labels("ok").set(1)
-        self.assertIn('t_lag{name="ok"} 1\n', m.render())
-
-    def test_concurrent_updates(self):
-        """Ensure updates from many threads are all counted."""
-        m = self.registry()
-        c = m.counter("t_n", "n", ("k",))
-        h = m.histogram("t_h", "h", ("k",), (1,))
-
-        def work():
-            for _ in range(5000):
-                c.labels("k").inc()
-                h.labels("k").observe(0.5)
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.assertEqual(c.labels("k").get(), 40000)
-        self.assertEqual(h.labels("k").get(), ([40000], 20000.0, 40000))
-
-    def test_db_and_replica_series_precreated_and_removed(self):
-        """Ensure registering a DB and replicas creates every series at 0 and unregistering drops them."""
-        db = self.path("app.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        ls.register_replica_metrics(db, "file", "file")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        fams = parse_exposition(ls.METRICS.render())
-        per_db = {n for n, (_, labels, _) in GO_METRICS.items() if labels[0] == "db"}
-        per_db |= {n for n, (_, labels) in OUR_METRICS.items() if labels[0] == "db"}
-        for name in per_db:
-            with self.subTest(name=name):
-                samples = [s for s in fams[name].samples if s.labels.get("db") == db]
-                self.assertTrue(samples, name)
-                self.assertEqual({s.value for s in samples}, {0.0})
-                if "name" in GO_METRICS.get(name, OUR_METRICS.get(name))[1]:
-                    self.assertEqual({s.labels["name"] for s in samples}, {"s3", "file"})
-        modes = {s.labels["mode"] for s in fams["litestream_checkpoint_count"].samples if s.labels["db"] == db}
-        self.assertEqual(modes, {"PASSIVE", "RESTART", "TRUNCATE"})
-        status = {s.labels["status"] for s in fams["litestream_replica_validation_total"].samples
-                  if s.labels["db"] == db and s.labels["name"] == "s3"}
-        self.assertEqual(status, {"ok", "error"})
-        results = {s.labels["result"] for s in fams["litestream_validation_checks_total"].samples
-                   if s.labels["db"] == db and s.labels["name"] == "file"}
-        self.assertEqual(results, {"success", "invalid", "error"})
-        ops = {(s.labels["replica_type"], s.labels["operation"]) for s in fams["litestream_replica_operation_total"].samples}
-        self.assertLessEqual({("s3", op) for op in ("GET", "PUT", "DELETE", "LIST")}, ops)
-        self.assertNotIn("file", {t for t, _ in ops}, "Go's file client counts no operations")
-        durations = {(s.labels["replica_type"], s.labels["operation"])
-                     for s in fams["litestream_replica_operation_duration_seconds"].samples}
-        self.assertLessEqual({("file", "GET"), ("s3", "LIST")}, durations)
-
-        ls.unregister_replica_metrics(db, "s3")
-        text = ls.METRICS.render()
-        self.assertNotIn('name="s3"', "".join(l for l in text.splitlines(True) if db in l))
-        self.assertIn('name="file"', text)
-        ls.unregister_db_metrics(db)
-        self.assertNotIn(db, ls.METRICS.render())
-
-    def test_process_series(self):
-        """Ensure the process_* series match what the kernel and the interpreter report (Linux)."""
-        if not os.path.exists("/proc/self/stat"):
-            self.skipTest("process_* series come from /proc (Linux only)")
-        import resource
-        cpu0 = time.process_time()
-        fams = parse_exposition(ls.METRICS.render())
-        cpu1 = time.process_time()
-        for name, (typ, _, help_) in PROCESS_METRICS.items():
-            with self.subTest(name=name):
-                self.assertEqual((fams[name].type, fams[name].documentation), (typ, help_))
-
-        def value(name):
-            return fams[name].samples[0].value
-        # CPU time in clock ticks (1/100 s): within a tick of the interpreter's count.
-        self.assertGreaterEqual(value("process_cpu_seconds_total"), cpu0 - 0.02)
-        self.assertLessEqual(value("process_cpu_seconds_total"), cpu1 + 0.02)
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.assertEqual(value("process_max_fds"), 2.0**64 - 1 if soft == resource.RLIM_INFINITY else soft)
-        self.assertGreaterEqual(value("process_open_fds"), 3)
-        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.assertGreater(value("process_resident_memory_bytes"), 0)
-        self.assertLessEqual(value("process_resident_memory_bytes"), rss_kb * 1024)
-        self.assertGreater(value("process_virtual_memory_bytes"), value("process_resident_memory_bytes"))
-        # The kernel's boot time has 1 s resolution; the process started before this module was imported.
-        started = value("process_start_time_seconds")
-        self.assertLessEqual(started, MODULE_IMPORTED_AT + 1)
-        self.assertGreater(started, MODULE_IMPORTED_AT - 120)
-
-
-class TestMetricsExposition(TempDirTestCase):
-    """Our exposition against the reference's list, parsed by prometheus_client (test peer)."""
-
-    def test_families_match_reference(self):
-        """Ensure names, types, label names and help are the reference's Go list plus ours, nothing else."""
-        db = self.path("app.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        with ls.replica_operation("s3", "GET"):
-            pass
-        with self.assertRaises(FileNotFoundError):
-            with ls.replica_operation("s3", "GET"):
-                raise FileNotFoundError(errno.ENOENT, "no such key")
-        fams = parse_exposition(ls.METRICS.render())
-        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
-        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
-        if os.path.exists("/proc/self/stat"):
-            want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
-            want["process_virtual_memory_max_bytes"] = ("gauge", set())
-        self.assertEqual({n: (f.type, family_labels(f)) for n, f in fams.items()}, want)
-        for name, (_, _, help_) in GO_METRICS.items():
-            with self.subTest(name=name):
-                self.assertEqual(fams[name].documentation, help_)
-        buckets = sorted({s.labels["le"] for s in fams["litestream_replica_operation_duration_seconds"].samples
-                          if s.name.endswith("_bucket")}, key=float)
-        self.assertEqual(buckets, ["0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "+Inf"])
-        errs = [s for s in fams["litestream_replica_operation_errors_total"].samples
-                if s.labels == {"replica_type": "s3", "operation": "GET", "code": "ENOENT"}]
-        self.assertEqual([s.value for s in errs], [1.0])
-
-    def test_families_match_go_binary(self):
-        """Ensure every litestream_* and process_* family Go 0.3.13 serves has our type, labels and help."""
-        go = require_go()
-        srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
-        prefix = "%016x" % random.getrandbits(64)
-        self.addCleanup(delete_all, moto_client(), prefix)
-        dbpath = self.path("go.db")
-        create_wal_db(dbpath, rows=50)
-        port = free_port()
-        yml = self.path("go.yml")
-        with open(yml, "w") as f:
-            f.write('addr: "127.0.0.1:%d"\n' % port)
-            f.write(go_s3_yml(dbpath, srv, prefix, min_ckpt=1))
-            f.write("      - path: %s\n" % json.dumps(self.path("go-file")))
-        r = Replicator(self, ["-config", yml], go=go)
-        url = "http://127.0.0.1:%d/metrics" % port
-        want = ("litestream_replica_operation_total", "litestream_replica_operation_bytes",
-                "litestream_checkpoint_count", "litestream_replica_wal_bytes")
-
-        def scraped():
-            if r.p.poll() is not None:
-                raise AssertionError("Go exited: " + r.log())
-            try:
-                text = http_get(url, timeout=2)[2]
-            except OSError:
-                return None
-            fams = parse_exposition(text)
-            return fams if all(n in fams for n in want) else None
-        go_fams = wait_for(scraped, "Go's /metrics with operation and checkpoint series", timeout=60)
-        stop_replicator(self, "go", r)
-
-        db = self.path("ours.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        ours = parse_exposition(ls.METRICS.render())
-        compared = 0
-        for name, f in go_fams.items():
-            if not name.startswith(("litestream_", "process_")):
-                continue
-            with self.subTest(name=name):
-                self.assertIn(name, ours)
-                self.assertEqual((ours[name].type, ours[name].documentation, family_labels(ours[name])),
-                                 (f.type, f.documentation, family_labels(f)))
-                compared += 1
-        self.assertGreaterEqual(compared, 20)
-        for s in go_fams["litestream_replica_operation_bytes"].samples:
-            self.assertIn(s.labels["operation"], ("GET", "PUT"))
-
-
-class TestMetricsServer(unittest.TestCase):
-    """MetricsServer: /metrics, /healthz, /readyz over real HTTP; bind addresses as Go's."""
-
-    def serve(self, addr="127.0.0.1:0", **kw):
-        srv = ls.MetricsServer(addr, **kw)
-        srv.start()
-        self.addCleanup(srv.close)
-        return srv
-
-    def test_parse_bind_addr(self):
-        """Ensure bind addresses split as Go's net.SplitHostPort and a missing port is Go's error."""
-        for addr, want in ((":9090", ("", 9090)), ("127.0.0.1:9090", ("127.0.0.1", 9090)),
-                           ("localhost:0", ("localhost", 0)), ("[::1]:9090", ("::1", 9090)),
-                           ("[::]:65535", ("::", 65535))):
-            with self.subTest(addr=addr):
-                self.assertEqual(ls.parse_bind_addr(addr), want)
-        for addr in ("localhost", "127.0.0.1:", ":", "", "::1:9090", "[::1]", "[::1]:"):
-            with self.subTest(addr=addr):
-                with self.assertRaises(ValueError) as cm:
-                    ls.parse_bind_addr(addr)
-                self.assertEqual(str(cm.exception), 'must specify port for bind address: "%s"' % addr)
-        for addr in (":http", ":65536", ":-1", ":9090x"):
-            with self.subTest(addr=addr):
-                with self.assertRaisesRegex(ValueError, "invalid port in bind address"):
-                    ls.parse_bind_addr(addr)
-
-    def test_endpoints(self):
-        """Ensure /metrics is text 0.0.4, /healthz and /readyz answer from their callables, others 404."""
-        reg = ls.Metrics()
-        reg.gauge("t_up", "Up", ()).labels().set(1)
-        ready = [(True, "ready\n")]
-        srv = self.serve(registry=reg, healthz=lambda: (True, "ok\n"), readyz=lambda: ready[0])
-        status, headers, body = http_get(srv.url + "/metrics")
-        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
-        self.assertEqual(body, "# HELP t_up Up\n# TYPE t_up gauge\nt_up 1\n")
-        self.assertEqual(http_get(srv.url + "/metrics?x=1")[2], body)
-        self.assertEqual(http_get(srv.url + "/healthz")[::2], (200, "ok\n"))
-        self.assertEqual(http_get(srv.url + "/readyz")[::2], (200, "ready\n"))
-        ready[0] = (False, "/data/app.db(s3): lag 31s > max-lag 10s; last error: timeout\n")
-        self.assertEqual(http_get(srv.url + "/readyz")[::2], (503, ready[0][1]))
-        for path in ("/", "/metricsx", "/debug/pprof/"):
-            with self.subTest(path=path):
-                self.assertEqual(http_get(srv.url + path)[0], 404)
-
-    def test_missing_and_failing_callables(self):
-        """Ensure an endpoint without a callable is 404 and a failing one is 500 without its message."""
-        def boom():
-            raise RuntimeError("secret-detail")
-        srv = self.serve(registry=ls.Metrics(), readyz=boom)
-        self.assertEqual(http_get(srv.url + "/healthz")[0], 404)
-        with self.assertLogs("litestream", "ERROR"):
-            status, _, body = http_get(srv.url + "/readyz")
-        self.assertEqual((status, body), (500, "internal error\n"))
-
-    def test_default_registry_serves_declared_families(self):
-        """Ensure the default registry is the module's METRICS, parsed by the peer parser."""
-        ls.register_db_metrics("/srv-test.db")
-        self.addCleanup(ls.unregister_db_metrics, "/srv-test.db")
-        ls.DB_SIZE.labels("/srv-test.db").set(4096)
-        srv = self.serve()
-        self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
-                                      db="/srv-test.db"), 4096)
-
-    def test_all_interfaces_and_close(self):
-        """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
-        srv = self.serve(":0", registry=ls.Metrics(), healthz=lambda: (True, "ok\n"))
-        port = int(srv.url.rsplit(":", 1)[1])
-        self.assertEqual(srv.url, "http://localhost:%d" % port)
-        self.assertEqual(http_get("http://127.0.0.1:%d/healthz" % port)[0], 200)
-        if socket.has_dualstack_ipv6():
-            self.assertEqual(http_get("http://[::1]:%d/healthz" % port)[0], 200)
-        srv.close()
-        with self.assertRaises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        self.assertNotIn("litestream-metrics", [t.name for t in threading.enumerate()])
-
-    def test_bind_failure_is_one_line(self):
-        """Ensure a port already in use raises LitestreamError naming the address."""
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen(1)
-            addr = "127.0.0.1:%d" % taken.getsockname()[1]
-            srv = ls.MetricsServer(addr)
-            with self.assertRaises(ls.LitestreamError) as cm:
-                srv.start()
-        msg = str(cm.exception)
-        self.assertIn("cannot start metrics server on %s" % addr, msg)
-        self.assertNotIn("\n", msg)
-
-
-PROMETHEUS_YML = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: litestream
-    metrics_path: /metrics
-    static_configs:
-      - targets: ["%s"]
-"""
-
-
-class TestPrometheusScrape(TempDirTestCase):
-    """A real Prometheus (Debian's package) scrapes a MetricsServer."""
-
-    def test_prometheus_scrapes_our_series(self):
-        """Ensure Prometheus ingests our exposition: up is 1 and litestream_db_size has the DB's value."""
-        prom = shutil.which("prometheus")
-        require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
-        db = self.path("scraped.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        ls.DB_SIZE.labels(db).set(1234567)
-        with ls.replica_operation("s3", "PUT") as op:
-            op.bytes = 42
-        srv = ls.MetricsServer("127.0.0.1:0")
-        srv.start()
-        self.addCleanup(srv.close)
-        target = srv.url.split("//", 1)[1].replace("localhost", "127.0.0.1")
-        with open(self.path("prometheus.yml"), "w") as f:
-            f.write(PROMETHEUS_YML % target)
-        web = "127.0.0.1:%d" % free_port()
-        with open(self.path("prometheus.log"), "wb") as out:
-            p = subprocess.Popen([prom, "--config.file=" + self.path("prometheus.yml"),
-                                  "--storage.tsdb.path=" + self.path("tsdb"), "--web.listen-address=" + web],
-                                 stdout=out, stderr=subprocess.STDOUT)
-
-        def stop():
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.addCleanup(stop)
-
-        def query(q):
-            if p.poll() is not None:
-                raise AssertionError("prometheus exited: " + read_file(self.path("prometheus.log")).decode()[-2000:])
-            try:
-                status, _, body = http_get("http://%s/api/v1/query?%s" % (web, urllib.parse.urlencode({"query": q})), 5)
-            except OSError:
-                return None
-            res = json.loads(body)["data"]["result"] if status == 200 else []
-            return res or None
-        res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
-        self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
-                                            "job": "litestream"})
-        self.assertEqual(float(res[0]["value"][1]), 1234567)
-        self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
-        res = query('litestream_replica_operation_duration_seconds_count{replica_type="s3",operation="PUT"}')
-        self.assertGreaterEqual(float(res[0]["value"][1]), 1)
-        self.assertEqual(query('litestream_replica_operation_bytes{replica_type="s3",operation="PUT"} >= 42')
-                         [0]["metric"]["operation"], "PUT")
 
 
 ###############################################################################
@@ -6918,6 +7028,263 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
         self.assertSameRows(out, table_rows(db))
 
 
+def scrape(port, path="/metrics", timeout=5):
+    """GET a path of a replicate's metrics server: (status, body), or (None, "") while it does not answer."""
+    try:
+        status, _, body = http_get("http://127.0.0.1:%d%s" % (port, path), timeout)
+    except OSError:
+        return None, ""
+    return status, body
+
+
+def sample_of(text, metric, labels):
+    """Return the value of one sample (labels a dict, so a label may be called name), or None."""
+    for f in parse_exposition(text).values():
+        for smp in f.samples:
+            # The parser names a counter's samples with "_total" added.
+            if smp.name in (metric, metric + "_total") and smp.labels == labels:
+                return smp.value
+    return None
+
+
+def s3_request_kinds(seen):
+    """Count a FaultProxy's requests as Go 0.3.13 counts S3 operations: {GET, PUT, DELETE, LIST: n}.
+
+    LIST is a ListObjects page, DELETE a DeleteObjects batch, PUT a PutObject
+    or a CreateMultipartUpload (a multipart upload counts once), GET an
+    object read.  Parts, completions, ListMultipartUploads and bucket
+    lookups are not operations.
+    """
+    kinds = collections.Counter()
+    for method, path in seen:
+        u = urllib.parse.urlsplit(path)
+        q = urllib.parse.parse_qs(u.query, keep_blank_values=True)
+        if method == "GET" and ("list-type" in q or "prefix" in q) and "uploads" not in q:
+            kinds["LIST"] += 1
+        elif method == "POST" and "delete" in q:
+            kinds["DELETE"] += 1
+        elif (method == "PUT" and "partNumber" not in q) or (method == "POST" and "uploads" in q):
+            kinds["PUT"] += 1
+        elif method == "GET" and not q:
+            kinds["GET"] += 1
+    return kinds
+
+
+class TestObservability(RowsMixin, TempDirTestCase):
+    """A real replicate serving /metrics, /healthz and /readyz: values checked against what the test sees."""
+
+    def setUp(self):
+        super().setUp()
+        self.moto = moto()
+        self.srv = S3Server(self.moto.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        self.prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(self.prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, self.prefix)
+
+    def start(self, db, endpoint, extra_replica="", extra_global=""):
+        port = free_port()
+        cfg = self.path("ls.ini")
+        ini = py_s3_ini(db, self.srv, self.prefix, endpoint=endpoint)
+        ini = ini.replace("[litestream]\n", "[litestream]\naddr = 127.0.0.1:%d\n%s" % (port, extra_global), 1)
+        with open(cfg, "w") as f:
+            f.write(ini + extra_replica)
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        wait_for(lambda: scrape(port)[0] == 200, "the metrics server")
+        return r, port
+
+    def value(self, port, metric, **labels):
+        status, body = scrape(port)
+        self.assertEqual(status, 200)
+        return sample_of(body, metric, labels)
+
+    def test_metrics_match_reference_files_and_requests(self):
+        """Ensure a running replicate exposes the reference's families, with values equal to the files and the requests seen."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        with FaultProxy(self.moto.endpoint) as proxy:
+            r, port = self.start(db, proxy.endpoint)
+            app = AppDB(db)
+            for i in range(5):
+                app.insert(3, size=300, tag="m%d-" % i)
+                time.sleep(0.15)
+            app.close()
+            lab = {"db": db, "name": "s3"}
+            wait_for(lambda: self.value(port, "litestream_replica_pending_bytes", **lab) == 0
+                     and self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "the replica caught up")
+            time.sleep(1.0)  # let the last upload's counters settle
+            status, text = scrape(port)
+            kinds = s3_request_kinds(proxy.seen)
+            self.assertEqual(s3_request_kinds(proxy.seen), kinds, "requests still running")
+        fams = parse_exposition(text)
+        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
+        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
+        want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
+        want["process_virtual_memory_max_bytes"] = ("gauge", set())
+        got = {n: (f.type, family_labels(f)) for n, f in fams.items()}
+        # Error series appear with the first error; this run may have none.
+        got.setdefault("litestream_replica_operation_errors_total", want["litestream_replica_operation_errors_total"])
+        self.assertEqual(got, want)
+        for name, (_, _, help_) in GO_METRICS.items():
+            self.assertEqual(fams[name].documentation, help_, name)
+
+        def v(metric, **labels):
+            return sample_of(text, metric, labels)
+        # The database's files, as the test sees them (the replicator is idle now).
+        self.assertEqual(v("litestream_db_size", db=db), os.path.getsize(db))
+        self.assertEqual(v("litestream_wal_size", db=db), os.path.getsize(db + "-wal"))
+        meta = self.path(".app.db-litestream")
+        gen = read_file(os.path.join(meta, "generation")).decode().strip()
+        wals = sorted(os.listdir(os.path.join(meta, "generations", gen, "wal")))
+        index = int(wals[-1].split(".")[0], 16)
+        self.assertEqual(v("litestream_shadow_wal_index", db=db), index)
+        self.assertEqual(v("litestream_shadow_wal_size", db=db),
+                         sum(os.path.getsize(os.path.join(meta, "generations", gen, "wal", w)) for w in wals))
+        # The replica's position is the end of the newest segment in the bucket.
+        s3 = boto3_s3(self.srv.endpoint, MOTO_KEY, MOTO_SECRET)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=MOTO_BUCKET, Prefix="%s/generations/%s/wal/"
+                                                      % (self.prefix, gen))["Contents"]]
+        last = max(keys, key=lambda k: tuple(int(x, 16) for x in k.rsplit("/", 1)[1].split(".")[0].split("_")))
+        seg_index, seg_off = (int(x, 16) for x in last.rsplit("/", 1)[1].split(".")[0].split("_"))
+        import lz4.frame
+        seg_len = len(lz4.frame.decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=last)["Body"].read()))
+        self.assertEqual((v("litestream_replica_wal_index", **lab), v("litestream_replica_wal_offset", **lab)),
+                         (seg_index, seg_off + seg_len))
+        self.assertGreater(v("litestream_sync_count", db=db), 0)
+        self.assertEqual(v("litestream_sync_error_count", db=db), 0)
+        self.assertGreater(v("litestream_replica_last_success_timestamp_seconds", **lab), time.time() - 60)
+        # S3 operations: what the proxy forwarded, counted as Go counts.
+        for op in ("GET", "PUT", "DELETE", "LIST"):
+            self.assertEqual(v("litestream_replica_operation_total", replica_type="s3", operation=op),
+                             kinds[op], op)
+        self.assertGreater(kinds["PUT"], 5)
+        self.assertNotIn(MOTO_SECRET, text)
+        self.assertEqual(scrape(port, "/healthz")[0], 200)
+        self.assertEqual(r.stop(), 0, r.log())
+
+    def test_lag_and_readiness_follow_an_outage(self):
+        """Ensure lag rises second by second and /readyz turns 503 naming the replica while S3 is cut, and both recover with no further writes."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        proxy = TCPProxy(self.moto.endpoint)
+        proxy.up()
+        self.addCleanup(proxy.down)
+        r, port = self.start(db, proxy.endpoint, extra_replica="max-lag = 3s\n")
+        lab = {"db": db, "name": "s3"}
+        wait_for(lambda: scrape(port, "/readyz")[0] == 200
+                 and self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "/readyz 200 and lag 0")
+        proxy.down()
+        app = AppDB(db)
+        app.insert(5, tag="cut")
+        # Failing at once (the sync fails), and past max-lag once the data is 3 s old.
+        wait_for(lambda: scrape(port, "/readyz")[0] == 503, "/readyz 503 after the cut", timeout=30)
+        wait_for(lambda: "exceeds max-lag" in scrape(port, "/readyz")[1], "lag past max-lag", timeout=30)
+        status, body = scrape(port, "/readyz")
+        self.assertEqual(status, 503)
+        lines = body.strip().splitlines()
+        self.assertEqual(len(lines), 1, body)
+        self.assertIn("x(s3): lag=", lines[0])
+        self.assertIn("exceeds max-lag 3s", lines[0])
+        self.assertIn("last sync failed", lines[0])
+        self.assertIn("127.0.0.1:%d" % proxy.port, lines[0])  # the last error names the endpoint
+        self.assertNotIn(MOTO_SECRET, body)
+        # Nothing new reaches the replica, so lag grows with the clock.
+        t1 = time.monotonic()
+        lag1 = self.value(port, "litestream_replica_lag_seconds", **lab)
+        time.sleep(2)
+        lag2 = self.value(port, "litestream_replica_lag_seconds", **lab)
+        t2 = time.monotonic()
+        self.assertGreater(lag1, 3)
+        self.assertGreater(lag2, lag1 + 1)
+        self.assertLess(lag2 - lag1, (t2 - t1) + 1)
+        self.assertGreater(self.value(port, "litestream_replica_pending_bytes", **lab), 0)
+        proxy.up()  # and no more writes: the retry timer alone must catch up
+        wait_for(lambda: scrape(port, "/readyz")[0] == 200, "/readyz 200 after the cut heals", timeout=90)
+        self.assertEqual(self.value(port, "litestream_replica_lag_seconds", **lab), 0)
+        self.assertEqual(self.value(port, "litestream_replica_pending_bytes", **lab), 0)
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        out = self.path("out.db")
+        self.assertIsNotNone(s3_restore_rows(self.prefix, out))
+        self.assertSameRows(out, table_rows(db))
+
+    def test_idle_caught_up_replica_keeps_lag_zero(self):
+        """Ensure an idle, caught-up replica reads lag 0 for a minute, through the checkpoint its own write causes."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        port = free_port()
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port
+                    + py_ini(db, self.path("rep"), sync="1s").replace(
+                        "monitor-interval", "checkpoint-interval = 5s\nmonitor-interval"))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        lab = {"db": db, "name": "r"}
+        wait_for(lambda: scrape(port)[0] == 200 and
+                 self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "lag 0 after start-up")
+        end = time.monotonic() + 60
+        samples = []
+        while time.monotonic() < end:
+            samples.append(self.value(port, "litestream_replica_lag_seconds", **lab))
+            self.assertEqual(scrape(port, "/readyz")[0], 200)
+            time.sleep(0.25)
+        self.assertGreater(len(samples), 100)
+        self.assertEqual(set(samples), {0.0})
+        # The timed checkpoint ran (and wrote its own frame) within the minute.
+        self.assertGreaterEqual(self.value(port, "litestream_checkpoint_count", db=db, mode="PASSIVE"), 1)
+        self.assertEqual(r.stop(), 0, r.log())
+
+    def test_heartbeat_only_while_replicating(self):
+        """Ensure heartbeat GETs arrive once per interval while the replica is healthy, stop while it fails, and a failing heartbeat URL is only a warning."""
+        hits = []
+        answer = {"status": 200}
+
+        class Ping(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append((time.monotonic(), self.path))
+                self.send_response(answer["status"])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        ping = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ping)
+        threading.Thread(target=ping.serve_forever, daemon=True).start()
+        self.addCleanup(ping.server_close)
+        self.addCleanup(ping.shutdown)
+        token = "ping-%s" % secrets_hex()
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        proxy = TCPProxy(self.moto.endpoint)
+        proxy.up()
+        self.addCleanup(proxy.down)
+        r, port = self.start(db, proxy.endpoint, extra_replica="max-lag = 2s\n",
+                             extra_global="heartbeat-url = http://127.0.0.1:%d/%s\nheartbeat-interval = 1s\n"
+                             % (ping.server_address[1], token))
+        wait_for(lambda: len(hits) >= 3, "three heartbeats", timeout=30)
+        self.assertEqual({p for _, p in hits}, {"/" + token})
+        gaps = [b[0] - a[0] for a, b in zip(hits, hits[1:])]
+        self.assertGreaterEqual(min(gaps), 0.9, gaps)  # at most one per interval
+        proxy.down()
+        app = AppDB(db)
+        app.insert(5, tag="cut")
+        wait_for(lambda: scrape(port, "/readyz")[0] == 503, "/readyz 503 after the cut", timeout=30)
+        time.sleep(1.5)
+        n = len(hits)
+        time.sleep(3)
+        self.assertEqual(len(hits), n, "heartbeats kept coming while the replica failed")
+        proxy.up()
+        wait_for(lambda: len(hits) > n, "heartbeats again after the cut heals", timeout=90)
+        answer["status"] = 500
+        r.wait_log("heartbeat to 127.0.0.1 failed: HTTP 500")
+        self.assertIsNone(r.p.poll())
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        self.assertNotIn(token, r.log())
+
+
 def remove_files(*paths):
     for p in paths:
         if os.path.exists(p):
@@ -7975,16 +8342,31 @@ class TestCLI(TempDirTestCase):
         self.assertEqual([r.validation_interval for r in ls.new_db_from_config(ls.load_config(cfg).dbs[0]).replicas],
                          [0, 3600])
 
-    def test_addr_refused_until_metrics_exist(self):
-        """Ensure replicate refuses addr instead of silently serving no metrics."""
+    def test_addr_bind_failure_is_one_line(self):
+        """Ensure a taken metrics port fails replicate with one line, before any database is touched."""
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        db = self.path("a.db")
+        create_wal_db(db, rows=1)
         cfg = self.path("ls.ini")
         with open(cfg, "w") as f:
-            f.write("[litestream]\naddr = :9090\n[db:a]\npath = %s\nreplica = %s\n"
-                    % (self.path("a.db"), self.path("r")))
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n[db:a]\npath = %s\nreplica = %s\n"
+                    % (busy.getsockname()[1], db, self.path("r")))
         code, _, err = self.cli("replicate", "-config", cfg)
         self.assertEqual(code, 1)
-        self.assertIn("addr", err)
-        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("cannot start metrics server on 127.0.0.1:%d" % busy.getsockname()[1], err)
+        self.assertFalse(os.path.exists(self.path(".a.db-litestream")), "the database was touched")
+        self.assertFalse(os.path.exists(self.path("r")))
+        for flag, want in (("-addr=9090", "must specify port"), ("-addr=:x", "invalid port")):
+            with self.subTest(flag=flag):
+                code, _, err = self.cli("replicate", flag, "-config", cfg)
+                self.assertEqual(code, 1)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn("-addr", err)
+                self.assertIn(want, err)
 
     def test_s3_addressing_from_config(self):
         """Ensure path style follows Go: default with an endpoint or a provider host, explicit false kept."""
@@ -8628,7 +9010,9 @@ class TestREADME(RowsMixin, TempDirTestCase):
         self.assertEqual(docs["StatefulSet"]["spec"]["replicas"], 1)
         data, etc, rep = self.path("data"), self.path("etc"), self.path("rep")
         os.mkdir(data)
-        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data)]
+        port = free_port()
+        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data),
+                 (":9090", "127.0.0.1:%d" % port)]
 
         def local(s):
             for a, b in paths:
@@ -8650,6 +9034,10 @@ class TestREADME(RowsMixin, TempDirTestCase):
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(lambda: side.poll() is None and (side.kill(), side.wait()))
         wait_for(lambda: (try_restore_rows(rep, self.path("probe.db")) or []) == table_rows(db), "rows in the replica")
+        probe = sidecar["livenessProbe"]["httpGet"]
+        self.assertEqual((sidecar["ports"][0]["containerPort"], probe["port"]), (9090, 9090))
+        self.assertEqual(scrape(port, probe["path"])[0], 200)
+        self.assertEqual(scrape(port, "/readyz")[0], 200)
         side.send_signal(signal.SIGTERM)
         self.assertEqual(side.wait(60), 0, read_file(self.path("sidecar.log")))
         want = table_rows(db)
