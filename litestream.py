@@ -6251,6 +6251,8 @@ class Replica:
 
     def _record_validation(self, res: "ValidationResult", log_result: bool) -> None:
         p, n = self.db.path, self.name
+        if self.db._stopping:
+            return  # a drill outliving close(): the DB's series are gone and must stay gone
         REPLICA_VALIDATION_TOTAL.labels(p, n, "ok" if res.ok else "error").inc()
         VALIDATION_CHECKS_TOTAL.labels(p, n, {"ok": "success"}.get(res.status, res.status)).inc()
         LAST_VALIDATION_SUCCESS.labels(p, n).set(1 if res.ok else 0)
