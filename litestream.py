@@ -103,6 +103,8 @@ DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_RETENTION_CHECK_INTERVAL = 3600.0
 DEFAULT_RETENTION_MIN_SNAPSHOTS = 1
 DEFAULT_RESTORE_PARALLELISM = 8
+VALIDATION_RESTORE_PARALLELISM = 2  # WAL indices a restore drill stages at once (bounds its disk use)
+VALIDATION_PIN_ATTEMPTS = 3  # a drill pins a position again after a WAL restart met mid-pin
 RESTORE_RANGED_GET_MIN = 16 << 20  # snapshots this big are fetched with parallel ranged GETs
 RESTORE_REPLAN_ATTEMPTS = 5  # fresh listings a restore or verify takes when objects vanish
 BUSY_TIMEOUT = 1.0
@@ -4591,6 +4593,7 @@ class DB:
         self._enospc = 0                   # syncs in a row that could not copy anything: disk full
         self._enospc_replica_pos: Dict[str, Pos] = {}
         self._enospc_since = 0.0
+        self._pins = 0                     # read transactions pin_read() holds open (restore drills)
         self._commits = _CommitLog()       # when the shadow WAL's data was committed: replicas' lag
         self._clean_at = 0.0               # clock() when the WAL was last seen fully copied
         self.sync_error = ""               # the last sync's error, "" when it succeeded
@@ -4651,7 +4654,9 @@ class DB:
                     self.scheduler = Scheduler("sync", 1, short_tasks=True)
                     self._own_schedulers.append(self.scheduler)
                 if self.replica_scheduler is None:
-                    self.replica_scheduler = Scheduler("replica", max(2, len(self.replicas)))
+                    # A restore drill holds a worker for minutes: one more each.
+                    self.replica_scheduler = Scheduler("replica", max(2, len(self.replicas)) + sum(
+                        1 for r in self.replicas if r.validation_interval > 0))
                     self._own_schedulers.append(self.replica_scheduler)
             # A database that exists must be usable now: a file that is not
             # SQLite fails at start instead of logging an error every second.
@@ -4694,6 +4699,8 @@ class DB:
             self._task.wait_idle(dl.remaining())
         for r in self.replicas:
             r.stop()
+        for r in self.replicas:
+            r.wait_validation(dl.remaining())  # a drill gives up at its next step
         try:
             if self._lock.acquire(timeout=-1 if dl.remaining() is None else dl.remaining()):
                 try:
@@ -5358,9 +5365,13 @@ class DB:
 
     def _checkpoint_mode(self, orig_wal_size: int, shadow_size: int, db_mtime: float) -> str:
         ps = self.page_size
-        if self.truncate_page_n > 0 and orig_wal_size >= calc_wal_size(ps, self.truncate_page_n):
+        # While a drill pins a reader, RESTART and TRUNCATE would wait out
+        # the busy timeout for it under the write lock: PASSIVE until it ends.
+        if self.truncate_page_n > 0 and orig_wal_size >= calc_wal_size(ps, self.truncate_page_n) \
+                and not self._pins:
             return CHECKPOINT_MODE_TRUNCATE
-        if self.max_checkpoint_page_n > 0 and shadow_size >= calc_wal_size(ps, self.max_checkpoint_page_n):
+        if self.max_checkpoint_page_n > 0 and shadow_size >= calc_wal_size(ps, self.max_checkpoint_page_n) \
+                and not self._pins:
             return CHECKPOINT_MODE_RESTART
         if shadow_size >= calc_wal_size(ps, self.min_checkpoint_page_n):
             return CHECKPOINT_MODE_PASSIVE
@@ -5544,6 +5555,70 @@ class DB:
         """
         return _SnapshotSource(self)
 
+    # Restore drills ----------------------------------------------------------
+
+    def pin_read(self) -> "tuple[Pos, sqlite3.Connection, float]":
+        """Copy every committed frame and open a read transaction at exactly that position.
+
+        Returns (P, conn, seconds the write lock was held): the shadow WAL
+        ends at P and conn's read transaction sees the database as of P,
+        whatever the application commits afterwards.  SQLite's write lock
+        is held only for the copy of what the last sync left (as a
+        checkpoint holds it, and shorter: no backfill) and for the first
+        read of conn.  In WAL mode the open read transaction blocks no
+        writer, but while it lasts no checkpoint backfills past P and the
+        WAL cannot restart (it grows with what is committed meanwhile), so
+        call unpin() as soon as the comparison is done.  Raises
+        _PinRetry when the WAL restarted since the last sync (sync and
+        call again).
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA query_only = 1")
+            with self._lock:
+                if self._conn is None or self._closed:
+                    raise LitestreamError("%s: the database is not open" % self.name)
+                why = self._replaced()
+                if why:
+                    raise _PinRetry(why)
+                self._begin_write()
+                t0 = time.monotonic()
+                try:
+                    if not self._headers_match():
+                        raise _PinRetry("wal restarted")
+                    try:
+                        copied = self._copy_or_raise(None)
+                    except _ShadowWriteError as e:
+                        raise LitestreamError("%s: cannot write shadow wal: %s" % (self.name, e.err)) from e
+                    pos = self.shadow.pos
+                    # Nobody can commit now, so a new reader sees exactly
+                    # the last commit: the end of what was just copied.
+                    hdr = self._wal_index_header()
+                    if hdr is not None and hdr.salt == self.shadow.header[16:24] and \
+                            calc_wal_size(self.page_size, hdr.max_frame) != pos.offset:
+                        raise _PinRetry("shadow wal ends at %d, the wal's last commit at %d"
+                                        % (pos.offset, calc_wal_size(self.page_size, hdr.max_frame)))
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT COUNT(1) FROM sqlite_master").fetchone()
+                finally:
+                    self._conn.execute("ROLLBACK")
+                    held = time.monotonic() - t0
+                self._pins += 1
+                if copied:
+                    self._broadcast()
+            return pos, conn, held
+        except BaseException:
+            conn.close()
+            raise
+
+    def unpin(self, conn: sqlite3.Connection) -> None:
+        """End a read transaction pin_read() opened."""
+        try:
+            conn.close()
+        finally:
+            with self._lock:
+                self._pins = max(0, self._pins - 1)
+
     # Cleanup -----------------------------------------------------------------
 
     def _clean_wal(self) -> None:
@@ -5573,6 +5648,14 @@ class DB:
 
 class _WriteLockBusy(LitestreamError):
     """Another writer held the write lock for the whole busy timeout."""
+
+
+class _DrillCancelled(LitestreamError):
+    """A restore drill gave up because its replica stopped."""
+
+
+class _PinRetry(LitestreamError):
+    """pin_read() met a WAL restart or replaced file the next sync must handle first."""
 
 
 class _ShadowWriteError(Exception):
@@ -5694,6 +5777,7 @@ class Replica:
       retention_min_snapshots   snapshots of the current generation kept
                                 whatever their age (at least 1).
       snapshot_interval         take a snapshot this often; 0 = only when needed.
+      validation_interval       run a restore drill (validate()) this often; 0 = never.
       max_retry_delay           the longest wait between retries of a failed sync.
       max_lag                   readiness fails when lag exceeds this (0: the
                                 default, 10 x sync_interval and at least 10 s).
@@ -5709,6 +5793,7 @@ class Replica:
                  retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL,
                  retention_min_snapshots: int = DEFAULT_RETENTION_MIN_SNAPSHOTS,
                  snapshot_interval: float = 0.0,
+                 validation_interval: float = 0.0,
                  max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY,
                  max_lag: float = 0.0,
                  clock=time.time):
@@ -5721,6 +5806,7 @@ class Replica:
         self.retention_check_interval = retention_check_interval
         self.retention_min_snapshots = retention_min_snapshots
         self.snapshot_interval = snapshot_interval
+        self.validation_interval = validation_interval
         self.max_retry_delay = max_retry_delay
         self.max_lag = max_lag if max_lag > 0 else default_max_lag(sync_interval)
         self.clock = clock
@@ -5736,6 +5822,9 @@ class Replica:
         self._tasks: List[Task] = []
         self._sync_task: Optional[Task] = None
         self._last_sync_start = -1e9   # monotonic
+        self._drill_stop = threading.Event()   # set by stop(): a drill in progress gives up
+        self._drill_idle = threading.Event()   # clear while a drill runs
+        self._drill_idle.set()
         self._series: Optional[_ReplicaSeries] = None
 
     def __repr__(self) -> str:
@@ -5793,6 +5882,7 @@ class Replica:
         if sched is None:
             raise LitestreamError("%s: no scheduler: open the DB with background work" % self._label())
         self.stop()
+        self._drill_stop.clear()
         label = self._label()
         self._sync_task = sched.task(self._sync_step, "sync:" + label)
         self._tasks = [self._sync_task]
@@ -5805,17 +5895,26 @@ class Replica:
             t = sched.task(self._snapshot_step, "snapshot:" + label)
             t.schedule(0)
             self._tasks.append(t)
+        if self.validation_interval > 0:
+            t = sched.task(self._validation_step, "validation:" + label)
+            t.schedule(self.validation_interval)
+            self._tasks.append(t)
         if hasattr(self.client, "abort_stale_uploads"):
             t = sched.task(self._stale_uploads_step, "uploads:" + label)
             t.schedule(0)
             self._tasks.append(t)
 
     def stop(self) -> None:
-        """Stop the timers; a step in progress finishes on its own."""
+        """Stop the timers; a step in progress finishes on its own, but a restore drill gives up soon."""
+        self._drill_stop.set()
         for t in self._tasks:
             t.cancel()
         self._tasks = []
         self._sync_task = None
+
+    def wait_validation(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no restore drill runs (after stop(), one gives up at its next step); False on timeout."""
+        return self._drill_idle.wait(timeout)
 
     def wake(self) -> None:
         """Ask for an upload: the DB's shadow WAL changed.
@@ -5912,6 +6011,10 @@ class Replica:
             return delay
         self._snapshot_failures = 0
         return self.snapshot_interval
+
+    def _validation_step(self) -> Optional[float]:
+        self.validate()  # logs and counts its own result
+        return self.validation_interval
 
     def _stale_uploads_step(self) -> Optional[float]:
         try:
@@ -6069,6 +6172,135 @@ class Replica:
         self.logger.info("%s: %s written position=%s elapsed=%s sz=%d compressed=%d", self._label(), what,
                          pos, elapsed, size, compressed,
                          extra={"position": str(pos), "elapsed": elapsed, "sz": size, "compressed": compressed})
+
+    # Validation --------------------------------------------------------------
+
+    def validate(self, log_result: bool = True) -> "ValidationResult":
+        """Run one restore drill: restore the replica at a position P and compare it with the database at P.
+
+        P is pinned first (DB.pin_read): every committed frame is copied
+        to the shadow WAL under SQLite's write lock, and a read transaction
+        opened then keeps seeing the database as of P however the
+        application goes on writing; the replica is then brought exactly to
+        P (so P is a segment boundary).  The replica is restored at P into
+        a scratch file in the DB's meta directory (one copy of the database,
+        plus at most VALIDATION_RESTORE_PARALLELISM staged WAL indices),
+        which must pass integrity_check and hold the same schema and rows,
+        table by table in rowid (or primary key) order, as the pinned read
+        transaction; both are streamed, so memory stays bounded.  Nothing
+        the application commits after P can make the two differ: that is
+        what kept Go 0.3's validation (which compared a checksum of the
+        live file with a restore taken later) from being trusted.  The
+        reader pins P for the length of the drill only.
+
+        Returns a ValidationResult (status ok, invalid or error; never
+        raises for a failed drill), logs it (INFO "validation ok", ERROR
+        otherwise) unless log_result is false, and counts it in the
+        validation metrics.
+        """
+        db = self.db
+        if db is None:
+            raise LitestreamError("%s: a restore drill needs the replica's database" % self.name)
+        t0 = time.monotonic()
+        scratch = os.path.join(db.meta_path, "validation-%s.db" % re.sub(r"[^A-Za-z0-9_.-]", "_", self.name))
+        pos, held, conn = Pos(), 0.0, None
+        status, msg = "error", ""
+
+        def check(*_):
+            if self._drill_stop.is_set():
+                raise _DrillCancelled("replica stopped")
+
+        self._drill_idle.clear()
+        try:
+            _remove_scratch(scratch)  # a crashed drill's leftovers
+            pos, conn, held = self._pin_replicated()
+            check()
+            restore_replica(self, RestoreOptions(scratch, pos.generation, index=pos.index, offset=pos.offset,
+                                                 parallelism=VALIDATION_RESTORE_PARALLELISM),
+                            progress=check, ranged=False)
+            check()
+            diff = _compare_with(scratch, conn, self._drill_stop)
+            check()
+            if diff:
+                status, msg = "invalid", "mismatch: %s" % diff
+            else:
+                status = "ok"
+        except _DrillCancelled:
+            status = ""
+        except (CorruptFrameError, ChecksumMismatchError, _IntegrityCheckFailed) as e:
+            status, msg = "invalid", str(e)
+        except Exception as e:
+            status, msg = "error", str(e) or type(e).__name__
+        finally:
+            try:
+                if conn is not None:
+                    db.unpin(conn)
+                _remove_scratch(scratch)
+            finally:
+                self._drill_idle.set()
+        res = ValidationResult(status or "error", pos, time.monotonic() - t0, held, msg or "cancelled")
+        if status:
+            self._record_validation(res, log_result)
+        else:
+            db.logger.info("%s: validation cancelled: the replica stopped", self._label())
+        return res
+
+    def _pin_replicated(self) -> "tuple[Pos, sqlite3.Connection, float]":
+        """Pin the DB at a position P and upload the replica exactly to P; return (P, reader, lock seconds)."""
+        db = self.db
+        why = ""
+        for _ in range(VALIDATION_PIN_ATTEMPTS):
+            db.sync()
+            with self._mu:
+                if not db.pos().generation:
+                    raise NoGenerationError()
+                if self.pos.generation != db.pos().generation:
+                    self._sync_locked()  # a new generation: its snapshot first, outside the pin
+                try:
+                    pos, conn, held = db.pin_read()
+                except (_PinRetry, _WriteLockBusy) as e:
+                    why = str(e)
+                    continue
+                try:
+                    if pos.generation != self.pos.generation:
+                        why = "generation changed"
+                        db.unpin(conn)
+                        continue
+                    # Upload up to P and no further, so that restore can stop
+                    # exactly at P (it stops only at segment boundaries).
+                    try:
+                        self._upload_wal(self.pos, pos, track=True)
+                    except BaseException:
+                        self._set_pos(Pos())
+                        raise
+                    if self.pos != pos:
+                        raise LitestreamError("replica reached %s, not %s" % (self.pos, pos))
+                except BaseException:
+                    db.unpin(conn)
+                    raise
+                return pos, conn, held
+        raise LitestreamError("cannot pin a position to validate at: %s" % why)
+
+    def _record_validation(self, res: "ValidationResult", log_result: bool) -> None:
+        p, n = self.db.path, self.name
+        if self.db._stopping:
+            return  # a drill outliving close(): the DB's series are gone and must stay gone
+        REPLICA_VALIDATION_TOTAL.labels(p, n, "ok" if res.ok else "error").inc()
+        VALIDATION_CHECKS_TOTAL.labels(p, n, {"ok": "success"}.get(res.status, res.status)).inc()
+        LAST_VALIDATION_SUCCESS.labels(p, n).set(1 if res.ok else 0)
+        if res.ok:
+            LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
+        if not log_result:
+            return
+        if res.ok:
+            self.logger.info("%s: validation ok position=%s elapsed=%.3fs write_lock=%.6fs",
+                                self._label(), res.pos, res.seconds, res.write_lock_seconds)
+        elif res.status == "invalid":
+            self.logger.error("%s: validation failed position=%s elapsed=%.3fs: %s",
+                                 self._label(), res.pos or "none", res.seconds, res.message)
+        else:
+            self.logger.error("%s: validation error position=%s elapsed=%.3fs: %s",
+                                 self._label(), res.pos or "none", res.seconds, res.message)
 
     # Retention ---------------------------------------------------------------
 
@@ -6286,12 +6518,13 @@ def _remove_db(path: str) -> None:
     remove_quietly(path, path + "-wal", path + "-shm")
 
 
-def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str) -> int:
+def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str, ranged: bool = True) -> int:
     """Decompress a snapshot into a new file at path; return its page size.
 
     Big snapshots on clients with ranged reads come down as parallel ranged
     GETs into a staged file beside path (one stream is the bottleneck of
-    large restores, upstream #266), then decompress from disk.
+    large restores, upstream #266), then decompress from disk; ranged=False
+    streams them instead, so no compressed copy takes disk space.
     """
     client = replica.client
     what = replica._object_name(snap)
@@ -6299,7 +6532,7 @@ def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str) -> int:
     try:
         with open(path, "xb") as f:
             with _reading(what):
-                if client.parallel_download and snap.size >= RESTORE_RANGED_GET_MIN:
+                if ranged and client.parallel_download and snap.size >= RESTORE_RANGED_GET_MIN:
                     with open(staged, "xb") as sf:
                         client.download_snapshot(snap.generation, snap.index, sf)
                     rd = open(staged, "rb")
@@ -6328,6 +6561,22 @@ def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, 
     with open(path, "wb") as f:
         off = 0
         for seg in group:
+            if seg.offset != off and ends:
+                # The segment before decoded to a length that does not reach
+                # this one: it is the damaged object when it runs past this
+                # one's start, and the first suspect (before a missing
+                # segment) when it stops short.
+                prev, n = ends[-1][1], off - (ends[-2][0] if len(ends) > 1 else 0)
+                nxt = format_wal_segment_path(seg.index, seg.offset)
+                if off > seg.offset:
+                    why = "damaged: wal segments not contiguous: it decodes to %d bytes, ending at offset " \
+                          "%d, past the start of the next segment %s" % (n, off, nxt)
+                else:
+                    why = "wal segments not contiguous: it decodes to %d bytes, ending at offset %d, but the " \
+                          "next segment is %s: this segment is damaged, or %s is missing" \
+                          % (n, off, nxt, name(WALSegmentInfo(seg.generation, seg.index, off, 0,
+                                                              utc_from_timestamp(0))))
+                raise LitestreamError("%s: %s" % (name(prev), why))
             if seg.offset != off:
                 raise LitestreamError(_missing(name, seg.generation, seg.index, off,
                                                "wal segments not contiguous: the next one is %s"
@@ -6456,10 +6705,15 @@ def _integrity_check(path: str) -> None:
     finally:
         conn.close()
     if rows != ["ok"]:
-        raise LitestreamError("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
+        raise _IntegrityCheckFailed("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
 
 
-def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parallelism: int, progress) -> Pos:
+class _IntegrityCheckFailed(LitestreamError):
+    """A restored database failed PRAGMA integrity_check."""
+
+
+def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parallelism: int, progress,
+                   ranged: bool = True) -> Pos:
     """Build the database of a snapshot and WAL plan at path (new), then integrity_check it.
 
     Returns the position reached.  Staged files are removed here; path and
@@ -6468,7 +6722,7 @@ def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parall
     name = replica._object_name
     staged: "dict[int, str]" = {}
     try:
-        page_size = _restore_snapshot(replica, snap, path)
+        page_size = _restore_snapshot(replica, snap, path, ranged)
         pos = Pos(snap.generation, snap.index, 0)
         indices = _staged_indices(replica.client, plan, path, parallelism, staged, name)
         try:
@@ -6488,7 +6742,7 @@ def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parall
         remove_quietly(*staged.values())
 
 
-def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos:
+def restore_replica(replica: Replica, opt: RestoreOptions, progress=None, ranged: bool = True) -> Pos:
     """Restore opt.generation of a replica to opt.output_path; return the position restored.
 
     Everything is built in a temp file beside the output: the snapshot,
@@ -6500,7 +6754,8 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
     same time) makes the restore plan again from a fresh listing, up to
     RESTORE_REPLAN_ATTEMPTS times; a new plan that ends before the first
     one fails instead, so the result is never shorter than what the replica
-    held when the restore began.
+    held when the restore began.  ranged=False never stages a compressed
+    snapshot (see _restore_snapshot).
     """
     client = replica.client
     out = os.path.abspath(opt.output_path)
@@ -6535,7 +6790,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
             replica.logger.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation,
                                 snap.index, tmp)
             try:
-                pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress)
+                pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress, ranged)
                 break
             except _Vanished as e:
                 _remove_db(tmp)
@@ -6630,20 +6885,90 @@ def compare_databases(a: str, b: str) -> Optional[str]:
         cb.close()
 
 
-def _compare_rows(ca: sqlite3.Connection, cb: sqlite3.Connection) -> Optional[str]:
+def _quote_ident(name: str) -> str:
+    return '"%s"' % name.replace('"', '""')
+
+
+def _row_order(conn: sqlite3.Connection, table: str, sql: str) -> str:
+    """Return the ORDER BY that walks a table's own b-tree: rowid, or a WITHOUT ROWID table's primary key."""
+    info = conn.execute("PRAGMA table_info(%s)" % _quote_ident(table)).fetchall()
+    if "WITHOUT ROWID" in sql.upper():
+        pk = sorted((r[5], r[1]) for r in info if r[5])
+        return ", ".join(_quote_ident(c) for _, c in pk) or ", ".join(_quote_ident(r[1]) for r in info)
+    cols = {r[1].lower() for r in info}
+    # A column may be called rowid; one of the three names is still the rowid.
+    return next((a for a in ("rowid", "_rowid_", "oid") if a not in cols), "rowid")
+
+
+def _compare_rows(ca: sqlite3.Connection, cb: sqlite3.Connection,
+                  cancel: Optional[threading.Event] = None) -> Optional[str]:
+    """Return None if two connections see the same schema and rows, else what differs first.
+
+    Rows are streamed from both sides in step, so memory stays bounded;
+    the message names the table and the row's position, never its values
+    (they may be secret).  cancel, once set, raises _DrillCancelled.
+    """
     q = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
     if ca.execute(q).fetchall() != cb.execute(q).fetchall():
         return "the schema differs"
     tables = ca.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name").fetchall()
     for table, sql in tables:
-        sql = (sql or "").upper()
-        if sql.startswith("CREATE VIRTUAL"):
-            continue
-        q = 'SELECT * FROM "%s"%s' % (table.replace('"', '""'), "" if "WITHOUT ROWID" in sql else " ORDER BY rowid")
-        for x, y in zip_longest(ca.execute(q), cb.execute(q)):
+        if (sql or "").upper().startswith("CREATE VIRTUAL"):
+            continue  # left to its shadow tables
+        order = _row_order(ca, table, sql or "")
+        # A rowid table's rowids are compared too (a restore is a physical copy).
+        q = "SELECT %s* FROM %s ORDER BY %s" % ("" if "WITHOUT ROWID" in (sql or "").upper() else order + ", ",
+                                               _quote_ident(table), order)
+        for i, (x, y) in enumerate(zip_longest(ca.execute(q), cb.execute(q)), 1):
+            if cancel is not None and not i % 4096 and cancel.is_set():
+                raise _DrillCancelled("cancelled")
             if x != y:
-                return "table %s differs" % table
+                if x is None or y is None:
+                    return "table %s differs: %d rows in one, more in the other" % (table, i - 1)
+                return "table %s differs (first at row %d)" % (table, i)
     return None
+
+
+def _compare_with(path: str, live: sqlite3.Connection, cancel: Optional[threading.Event] = None) -> Optional[str]:
+    """Compare a database file with what a connection's open transaction sees (see _compare_rows)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return _compare_rows(conn, live, cancel)
+    except sqlite3.DatabaseError as e:
+        return "cannot be compared: %s" % e
+    finally:
+        conn.close()
+
+
+def _remove_scratch(path: str) -> None:
+    """Remove a drill's scratch database and what a restore into it may leave beside it."""
+    d, base = os.path.split(path)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return
+    remove_quietly(*(os.path.join(d, n) for n in names if n == base or n.startswith(base + "-")
+                     or n.startswith(base + ".tmp-")))
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """The outcome of one restore drill (Replica.validate).
+
+    status is "ok", "invalid" (the replica restored at pos differs from the
+    database at pos, fails integrity_check, or holds a corrupt object) or
+    "error" (the drill could not run to the end); message says why.
+    """
+
+    status: str
+    pos: Pos
+    seconds: float
+    write_lock_seconds: float
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 def _check_chain(path: str, hdr: WALHeader, ends, name, start: int) -> Optional[str]:
@@ -8052,16 +8377,12 @@ def new_replica_client_from_config(rc: "ReplicaConfig") -> ReplicaClient:
 
 def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
     """Return a Replica for a replica config (Go's NewReplicaFromConfig)."""
-    if rc.validation_interval > 0:
-        # Accepting it and doing nothing would be the silent failure users
-        # complain about (upstream #1403); Go's version was removed (#431).
-        raise ConfigError("replica %s: validation-interval is not supported by litestream.py; "
-                          "run restore drills with `restore` and PRAGMA integrity_check" % (rc.name or rc.type))
     return Replica(db, rc.name or rc.type, new_replica_client_from_config(rc),
                    sync_interval=rc.sync_interval, retention=rc.retention,
                    retention_check_interval=rc.retention_check_interval,
                    retention_min_snapshots=rc.retention_min_snapshots,
-                   snapshot_interval=rc.snapshot_interval, max_lag=rc.max_lag)
+                   snapshot_interval=rc.snapshot_interval, validation_interval=rc.validation_interval,
+                   max_lag=rc.max_lag)
 
 
 def new_db_from_config(dc: "DBConfig", scheduler: Optional[Scheduler] = None,
@@ -8163,7 +8484,9 @@ class Replicator:
             self.metrics_server = MetricsServer(cfg.addr, healthz=self.healthz, readyz=self.readyz)
             self.metrics_server.start()
             log.info("serving metrics on %s/metrics", self.metrics_server.url)
-        n_replicas = sum(len(dc.replicas) for dc in cfg.dbs)
+        # A restore drill holds a worker for minutes: one more for each.
+        n_replicas = sum(len(dc.replicas) + sum(1 for rc in dc.replicas if rc.validation_interval > 0)
+                         for dc in cfg.dbs)
         db_sched = rep_sched = None
         if self.background:
             # A few threads copy WALs (local I/O); more upload, since a slow
@@ -9002,10 +9325,65 @@ def _verify_text(replica: Replica, latest: str, reports: "List[GenerationReport]
         out.write("  problem: %s\n" % p)
 
 
+def _verify_live(args) -> int:
+    """verify -live: run one restore drill per replica against the live database (see Replica.validate).
+
+    It replicates the database itself for the drill, as `replicate -once`
+    does (open, sync, drill, final sync, close), so it needs the
+    database's replicator lock: alongside a running replicator it stops
+    with one line naming that process instead (a drill there is what
+    validation-interval is for).
+    """
+    if is_url(args.target):
+        raise _CLIError("verify -live needs a database path from the config, not a replica URL")
+    if args.generation or args.json:
+        raise _CLIError("verify -live cannot be combined with -generation or -json")
+    cfg = _load(args)
+    dc = cfg.db_config(args.target)
+    if dc is None:
+        raise LitestreamError("database not found in config: %s" % os.path.abspath(args.target))
+    if args.replica:
+        _replicas_for(args)  # the error naming a replica that is not there
+        dc = replace(dc, replicas=tuple(rc for rc in dc.replicas if (rc.name or rc.type) == args.replica))
+    if not os.path.exists(dc.path):
+        raise LitestreamError("verify -live: database does not exist: %s" % dc.path)
+    d, base = os.path.split(dc.path)
+    pid = _DBLock.holder(dc.meta_path or os.path.join(d, "." + base + META_DIR_SUFFIX))
+    if pid:
+        raise LitestreamError("verify -live: %s is replicated by a running litestream (pid %s); set "
+                              "validation-interval on its replicas to drill there, or stop it first"
+                              % (dc.path, pid if pid > 0 else "unknown"))
+    rep = Replicator(config=replace(cfg, dbs=(dc,)), background=False)
+    rep.open()
+    failed = []
+    try:
+        rep.sync()
+        for r in rep.dbs[0].replicas:
+            res = r.validate(log_result=False)
+            where = "%s replica %s" % (r.client.client_type, r.name)
+            if res.ok:
+                sys.stdout.write("%s: validation ok at %s in %.3fs (write lock held %.6fs)\n"
+                                 % (where, res.pos, res.seconds, res.write_lock_seconds))
+            else:
+                line = "%s: validation %s at %s: %s" % (where, "FAILED" if res.status == "invalid" else "error",
+                                                        res.pos or "no position", res.message)
+                sys.stdout.write(line + "\n")
+                failed.append(line)
+    finally:
+        rep.close()
+    if failed:
+        sys.stderr.write("litestream: verify: %s%s\n" % (failed[0], " (and %d more)" % (len(failed) - 1)
+                                                         if len(failed) > 1 else ""))
+        return 1
+    return 0
+
+
 def cmd_verify(args) -> int:
     # The report goes to stdout; progress and a failure summary to stderr.
     if args.parallelism < 1:
         raise _CLIError("invalid -parallelism %d: must be at least 1" % args.parallelism)
+    if args.live:
+        return _verify_live(args)
     replicas, _ = _replicas_for(args)
     progress = None
     if sys.stderr.isatty():
@@ -9349,6 +9727,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-replica", "--replica", default="", help="verify this replica only")
     sp.add_argument("-generation", "--generation", default="", help="verify this generation only")
     sp.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("-live", "--live", action="store_true",
+                    help="restore drill: restore each replica at the database's current position and "
+                         "compare it with the live database (needs the config and DB_PATH)")
     sp.add_argument("-parallelism", "--parallelism", type=int, default=DEFAULT_RESTORE_PARALLELISM,
                     help="WAL indices downloaded at once (default 8)")
     sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")

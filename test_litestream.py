@@ -2287,6 +2287,40 @@ class TestRestore(TempDirTestCase):
         self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
         self.assertFalse(os.path.exists(out))
 
+    def test_middle_segment_of_another_length_named(self):
+        """Ensure a middle segment replaced by a valid object one frame shorter or longer is named, not its neighbour."""
+        self.db.min_checkpoint_page_n = 10000  # one index holding several segments
+        for i in range(4):
+            self.step(3, size=3000, tag="m%d" % i)
+        segs = [s for s in self.r.client.wal_segments(self.gen) if s.index == self.db.pos().index]
+        self.assertGreaterEqual(len(segs), 4)
+        mid, nxt = segs[1], segs[2]
+        p = ls.wal_segment_path(self.path("rep"), mid.generation, mid.index, mid.offset)
+        orig = read_file(p)
+        data = ls.lz4_decompress_frame(orig)
+        fs = 4096 + ls.WAL_FRAME_HEADER_SIZE
+        self.assertGreaterEqual(len(data), 2 * fs)
+        damaged = "generations/%s/wal/%s" % (self.gen, ls.format_wal_segment_path(mid.index, mid.offset))
+        for case, body in (("shorter", data[:-fs]), ("longer", data + data[-fs:])):
+            with self.subTest(case=case):
+                with open(p, "wb") as f:
+                    f.write(ls.lz4_compress_frame(body, content_checksum=True))  # valid LZ4 and xxh32
+                out = self.path("out-%s.db" % case)
+                with self.assertRaises(ls.LitestreamError) as cm:
+                    ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+                msg = str(cm.exception)
+                self.assertIn(damaged, msg)
+                nxt_name = ls.format_wal_segment_path(nxt.index, nxt.offset)
+                if nxt_name in msg:
+                    self.assertLess(msg.index(damaged), msg.index(nxt_name), msg)
+                self.assertFalse(os.path.exists(out))
+                # verify names it too.
+                code, vout, verr = TestVerify.cli(self, "verify", "file://" + self.path("rep"))
+                self.assertEqual(code, 1, vout)
+                self.assertTrue(any(damaged in line for line in vout.splitlines() if "problem:" in line), vout)
+        with open(p, "wb") as f:
+            f.write(orig)
+
     def test_segment_from_another_wal_fails_loudly(self):
         """Ensure a valid segment of another database's WAL at the next offset fails the restore, naming it."""
         self.step(5, size=500)
@@ -8302,8 +8336,8 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(out.splitlines()[0].split(), ["replica", "generation", "index", "offset", "size", "created"])
         self.assertEqual(len(out.splitlines()) - 1, len(r.client.wal_segments(gen)))
 
-    def test_databases_and_unsupported_keys(self):
-        """Ensure databases lists config DBs with replica names, and validation-interval is refused."""
+    def test_databases_and_validation_interval(self):
+        """Ensure databases lists config DBs with replica names, and validation-interval breaks no listing."""
         cfg = self.path("ls.ini")
         with open(cfg, "w") as f:
             f.write("[db:a]\npath = %s\n[replica:a:one]\npath = %s\n[replica:a:two]\npath = %s\n"
@@ -8313,9 +8347,12 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(out.splitlines()[1].split(), [self.path("a.db"), "one,two"])
         with open(cfg, "a") as f:
             f.write("validation-interval = 1h\n")
-        code, _, err = self.cli("snapshots", "-config", cfg, self.path("a.db"))
-        self.assertEqual(code, 1)
-        self.assertIn("validation-interval", err)
+        code, out, err = self.cli("snapshots", "-config", cfg, self.path("a.db"))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.split(), ["replica", "generation", "index", "size", "created"])
+        self.assertEqual(ls.load_config(cfg).dbs[0].replicas[1].validation_interval, 3600)
+        self.assertEqual([r.validation_interval for r in ls.new_db_from_config(ls.load_config(cfg).dbs[0]).replicas],
+                         [0, 3600])
 
     def test_addr_bind_failure_is_one_line(self):
         """Ensure a taken metrics port fails replicate with one line, before any database is touched."""
@@ -9376,6 +9413,262 @@ class TestREADME(RowsMixin, TempDirTestCase):
 
 
 ###############################################################################
+# Restore drills: validation-interval and verify -live
+###############################################################################
+
+DRILL_WRITER = r'''
+import random, sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+c.execute("PRAGMA journal_mode=WAL")
+end, rnd, k, n = time.monotonic() + float(sys.argv[2]), random.Random(1), 100000, 0
+while time.monotonic() < end:
+    c.execute("BEGIN IMMEDIATE")
+    for _ in range(rnd.randint(1, 8)):
+        k += 1
+        c.execute("INSERT INTO t (id, v) VALUES (?, ?)", (k, "row %d " % k + "x" * rnd.randint(10, 3000)))
+        c.execute("INSERT OR REPLACE INTO w (k, n, v) VALUES (?, ?, ?)", ("k%d" % (k % 500), k % 7, str(k)))
+    c.execute("UPDATE t SET v = v || '!' WHERE id = ?", (rnd.randint(100001, k),))
+    if k % 50 == 0:
+        c.execute("DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 3)")
+    c.execute("COMMIT")
+    n += 1
+    time.sleep(rnd.uniform(0, 0.01))
+print(n, k)
+'''
+
+
+def drill_db(path: str, rows: int = 2000) -> None:
+    """Create the drills' database: t (rowid, text values "value-%06d-...") and w (WITHOUT ROWID), checkpointed."""
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    c.execute("CREATE TABLE w (k TEXT, n INTEGER, v TEXT, PRIMARY KEY (n, k)) WITHOUT ROWID")
+    c.execute("CREATE INDEX t_len ON t (length(v))")  # same after a one-byte change of a value
+    c.execute("BEGIN")
+    c.executemany("INSERT INTO t (id, v) VALUES (?, ?)", [(i, "value-%06d-" % i + "y" * 200) for i in range(1, rows + 1)])
+    c.executemany("INSERT INTO w VALUES (?, ?, ?)", [("k%d" % i, i % 7, "w") for i in range(100)])
+    c.execute("COMMIT")
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+
+
+def alter_snapshot_text(path: str, old: bytes, new: bytes) -> None:
+    """Change a text value inside a stored snapshot and store it again as valid LZ4 with a correct checksum."""
+    data = ls.lz4_decompress_frame(read_file(path))
+    assert data.count(old) == 1, "%r occurs %d times in the snapshot" % (old, data.count(old))
+    assert len(old) == len(new)
+    with open(path + ".tmp", "wb") as f:
+        f.write(ls.lz4_compress_frame(data.replace(old, new), content_checksum=True))
+    os.replace(path + ".tmp", path)
+
+
+class TestValidation(TempDirTestCase):
+    """Restore drills (validation-interval, verify -live) against a live database."""
+
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("app.db")
+        drill_db(self.dbpath)
+        self.rep = self.path("rep")
+
+    def ini(self, validation="", extra="", s3=None, file_extra=""):
+        lines = ["[db:app]", "path = %s" % self.dbpath, "monitor-interval = 100ms", extra,
+                 "[replica:app:file]", "path = %s" % self.rep, "sync-interval = 100ms", file_extra]
+        if validation:
+            lines.append("validation-interval = %s" % validation)
+        if s3 is not None:
+            lines += ["[replica:app:s3]", "url = s3://%s/%s" % (MOTO_BUCKET, s3), "endpoint = %s" % moto().endpoint,
+                      "region = us-east-1", "access-key-id = %s" % MOTO_KEY,
+                      "secret-access-key = %s" % MOTO_SECRET, "sync-interval = 100ms"]
+            if validation:
+                lines.append("validation-interval = %s" % validation)
+        cfg = self.path("litestream.ini")
+        with open(cfg, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return cfg
+
+    def snapshot_path(self):
+        gens = os.listdir(os.path.join(self.rep, "generations"))
+        self.assertEqual(len(gens), 1)
+        snaps = os.listdir(os.path.join(self.rep, "generations", gens[0], "snapshots"))
+        self.assertEqual(len(snaps), 1)
+        return os.path.join(self.rep, "generations", gens[0], "snapshots", snaps[0])
+
+    def counters(self, name):
+        p = self.dbpath
+        return (ls.REPLICA_VALIDATION_TOTAL.labels(p, name, "ok").get(),
+                ls.REPLICA_VALIDATION_TOTAL.labels(p, name, "error").get(),
+                ls.VALIDATION_CHECKS_TOTAL.labels(p, name, "invalid").get(),
+                ls.VALIDATION_CHECKS_TOTAL.labels(p, name, "error").get())
+
+    def test_drills_under_a_continuous_writer(self):
+        """Ensure drills every few seconds under a writer committing for a minute all pass: no false alarm."""
+        seconds = float(os.environ.get("LITESTREAM_TEST_DRILL_SECONDS", "60"))
+        prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, prefix)
+        # Small checkpoint thresholds: drills meet PASSIVE checkpoints and
+        # new WAL indices, and the file replica new snapshots, all the time.
+        cfg = self.ini("2s", "min-checkpoint-page-count = 40\nmax-checkpoint-page-count = 300", s3=prefix,
+                       file_extra="snapshot-interval = 3s")
+        rep = ls.Replicator.from_config(cfg)
+        names = [rc.name for rc in rep.config.dbs[0].replicas]
+        self.assertEqual(names, ["file", "s3"])
+        with self.assertLogs("litestream", "INFO") as logs:
+            rep.open()
+            try:
+                rep.wait_replicated(30)
+                writer = subprocess.Popen([sys.executable, "-c", DRILL_WRITER, self.dbpath, str(seconds)],
+                                          stdout=subprocess.PIPE, text=True)
+                self.addCleanup(lambda: writer.poll() is None and writer.kill())
+                samples = []
+                while writer.poll() is None:
+                    samples.append({n: self.counters(n) for n in names})
+                    time.sleep(seconds / 6)
+                out, _ = writer.communicate()
+                self.assertEqual(writer.returncode, 0)
+                commits, rows = (int(x) for x in out.split())
+                rep.wait_replicated(60)
+                # Read before close, which drops the DB's series.
+                final = {n: self.counters(n) + (ls.LAST_VALIDATION_SUCCESS.labels(self.dbpath, n).get(),
+                                                ls.LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS.labels(
+                                                    self.dbpath, n).get()) for n in names}
+            finally:
+                rep.close()
+        self.assertGreater(commits, 200)
+        drills_ok = [r.getMessage() for r in logs.records if "validation ok" in r.getMessage()]
+        alarms = [r.getMessage() for r in logs.records if "validation failed" in r.getMessage()
+                  or "validation error" in r.getMessage()]
+        self.assertEqual(alarms, [])
+        for n in names:
+            with self.subTest(replica=n):
+                ok, err, invalid, error, last_ok, last_ts = final[n]
+                self.assertEqual((err, invalid, error), (0, 0, 0))
+                self.assertGreaterEqual(ok, seconds / 20, "too few drills ran")  # every 2s, plus the drill's time
+                # One more may have finished between the reading and close.
+                self.assertIn(sum(1 for m in drills_ok if "(%s)" % n in m), (ok, ok + 1))
+                # The ok counter rises through the run.
+                oks = [s[n][0] for s in samples]
+                self.assertEqual(oks, sorted(oks))
+                self.assertGreater(oks[-1], oks[1])
+                self.assertEqual(last_ok, 1)
+                self.assertGreater(last_ts, time.time() - 3600)
+        # Drills at positions spread over the run, in more than one WAL index.
+        positions = {m.split("position=")[1].split()[0] for m in drills_ok}
+        self.assertGreater(len({p.rsplit(":", 1)[0] for p in positions}), 1, positions)
+        # No scratch file is left behind.
+        meta = os.path.join(self.dir, ".app.db-litestream")
+        self.assertEqual([n for n in os.listdir(meta) if n.startswith("validation")], [])
+        out = self.path("final.db")
+        code = run_cli("restore", "-o", out, "file://" + self.rep).returncode
+        self.assertEqual(code, 0)
+        self.assertEqual(ls.compare_databases(out, self.dbpath), None)
+        self.assertEqual(table_rows(out)[-1][0], rows)
+
+    def test_altered_snapshot_is_a_mismatch(self):
+        """Ensure a drill reports a snapshot changed in a text value (still valid LZ4 and SQLite) as a mismatch."""
+        rep = ls.Replicator(self.dbpath, [self.rep], monitor_interval=0.1, sync_interval=0.1,
+                            validation_interval=1.0)
+        with self.assertLogs("litestream", "INFO") as logs:
+            with rep:
+                rep.wait_replicated(30)
+                wait_for(lambda: self.counters("file")[0] >= 1, "a first drill")
+                snap = self.snapshot_path()
+                alter_snapshot_text(snap, b"value-001234-", b"value-001234+")
+                ok0, err0, invalid0, error0 = self.counters("file")
+                wait_for(lambda: self.counters("file")[1] > err0, "a failed drill")
+                ok, err, invalid, error = self.counters("file")
+                last_ok = ls.LAST_VALIDATION_SUCCESS.labels(self.dbpath, "file").get()
+        self.assertEqual((invalid - invalid0, error - error0), (err - err0, 0))
+        self.assertGreaterEqual(err - err0, 1)
+        self.assertEqual(last_ok, 0)
+        failed = [r for r in logs.records if "validation failed" in r.getMessage()]
+        self.assertTrue(failed)
+        self.assertEqual(failed[0].levelname, "ERROR")
+        self.assertIn("mismatch: table t differs", failed[0].getMessage())
+        self.assertNotIn("value-", failed[0].getMessage())  # never the data itself
+        # The altered replica is internally valid: restore and verify accept it.
+        out = self.path("out.db")
+        p = run_cli("restore", "-o", out, "file://" + self.rep)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(integrity(out), "ok")
+        self.assertIn(b"value-001234+", read_file(out))
+        p = run_cli("verify", "file://" + self.rep)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+
+    def test_pinned_reader_sees_p_and_checkpoints_stay_passive(self):
+        """Ensure pin_read's reader keeps seeing P while the app writes, and RESTART waits until it ends."""
+        app = AppDB(self.dbpath)
+        self.addCleanup(app.close)
+        db = open_db(self.dbpath, min_checkpoint_page_n=2, max_checkpoint_page_n=4)
+        self.addCleanup(db.close)
+        app.insert(3, size=100, tag="before")
+        db.sync()
+        want = table_rows(self.dbpath)
+        pos, conn, held = db.pin_read()
+        try:
+            self.assertEqual(pos, db.pos())
+            # The shadow WAL ends where the WAL's last commit ends.
+            self.assertEqual(pos.offset, os.path.getsize(db.shadow_wal_path(pos.generation, pos.index)))
+            app.insert(20, size=3000, tag="after")
+            modes = {db.sync().checkpoint for _ in range(2)}
+            self.assertEqual(modes - {""}, {ls.CHECKPOINT_MODE_PASSIVE})
+            self.assertEqual(db.pos().index, pos.index)  # no WAL restart while pinned
+            self.assertEqual(conn.execute("SELECT * FROM t ORDER BY rowid").fetchall(), want)
+        finally:
+            db.unpin(conn)
+        app.insert(1, tag="later")
+        self.assertEqual(db.sync().checkpoint, ls.CHECKPOINT_MODE_RESTART)
+        self.assertEqual(db.pos().index, pos.index + 1)
+
+    def test_verify_live_exit_codes(self):
+        """Ensure verify -live exits 0 on a good replica, 1 on an altered one and alongside a running replicator."""
+        prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, prefix)
+        cfg = self.ini(s3=prefix)
+        app = AppDB(self.dbpath)
+        self.addCleanup(app.close)
+        app.insert(50, size=300, tag="live")
+        p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        lines = p.stdout.splitlines()
+        self.assertEqual(len(lines), 2, p.stdout)
+        self.assertTrue(lines[0].startswith("file replica file: validation ok at "), lines[0])
+        self.assertTrue(lines[1].startswith("s3 replica s3: validation ok at "), lines[1])
+        self.assertEqual(p.stderr, "")
+        # Alongside a running replicator: refused in one line, naming its pid.
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertEqual(p.stderr.strip().splitlines(),
+                         ["litestream: verify -live: %s is replicated by a running litestream (pid %d); set "
+                          "validation-interval on its replicas to drill there, or stop it first"
+                          % (self.dbpath, r.p.pid)])
+        self.assertEqual(r.stop(), 0)
+        # The file replica's snapshot altered: exit 1 naming it and the table; the s3 one still passes.
+        alter_snapshot_text(self.snapshot_path(), b"value-000777-", b"value-000778-")
+        app.insert(5, size=300, tag="after")
+        p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        lines = p.stdout.splitlines()
+        self.assertRegex(lines[0], r"^file replica file: validation FAILED at [0-9a-f]{16}/[0-9a-f]{8}:\d+: "
+                                   r"mismatch: table t differs \(first at row 777\)$")
+        self.assertTrue(lines[1].startswith("s3 replica s3: validation ok at "), lines[1])
+        self.assertEqual(p.stderr.splitlines(), ["litestream: verify: " + lines[0]])
+        p = run_cli("verify", "-live", "-config", cfg, "-replica", "s3", self.dbpath)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        meta = os.path.join(self.dir, ".app.db-litestream")
+        self.assertEqual([n for n in os.listdir(meta) if n.startswith("validation")], [])
+        p = run_cli("verify", "-live", "file://" + self.rep)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("needs a database path", p.stderr)
+
+
+###############################################################################
 # Benchmarks (not tests): python3 test_litestream.py bench-lz4 [FILE]
 ###############################################################################
 
@@ -9653,6 +9946,116 @@ def bench_big_tx(mib: int = 400) -> None:
               + rows, sys.stdout)
 
 
+BENCH_DRILL_WRITER = r'''
+import select, sqlite3, sys, time
+w = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+k, worst = 0, 0.0
+while not select.select([sys.stdin], [], [], 0.002)[0]:
+    k += 1
+    t0 = time.monotonic()
+    w.execute("INSERT INTO t (v) VALUES (?)", ("w%d " % k + "x" * 500,))
+    worst = max(worst, time.monotonic() - t0)
+print(k, worst)
+'''
+
+
+def bench_drill(mib: int = 200, drills: int = 3, s3: bool = False) -> None:
+    """Restore drills (Replica.validate) on a MIB MiB database while a writer commits continuously.
+
+    python3 test_litestream.py bench-drill [MIB [DRILLS [s3]]]
+
+    Reports per drill the seconds, the longest hold of SQLite's write lock,
+    the peak extra disk of the drill (its scratch files in the meta dir, and
+    how much the WAL grew meanwhile) and the writer's slowest commit.
+    """
+    with tempfile.TemporaryDirectory(prefix="lsbench-") as d:
+        db = os.path.join(d, "app.db")
+        c = sqlite3.connect(db, isolation_level=None)
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        rnd = random.Random(7)
+        text = ("the quick brown fox jumps over the lazy dog %d " * 40)[:2048]
+        c.execute("BEGIN")
+        for i in range(mib * 1024 * 1024 // 4200):
+            c.execute("INSERT INTO t (v) VALUES (?)", (text.replace("%d", str(i)) + rand_bytes(rnd, 1024).hex(),))
+        c.execute("COMMIT")
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        c.close()
+        size = os.path.getsize(db)
+        urls = [os.path.join(d, "rep")]
+        if s3:
+            prefix = "%016x" % random.getrandbits(64)
+            urls = ["s3://%s/%s?endpoint=%s&region=us-east-1" % (MOTO_BUCKET, prefix, moto().endpoint)]
+            os.environ["LITESTREAM_ACCESS_KEY_ID"], os.environ["LITESTREAM_SECRET_ACCESS_KEY"] = MOTO_KEY, MOTO_SECRET
+        rep = ls.Replicator(db, urls, monitor_interval=1.0, sync_interval=1.0)
+        rep.open()
+        try:
+            rep.wait_replicated(600)
+            r = rep.dbs[0].replicas[0]
+            meta = rep.dbs[0].meta_path
+            stop, slowest, peak = threading.Event(), [0.0], [0, 0]
+            commits = [0]
+
+            def writer():
+                # A separate process, as the application is: the drill's
+                # CPU work does not hold its commits up through our GIL.
+                p = subprocess.Popen([sys.executable, "-c", BENCH_DRILL_WRITER, db], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+                stop.wait()
+                out, _ = p.communicate("")
+                n, worst = out.split()
+                commits[0], slowest[0] = int(n), float(worst)
+
+            def watch(wal0):
+                while not stop.wait(0.05):
+                    scratch = 0
+                    for n in os.listdir(meta):
+                        if n.startswith("validation"):
+                            with contextlib.suppress(OSError):
+                                scratch += os.path.getsize(os.path.join(meta, n))
+                    peak[0] = max(peak[0], scratch)
+                    with contextlib.suppress(OSError):
+                        peak[1] = max(peak[1], os.path.getsize(db + "-wal") - wal0)
+
+            rows = [["drill", "status", "seconds", "write lock max s", "scratch peak MiB", "WAL growth MiB",
+                     "slowest commit s", "commits"]]
+            for i in range(drills):
+                stop.clear()
+                slowest[0], peak[0], peak[1], commits[0] = 0.0, 0, 0, 0
+                ts = [threading.Thread(target=writer), threading.Thread(target=watch,
+                                                                        args=(os.path.getsize(db + "-wal"),))]
+                for t in ts:
+                    t.start()
+                time.sleep(0.5)
+                res = r.validate()
+                stop.set()
+                for t in ts:
+                    t.join()
+                rows.append([str(i + 1), res.status, "%.2f" % res.seconds, "%.6f" % res.write_lock_seconds,
+                             "%.1f" % (peak[0] / 2 ** 20), "%.1f" % (peak[1] / 2 ** 20), "%.3f" % slowest[0],
+                             str(commits[0])])
+                if not res.ok:
+                    print(res.message)
+            # The same writer without a drill, then our PASSIVE checkpoint's
+            # duration (the longest it can hold the write lock) after it.
+            stop.clear()
+            slowest[0], peak[0], peak[1], commits[0] = 0.0, 0, 0, 0
+            ts = [threading.Thread(target=writer)]
+            ts[0].start()
+            time.sleep(0.5 + res.seconds)
+            stop.set()
+            ts[0].join()
+            rows.append(["none", "-", "%.2f" % (0.5 + res.seconds), "-", "-", "-", "%.3f" % slowest[0],
+                         str(commits[0])])
+            t0 = time.monotonic()
+            rep.dbs[0].checkpoint(ls.CHECKPOINT_MODE_PASSIVE)
+            print("checkpoint PASSIVE after %d commits: %.6fs" % (commits[0], time.monotonic() - t0))
+        finally:
+            rep.close()
+        print("database %.1f MiB, replica %s" % (size / 2 ** 20, "s3 (moto)" if s3 else "file"))
+        ls._table(rows, sys.stdout)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench-lz4"]:
         if len(sys.argv) > 2:
@@ -9663,6 +10066,8 @@ if __name__ == "__main__":
                 bench_lz4(os.path.join(d, "bench.db"))
     elif sys.argv[1:2] == ["bench-big-tx"]:
         bench_big_tx(*[int(a) for a in sys.argv[2:3]])
+    elif sys.argv[1:2] == ["bench-drill"]:
+        bench_drill(*[f(a) for f, a in zip((int, int, lambda v: v == "s3"), sys.argv[2:5])])
     elif sys.argv[1:2] == ["bench-many-dbs"]:
         bench_many_dbs(*[f(a) for f, a in zip((int, float), sys.argv[2:4])])
     else:
