@@ -40,7 +40,6 @@ __all__ = [
 import abc
 import argparse
 import base64
-import calendar
 import collections
 import concurrent.futures
 import configparser
@@ -9225,11 +9224,10 @@ def cmd_restore(args) -> int:
             log.info("no matching backups found in %s", ", ".join(str(r.client) for r in replicas))
             return 0
         raise LitestreamError("no matching backups found in %s" % ", ".join(str(r.client) for r in replicas))
-    progress = None
-    if sys.stderr.isatty():
-        def progress(i, n):
-            sys.stderr.write("\rrestore: applied wal index %d/%d" % (i, n) + ("\n" if i == n else ""))
-            sys.stderr.flush()
+    def show(i, n):
+        sys.stderr.write("\rrestore: applied wal index %d/%d" % (i, n) + ("\n" if i == n else ""))
+        sys.stderr.flush()
+    progress = show if sys.stderr.isatty() else None
     restore_replica(replica, RestoreOptions(out, gen, index, ts, args.parallelism), progress)
     return 0
 
@@ -9385,11 +9383,10 @@ def cmd_verify(args) -> int:
     if args.live:
         return _verify_live(args)
     replicas, _ = _replicas_for(args)
-    progress = None
-    if sys.stderr.isatty():
-        def progress(gen, i, n):
-            sys.stderr.write("\rverify %s: wal index %d/%d" % (gen, i, n) + ("\n" if i == n else ""))
-            sys.stderr.flush()
+    def show(gen, i, n):
+        sys.stderr.write("\rverify %s: wal index %d/%d" % (gen, i, n) + ("\n" if i == n else ""))
+        sys.stderr.flush()
+    progress = show if sys.stderr.isatty() else None
     results, failed = [], []
     for r in replicas:
         latest, reports = verify_replica(r, args.generation, args.parallelism, progress)

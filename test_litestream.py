@@ -27,12 +27,10 @@ import logging
 import os
 import random
 import re
-import secrets
 import select
 import shutil
 import signal
 import socket
-import socketserver
 import sqlite3
 import ssl
 import struct
@@ -1795,7 +1793,6 @@ class TestDBSync(TempDirTestCase):
         real_upsert = ls._SEQ_UPSERT
         # The app wins the race to write after the lock is released: its
         # write restarts the WAL before our own forcing write.
-        orig_execute = db._conn.execute
 
         class Conn:
             def __init__(self, c):
