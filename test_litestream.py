@@ -9631,7 +9631,7 @@ class TestValidation(TempDirTestCase):
         app.insert(50, size=300, tag="live")
         p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        lines = p.stdout.splitlines()
+        lines = error_lines(p.stdout)  # the config logs to stdout, as Go's
         self.assertEqual(len(lines), 2, p.stdout)
         self.assertTrue(lines[0].startswith("file replica file: validation ok at "), lines[0])
         self.assertTrue(lines[1].startswith("s3 replica s3: validation ok at "), lines[1])
@@ -9641,7 +9641,7 @@ class TestValidation(TempDirTestCase):
         r.wait_log("replicating to")
         p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
-        self.assertEqual(p.stderr.strip().splitlines(),
+        self.assertEqual(error_lines(p.stderr),
                          ["litestream: verify -live: %s is replicated by a running litestream (pid %d); set "
                           "validation-interval on its replicas to drill there, or stop it first"
                           % (self.dbpath, r.p.pid)])
@@ -9651,11 +9651,11 @@ class TestValidation(TempDirTestCase):
         app.insert(5, size=300, tag="after")
         p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
-        lines = p.stdout.splitlines()
+        lines = error_lines(p.stdout)  # the config logs to stdout, as Go's
         self.assertRegex(lines[0], r"^file replica file: validation FAILED at [0-9a-f]{16}/[0-9a-f]{8}:\d+: "
                                    r"mismatch: table t differs \(first at row 777\)$")
         self.assertTrue(lines[1].startswith("s3 replica s3: validation ok at "), lines[1])
-        self.assertEqual(p.stderr.splitlines(), ["litestream: verify: " + lines[0]])
+        self.assertEqual(error_lines(p.stderr), ["litestream: verify: " + lines[0]])
         p = run_cli("verify", "-live", "-config", cfg, "-replica", "s3", self.dbpath)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         meta = os.path.join(self.dir, ".app.db-litestream")
