@@ -6976,7 +6976,9 @@ class TCPProxy:
             b.shutdown(socket.SHUT_WR)
 
 
-class TestS3Outage(RowsMixin, TempDirTestCase):
+class MotoPrefixCase(RowsMixin, TempDirTestCase):
+    """A test with its own key prefix on moto (self.srv, self.prefix), emptied afterwards."""
+
     def setUp(self):
         super().setUp()
         self.moto = moto()
@@ -6985,6 +6987,11 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
         c = moto_client(self.prefix)
         self.addCleanup(c.close)
         self.addCleanup(delete_all, c, self.prefix)
+
+
+class TestS3Outage(MotoPrefixCase):
+    def setUp(self):
+        super().setUp()
         self.s3 = boto3_s3(self.srv.endpoint, MOTO_KEY, MOTO_SECRET)
 
     def restore_rows(self, out):
@@ -7079,17 +7086,8 @@ def s3_request_kinds(seen):
     return kinds
 
 
-class TestObservability(RowsMixin, TempDirTestCase):
+class TestObservability(MotoPrefixCase):
     """A real replicate serving /metrics, /healthz and /readyz: values checked against what the test sees."""
-
-    def setUp(self):
-        super().setUp()
-        self.moto = moto()
-        self.srv = S3Server(self.moto.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
-        self.prefix = "%016x" % random.getrandbits(64)
-        c = moto_client(self.prefix)
-        self.addCleanup(c.close)
-        self.addCleanup(delete_all, c, self.prefix)
 
     def start(self, db, endpoint, extra_replica="", extra_global=""):
         port = free_port()
