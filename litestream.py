@@ -18,6 +18,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
+    "Replicator",
+    "restore",
+    "ShutdownError",
     "DB",
     "Replica",
     "ReplicaClient",
@@ -34,6 +37,8 @@ __all__ = [
     "S3Error",
     "S3ReplicaClient",
     "SigV4Signer",
+    "MetricsServer",
+    "METRICS",
     "main",
 ]
 

@@ -4159,6 +4159,13 @@ class TestReplicatorAPI(RowsMixin, TempDirTestCase):
         ls.restore(self.rep, out)
         self.assertSameRows(out, table_rows(self.db))
 
+    def test_public_names_exported(self):
+        """Ensure the names README documents are in __all__ and each exists."""
+        for name in ("Replicator", "restore", "ShutdownError", "DB", "Replica", "MetricsServer", "METRICS"):
+            self.assertIn(name, ls.__all__)
+        for name in ls.__all__:
+            self.assertTrue(hasattr(ls, name), name)
+
     def test_from_config_and_errors(self):
         """Ensure from_config replicates a config's databases, and bad arguments are clear errors."""
         ini = self.path("ls.ini")
