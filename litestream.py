@@ -18,6 +18,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
+    "Replicator",
+    "restore",
+    "ShutdownError",
     "DB",
     "Replica",
     "ReplicaClient",
@@ -34,13 +37,14 @@ __all__ = [
     "S3Error",
     "S3ReplicaClient",
     "SigV4Signer",
+    "MetricsServer",
+    "METRICS",
     "main",
 ]
 
 import abc
 import argparse
 import base64
-import calendar
 import collections
 import concurrent.futures
 import configparser
@@ -105,6 +109,8 @@ DEFAULT_RETENTION_CHECK_INTERVAL = 3600.0
 DEFAULT_RETENTION_MIN_SNAPSHOTS = 1
 DEFAULT_RESTORE_PARALLELISM = 8
 DEFAULT_LZ4_WORKERS = min(4, os.cpu_count() or 1)  # restore's LZ4 worker processes
+VALIDATION_RESTORE_PARALLELISM = 2  # WAL indices a restore drill stages at once (bounds its disk use)
+VALIDATION_PIN_ATTEMPTS = 3  # a drill pins a position again after a WAL restart met mid-pin
 RESTORE_RANGED_GET_MIN = 16 << 20  # snapshots this big are fetched with parallel ranged GETs
 RESTORE_REPLAN_ATTEMPTS = 5  # fresh listings a restore or verify takes when objects vanish
 BUSY_TIMEOUT = 1.0
@@ -112,27 +118,47 @@ BUSY_TIMEOUT = 1.0
 MAX_INDEX = 0x7FFFFFFF
 DEFAULT_CONFIG_PATH = "/etc/litestream.ini"
 DEFAULT_CONFIG_PATHS = (DEFAULT_CONFIG_PATH, "/etc/litestream.yml")  # looked up in this order
-DEFAULT_S3_PART_SIZE = 5 * 1024 * 1024  # S3's minimum part size
 DEFAULT_S3_CONCURRENCY = 5  # aws-sdk-go s3manager
 DEFAULT_S3_MAX_RETRIES = 3  # aws-sdk-go DefaultRetryer
 S3_MAX_KEYS = 1000
 S3_MIN_PART_SIZE = 5 * 1024 * 1024  # s3manager.MinUploadPartSize
+DEFAULT_S3_PART_SIZE = S3_MIN_PART_SIZE
 S3_MAX_PARTS = 10000  # s3manager.MaxUploadParts
-S3_DEFAULT_CONCURRENCY = 5  # s3manager.DefaultUploadConcurrency
 S3_DEFAULT_REGION = "us-east-1"
 S3_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 S3_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-S3_CREDENTIALS_REFRESH_WINDOW = 5 * 60.0
-STALE_UPLOAD_AGE = 6 * 3600.0  # incomplete multipart uploads this old are a crash's leftovers  # refresh temporary keys this long before expiry
+S3_CREDENTIALS_REFRESH_WINDOW = 5 * 60.0  # refresh temporary keys this long before expiry
+STALE_UPLOAD_AGE = 6 * 3600.0  # incomplete multipart uploads this old are a crash's leftovers
 
 DEFAULT_MAX_RETRY_DELAY = 60.0  # the longest wait between retries of a failed replica sync
 DEFAULT_SHUTDOWN_TIMEOUT = 25.0  # fits Kubernetes' default 30 s grace period, with room to exit
+DEFAULT_HEARTBEAT_INTERVAL = 60.0  # Go 0.5's heartbeat-interval
+MIN_MAX_LAG = 10.0  # the default max-lag is 10 x sync-interval, and at least this
+HEARTBEAT_CHECK_INTERVAL = 5.0  # how often a due heartbeat looks whether everything replicates
+HEALTH_STALL = 60.0  # /healthz fails when a DB's sync loop has not run for this long (or 10 intervals)
+
+
+def default_max_lag(sync_interval: float) -> float:
+    """Return the default max-lag of a replica with this sync interval."""
+    return max(10 * sync_interval, MIN_MAX_LAG)
 
 WAL_HEADER_SIZE = 32
 SHADOW_COPY_CHUNK = 64 << 20  # replicas are woken after each chunk of a big backlog
 WAL_FRAME_HEADER_SIZE = 24
 
 log = logging.getLogger("litestream")
+
+
+class _LogAdapter(logging.LoggerAdapter):
+    """A logger carrying fields (db, replica) for log-type json, as slog's With().
+
+    Unlike LoggerAdapter before Python 3.13 it keeps a call's own `extra`
+    (position, elapsed ...) next to its fields; adapters nest.
+    """
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = dict(self.extra, **kwargs.get("extra") or {})
+        return msg, kwargs
 
 
 ###############################################################################
@@ -1422,6 +1448,709 @@ def copy_stream(rd, wr, bufsize: int = 1 << 20) -> int:
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+#
+# Spec: https://github.com/prometheus/docs/blob/main/content/docs/instrumenting/exposition_formats.md
+# Text exposition 0.0.4, one family after another:
+#   # HELP <name> <help, with \ and newline escaped>
+#   # TYPE <name> counter|gauge|histogram
+#   <name>{<label>="<value, with \ " and newline escaped>",...} <value>
+# A histogram's series are cumulative <name>_bucket{...,le="<bound>"} lines
+# ending with le="+Inf", then <name>_sum and <name>_count.  As Go's
+# client_golang writes it: families sorted by name, series by label values,
+# label pairs by label name with "le" last, values as strconv.FormatFloat(v,
+# 'g', -1, 64), and counter names as declared (no "_total" added).
+#
+# Wiring, at Go 0.3.13's update points (p = db.path, n = replica.name):
+#   DB opened          register_db_metrics(p); for each replica
+#                      register_replica_metrics(p, n, r.client.client_type)
+#   DB closed          unregister_db_metrics(p, replica names) (drops its replicas' series too)
+#   every sync         SYNC_COUNT.labels(p).inc(), SYNC_SECONDS.labels(p).inc(dt),
+#                      SYNC_ERROR_COUNT.labels(p).inc() if it failed (Go's defer)
+#   sync, after stat   DB_SIZE.labels(p).set(db file size), WAL_SIZE.labels(p).set(-wal size)
+#   shadow WAL copy    TOTAL_WAL_BYTES.labels(p).inc(bytes copied)
+#   end of sync        SHADOW_WAL_INDEX.labels(p).set(index), SHADOW_WAL_SIZE.labels(p).set(sum of sizes)
+#   every checkpoint   CHECKPOINT_COUNT.labels(p, mode).inc(), CHECKPOINT_SECONDS.labels(p, mode).inc(dt),
+#                      CHECKPOINT_ERROR_COUNT.labels(p, mode).inc() if it failed
+#   segment uploaded   REPLICA_WAL_BYTES.labels(p, n).inc(uncompressed bytes),
+#                      REPLICA_WAL_INDEX.labels(p, n).set(i), REPLICA_WAL_OFFSET.labels(p, n).set(off)
+#   replica synced     REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
+#   lag, pending       REPLICA_LAG_SECONDS.labels(p, n).set_function(fn) (read at each scrape,
+#                      so an idle stall still rises), REPLICA_PENDING_BYTES likewise or .set()
+#   validation         REPLICA_VALIDATION_TOTAL.labels(p, n, "ok"|"error").inc(),
+#                      VALIDATION_CHECKS_TOTAL.labels(p, n, "success"|"invalid"|"error").inc(),
+#                      LAST_VALIDATION_SUCCESS(_TIMESTAMP_SECONDS).labels(p, n).set(...)
+#   client operations  counted by the clients themselves (replica_operation)
+#   serving            MetricsServer(cfg.addr, healthz=..., readyz=...).start() / .close()
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def format_go_float(v: float) -> str:
+    """Format v as Go's strconv.FormatFloat(v, 'g', -1, 64) (shortest digits)."""
+    v = float(v)
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    if v == 0:
+        return "-0" if repr(v)[0] == "-" else "0"
+    sign, digits, exp = decimal.Decimal(repr(v)).normalize().as_tuple()
+    ds = "".join(map(str, digits))
+    dp = len(ds) + exp  # the decimal point sits after dp digits
+    # %e when the exponent is < -4 or >= the precision, which is 6 for
+    # the shortest form.
+    x = dp - 1
+    if x < -4 or x >= 6:
+        m = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
+        s = "%se%s%02d" % (m, "-" if x < 0 else "+", abs(x))
+    elif dp <= 0:
+        s = "0." + "0" * -dp + ds
+    elif dp >= len(ds):
+        s = ds + "0" * (dp - len(ds))
+    else:
+        s = ds[:dp] + "." + ds[dp:]
+    return "-" + s if sign else s
+
+
+def _escape_label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _escape_help(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class _Series:
+    """One series of a family: a float, or for a gauge a function read at each scrape."""
+
+    __slots__ = ("_lock", "_value", "_fn")
+
+    def __init__(self, lock):
+        self._lock = lock
+        self._value = 0.0
+        self._fn = None
+
+    def get(self) -> float:
+        """Return the current value."""
+        with self._lock:
+            fn, value = self._fn, self._value
+        if fn is None:
+            return value
+        try:
+            return float(fn())
+        except Exception as e:  # a scrape must not fail because one value could not be computed
+            log.debug("metrics: %s", e)
+            return float("nan")
+
+
+class CounterSeries(_Series):
+    """A counter's series: only goes up."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add amount (>= 0)."""
+        if amount < 0:
+            raise ValueError("counters only go up (inc by %r)" % amount)
+        with self._lock:
+            self._value += amount
+
+
+class GaugeSeries(_Series):
+    """A gauge's series: set, raised or lowered, or computed at each scrape."""
+
+    __slots__ = ()
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value, self._fn = float(value), None
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self._value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self._value -= amount
+
+    def set_function(self, fn) -> None:
+        """Compute the value with fn() at each scrape (called without the registry lock held)."""
+        with self._lock:
+            self._fn = fn
+
+
+class HistogramSeries(_Series):
+    """A histogram's series: per-bucket counts, the sum and the count of observations."""
+
+    __slots__ = ("_bounds", "_counts", "_count")
+
+    def __init__(self, lock, bounds):
+        super().__init__(lock)
+        self._bounds = bounds
+        self._counts = [0] * len(bounds)
+        self._count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one observation (the sum is _value)."""
+        with self._lock:
+            for i, b in enumerate(self._bounds):
+                if value <= b:
+                    self._counts[i] += 1
+                    break
+            self._value += value
+            self._count += 1
+
+    def get(self) -> "tuple[List[int], float, int]":
+        """Return (cumulative bucket counts, sum, count)."""
+        with self._lock:
+            return list(accumulate(self._counts)), self._value, self._count
+
+
+class MetricFamily:
+    """A named metric of one type with fixed label names; its series are made by labels().
+
+    Usage: ``DB_SIZE.labels(db_path).set(n)``, ``SYNC_COUNT.labels(db_path).inc()``,
+    ``CHECKPOINT_SECONDS.labels(db_path, mode).inc(seconds)``,
+    ``REPLICA_OPERATION_DURATION_SECONDS.labels("s3", "PUT").observe(seconds)``.
+    Label values are given in the order of labelnames (or by name) and
+    turned into str.  A series exists, at 0, from its first labels() call.
+    """
+
+    def __init__(self, registry: "Metrics", name: str, type_: str, help_: str,
+                 labelnames: Sequence[str] = (), buckets: Sequence[float] = ()):
+        if not _METRIC_NAME_RE.match(name):
+            raise ValueError("invalid metric name %r" % name)
+        for ln in labelnames:
+            if not _LABEL_NAME_RE.match(ln) or ln.startswith("__") or (type_ == "histogram" and ln == "le"):
+                raise ValueError("invalid label name %r for %s" % (ln, name))
+        if type_ == "histogram" and (not buckets or list(buckets) != sorted(set(buckets))):
+            raise ValueError("histogram %s needs increasing buckets" % name)
+        self.name, self.type, self.help = name, type_, help_
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(float(b) for b in buckets)
+        self._lock = registry._lock
+        self._series = {}  # type: Dict[Tuple[str, ...], _Series]
+
+    def _key(self, values, kw) -> Tuple[str, ...]:
+        if kw:
+            if values:
+                raise TypeError("%s: label values by position or by name, not both" % self.name)
+            if set(kw) != set(self.labelnames):
+                raise ValueError("%s: labels %s expected, got %s" % (self.name, list(self.labelnames), sorted(kw)))
+            values = [kw[n] for n in self.labelnames]
+        if len(values) != len(self.labelnames):
+            raise ValueError("%s: %d label values expected (%s), got %d"
+                             % (self.name, len(self.labelnames), ", ".join(self.labelnames), len(values)))
+        return tuple(str(v) for v in values)
+
+    def labels(self, *values, **kw) -> _Series:
+        """Return the series with these label values, creating it at 0."""
+        key = self._key(values, kw)
+        with self._lock:
+            s = self._series.get(key)
+            if s is None:
+                if self.type == "counter":
+                    s = CounterSeries(self._lock)
+                elif self.type == "gauge":
+                    s = GaugeSeries(self._lock)
+                else:
+                    s = HistogramSeries(self._lock, self.buckets)
+                self._series[key] = s
+            return s
+
+    def remove(self, *values, **kw) -> None:
+        """Drop the series with these label values, if it exists."""
+        key = self._key(values, kw)
+        with self._lock:
+            self._series.pop(key, None)
+
+    def remove_matching(self, **labels: str) -> int:
+        """Drop every series whose labels include these; return how many went."""
+        idx = [(self.labelnames.index(k), str(v)) for k, v in labels.items() if k in self.labelnames]
+        if len(idx) != len(labels):
+            return 0
+        with self._lock:
+            gone = [k for k in self._series if all(k[i] == v for i, v in idx)]
+            for k in gone:
+                del self._series[k]
+        return len(gone)
+
+    def series(self) -> "List[Tuple[Tuple[str, ...], _Series]]":
+        """Return [(label values, series)] sorted by label values."""
+        with self._lock:
+            return sorted(self._series.items(), key=lambda kv: kv[0])
+
+
+class Metrics:
+    """A lock-protected registry of metric families that renders the text exposition.
+
+    One lock guards every family and series: updates are a few float
+    operations, so contention is negligible next to a sync.  Collectors
+    (callables returning [(name, type, help, [({label: value}, float)])])
+    add families computed at each scrape, such as the process_* series.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._families = {}  # type: Dict[str, MetricFamily]
+        self._collectors = []
+
+    def _add(self, name, type_, help_, labelnames, buckets=()) -> MetricFamily:
+        fam = MetricFamily(self, name, type_, help_, labelnames, buckets)
+        with self._lock:
+            if name in self._families:
+                raise ValueError("metric %s is already registered" % name)
+            self._families[name] = fam
+        return fam
+
+    def counter(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
+        return self._add(name, "counter", help_, labelnames)
+
+    def gauge(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
+        return self._add(name, "gauge", help_, labelnames)
+
+    def histogram(self, name: str, help_: str, labelnames: Sequence[str], buckets: Sequence[float]) -> MetricFamily:
+        return self._add(name, "histogram", help_, labelnames, buckets)
+
+    def family(self, name: str) -> MetricFamily:
+        """Return a registered family by name (KeyError if unknown)."""
+        with self._lock:
+            return self._families[name]
+
+    def add_collector(self, fn) -> None:
+        with self._lock:
+            self._collectors.append(fn)
+
+    def remove_matching(self, **labels: str) -> int:
+        """Drop the series of every family whose labels include these (e.g. db=path)."""
+        with self._lock:
+            fams = list(self._families.values())
+        return sum(f.remove_matching(**labels) for f in fams)
+
+    def render(self) -> str:
+        """Return the whole registry in the text exposition format 0.0.4."""
+        with self._lock:
+            fams = sorted(self._families.values(), key=lambda f: f.name)
+            collectors = list(self._collectors)
+        out = []
+        blocks = [(f.name, f.type, f.help, f.labelnames, f.series()) for f in fams]
+        for fn in collectors:
+            for name, type_, help_, samples in fn():
+                names = sorted({k for labels, _ in samples for k in labels})
+                blocks.append((name, type_, help_, tuple(names), [
+                    (tuple(str(labels.get(n, "")) for n in names), value) for labels, value in samples]))
+        blocks.sort(key=lambda b: b[0])
+        for name, type_, help_, labelnames, series in blocks:
+            if not series:
+                continue  # as client_golang: a family without series is not exposed
+            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, _escape_help(help_), name, type_))
+            order = sorted(range(len(labelnames)), key=lambda i: labelnames[i])
+            for values, s in sorted(series, key=lambda vs: [vs[0][i] for i in order]):
+                pairs = ",".join('%s="%s"' % (labelnames[i], _escape_label_value(values[i])) for i in order)
+                if type_ != "histogram":
+                    v = s.get() if isinstance(s, _Series) else s
+                    out.append("%s%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(v)))
+                    continue
+                counts, total, count = s.get()
+                sep = "," if pairs else ""
+                for b, c in zip(s._bounds, counts):
+                    out.append('%s_bucket{%s%sle="%s"} %d\n' % (name, pairs, sep, format_go_float(b), c))
+                out.append('%s_bucket{%s%sle="+Inf"} %d\n' % (name, pairs, sep, count))
+                out.append("%s_sum%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(total)))
+                out.append("%s_count%s %d\n" % (name, "{%s}" % pairs if pairs else "", count))
+        return "".join(out)
+
+
+def _process_metrics():
+    """Return the process_* families (Prometheus client conventions) from /proc/self; [] off Linux."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        with open("/proc/self/limits", "rb") as f:
+            limits = {line[:26].strip(): line[26:].split()[0] for line in f}
+        # Soft limits; "unlimited" is Go's MaxUint64.
+        max_fds, max_vm = (float(2**64 - 1) if limits[k] == b"unlimited" else int(limits[k])
+                           for k in (b"Max open files", b"Max address space"))
+        open_fds = len(os.listdir("/proc/self/fd"))
+        ticks = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, StopIteration, IndexError, KeyError, AttributeError):
+        return []
+    # proc(5): fields after "(comm)": 3 state ... 14 utime, 15 stime,
+    # 22 starttime (ticks since boot), 23 vsize (bytes), 24 rss (pages).
+    f = stat[stat.rindex(b")") + 2:].split()
+    utime, stime, start, vsize, rss = int(f[11]), int(f[12]), int(f[19]), int(f[20]), int(f[21])
+    return [
+        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+         [({}, (utime + stime) / ticks)]),
+        ("process_open_fds", "gauge", "Number of open file descriptors.", [({}, open_fds)]),
+        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", [({}, max_fds)]),
+        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", [({}, vsize)]),
+        ("process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.",
+         [({}, max_vm)]),
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [({}, rss * page)]),
+        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
+         [({}, btime + start / ticks)]),
+    ]
+
+
+# Every metric litestream.py exports.  Go 0.3.13's families keep Go's names,
+# types, labels and help strings byte for byte (typo included), so
+# dashboards and alerts written for Go Litestream work unchanged.
+METRICS = Metrics()
+METRICS.add_collector(_process_metrics)
+
+# Per database; db is the DB's absolute path (db.go).
+DB_SIZE = METRICS.gauge("litestream_db_size", "The current size of the real DB", ("db",))
+WAL_SIZE = METRICS.gauge("litestream_wal_size", "The current size of the real WAL", ("db",))
+TOTAL_WAL_BYTES = METRICS.counter("litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", ("db",))
+SHADOW_WAL_INDEX = METRICS.gauge("litestream_shadow_wal_index", "The current index of the shadow WAL", ("db",))
+SHADOW_WAL_SIZE = METRICS.gauge("litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", ("db",))
+SYNC_COUNT = METRICS.counter("litestream_sync_count", "Number of sync operations performed", ("db",))
+SYNC_ERROR_COUNT = METRICS.counter("litestream_sync_error_count", "Number of sync errors that have occurred", ("db",))
+SYNC_SECONDS = METRICS.counter("litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", ("db",))
+CHECKPOINT_COUNT = METRICS.counter("litestream_checkpoint_count", "Number of checkpoint operations performed",
+                                   ("db", "mode"))
+CHECKPOINT_ERROR_COUNT = METRICS.counter("litestream_checkpoint_error_count",
+                                         "Number of checkpoint errors that have occurred", ("db", "mode"))
+CHECKPOINT_SECONDS = METRICS.counter("litestream_checkpoint_seconds", "Time spent checkpointing WAL, in seconds",
+                                     ("db", "mode"))
+
+# Per replica; name is the replica's name, or its type when it has none (replica.go).
+REPLICA_WAL_BYTES = METRICS.counter("litestream_replica_wal_bytes", "The number wal bytes written", ("db", "name"))
+REPLICA_WAL_INDEX = METRICS.gauge("litestream_replica_wal_index", "The current WAL index", ("db", "name"))
+REPLICA_WAL_OFFSET = METRICS.gauge("litestream_replica_wal_offset", "The current WAL offset", ("db", "name"))
+REPLICA_VALIDATION_TOTAL = METRICS.counter("litestream_replica_validation_total",
+                                           "The number of validations performed", ("db", "name", "status"))
+
+# Per replica client type (internal/internal.go), counted as Go 0.3.13's S3
+# client counts: LIST per page, DELETE per DeleteObjects batch, PUT per
+# object (a multipart upload once), GET per object read; bytes of PUT and
+# GET only.  The file client counts none of these, as in Go.
+REPLICA_OPERATION_TOTAL = METRICS.counter("litestream_replica_operation_total",
+                                          "The number of replica operations performed",
+                                          ("replica_type", "operation"))
+REPLICA_OPERATION_BYTES = METRICS.counter("litestream_replica_operation_bytes",
+                                          "The number of bytes used by replica operations",
+                                          ("replica_type", "operation"))
+
+# Ours: what no Litestream exports.
+REPLICA_LAG_SECONDS = METRICS.gauge(
+    "litestream_replica_lag_seconds",
+    "Age of the oldest transaction committed locally that is not yet durable in the replica, "
+    "in seconds; 0 when caught up", ("db", "name"))
+REPLICA_PENDING_BYTES = METRICS.gauge(
+    "litestream_replica_pending_bytes",
+    "Bytes of WAL committed locally that are not yet durable in the replica", ("db", "name"))
+REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
+    "litestream_replica_last_success_timestamp_seconds",
+    "Unix time of the replica's last successful sync", ("db", "name"))
+# Names, help and buckets of Go 0.5; kept for every operation of every client.
+REPLICA_OPERATION_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
+REPLICA_OPERATION_DURATION_SECONDS = METRICS.histogram(
+    "litestream_replica_operation_duration_seconds", "Duration of replica operations by type and operation",
+    ("replica_type", "operation"), REPLICA_OPERATION_DURATION_BUCKETS)
+REPLICA_OPERATION_ERRORS_TOTAL = METRICS.counter(
+    "litestream_replica_operation_errors_total",
+    "Number of replica operation errors by type, operation, and error code",
+    ("replica_type", "operation", "code"))
+# Proposed upstream in Litestream #1535, with the replica's name where the
+# proposal has an LTX level.  result is success, invalid or error.
+VALIDATION_CHECKS_TOTAL = METRICS.counter(
+    "litestream_validation_checks_total", "Number of replica validation checks completed, by result",
+    ("db", "name", "result"))
+LAST_VALIDATION_SUCCESS = METRICS.gauge(
+    "litestream_last_validation_success",
+    "Whether the last replica validation check passed (1) or not (0)", ("db", "name"))
+LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
+    "litestream_last_validation_success_timestamp_seconds",
+    "Unix time of the last passing replica validation check; 0 until one passes", ("db", "name"))
+
+REPLICA_OPERATIONS = ("GET", "PUT", "DELETE", "LIST")
+VALIDATION_RESULTS = ("success", "invalid", "error")
+_DB_FAMILIES = (DB_SIZE, WAL_SIZE, TOTAL_WAL_BYTES, SHADOW_WAL_INDEX, SHADOW_WAL_SIZE,
+                SYNC_COUNT, SYNC_ERROR_COUNT, SYNC_SECONDS)
+_CHECKPOINT_FAMILIES = (CHECKPOINT_COUNT, CHECKPOINT_ERROR_COUNT, CHECKPOINT_SECONDS)
+_REPLICA_FAMILIES = (REPLICA_WAL_BYTES, REPLICA_WAL_INDEX, REPLICA_WAL_OFFSET, REPLICA_LAG_SECONDS,
+                     REPLICA_PENDING_BYTES, REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS,
+                     LAST_VALIDATION_SUCCESS, LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS)
+
+
+def register_db_metrics(db: str) -> None:
+    """Create a DB's series at 0 (db = its absolute path), so scrapes never see one appear late.
+
+    Covers the eight per-DB families and the checkpoint families for each
+    mode (PASSIVE, RESTART, TRUNCATE).  Call it when the DB is opened.
+    """
+    for fam in _DB_FAMILIES:
+        fam.labels(db)
+    for fam in _CHECKPOINT_FAMILIES:
+        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
+            fam.labels(db, mode)
+
+
+def unregister_db_metrics(db: str, replicas: Optional[Sequence[str]] = None) -> None:
+    """Drop every series labelled with this DB: its own and its replicas'.
+
+    With the replicas' names each series is removed by its key (what a
+    closing DB does: a scan of every family per DB would make closing N
+    databases cost N squared); without, every family is searched.
+    """
+    if replicas is None:
+        METRICS.remove_matching(db=db)
+        return
+    for fam in _DB_FAMILIES:
+        fam.remove(db)
+    for fam in _CHECKPOINT_FAMILIES:
+        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
+            fam.remove(db, mode)
+    for name in replicas:
+        unregister_replica_metrics(db, name)
+
+
+def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
+    """Create a replica's series at 0, and its client type's, so scrapes never see one appear late.
+
+    Per replica: wal bytes/index/offset, lag, pending bytes, last success,
+    validation_total for status ok and error (as Go), validation checks for
+    each result.  Per client type: the duration histogram of each operation,
+    and Go's operation counters (not for the file client, as Go).  Error
+    series appear with their first error: their code is not known before.
+    """
+    for fam in _REPLICA_FAMILIES:
+        fam.labels(db, name)
+    for status in ("ok", "error"):
+        REPLICA_VALIDATION_TOTAL.labels(db, name, status)
+    for result in VALIDATION_RESULTS:
+        VALIDATION_CHECKS_TOTAL.labels(db, name, result)
+    for op in REPLICA_OPERATIONS:
+        REPLICA_OPERATION_DURATION_SECONDS.labels(replica_type, op)
+        if replica_type != "file":
+            REPLICA_OPERATION_TOTAL.labels(replica_type, op)
+            if op in ("GET", "PUT"):
+                REPLICA_OPERATION_BYTES.labels(replica_type, op)
+
+
+def unregister_replica_metrics(db: str, name: str) -> None:
+    """Drop a replica's series (its client type's stay: other replicas share them)."""
+    for fam in _REPLICA_FAMILIES:
+        fam.remove(db, name)
+    for status in ("ok", "error"):
+        REPLICA_VALIDATION_TOTAL.remove(db, name, status)
+    for result in VALIDATION_RESULTS:
+        VALIDATION_CHECKS_TOTAL.remove(db, name, result)
+
+
+class _DBSeries:
+    """A DB's own series, looked up once (db = its absolute path)."""
+
+    def __init__(self, db: str):
+        self.db_size, self.wal_size = DB_SIZE.labels(db), WAL_SIZE.labels(db)
+        self.total_wal_bytes = TOTAL_WAL_BYTES.labels(db)
+        self.shadow_wal_index, self.shadow_wal_size = SHADOW_WAL_INDEX.labels(db), SHADOW_WAL_SIZE.labels(db)
+        self.sync_count, self.sync_errors = SYNC_COUNT.labels(db), SYNC_ERROR_COUNT.labels(db)
+        self.sync_seconds = SYNC_SECONDS.labels(db)
+
+
+class _ReplicaSeries:
+    """A replica's own series, looked up once."""
+
+    def __init__(self, db: str, name: str):
+        self.wal_bytes = REPLICA_WAL_BYTES.labels(db, name)
+        self.wal_index, self.wal_offset = REPLICA_WAL_INDEX.labels(db, name), REPLICA_WAL_OFFSET.labels(db, name)
+        self.lag, self.pending = REPLICA_LAG_SECONDS.labels(db, name), REPLICA_PENDING_BYTES.labels(db, name)
+        self.last_success = REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(db, name)
+
+
+def _error_code(e: BaseException) -> str:
+    """Return the code an operation error is counted under: S3's, else the errno name, else the type."""
+    for err in (e, e.__cause__):
+        if isinstance(err, S3Error) and err.code:
+            return err.code
+    if isinstance(e, OSError) and e.errno:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return type(e).__name__
+
+
+class replica_operation:
+    """Time one replica client operation and count it (a context manager).
+
+    On success it observes litestream_replica_operation_duration_seconds
+    and, when count is true (Go's semantics; the file client passes false),
+    adds 1 to litestream_replica_operation_total and op.bytes, if set, to
+    litestream_replica_operation_bytes.  On an exception it observes the
+    duration and counts litestream_replica_operation_errors_total under
+    the error's code.  op.skip() records nothing (an attempt that does not
+    count, such as a refused ListObjectsV2 before the V1 fallback).
+
+        with replica_operation("s3", "PUT") as op:
+            op.bytes = self.upload(key, rd)
+    """
+
+    __slots__ = ("replica_type", "operation", "count", "bytes", "_skip", "_t0")
+
+    def __init__(self, replica_type: str, operation: str, count: bool = True):
+        self.replica_type, self.operation, self.count = replica_type, operation, count
+        self.bytes = None
+        self._skip = False
+
+    def skip(self) -> None:
+        self._skip = True
+
+    def __enter__(self) -> "replica_operation":
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, typ, e, tb) -> None:
+        if self._skip or (typ is not None and not issubclass(typ, Exception)):
+            return
+        REPLICA_OPERATION_DURATION_SECONDS.labels(self.replica_type, self.operation).observe(
+            time.monotonic() - self._t0)
+        if e is not None:
+            REPLICA_OPERATION_ERRORS_TOTAL.labels(self.replica_type, self.operation, _error_code(e)).inc()
+        elif self.count:
+            REPLICA_OPERATION_TOTAL.labels(self.replica_type, self.operation).inc()
+            if self.bytes is not None:
+                REPLICA_OPERATION_BYTES.labels(self.replica_type, self.operation).inc(self.bytes)
+
+
+# --------------------------------------------------------------------------
+# MetricsServer
+
+
+def parse_bind_addr(addr: str) -> "tuple[str, int]":
+    """Split a bind address as Go's net.SplitHostPort; "" as host means every interface.
+
+    ":9090", "127.0.0.1:9090", "localhost:9090" and "[::1]:9090" are
+    accepted.  Raises ValueError (Go's "must specify port for bind address")
+    when there is no port.
+    """
+    host, port = "", ""
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end > 0 and addr[end + 1:end + 2] == ":":
+            host, port = addr[1:end], addr[end + 2:]
+    elif addr.count(":") == 1:
+        host, port = addr.split(":")
+    if not port:
+        raise ValueError('must specify port for bind address: "%s"' % addr)
+    if not re.fullmatch(r"\d{1,5}", port, re.ASCII) or int(port) > 65535:
+        raise ValueError('invalid port in bind address: "%s" (expected a number from 0 to 65535)' % addr)
+    return host, int(port)
+
+
+class MetricsServer:
+    """Serve GET /metrics, /healthz and /readyz on a bind address from a daemon thread.
+
+    addr is Go's "addr" (":9090" listens on every interface, IPv6 too where
+    the system allows).  /metrics renders registry (default METRICS) as
+    text exposition 0.0.4.  healthz and readyz are callables returning
+    (ok, body): 200 and body when ok, else 503 and body; an endpoint
+    without a callable, like any other path, is 404.  They run on the
+    request's thread, so they must be quick and must not block on a sync.
+
+        srv = MetricsServer(":9090", healthz=engine.healthz, readyz=engine.readyz)
+        srv.start()      # LitestreamError: one line, if the address cannot be bound
+        ...
+        srv.close()      # shutdown() and server_close()
+    """
+
+    def __init__(self, addr: str, registry: Optional[Metrics] = None, healthz=None, readyz=None):
+        self.addr = addr
+        self.host, self.port = parse_bind_addr(addr)
+        self.registry = registry if registry is not None else METRICS
+        self.routes = {"/healthz": healthz, "/readyz": readyz}
+        self._server = None  # type: Optional[http.server.ThreadingHTTPServer]
+        self._thread = None  # type: Optional[threading.Thread]
+
+    @property
+    def url(self) -> str:
+        """Return http://HOST:PORT of the listening socket ("localhost" for every interface, as Go logs)."""
+        host, port = self.host or "localhost", self._server.server_address[1] if self._server else self.port
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def _handler(self):
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 30  # a stalled client gives its thread back
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                ctype = "text/plain; charset=utf-8"
+                try:
+                    if path == "/metrics":
+                        status, body, ctype = 200, srv.registry.render(), PROMETHEUS_CONTENT_TYPE
+                    elif srv.routes.get(path) is not None:
+                        ok, body = srv.routes[path]()
+                        status = 200 if ok else 503
+                    else:
+                        status, body = 404, "404 page not found\n"
+                except Exception as e:
+                    log.error("metrics: %s: %s", path, e)
+                    status, body = 500, "internal error\n"
+                data = body.encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics: %s %s", self.address_string(), fmt % args)
+
+        return Handler
+
+    def start(self) -> None:
+        """Bind and serve; raise LitestreamError naming the address if it cannot be bound."""
+        host, family = self.host, socket.AF_INET
+        if ":" in host:
+            family = socket.AF_INET6
+        elif not host and socket.has_dualstack_ipv6():
+            host, family = "::", socket.AF_INET6
+        dual_stack = family == socket.AF_INET6 and not self.host
+
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+            def server_bind(self):
+                if dual_stack:
+                    # Go's ":PORT" takes IPv4 clients on the IPv6 socket too.
+                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                # HTTPServer.server_bind would also look up the host's FQDN: skip that.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+            def handle_error(self, request, client_address):
+                # A scraper that hangs up mid-answer is not worth a traceback on stderr.
+                log.debug("metrics: request from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+        try:
+            self._server = Server((host, self.port), self._handler())
+        except (OSError, OverflowError) as e:
+            raise LitestreamError("cannot start metrics server on %s: %s" % (self.addr, e)) from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="litestream-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = self._thread = None
+
+
+
+###############################################################################
 # Replica clients
 ###############################################################################
 
@@ -1435,6 +2164,8 @@ class ReplicaClient(abc.ABC):
     """
 
     client_type = ""
+    # Its replica's logger (db and replica fields), set by Replica.
+    logger = log
 
     @abc.abstractmethod
     def generations(self) -> List[str]:
@@ -1956,9 +2687,10 @@ class _ObjectReader(io.RawIOBase):
                 if self._failures > self._client.max_retries:
                     raise S3Error(0, "ReadError", "read body failed after %d attempts: %s"
                                   % (self._failures, e), key=self._key) from e
-                log.warning("s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
-                            self._client._server_name(), self._key, self._pos, self._failures,
-                            self._client.max_retries + 1, e)
+                self._client.logger.warning(
+                    "s3: %s: read of %s broke at byte %d (attempt %d of %d), resuming: %s",
+                    self._client._server_name(), self._key, self._pos, self._failures,
+                    self._client.max_retries + 1, e, extra={"attempt": self._failures, "key": self._key})
                 self._client._sleep_backoff(self._failures)
                 continue
             self._pos += n
@@ -2352,8 +3084,8 @@ class S3ReplicaClient(ReplicaClient):
                  access_key_id: str = "", secret_access_key: str = "", *,
                  session_token: str = "", sse: str = "", sse_kms_key_id: str = "",
                  sse_c_key: str = "", ca_bundle: str = "", sign_payload: bool = True,
-                 part_size: int = S3_MIN_PART_SIZE, concurrency: int = S3_DEFAULT_CONCURRENCY,
-                 max_retries: int = 5, retry_base_delay: float = 0.1,
+                 part_size: int = DEFAULT_S3_PART_SIZE, concurrency: int = DEFAULT_S3_CONCURRENCY,
+                 max_retries: int = DEFAULT_S3_MAX_RETRIES, retry_base_delay: float = 0.1,
                  retry_max_delay: float = 20.0, connect_timeout: float = 10.0,
                  timeout: float = 60.0, pool_size: int = 8, list_page_size: int = S3_MAX_KEYS,
                  verify_deletes: bool = True, credentials: Optional[CredentialsProvider] = None,
@@ -2451,7 +3183,7 @@ class S3ReplicaClient(ReplicaClient):
         ctx = None
         if u.scheme == "https":
             if self.skip_verify:
-                log.warning("s3: skip-verify is set: TLS certificates of %s are not checked", u.hostname)
+                self.logger.warning("s3: skip-verify is set: TLS certificates of %s are not checked", u.hostname)
             ctx = _ssl_context(self.ca_bundle, self.skip_verify)
         port = u.port or (443 if u.scheme == "https" else 80)
         return _HTTPPool(u.scheme, u.hostname, port, ctx, self.pool_size,
@@ -2472,7 +3204,7 @@ class S3ReplicaClient(ReplicaClient):
                 # Legacy names: an empty constraint is us-east-1, "EU" is eu-west-1.
                 return {"": S3_DEFAULT_REGION, "EU": "eu-west-1"}.get(loc, loc)
             except (S3Error, ET.ParseError) as e:
-                log.debug("s3: GetBucketLocation %s: %s; trying HEAD", self.bucket, e)
+                self.logger.debug("s3: GetBucketLocation %s: %s; trying HEAD", self.bucket, e)
             resp = self._do(pool, S3_DEFAULT_REGION, "HEAD", path, {}, {}, b"",
                             expect=(200, 301, 307, 400, 403))
             region = resp.headers.get("x-amz-bucket-region", "")
@@ -2618,9 +3350,9 @@ class S3ReplicaClient(ReplicaClient):
                         raise e
                     raise S3Error(0, "RequestError", "cannot reach %s after %d attempts: %s" % (
                         where, attempt, e), key=key, bucket=self.bucket) from e
-                log.warning("s3: %s: attempt %d of %d failed, retrying: %s",
-                            where, attempt, self.max_retries + 1, e,
-                            extra={"endpoint": where, "attempt": attempt})
+                self.logger.warning("s3: %s: attempt %d of %d failed, retrying: %s",
+                                    where, attempt, self.max_retries + 1, e,
+                                    extra={"endpoint": where, "attempt": attempt})
                 self._sleep_backoff(attempt)
 
     def _do(self, pool, region, method, path, query, headers, body, expect=(200,), key="", stats=None):
@@ -2654,7 +3386,7 @@ class S3ReplicaClient(ReplicaClient):
             except (TypeError, ValueError):
                 return err
             self._clock_offset = server - self._clock()
-            log.warning("s3: clock skew of %.0fs with the server, adjusting", self._clock_offset)
+            self.logger.warning("s3: clock skew of %.0fs with the server, adjusting", self._clock_offset)
             return _Retryable(err)
         if err.code == "ExpiredToken":
             self._credentials.invalidate()
@@ -2762,9 +3494,9 @@ class S3ReplicaClient(ReplicaClient):
                 try:
                     n = self.abort_uploads(key, exact=True)
                     if n:
-                        log.info("s3: aborted %d orphaned multipart uploads of %s", n, key)
+                        self.logger.info("s3: aborted %d orphaned multipart uploads of %s", n, key)
                 except (LitestreamError, OSError) as e:
-                    log.warning("s3: cannot clean up multipart uploads of %s: %s", key, e)
+                    self.logger.warning("s3: cannot clean up multipart uploads of %s: %s", key, e)
 
     def _multipart_upload_once(self, key: str, rd: BinaryIO, first: bytes, second: bytes, stats: dict) -> int:
         resp = self._request("POST", key, query={"uploads": ""}, headers=self._sse_headers(True), stats=stats)
@@ -2828,7 +3560,7 @@ class S3ReplicaClient(ReplicaClient):
             try:
                 self._request("DELETE", key, query={"uploadId": upload_id}, expect=(200, 204, 404))
             except (LitestreamError, OSError) as e:
-                log.warning("s3: abort multipart upload %s: %s", key, e)
+                self.logger.warning("s3: abort multipart upload %s: %s", key, e)
             raise
         return total
 
@@ -2873,8 +3605,8 @@ class S3ReplicaClient(ReplicaClient):
         prefix = _join(self.path, "generations") + "/"
         n = self.abort_uploads(prefix, older_than=older_than)
         if n:
-            log.info("s3: aborted %d incomplete multipart uploads older than %dh under s3://%s/%s",
-                     n, older_than // 3600, self.bucket, prefix)
+            self.logger.info("s3: aborted %d incomplete multipart uploads older than %dh under s3://%s/%s",
+                             n, older_than // 3600, self.bucket, prefix)
         return n
 
     def open_object(self, key: str) -> BinaryIO:
@@ -2974,7 +3706,7 @@ class S3ReplicaClient(ReplicaClient):
                 except S3Error as e:
                     if self._list_v2 and e.status in (400, 501) and e.code not in ("NoSuchBucket",):
                         op.skip()
-                        log.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
+                        self.logger.info("s3: ListObjectsV2 refused (%s); using ListObjects", e.code)
                         self._list_v2, token, marker = False, "", ""
                         continue
                     raise
@@ -3869,6 +4601,63 @@ class ShadowWAL:
             self._fd = -1
 
 
+class _CommitLog:
+    """When each stretch of the shadow WAL was committed: the basis of every replica's lag.
+
+    An entry (pos, t) says the shadow WAL up to pos holds transactions
+    committed no earlier than t.  t is the last time the database was seen
+    without them (the previous sync's look at the WAL), so a lag computed
+    from it is never understated, and overstated by at most one monitor
+    interval.  Entries every replica holds are pruned; past MAX_ENTRIES,
+    neighbours merge keeping the earlier time, so memory stays bounded
+    while ages still never read low.
+    """
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: "collections.deque[Tuple[Pos, float]]" = collections.deque()
+
+    def add(self, pos: Pos, t: float) -> None:
+        """Record that the shadow WAL now reaches pos with transactions from t on."""
+        with self._lock:
+            e = self._entries
+            if e and e[-1][0].generation != pos.generation:
+                # A new generation holds everything the old one had: what
+                # was pending stays pending from its own time.
+                t = min(t, e[0][1])
+                e.clear()
+            e.append((pos, t))
+            if len(e) > self.MAX_ENTRIES:
+                old = list(e)
+                e.clear()
+                for i in range(0, len(old) - 1, 2):
+                    e.append((old[i + 1][0], old[i][1]))
+                if len(old) % 2:
+                    e.append(old[-1])
+
+    def prune(self, positions: Sequence[Pos]) -> None:
+        """Drop the entries every one of positions holds."""
+        with self._lock:
+            e = self._entries
+            while e and all(_holds(p, e[0][0]) for p in positions):
+                e.popleft()
+
+    def oldest_pending(self, pos: Pos) -> Optional[float]:
+        """Return the time of the oldest transaction pos does not hold, or None."""
+        with self._lock:
+            for p, t in self._entries:
+                if not _holds(pos, p):
+                    return t
+        return None
+
+
+def _holds(have: Pos, want: Pos) -> bool:
+    """Whether a replica at have holds the shadow WAL up to want."""
+    return have.generation == want.generation and (have.index, have.offset) >= (want.index, want.offset)
+
+
 class _DBLock:
     """One replicator per database: an exclusive flock on "<meta>/lock" for the replicator's life.
 
@@ -3989,7 +4778,7 @@ class DB:
         self.clock = clock
         self.replicas: List[Replica] = []
         self.page_size = 0
-        self.logger = logging.LoggerAdapter(log, {})
+        self.logger = _LogAdapter(log, {"db": self.path})
         self.shadow = ShadowWAL(self.meta_path, self.logger)
 
         self._lock = threading.RLock()       # Go's db.mu: one sync at a time.
@@ -4013,6 +4802,12 @@ class DB:
         self._enospc = 0                   # syncs in a row that could not copy anything: disk full
         self._enospc_replica_pos: Dict[str, Pos] = {}
         self._enospc_since = 0.0
+        self._pins = 0                     # read transactions pin_read() holds open (restore drills)
+        self._commits = _CommitLog()       # when the shadow WAL's data was committed: replicas' lag
+        self._clean_at = 0.0               # clock() when the WAL was last seen fully copied
+        self.sync_error = ""               # the last sync's error, "" when it succeeded
+        self._last_monitor = 0.0           # monotonic end of the last background sync
+        self._series = None
 
     def __repr__(self) -> str:
         return "DB(%r)" % self.path
@@ -4056,14 +4851,21 @@ class DB:
         self._db_lock = _DBLock(self.meta_path, self.path)
         self._opened = True
         _OPEN_DBS.add(self)
+        register_db_metrics(self.path)
+        for r in self.replicas:
+            r.register_metrics()
+        self._clean_at = self.clock()
         self._background = self.monitor_interval > 0 if background is None else background
+        self._last_monitor = time.monotonic()
         try:
             if self._background:
                 if self.scheduler is None:
                     self.scheduler = Scheduler("sync", 1, short_tasks=True)
                     self._own_schedulers.append(self.scheduler)
                 if self.replica_scheduler is None:
-                    self.replica_scheduler = Scheduler("replica", max(2, len(self.replicas)))
+                    # A restore drill holds a worker for minutes: one more each.
+                    self.replica_scheduler = Scheduler("replica", max(2, len(self.replicas)) + sum(
+                        1 for r in self.replicas if r.validation_interval > 0))
                     self._own_schedulers.append(self.replica_scheduler)
             # A database that exists must be usable now: a file that is not
             # SQLite fails at start instead of logging an error every second.
@@ -4106,6 +4908,8 @@ class DB:
             self._task.wait_idle(dl.remaining())
         for r in self.replicas:
             r.stop()
+        for r in self.replicas:
+            r.wait_validation(dl.remaining())  # a drill gives up at its next step
         try:
             if self._lock.acquire(timeout=-1 if dl.remaining() is None else dl.remaining()):
                 try:
@@ -4139,6 +4943,7 @@ class DB:
             self._chk_lock.release()
         self._closed = True
         self._release()
+        unregister_db_metrics(self.path, [r.name for r in self.replicas])
         if first is not None:
             raise first
 
@@ -4171,8 +4976,8 @@ class DB:
                     "%s(%s): final sync did not finish in time" % (self.name, r.name)))
             e = errors.get(r.name)
             if e is not None:
-                self.logger.error("%s(%s): not replicated: replica at %s, db at %s (%s): %s",
-                                  self.name, r.name, r.pos or "nothing", self.pos(), r.behind(), e)
+                r.logger.error("%s(%s): not replicated: replica at %s, db at %s (%s): %s",
+                               self.name, r.name, r.pos or "nothing", self.pos(), r.behind(), e)
                 first = first or e
         return first
 
@@ -4248,7 +5053,8 @@ class DB:
             self.sync()
         except Exception as e:
             self.logger.error("%s: sync error: %s", self.name, e)
-        return max(0.0, self.monitor_interval - (time.monotonic() - t0))
+        self._last_monitor = time.monotonic()
+        return max(0.0, self.monitor_interval - (self._last_monitor - t0))
 
     def notify(self) -> threading.Event:
         """Return the event that is set the next time the shadow WAL changes."""
@@ -4263,6 +5069,38 @@ class DB:
     def pos(self) -> Pos:
         """Return the shadow WAL position: (generation, index, committed size)."""
         return self.shadow.pos
+
+    # Lag ---------------------------------------------------------------------
+
+    def lag(self, pos: Pos) -> float:
+        """Return the age in seconds of the oldest transaction a replica at pos lacks (0 when none)."""
+        t = self._commits.oldest_pending(pos)
+        if self.sync_error and not self._closed:
+            # The WAL may hold commits the shadow WAL could not take.
+            t = self._clean_at if t is None else min(t, self._clean_at)
+        return 0.0 if t is None else max(0.0, self.clock() - t)
+
+    def pending_bytes(self, pos: Pos) -> int:
+        """Return the bytes of the shadow WAL a replica at pos lacks."""
+        dpos = self.shadow.pos
+        if not dpos.generation or _holds(pos, dpos):
+            return 0
+        if pos.generation != dpos.generation:
+            return self.shadow.size()
+        total = 0
+        for i in self.shadow.indexes(dpos.generation):
+            if i < pos.index or i > dpos.index:
+                continue
+            try:
+                size = dpos.offset if i == dpos.index else os.path.getsize(self.shadow.path(dpos.generation, i))
+            except FileNotFoundError:
+                continue
+            total += max(0, size - (pos.offset if i == pos.index else 0))
+        return total
+
+    def replicated(self, positions: Sequence[Pos]) -> None:
+        """Forget the commit times of what every replica holds (positions: each replica's)."""
+        self._commits.prune(positions)
 
     # Init --------------------------------------------------------------------
 
@@ -4511,6 +5349,37 @@ class DB:
         if self._closed:
             raise LitestreamError("%s: the database is closed" % self.name)
         with self._lock:
+            m = self._metrics()
+            t0 = time.monotonic()
+            before = self.shadow.pos
+            try:
+                res = self._sync()
+            except BaseException as e:
+                self.sync_error = str(e) or type(e).__name__
+                m.sync_count.inc()
+                m.sync_errors.inc()
+                m.sync_seconds.inc(time.monotonic() - t0)
+                raise
+            self.sync_error = ""
+            if res.exists:
+                # Counted as Go counts: every sync of a database that exists.
+                m.sync_count.inc()
+                m.sync_seconds.inc(time.monotonic() - t0)
+                if self._db_file is not None:
+                    m.db_size.set(os.fstat(self._db_file.fileno()).st_size)
+                    m.wal_size.set(os.fstat(self._wal_fd).st_size)
+                if res.pos != before:
+                    m.shadow_wal_index.set(res.pos.index)
+                    m.shadow_wal_size.set(self.shadow.size())
+            return res
+
+    def _metrics(self) -> "_DBSeries":
+        if self._series is None:
+            self._series = _DBSeries(self.path)
+        return self._series
+
+    def _sync(self) -> SyncResult:
+        with self._lock:
             if self._conn is not None:
                 why = self._replaced()
                 if why:
@@ -4531,9 +5400,13 @@ class DB:
             if self._conn is None:
                 if not os.path.exists(self.path):
                     return SyncResult(exists=False)
+                # What the WAL holds already is counted from now: its
+                # commit times are not known.
+                self._clean_at = self.clock()
                 self._init()
             self._ensure_wal_exists()
             copied, new_gen, mode, changed = 0, "", "", False
+            seen = self.clock()  # no later than the look at the WAL below
             try:
                 reason, restart, wal_size = self._verify()
                 if reason:
@@ -4571,6 +5444,7 @@ class DB:
             except _ShadowWriteError as e:
                 self._shadow_write_failed(e.err, e.copied + copied)
             except _WriteLockBusy as e:
+                seen = self._clean_at  # the new cycle is not copied yet
                 self.logger.warning("%s: sync: wal restarted; write lock busy, trying again next sync: %s",
                                     self.name, e)
             finally:
@@ -4578,6 +5452,7 @@ class DB:
                 if copied or changed or mode:
                     self._broadcast()
                 self._clean_wal()
+            self._clean_at = seen
             return SyncResult(True, self.shadow.pos, copied, new_gen, mode)
 
     def _finish_old_cycle(self) -> "tuple[int, str]":
@@ -4599,18 +5474,32 @@ class DB:
         finally:
             self._conn.execute("ROLLBACK")
 
-    def _copy_or_raise(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True) -> int:
-        res = self._copy(end, max_bytes, trusted)
+    def _copy_or_raise(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True,
+                       since: Optional[float] = None, ours: bool = False) -> int:
+        res = self._copy(end, max_bytes, trusted, since, ours)
         if res.error is not None:
             raise _ShadowWriteError(res.error, res.copied)
         return res.copied
 
-    def _copy(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True) -> CopyResult:
-        """Copy committed frames up to end (None: the WAL's current size) into the shadow WAL."""
+    def _copy(self, end: Optional[int], max_bytes: int = 0, trusted: bool = True,
+              since: Optional[float] = None, ours: bool = False) -> CopyResult:
+        """Copy committed frames up to end (None: the WAL's current size) into the shadow WAL.
+
+        What is copied is recorded for the replicas' lag as committed no
+        earlier than since (default: the last look that found the WAL
+        fully copied).  With ours, the copy follows our own one-page write
+        (checkpoint): a copy of just that frame holds no application
+        transaction and adds no lag.
+        """
         if end is None:
             end = frame_align(os.fstat(self._wal_fd).st_size, self.page_size)
         hdr = self._wal_index_header() if trusted else None
-        return self.shadow.copy(self._wal_fd, end, max_bytes, hdr)
+        res = self.shadow.copy(self._wal_fd, end, max_bytes, hdr)
+        if res.copied:
+            self._metrics().total_wal_bytes.inc(res.copied)
+            if not (ours and res.copied <= self.page_size + WAL_FRAME_HEADER_SIZE):
+                self._commits.add(self.shadow.pos, self._clean_at if since is None else since)
+        return res
 
     def _wal_index_header(self) -> Optional[WALIndexHeader]:
         if self._shm_fd < 0:
@@ -4685,9 +5574,13 @@ class DB:
 
     def _checkpoint_mode(self, orig_wal_size: int, shadow_size: int, db_mtime: float) -> str:
         ps = self.page_size
-        if self.truncate_page_n > 0 and orig_wal_size >= calc_wal_size(ps, self.truncate_page_n):
+        # While a drill pins a reader, RESTART and TRUNCATE would wait out
+        # the busy timeout for it under the write lock: PASSIVE until it ends.
+        if self.truncate_page_n > 0 and orig_wal_size >= calc_wal_size(ps, self.truncate_page_n) \
+                and not self._pins:
             return CHECKPOINT_MODE_TRUNCATE
-        if self.max_checkpoint_page_n > 0 and shadow_size >= calc_wal_size(ps, self.max_checkpoint_page_n):
+        if self.max_checkpoint_page_n > 0 and shadow_size >= calc_wal_size(ps, self.max_checkpoint_page_n) \
+                and not self._pins:
             return CHECKPOINT_MODE_RESTART
         if shadow_size >= calc_wal_size(ps, self.min_checkpoint_page_n):
             return CHECKPOINT_MODE_PASSIVE
@@ -4742,16 +5635,17 @@ class DB:
             self._release_read_lock()
             raise
         self._new_generation_reason = ""
-        self.logger.info("%s: sync: new generation %s reason=%s", self.name, gen, reason)
+        self.logger.info("%s: sync: new generation %s reason=%s", self.name, gen, reason,
+                         extra={"generation": gen, "reason": reason})
         self.shadow.remove_other_generations()
 
-    def _start_index(self, generation: str, index: int) -> None:
+    def _start_index(self, generation: str, index: int, since: Optional[float] = None, ours: bool = False) -> None:
         """Start shadow index from the real WAL's header, then copy its frames."""
         try:
             self.shadow.start_index(generation, index, os.pread(self._wal_fd, WAL_HEADER_SIZE, 0))
         except OSError as e:
             raise _ShadowWriteError(e, 0) from e
-        self._copy_or_raise(None)
+        self._copy_or_raise(None, since=since, ours=ours)
 
     # Checkpoint --------------------------------------------------------------
 
@@ -4775,10 +5669,18 @@ class DB:
         with self._lock:
             if not self._chk_lock.acquire(blocking=False):
                 return False
+            t0 = time.monotonic()
+            ok = False
             try:
-                return self._checkpoint(mode)
+                ok = self._checkpoint(mode)
+                return ok
             finally:
                 self._chk_lock.release()
+                # As Go: every attempt counts; one that did not checkpoint is an error.
+                CHECKPOINT_COUNT.labels(self.path, mode).inc()
+                CHECKPOINT_SECONDS.labels(self.path, mode).inc(time.monotonic() - t0)
+                if not ok:
+                    CHECKPOINT_ERROR_COUNT.labels(self.path, mode).inc()
 
     def _begin_write(self) -> None:
         """Take SQLite's write lock on our connection; _WriteLockBusy after the busy timeout."""
@@ -4831,7 +5733,8 @@ class DB:
         try:
             with self._locked_backfill(mode != CHECKPOINT_MODE_PASSIVE, reacquire=True) as (n_log, n_ckpt):
                 self.logger.debug("%s: checkpoint mode=%s log=%d checkpointed=%d",
-                                  self.name, mode, n_log, n_ckpt)
+                                  self.name, mode, n_log, n_ckpt,
+                                  extra={"mode": mode, "log": n_log, "checkpointed": n_ckpt})
         except _WriteLockBusy as e:
             # A writer held the lock for the whole busy timeout: try again
             # at the next sync rather than failing this one.
@@ -4839,6 +5742,9 @@ class DB:
             return False
 
         # Write to force the WAL to restart if it was fully backfilled.
+        # Anything the application commits from here on comes after
+        # released: what is copied next is counted from then for the lag.
+        released = self.clock()
         if mode == CHECKPOINT_MODE_TRUNCATE:
             self._conn.execute("PRAGMA journal_size_limit = 0")
         try:
@@ -4850,9 +5756,9 @@ class DB:
         # A changed header means the WAL restarted after the old cycle was
         # copied whole: begin the next index.  Otherwise keep copying.
         if not self._headers_match():
-            self._start_index(pos.generation, pos.index + 1)
+            self._start_index(pos.generation, pos.index + 1, since=released, ours=True)
         else:
-            self._copy_or_raise(None)
+            self._copy_or_raise(None, since=released, ours=True)
         return True
 
     # Snapshots ---------------------------------------------------------------
@@ -4865,6 +5771,70 @@ class DB:
         which repairs pages other processes backfilled meanwhile.
         """
         return _SnapshotSource(self)
+
+    # Restore drills ----------------------------------------------------------
+
+    def pin_read(self) -> "tuple[Pos, sqlite3.Connection, float]":
+        """Copy every committed frame and open a read transaction at exactly that position.
+
+        Returns (P, conn, seconds the write lock was held): the shadow WAL
+        ends at P and conn's read transaction sees the database as of P,
+        whatever the application commits afterwards.  SQLite's write lock
+        is held only for the copy of what the last sync left (as a
+        checkpoint holds it, and shorter: no backfill) and for the first
+        read of conn.  In WAL mode the open read transaction blocks no
+        writer, but while it lasts no checkpoint backfills past P and the
+        WAL cannot restart (it grows with what is committed meanwhile), so
+        call unpin() as soon as the comparison is done.  Raises
+        _PinRetry when the WAL restarted since the last sync (sync and
+        call again).
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA query_only = 1")
+            with self._lock:
+                if self._conn is None or self._closed:
+                    raise LitestreamError("%s: the database is not open" % self.name)
+                why = self._replaced()
+                if why:
+                    raise _PinRetry(why)
+                self._begin_write()
+                t0 = time.monotonic()
+                try:
+                    if not self._headers_match():
+                        raise _PinRetry("wal restarted")
+                    try:
+                        copied = self._copy_or_raise(None)
+                    except _ShadowWriteError as e:
+                        raise LitestreamError("%s: cannot write shadow wal: %s" % (self.name, e.err)) from e
+                    pos = self.shadow.pos
+                    # Nobody can commit now, so a new reader sees exactly
+                    # the last commit: the end of what was just copied.
+                    hdr = self._wal_index_header()
+                    if hdr is not None and hdr.salt == self.shadow.header[16:24] and \
+                            calc_wal_size(self.page_size, hdr.max_frame) != pos.offset:
+                        raise _PinRetry("shadow wal ends at %d, the wal's last commit at %d"
+                                        % (pos.offset, calc_wal_size(self.page_size, hdr.max_frame)))
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT COUNT(1) FROM sqlite_master").fetchone()
+                finally:
+                    self._conn.execute("ROLLBACK")
+                    held = time.monotonic() - t0
+                self._pins += 1
+                if copied:
+                    self._broadcast()
+            return pos, conn, held
+        except BaseException:
+            conn.close()
+            raise
+
+    def unpin(self, conn: sqlite3.Connection) -> None:
+        """End a read transaction pin_read() opened."""
+        try:
+            conn.close()
+        finally:
+            with self._lock:
+                self._pins = max(0, self._pins - 1)
 
     # Cleanup -----------------------------------------------------------------
 
@@ -4895,6 +5865,14 @@ class DB:
 
 class _WriteLockBusy(LitestreamError):
     """Another writer held the write lock for the whole busy timeout."""
+
+
+class _DrillCancelled(LitestreamError):
+    """A restore drill gave up because its replica stopped."""
+
+
+class _PinRetry(LitestreamError):
+    """pin_read() met a WAL restart or replaced file the next sync must handle first."""
 
 
 class _ShadowWriteError(Exception):
@@ -5051,7 +6029,10 @@ class Replica:
       retention_min_snapshots   snapshots of the current generation kept
                                 whatever their age (at least 1).
       snapshot_interval         take a snapshot this often; 0 = only when needed.
+      validation_interval       run a restore drill (validate()) this often; 0 = never.
       max_retry_delay           the longest wait between retries of a failed sync.
+      max_lag                   readiness fails when lag exceeds this (0: the
+                                default, 10 x sync_interval and at least 10 s).
 
     A failed sync or snapshot is retried on a timer, with jittered
     exponential backoff from about sync_interval up to max_retry_delay,
@@ -5064,19 +6045,25 @@ class Replica:
                  retention_check_interval: float = DEFAULT_RETENTION_CHECK_INTERVAL,
                  retention_min_snapshots: int = DEFAULT_RETENTION_MIN_SNAPSHOTS,
                  snapshot_interval: float = 0.0,
+                 validation_interval: float = 0.0,
                  max_retry_delay: float = DEFAULT_MAX_RETRY_DELAY,
+                 max_lag: float = 0.0,
                  clock=time.time):
         self.db = db
         self.name = name or client.client_type
         self.client = client
+        client.logger = self.logger
         self.sync_interval = sync_interval
         self.retention = retention
         self.retention_check_interval = retention_check_interval
         self.retention_min_snapshots = retention_min_snapshots
         self.snapshot_interval = snapshot_interval
+        self.validation_interval = validation_interval
         self.max_retry_delay = max_retry_delay
+        self.max_lag = max_lag if max_lag > 0 else default_max_lag(sync_interval)
         self.clock = clock
         self.pos = Pos()
+        self.durable = Pos()          # the furthest position known stored (pos is reset on errors)
         self.failures = 0             # failed syncs in a row
         self.last_error = ""
         self.last_success = 0.0       # clock() of the last successful sync
@@ -5087,12 +6074,57 @@ class Replica:
         self._tasks: List[Task] = []
         self._sync_task: Optional[Task] = None
         self._last_sync_start = -1e9   # monotonic
+        self._drill_stop = threading.Event()   # set by stop(): a drill in progress gives up
+        self._drill_idle = threading.Event()   # clear while a drill runs
+        self._drill_idle.set()
+        self._series: Optional[_ReplicaSeries] = None
 
     def __repr__(self) -> str:
         return "Replica(%r, %s)" % (self.name, self.client)
 
     def _label(self) -> str:
         return "%s(%s)" % (self.db.name if self.db else "", self.name)
+
+    @property
+    def logger(self) -> logging.LoggerAdapter:
+        """The DB's logger with this replica's name (Go's Replica.Logger)."""
+        return _LogAdapter(self.db.logger if self.db else log, {"replica": self.name})
+
+    # Metrics and health ------------------------------------------------------
+
+    def register_metrics(self) -> None:
+        """Create this replica's series; lag and pending bytes are computed at each scrape."""
+        register_replica_metrics(self.db.path, self.name, self.client.client_type)
+        self._series = m = _ReplicaSeries(self.db.path, self.name)
+        m.lag.set_function(self.lag)
+        m.pending.set_function(self.pending_bytes)
+
+    def _metrics(self) -> _ReplicaSeries:
+        if self._series is None:
+            self._series = _ReplicaSeries(self.db.path, self.name)
+        return self._series
+
+    def lag(self) -> float:
+        """Return the age in seconds of the oldest committed transaction this replica lacks (0: caught up)."""
+        return self.db.lag(self.durable) if self.db is not None else 0.0
+
+    def pending_bytes(self) -> int:
+        """Return the bytes of the DB's shadow WAL this replica lacks."""
+        return self.db.pending_bytes(self.durable) if self.db is not None else 0
+
+    def problem(self) -> str:
+        """Return why this replica is not ready ("" when it is): lag above max_lag, or a failing sync."""
+        lag = self.lag()
+        why = []
+        if lag > self.max_lag:
+            why.append("lag exceeds max-lag %s" % format_duration(int(self.max_lag * 1e9)))
+        if self.failures:
+            why.append("last sync failed (attempt %d): %s" % (self.failures, self.last_error))
+        elif self.db is not None and self.db.sync_error:
+            why.append("database sync failed: %s" % self.db.sync_error)
+        if not why:
+            return ""
+        return "%s(%s): lag=%.1fs: %s" % (self.db.name if self.db else "", self.name, lag, "; ".join(why))
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -5102,6 +6134,7 @@ class Replica:
         if sched is None:
             raise LitestreamError("%s: no scheduler: open the DB with background work" % self._label())
         self.stop()
+        self._drill_stop.clear()
         label = self._label()
         self._sync_task = sched.task(self._sync_step, "sync:" + label)
         self._tasks = [self._sync_task]
@@ -5114,17 +6147,26 @@ class Replica:
             t = sched.task(self._snapshot_step, "snapshot:" + label)
             t.schedule(0)
             self._tasks.append(t)
+        if self.validation_interval > 0:
+            t = sched.task(self._validation_step, "validation:" + label)
+            t.schedule(self.validation_interval)
+            self._tasks.append(t)
         if hasattr(self.client, "abort_stale_uploads"):
             t = sched.task(self._stale_uploads_step, "uploads:" + label)
             t.schedule(0)
             self._tasks.append(t)
 
     def stop(self) -> None:
-        """Stop the timers; a step in progress finishes on its own."""
+        """Stop the timers; a step in progress finishes on its own, but a restore drill gives up soon."""
+        self._drill_stop.set()
         for t in self._tasks:
             t.cancel()
         self._tasks = []
         self._sync_task = None
+
+    def wait_validation(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no restore drill runs (after stop(), one gives up at its next step); False on timeout."""
+        return self._drill_idle.wait(timeout)
 
     def wake(self) -> None:
         """Ask for an upload: the DB's shadow WAL changed.
@@ -5171,14 +6213,14 @@ class Replica:
         self.failures += 1
         self.last_error = str(e)
         delay = self._retry_delay(self.failures)
-        self.db.logger.warning("%s: sync failed (attempt %d), retrying in %.1fs: %s",
-                               self._label(), self.failures, delay, e)
+        self.logger.warning("%s: sync failed (attempt %d), retrying in %.1fs: %s",
+                            self._label(), self.failures, delay, e)
         return delay
 
     def _sync_recovered(self) -> None:
         if self.failures:
-            self.db.logger.info("%s: replica caught up after %d failed attempts; it was behind for %.1fs",
-                                self._label(), self.failures, self.clock() - self._failing_since)
+            self.logger.info("%s: replica caught up after %d failed attempts; it was behind for %.1fs",
+                             self._label(), self.failures, self.clock() - self._failing_since)
         self.failures = 0
         self.last_error = ""
 
@@ -5199,7 +6241,7 @@ class Replica:
         except NoGenerationError:
             pass
         except Exception as e:
-            self.db.logger.error("%s: retainer error: %s", self._label(), e)
+            self.logger.error("%s: retainer error: %s", self._label(), e)
         return interval
 
     def _snapshot_step(self) -> Optional[float]:
@@ -5216,17 +6258,21 @@ class Replica:
             # Its own count: a failed snapshot must not hold off WAL uploads.
             self._snapshot_failures += 1
             delay = self._retry_delay(self._snapshot_failures)
-            self.db.logger.warning("%s: snapshot failed (attempt %d), retrying in %.1fs: %s",
-                                   self._label(), self._snapshot_failures, delay, e)
+            self.logger.warning("%s: snapshot failed (attempt %d), retrying in %.1fs: %s",
+                                self._label(), self._snapshot_failures, delay, e)
             return delay
         self._snapshot_failures = 0
         return self.snapshot_interval
+
+    def _validation_step(self) -> Optional[float]:
+        self.validate()  # logs and counts its own result
+        return self.validation_interval
 
     def _stale_uploads_step(self) -> Optional[float]:
         try:
             self.client.abort_stale_uploads()
         except Exception as e:
-            self.db.logger.warning("%s: cannot list incomplete uploads: %s", self._label(), e)
+            self.logger.warning("%s: cannot list incomplete uploads: %s", self._label(), e)
         return None
 
     def _next_snapshot_delay(self) -> float:
@@ -5259,11 +6305,16 @@ class Replica:
             self._set_pos(Pos())
             raise
         self.last_success = self.clock()
+        if self.db is not None:
+            self._metrics().last_success.set(self.last_success)
+            self.db.replicated([r.durable for r in self.db.replicas])
         return self.pos
 
     def _set_pos(self, pos: Pos) -> None:
         with self._changed:
             self.pos = pos
+            if pos.generation:
+                self.durable = pos
             self._changed.notify_all()
 
     def wait_pos(self, pred, timeout: Optional[float]) -> bool:
@@ -5279,8 +6330,8 @@ class Replica:
             if not self.client.snapshots(dpos.generation):
                 self._snapshot()
             self._set_pos(self.calc_pos(dpos.generation))
-            self.db.logger.info("%s: replicating to %s position=%s",
-                                self._label(), self.client.client_type, self.pos)
+            self.logger.info("%s: replicating to %s position=%s",
+                             self._label(), self.client.client_type, self.pos)
         self._upload_wal(self.pos, None, track=True)
 
     def _upload_wal(self, pos: Pos, stop: Optional[Pos], track: bool) -> None:
@@ -5300,8 +6351,15 @@ class Replica:
                 if start.index == stop.index:
                     end = min(end, stop.offset)
             rd = CompressingReader(self.db.read_shadow_chunks(start, end), level=WAL_SEGMENT_LZ4_LEVEL)
-            self.client.write_wal_segment(start, rd)
+            self.logger.info("%s: write wal segment position=%s", self._label(), start, extra={"position": str(start)})
+            t0 = time.monotonic()
+            info = self.client.write_wal_segment(start, rd)
+            self._log_written("wal segment", start, t0, rd.raw_bytes, info.size)
             pos = Pos(start.generation, start.index, end)
+            m = self._metrics()
+            m.wal_bytes.inc(end - start.offset)
+            m.wal_index.set(start.index)
+            m.wal_offset.set(end)
             if track:
                 self._set_pos(pos)
 
@@ -5352,6 +6410,7 @@ class Replica:
             else:
                 start = Pos(p.generation, p.index, min(p.offset, self._index_end(p.generation, p.index)))
                 self._upload_wal(start, p, track=False)
+            self.logger.info("%s: write snapshot position=%s", self._label(), p, extra={"position": str(p)})
             t0 = time.monotonic()
             size = os.path.getsize(self.db.path)
             pool = snapshot_pool(size)
@@ -5361,10 +6420,144 @@ class Replica:
             finally:
                 if pool is not None:
                     pool.close()
-        self.db.logger.info("%s: snapshot written %s/%08x size=%d compressed=%d elapsed=%.3fs",
-                            self._label(), info.generation, info.index, rd.raw_bytes,
-                            info.size, time.monotonic() - t0)
+        self._log_written("snapshot", p, t0, rd.raw_bytes, info.size)
         return info
+
+    def _log_written(self, what: str, pos: Pos, t0: float, size: int, compressed: int) -> None:
+        """Log an uploaded object as Go: "wal segment written" / "snapshot written" position elapsed sz."""
+        elapsed = format_duration(int((time.monotonic() - t0) * 1e9))
+        self.logger.info("%s: %s written position=%s elapsed=%s sz=%d compressed=%d", self._label(), what,
+                         pos, elapsed, size, compressed,
+                         extra={"position": str(pos), "elapsed": elapsed, "sz": size, "compressed": compressed})
+
+    # Validation --------------------------------------------------------------
+
+    def validate(self, log_result: bool = True) -> "ValidationResult":
+        """Run one restore drill: restore the replica at a position P and compare it with the database at P.
+
+        P is pinned first (DB.pin_read): every committed frame is copied
+        to the shadow WAL under SQLite's write lock, and a read transaction
+        opened then keeps seeing the database as of P however the
+        application goes on writing; the replica is then brought exactly to
+        P (so P is a segment boundary).  The replica is restored at P into
+        a scratch file in the DB's meta directory (one copy of the database,
+        plus at most VALIDATION_RESTORE_PARALLELISM staged WAL indices),
+        which must pass integrity_check and hold the same schema and rows,
+        table by table in rowid (or primary key) order, as the pinned read
+        transaction; both are streamed, so memory stays bounded.  Nothing
+        the application commits after P can make the two differ: that is
+        what kept Go 0.3's validation (which compared a checksum of the
+        live file with a restore taken later) from being trusted.  The
+        reader pins P for the length of the drill only.
+
+        Returns a ValidationResult (status ok, invalid or error; never
+        raises for a failed drill), logs it (INFO "validation ok", ERROR
+        otherwise) unless log_result is false, and counts it in the
+        validation metrics.
+        """
+        db = self.db
+        if db is None:
+            raise LitestreamError("%s: a restore drill needs the replica's database" % self.name)
+        t0 = time.monotonic()
+        scratch = os.path.join(db.meta_path, "validation-%s.db" % re.sub(r"[^A-Za-z0-9_.-]", "_", self.name))
+        pos, held, conn = Pos(), 0.0, None
+        status, msg = "error", ""
+
+        def check(*_):
+            if self._drill_stop.is_set():
+                raise _DrillCancelled("replica stopped")
+
+        self._drill_idle.clear()
+        try:
+            _remove_scratch(scratch)  # a crashed drill's leftovers
+            pos, conn, held = self._pin_replicated()
+            check()
+            restore_replica(self, RestoreOptions(scratch, pos.generation, index=pos.index, offset=pos.offset,
+                                                 parallelism=VALIDATION_RESTORE_PARALLELISM),
+                            progress=check, ranged=False)
+            check()
+            diff = _compare_with(scratch, conn, self._drill_stop)
+            check()
+            if diff:
+                status, msg = "invalid", "mismatch: %s" % diff
+            else:
+                status = "ok"
+        except _DrillCancelled:
+            status = ""
+        except (CorruptFrameError, ChecksumMismatchError, _IntegrityCheckFailed) as e:
+            status, msg = "invalid", str(e)
+        except Exception as e:
+            status, msg = "error", str(e) or type(e).__name__
+        finally:
+            try:
+                if conn is not None:
+                    db.unpin(conn)
+                _remove_scratch(scratch)
+            finally:
+                self._drill_idle.set()
+        res = ValidationResult(status or "error", pos, time.monotonic() - t0, held, msg or "cancelled")
+        if status:
+            self._record_validation(res, log_result)
+        else:
+            db.logger.info("%s: validation cancelled: the replica stopped", self._label())
+        return res
+
+    def _pin_replicated(self) -> "tuple[Pos, sqlite3.Connection, float]":
+        """Pin the DB at a position P and upload the replica exactly to P; return (P, reader, lock seconds)."""
+        db = self.db
+        why = ""
+        for _ in range(VALIDATION_PIN_ATTEMPTS):
+            db.sync()
+            with self._mu:
+                if not db.pos().generation:
+                    raise NoGenerationError()
+                if self.pos.generation != db.pos().generation:
+                    self._sync_locked()  # a new generation: its snapshot first, outside the pin
+                try:
+                    pos, conn, held = db.pin_read()
+                except (_PinRetry, _WriteLockBusy) as e:
+                    why = str(e)
+                    continue
+                try:
+                    if pos.generation != self.pos.generation:
+                        why = "generation changed"
+                        db.unpin(conn)
+                        continue
+                    # Upload up to P and no further, so that restore can stop
+                    # exactly at P (it stops only at segment boundaries).
+                    try:
+                        self._upload_wal(self.pos, pos, track=True)
+                    except BaseException:
+                        self._set_pos(Pos())
+                        raise
+                    if self.pos != pos:
+                        raise LitestreamError("replica reached %s, not %s" % (self.pos, pos))
+                except BaseException:
+                    db.unpin(conn)
+                    raise
+                return pos, conn, held
+        raise LitestreamError("cannot pin a position to validate at: %s" % why)
+
+    def _record_validation(self, res: "ValidationResult", log_result: bool) -> None:
+        p, n = self.db.path, self.name
+        if self.db._stopping:
+            return  # a drill outliving close(): the DB's series are gone and must stay gone
+        REPLICA_VALIDATION_TOTAL.labels(p, n, "ok" if res.ok else "error").inc()
+        VALIDATION_CHECKS_TOTAL.labels(p, n, {"ok": "success"}.get(res.status, res.status)).inc()
+        LAST_VALIDATION_SUCCESS.labels(p, n).set(1 if res.ok else 0)
+        if res.ok:
+            LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
+        if not log_result:
+            return
+        if res.ok:
+            self.logger.info("%s: validation ok position=%s elapsed=%.3fs write_lock=%.6fs",
+                                self._label(), res.pos, res.seconds, res.write_lock_seconds)
+        elif res.status == "invalid":
+            self.logger.error("%s: validation failed position=%s elapsed=%.3fs: %s",
+                                 self._label(), res.pos or "none", res.seconds, res.message)
+        else:
+            self.logger.error("%s: validation error position=%s elapsed=%.3fs: %s",
+                                 self._label(), res.pos or "none", res.seconds, res.message)
 
     # Retention ---------------------------------------------------------------
 
@@ -5404,18 +6597,22 @@ class Replica:
                     if g == self.pos.generation:
                         continue  # still being uploaded to
                     self.client.delete_generation(g)
-                    self.db.logger.info("%s: generation deleted %s", self._label(), g)
+                    self.logger.info("%s: generation deleted generation=%s", self._label(), g,
+                                     extra={"generation": g})
                     continue
                 lo = min(s.index for s in keep)
                 for s in snaps[g]:
                     if s.index < lo:
                         self.client.delete_snapshot(g, s.index)
+                        self.logger.info("%s: snapshot deleted generation=%s index=%08x", self._label(), g,
+                                         s.index, extra={"generation": g, "index": s.index})
                 old = [w.pos() for w in self.client.wal_segments(g) if w.index < lo]
                 if old:
                     self.client.delete_wal_segments([p for p in old if p.offset != 0])
                     self.client.delete_wal_segments([p for p in old if p.offset == 0])
-                    self.db.logger.info("%s: wal segments deleted below index %08x in %s: %d",
-                                        self._label(), lo, g, len(old))
+                    self.logger.info("%s: wal segments deleted before generation=%s index=%08x n=%d",
+                                     self._label(), g, lo, len(old), extra={"generation": g, "index": lo,
+                                                                            "n": len(old)})
 
 
 ###############################################################################
@@ -5579,12 +6776,14 @@ def _remove_db(path: str) -> None:
     remove_quietly(path, path + "-wal", path + "-shm")
 
 
-def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str, pool: Optional[LZ4Pool] = None) -> int:
+def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str, ranged: bool = True,
+                      pool: Optional[LZ4Pool] = None) -> int:
     """Decompress a snapshot into a new file at path; return its page size.
 
     Big snapshots on clients with ranged reads come down as parallel ranged
     GETs into a staged file beside path (one stream is the bottleneck of
-    large restores, upstream #266), then decompress from disk.
+    large restores, upstream #266), then decompress from disk; ranged=False
+    streams them instead, so no compressed copy takes disk space.
     """
     client = replica.client
     what = replica._object_name(snap)
@@ -5592,7 +6791,7 @@ def _restore_snapshot(replica: Replica, snap: SnapshotInfo, path: str, pool: Opt
     try:
         with open(path, "xb") as f:
             with _reading(what):
-                if client.parallel_download and snap.size >= RESTORE_RANGED_GET_MIN:
+                if ranged and client.parallel_download and snap.size >= RESTORE_RANGED_GET_MIN:
                     with open(staged, "xb") as sf:
                         client.download_snapshot(snap.generation, snap.index, sf)
                     rd = open(staged, "rb")
@@ -5622,6 +6821,22 @@ def _stage_index(client: ReplicaClient, group: List[WALSegmentInfo], path: str, 
     with open(path, "wb") as f:
         off = 0
         for seg in group:
+            if seg.offset != off and ends:
+                # The segment before decoded to a length that does not reach
+                # this one: it is the damaged object when it runs past this
+                # one's start, and the first suspect (before a missing
+                # segment) when it stops short.
+                prev, n = ends[-1][1], off - (ends[-2][0] if len(ends) > 1 else 0)
+                nxt = format_wal_segment_path(seg.index, seg.offset)
+                if off > seg.offset:
+                    why = "damaged: wal segments not contiguous: it decodes to %d bytes, ending at offset " \
+                          "%d, past the start of the next segment %s" % (n, off, nxt)
+                else:
+                    why = "wal segments not contiguous: it decodes to %d bytes, ending at offset %d, but the " \
+                          "next segment is %s: this segment is damaged, or %s is missing" \
+                          % (n, off, nxt, name(WALSegmentInfo(seg.generation, seg.index, off, 0,
+                                                              utc_from_timestamp(0))))
+                raise LitestreamError("%s: %s" % (name(prev), why))
             if seg.offset != off:
                 raise LitestreamError(_missing(name, seg.generation, seg.index, off,
                                                "wal segments not contiguous: the next one is %s"
@@ -5751,11 +6966,15 @@ def _integrity_check(path: str) -> None:
     finally:
         conn.close()
     if rows != ["ok"]:
-        raise LitestreamError("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
+        raise _IntegrityCheckFailed("restored database fails integrity_check: %s" % "; ".join(rows[:5]))
+
+
+class _IntegrityCheckFailed(LitestreamError):
+    """A restored database failed PRAGMA integrity_check."""
 
 
 def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parallelism: int, progress,
-                   pool: Optional[LZ4Pool] = None) -> Pos:
+                   ranged: bool = True, pool: Optional[LZ4Pool] = None) -> Pos:
     """Build the database of a snapshot and WAL plan at path (new), then integrity_check it.
 
     Returns the position reached.  Staged files are removed here; path and
@@ -5764,7 +6983,7 @@ def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parall
     name = replica._object_name
     staged: "dict[int, str]" = {}
     try:
-        page_size = _restore_snapshot(replica, snap, path, pool)
+        page_size = _restore_snapshot(replica, snap, path, ranged, pool)
         pos = Pos(snap.generation, snap.index, 0)
         indices = _staged_indices(replica.client, plan, path, parallelism, staged, name, pool)
         try:
@@ -5784,7 +7003,7 @@ def _build_restore(replica: Replica, snap: SnapshotInfo, plan, path: str, parall
         remove_quietly(*staged.values())
 
 
-def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos:
+def restore_replica(replica: Replica, opt: RestoreOptions, progress=None, ranged: bool = True) -> Pos:
     """Restore opt.generation of a replica to opt.output_path; return the position restored.
 
     Everything is built in a temp file beside the output: the snapshot,
@@ -5796,7 +7015,8 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
     same time) makes the restore plan again from a fresh listing, up to
     RESTORE_REPLAN_ATTEMPTS times; a new plan that ends before the first
     one fails instead, so the result is never shorter than what the replica
-    held when the restore began.
+    held when the restore began.  ranged=False never stages a compressed
+    snapshot (see _restore_snapshot).
     """
     client = replica.client
     out = os.path.abspath(opt.output_path)
@@ -5829,14 +7049,16 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
                 raise LitestreamError("cannot restore %s: objects were deleted during the restore and the "
                                       "replica now ends at %08x, before %08x where it ended when the "
                                       "restore began" % (opt.generation, end[0], floor[0]))
-            log.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation, snap.index, tmp)
+            replica.logger.info("%s: restoring snapshot %s/%08x to %s", replica._label(), snap.generation,
+                                snap.index, tmp)
             try:
-                pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress, pool)
+                pos = _build_restore(replica, snap, plan, tmp, opt.parallelism, progress, ranged, pool)
                 break
             except _Vanished as e:
                 _remove_db(tmp)
                 vanished = e
-                log.warning("%s: %s; planning the restore again from a fresh listing", replica._label(), e)
+                replica.logger.warning("%s: %s; planning the restore again from a fresh listing",
+                                       replica._label(), e)
         else:
             raise LitestreamError("cannot restore %s: replica objects vanished %d times while restoring "
                                   "(last: %s)" % (opt.generation, RESTORE_REPLAN_ATTEMPTS, vanished))
@@ -5855,7 +7077,7 @@ def restore_replica(replica: Replica, opt: RestoreOptions, progress=None) -> Pos
                 raise LitestreamError("cannot restore, output path already exists: %s" % out) from None
             os.rename(tmp, out)  # Filesystems without hard links.
         fsync_dir(d)
-        log.info("%s: restored to %s", replica._label(), out)
+        replica.logger.info("%s: restored to %s", replica._label(), out)
     finally:
         if pool is not None:
             pool.close()
@@ -5927,20 +7149,90 @@ def compare_databases(a: str, b: str) -> Optional[str]:
         cb.close()
 
 
-def _compare_rows(ca: sqlite3.Connection, cb: sqlite3.Connection) -> Optional[str]:
+def _quote_ident(name: str) -> str:
+    return '"%s"' % name.replace('"', '""')
+
+
+def _row_order(conn: sqlite3.Connection, table: str, sql: str) -> str:
+    """Return the ORDER BY that walks a table's own b-tree: rowid, or a WITHOUT ROWID table's primary key."""
+    info = conn.execute("PRAGMA table_info(%s)" % _quote_ident(table)).fetchall()
+    if "WITHOUT ROWID" in sql.upper():
+        pk = sorted((r[5], r[1]) for r in info if r[5])
+        return ", ".join(_quote_ident(c) for _, c in pk) or ", ".join(_quote_ident(r[1]) for r in info)
+    cols = {r[1].lower() for r in info}
+    # A column may be called rowid; one of the three names is still the rowid.
+    return next((a for a in ("rowid", "_rowid_", "oid") if a not in cols), "rowid")
+
+
+def _compare_rows(ca: sqlite3.Connection, cb: sqlite3.Connection,
+                  cancel: Optional[threading.Event] = None) -> Optional[str]:
+    """Return None if two connections see the same schema and rows, else what differs first.
+
+    Rows are streamed from both sides in step, so memory stays bounded;
+    the message names the table and the row's position, never its values
+    (they may be secret).  cancel, once set, raises _DrillCancelled.
+    """
     q = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
     if ca.execute(q).fetchall() != cb.execute(q).fetchall():
         return "the schema differs"
     tables = ca.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name").fetchall()
     for table, sql in tables:
-        sql = (sql or "").upper()
-        if sql.startswith("CREATE VIRTUAL"):
-            continue
-        q = 'SELECT * FROM "%s"%s' % (table.replace('"', '""'), "" if "WITHOUT ROWID" in sql else " ORDER BY rowid")
-        for x, y in zip_longest(ca.execute(q), cb.execute(q)):
+        if (sql or "").upper().startswith("CREATE VIRTUAL"):
+            continue  # left to its shadow tables
+        order = _row_order(ca, table, sql or "")
+        # A rowid table's rowids are compared too (a restore is a physical copy).
+        q = "SELECT %s* FROM %s ORDER BY %s" % ("" if "WITHOUT ROWID" in (sql or "").upper() else order + ", ",
+                                               _quote_ident(table), order)
+        for i, (x, y) in enumerate(zip_longest(ca.execute(q), cb.execute(q)), 1):
+            if cancel is not None and not i % 4096 and cancel.is_set():
+                raise _DrillCancelled("cancelled")
             if x != y:
-                return "table %s differs" % table
+                if x is None or y is None:
+                    return "table %s differs: %d rows in one, more in the other" % (table, i - 1)
+                return "table %s differs (first at row %d)" % (table, i)
     return None
+
+
+def _compare_with(path: str, live: sqlite3.Connection, cancel: Optional[threading.Event] = None) -> Optional[str]:
+    """Compare a database file with what a connection's open transaction sees (see _compare_rows)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return _compare_rows(conn, live, cancel)
+    except sqlite3.DatabaseError as e:
+        return "cannot be compared: %s" % e
+    finally:
+        conn.close()
+
+
+def _remove_scratch(path: str) -> None:
+    """Remove a drill's scratch database and what a restore into it may leave beside it."""
+    d, base = os.path.split(path)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return
+    remove_quietly(*(os.path.join(d, n) for n in names if n == base or n.startswith(base + "-")
+                     or n.startswith(base + ".tmp-")))
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """The outcome of one restore drill (Replica.validate).
+
+    status is "ok", "invalid" (the replica restored at pos differs from the
+    database at pos, fails integrity_check, or holds a corrupt object) or
+    "error" (the drill could not run to the end); message says why.
+    """
+
+    status: str
+    pos: Pos
+    seconds: float
+    write_lock_seconds: float
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 def _check_chain(path: str, hdr: WALHeader, ends, name, start: int) -> Optional[str]:
@@ -6171,7 +7463,8 @@ def verify_generation(replica: Replica, generation: str, parallelism: int = DEFA
             return _GenerationVerifier(replica, generation, scratch, parallelism, progress).run()
         except _Vanished as e:
             vanished = e
-            log.info("%s: %s; verifying generation %s again from a fresh listing", replica._label(), e, generation)
+            replica.logger.info("%s: %s; verifying generation %s again from a fresh listing", replica._label(), e,
+                                generation)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return GenerationReport(generation, problems=("%s (objects vanished %d times while verifying)"
@@ -6195,668 +7488,6 @@ def verify_replica(replica: Replica, generation: str = "", parallelism: int = DE
         p = (lambda done, total, g=g: progress(g, done, total)) if progress else None
         reports.append(verify_generation(replica, g, parallelism, p))
     return latest, reports
-
-
-###############################################################################
-# Metrics
-###############################################################################
-#
-# Spec: https://github.com/prometheus/docs/blob/main/content/docs/instrumenting/exposition_formats.md
-# Text exposition 0.0.4, one family after another:
-#   # HELP <name> <help, with \ and newline escaped>
-#   # TYPE <name> counter|gauge|histogram
-#   <name>{<label>="<value, with \ " and newline escaped>",...} <value>
-# A histogram's series are cumulative <name>_bucket{...,le="<bound>"} lines
-# ending with le="+Inf", then <name>_sum and <name>_count.  As Go's
-# client_golang writes it: families sorted by name, series by label values,
-# label pairs by label name with "le" last, values as strconv.FormatFloat(v,
-# 'g', -1, 64), and counter names as declared (no "_total" added).
-#
-# Wiring, at Go 0.3.13's update points (p = db.path, n = replica.name):
-#   DB opened          register_db_metrics(p); for each replica
-#                      register_replica_metrics(p, n, r.client.client_type)
-#   DB closed          unregister_db_metrics(p) (drops its replicas' series too)
-#   every sync         SYNC_COUNT.labels(p).inc(), SYNC_SECONDS.labels(p).inc(dt),
-#                      SYNC_ERROR_COUNT.labels(p).inc() if it failed (Go's defer)
-#   sync, after stat   DB_SIZE.labels(p).set(db file size), WAL_SIZE.labels(p).set(-wal size)
-#   shadow WAL copy    TOTAL_WAL_BYTES.labels(p).inc(bytes copied)
-#   end of sync        SHADOW_WAL_INDEX.labels(p).set(index), SHADOW_WAL_SIZE.labels(p).set(sum of sizes)
-#   every checkpoint   CHECKPOINT_COUNT.labels(p, mode).inc(), CHECKPOINT_SECONDS.labels(p, mode).inc(dt),
-#                      CHECKPOINT_ERROR_COUNT.labels(p, mode).inc() if it failed
-#   segment uploaded   REPLICA_WAL_BYTES.labels(p, n).inc(uncompressed bytes),
-#                      REPLICA_WAL_INDEX.labels(p, n).set(i), REPLICA_WAL_OFFSET.labels(p, n).set(off)
-#   replica synced     REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS.labels(p, n).set(time.time())
-#   lag, pending       REPLICA_LAG_SECONDS.labels(p, n).set_function(fn) (read at each scrape,
-#                      so an idle stall still rises), REPLICA_PENDING_BYTES likewise or .set()
-#   validation         REPLICA_VALIDATION_TOTAL.labels(p, n, "ok"|"error").inc(),
-#                      VALIDATION_CHECKS_TOTAL.labels(p, n, "success"|"invalid"|"error").inc(),
-#                      LAST_VALIDATION_SUCCESS(_TIMESTAMP_SECONDS).labels(p, n).set(...)
-#   client operations  counted by the clients themselves (replica_operation)
-#   serving            MetricsServer(cfg.addr, healthz=..., readyz=...).start() / .close()
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-def format_go_float(v: float) -> str:
-    """Format v as Go's strconv.FormatFloat(v, 'g', -1, 64) (shortest digits)."""
-    v = float(v)
-    if v != v:
-        return "NaN"
-    if v in (float("inf"), float("-inf")):
-        return "+Inf" if v > 0 else "-Inf"
-    if v == 0:
-        return "-0" if repr(v)[0] == "-" else "0"
-    sign, digits, exp = decimal.Decimal(repr(v)).normalize().as_tuple()
-    ds = "".join(map(str, digits))
-    dp = len(ds) + exp  # the decimal point sits after dp digits
-    # %e when the exponent is < -4 or >= the precision, which is 6 for
-    # the shortest form.
-    x = dp - 1
-    if x < -4 or x >= 6:
-        m = ds[0] + ("." + ds[1:] if len(ds) > 1 else "")
-        s = "%se%s%02d" % (m, "-" if x < 0 else "+", abs(x))
-    elif dp <= 0:
-        s = "0." + "0" * -dp + ds
-    elif dp >= len(ds):
-        s = ds + "0" * (dp - len(ds))
-    else:
-        s = ds[:dp] + "." + ds[dp:]
-    return "-" + s if sign else s
-
-
-def _escape_label_value(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def _escape_help(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-class _Series:
-    """One series of a family: a float, or for a gauge a function read at each scrape."""
-
-    __slots__ = ("_lock", "_value", "_fn")
-
-    def __init__(self, lock):
-        self._lock = lock
-        self._value = 0.0
-        self._fn = None
-
-    def get(self) -> float:
-        """Return the current value."""
-        with self._lock:
-            fn, value = self._fn, self._value
-        if fn is None:
-            return value
-        try:
-            return float(fn())
-        except Exception as e:  # a scrape must not fail because one value could not be computed
-            log.debug("metrics: %s", e)
-            return float("nan")
-
-
-class CounterSeries(_Series):
-    """A counter's series: only goes up."""
-
-    __slots__ = ()
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add amount (>= 0)."""
-        if amount < 0:
-            raise ValueError("counters only go up (inc by %r)" % amount)
-        with self._lock:
-            self._value += amount
-
-
-class GaugeSeries(_Series):
-    """A gauge's series: set, raised or lowered, or computed at each scrape."""
-
-    __slots__ = ()
-
-    def set(self, value: float) -> None:
-        with self._lock:
-            self._value, self._fn = float(value), None
-
-    def inc(self, amount: float = 1.0) -> None:
-        with self._lock:
-            self._value += amount
-
-    def dec(self, amount: float = 1.0) -> None:
-        with self._lock:
-            self._value -= amount
-
-    def set_function(self, fn) -> None:
-        """Compute the value with fn() at each scrape (called without the registry lock held)."""
-        with self._lock:
-            self._fn = fn
-
-
-class HistogramSeries(_Series):
-    """A histogram's series: per-bucket counts, the sum and the count of observations."""
-
-    __slots__ = ("_bounds", "_counts", "_count")
-
-    def __init__(self, lock, bounds):
-        super().__init__(lock)
-        self._bounds = bounds
-        self._counts = [0] * len(bounds)
-        self._count = 0
-
-    def observe(self, value: float) -> None:
-        """Record one observation (the sum is _value)."""
-        with self._lock:
-            for i, b in enumerate(self._bounds):
-                if value <= b:
-                    self._counts[i] += 1
-                    break
-            self._value += value
-            self._count += 1
-
-    def get(self) -> "tuple[List[int], float, int]":
-        """Return (cumulative bucket counts, sum, count)."""
-        with self._lock:
-            return list(accumulate(self._counts)), self._value, self._count
-
-
-class MetricFamily:
-    """A named metric of one type with fixed label names; its series are made by labels().
-
-    Usage: ``DB_SIZE.labels(db_path).set(n)``, ``SYNC_COUNT.labels(db_path).inc()``,
-    ``CHECKPOINT_SECONDS.labels(db_path, mode).inc(seconds)``,
-    ``REPLICA_OPERATION_DURATION_SECONDS.labels("s3", "PUT").observe(seconds)``.
-    Label values are given in the order of labelnames (or by name) and
-    turned into str.  A series exists, at 0, from its first labels() call.
-    """
-
-    def __init__(self, registry: "Metrics", name: str, type_: str, help_: str,
-                 labelnames: Sequence[str] = (), buckets: Sequence[float] = ()):
-        if not _METRIC_NAME_RE.match(name):
-            raise ValueError("invalid metric name %r" % name)
-        for ln in labelnames:
-            if not _LABEL_NAME_RE.match(ln) or ln.startswith("__") or (type_ == "histogram" and ln == "le"):
-                raise ValueError("invalid label name %r for %s" % (ln, name))
-        if type_ == "histogram" and (not buckets or list(buckets) != sorted(set(buckets))):
-            raise ValueError("histogram %s needs increasing buckets" % name)
-        self.name, self.type, self.help = name, type_, help_
-        self.labelnames = tuple(labelnames)
-        self.buckets = tuple(float(b) for b in buckets)
-        self._lock = registry._lock
-        self._series = {}  # type: Dict[Tuple[str, ...], _Series]
-
-    def _key(self, values, kw) -> Tuple[str, ...]:
-        if kw:
-            if values:
-                raise TypeError("%s: label values by position or by name, not both" % self.name)
-            if set(kw) != set(self.labelnames):
-                raise ValueError("%s: labels %s expected, got %s" % (self.name, list(self.labelnames), sorted(kw)))
-            values = [kw[n] for n in self.labelnames]
-        if len(values) != len(self.labelnames):
-            raise ValueError("%s: %d label values expected (%s), got %d"
-                             % (self.name, len(self.labelnames), ", ".join(self.labelnames), len(values)))
-        return tuple(str(v) for v in values)
-
-    def labels(self, *values, **kw) -> _Series:
-        """Return the series with these label values, creating it at 0."""
-        key = self._key(values, kw)
-        with self._lock:
-            s = self._series.get(key)
-            if s is None:
-                if self.type == "counter":
-                    s = CounterSeries(self._lock)
-                elif self.type == "gauge":
-                    s = GaugeSeries(self._lock)
-                else:
-                    s = HistogramSeries(self._lock, self.buckets)
-                self._series[key] = s
-            return s
-
-    def remove(self, *values, **kw) -> None:
-        """Drop the series with these label values, if it exists."""
-        key = self._key(values, kw)
-        with self._lock:
-            self._series.pop(key, None)
-
-    def remove_matching(self, **labels: str) -> int:
-        """Drop every series whose labels include these; return how many went."""
-        idx = [(self.labelnames.index(k), str(v)) for k, v in labels.items() if k in self.labelnames]
-        if len(idx) != len(labels):
-            return 0
-        with self._lock:
-            gone = [k for k in self._series if all(k[i] == v for i, v in idx)]
-            for k in gone:
-                del self._series[k]
-        return len(gone)
-
-    def series(self) -> "List[Tuple[Tuple[str, ...], _Series]]":
-        """Return [(label values, series)] sorted by label values."""
-        with self._lock:
-            return sorted(self._series.items(), key=lambda kv: kv[0])
-
-
-class Metrics:
-    """A lock-protected registry of metric families that renders the text exposition.
-
-    One lock guards every family and series: updates are a few float
-    operations, so contention is negligible next to a sync.  Collectors
-    (callables returning [(name, type, help, [({label: value}, float)])])
-    add families computed at each scrape, such as the process_* series.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._families = {}  # type: Dict[str, MetricFamily]
-        self._collectors = []
-
-    def _add(self, name, type_, help_, labelnames, buckets=()) -> MetricFamily:
-        fam = MetricFamily(self, name, type_, help_, labelnames, buckets)
-        with self._lock:
-            if name in self._families:
-                raise ValueError("metric %s is already registered" % name)
-            self._families[name] = fam
-        return fam
-
-    def counter(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
-        return self._add(name, "counter", help_, labelnames)
-
-    def gauge(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> MetricFamily:
-        return self._add(name, "gauge", help_, labelnames)
-
-    def histogram(self, name: str, help_: str, labelnames: Sequence[str], buckets: Sequence[float]) -> MetricFamily:
-        return self._add(name, "histogram", help_, labelnames, buckets)
-
-    def family(self, name: str) -> MetricFamily:
-        """Return a registered family by name (KeyError if unknown)."""
-        with self._lock:
-            return self._families[name]
-
-    def add_collector(self, fn) -> None:
-        with self._lock:
-            self._collectors.append(fn)
-
-    def remove_matching(self, **labels: str) -> int:
-        """Drop the series of every family whose labels include these (e.g. db=path)."""
-        with self._lock:
-            fams = list(self._families.values())
-        return sum(f.remove_matching(**labels) for f in fams)
-
-    def render(self) -> str:
-        """Return the whole registry in the text exposition format 0.0.4."""
-        with self._lock:
-            fams = sorted(self._families.values(), key=lambda f: f.name)
-            collectors = list(self._collectors)
-        out = []
-        blocks = [(f.name, f.type, f.help, f.labelnames, f.series()) for f in fams]
-        for fn in collectors:
-            for name, type_, help_, samples in fn():
-                names = sorted({k for labels, _ in samples for k in labels})
-                blocks.append((name, type_, help_, tuple(names), [
-                    (tuple(str(labels.get(n, "")) for n in names), value) for labels, value in samples]))
-        blocks.sort(key=lambda b: b[0])
-        for name, type_, help_, labelnames, series in blocks:
-            if not series:
-                continue  # as client_golang: a family without series is not exposed
-            out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, _escape_help(help_), name, type_))
-            order = sorted(range(len(labelnames)), key=lambda i: labelnames[i])
-            for values, s in sorted(series, key=lambda vs: [vs[0][i] for i in order]):
-                pairs = ",".join('%s="%s"' % (labelnames[i], _escape_label_value(values[i])) for i in order)
-                if type_ != "histogram":
-                    v = s.get() if isinstance(s, _Series) else s
-                    out.append("%s%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(v)))
-                    continue
-                counts, total, count = s.get()
-                sep = "," if pairs else ""
-                for b, c in zip(s._bounds, counts):
-                    out.append('%s_bucket{%s%sle="%s"} %d\n' % (name, pairs, sep, format_go_float(b), c))
-                out.append('%s_bucket{%s%sle="+Inf"} %d\n' % (name, pairs, sep, count))
-                out.append("%s_sum%s %s\n" % (name, "{%s}" % pairs if pairs else "", format_go_float(total)))
-                out.append("%s_count%s %d\n" % (name, "{%s}" % pairs if pairs else "", count))
-        return "".join(out)
-
-
-def _process_metrics():
-    """Return the process_* families (Prometheus client conventions) from /proc/self; [] off Linux."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        with open("/proc/stat", "rb") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-        with open("/proc/self/limits", "rb") as f:
-            limits = {line[:26].strip(): line[26:].split()[0] for line in f}
-        # Soft limits; "unlimited" is Go's MaxUint64.
-        max_fds, max_vm = (float(2**64 - 1) if limits[k] == b"unlimited" else int(limits[k])
-                           for k in (b"Max open files", b"Max address space"))
-        open_fds = len(os.listdir("/proc/self/fd"))
-        ticks = os.sysconf("SC_CLK_TCK")
-        page = os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, StopIteration, IndexError, KeyError, AttributeError):
-        return []
-    # proc(5): fields after "(comm)": 3 state ... 14 utime, 15 stime,
-    # 22 starttime (ticks since boot), 23 vsize (bytes), 24 rss (pages).
-    f = stat[stat.rindex(b")") + 2:].split()
-    utime, stime, start, vsize, rss = int(f[11]), int(f[12]), int(f[19]), int(f[20]), int(f[21])
-    return [
-        ("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
-         [({}, (utime + stime) / ticks)]),
-        ("process_open_fds", "gauge", "Number of open file descriptors.", [({}, open_fds)]),
-        ("process_max_fds", "gauge", "Maximum number of open file descriptors.", [({}, max_fds)]),
-        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", [({}, vsize)]),
-        ("process_virtual_memory_max_bytes", "gauge", "Maximum amount of virtual memory available in bytes.",
-         [({}, max_vm)]),
-        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", [({}, rss * page)]),
-        ("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.",
-         [({}, btime + start / ticks)]),
-    ]
-
-
-# Every metric litestream.py exports.  Go 0.3.13's families keep Go's names,
-# types, labels and help strings byte for byte (typo included), so
-# dashboards and alerts written for Go Litestream work unchanged.
-METRICS = Metrics()
-METRICS.add_collector(_process_metrics)
-
-# Per database; db is the DB's absolute path (db.go).
-DB_SIZE = METRICS.gauge("litestream_db_size", "The current size of the real DB", ("db",))
-WAL_SIZE = METRICS.gauge("litestream_wal_size", "The current size of the real WAL", ("db",))
-TOTAL_WAL_BYTES = METRICS.counter("litestream_total_wal_bytes", "Total number of bytes written to shadow WAL", ("db",))
-SHADOW_WAL_INDEX = METRICS.gauge("litestream_shadow_wal_index", "The current index of the shadow WAL", ("db",))
-SHADOW_WAL_SIZE = METRICS.gauge("litestream_shadow_wal_size", "Current size of shadow WAL, in bytes", ("db",))
-SYNC_COUNT = METRICS.counter("litestream_sync_count", "Number of sync operations performed", ("db",))
-SYNC_ERROR_COUNT = METRICS.counter("litestream_sync_error_count", "Number of sync errors that have occurred", ("db",))
-SYNC_SECONDS = METRICS.counter("litestream_sync_seconds", "Time spent syncing shadow WAL, in seconds", ("db",))
-CHECKPOINT_COUNT = METRICS.counter("litestream_checkpoint_count", "Number of checkpoint operations performed",
-                                   ("db", "mode"))
-CHECKPOINT_ERROR_COUNT = METRICS.counter("litestream_checkpoint_error_count",
-                                         "Number of checkpoint errors that have occurred", ("db", "mode"))
-CHECKPOINT_SECONDS = METRICS.counter("litestream_checkpoint_seconds", "Time spent checkpointing WAL, in seconds",
-                                     ("db", "mode"))
-
-# Per replica; name is the replica's name, or its type when it has none (replica.go).
-REPLICA_WAL_BYTES = METRICS.counter("litestream_replica_wal_bytes", "The number wal bytes written", ("db", "name"))
-REPLICA_WAL_INDEX = METRICS.gauge("litestream_replica_wal_index", "The current WAL index", ("db", "name"))
-REPLICA_WAL_OFFSET = METRICS.gauge("litestream_replica_wal_offset", "The current WAL offset", ("db", "name"))
-REPLICA_VALIDATION_TOTAL = METRICS.counter("litestream_replica_validation_total",
-                                           "The number of validations performed", ("db", "name", "status"))
-
-# Per replica client type (internal/internal.go), counted as Go 0.3.13's S3
-# client counts: LIST per page, DELETE per DeleteObjects batch, PUT per
-# object (a multipart upload once), GET per object read; bytes of PUT and
-# GET only.  The file client counts none of these, as in Go.
-REPLICA_OPERATION_TOTAL = METRICS.counter("litestream_replica_operation_total",
-                                          "The number of replica operations performed",
-                                          ("replica_type", "operation"))
-REPLICA_OPERATION_BYTES = METRICS.counter("litestream_replica_operation_bytes",
-                                          "The number of bytes used by replica operations",
-                                          ("replica_type", "operation"))
-
-# Ours: what no Litestream exports.
-REPLICA_LAG_SECONDS = METRICS.gauge(
-    "litestream_replica_lag_seconds",
-    "Age of the oldest transaction committed locally that is not yet durable in the replica, "
-    "in seconds; 0 when caught up", ("db", "name"))
-REPLICA_PENDING_BYTES = METRICS.gauge(
-    "litestream_replica_pending_bytes",
-    "Bytes of WAL committed locally that are not yet durable in the replica", ("db", "name"))
-REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
-    "litestream_replica_last_success_timestamp_seconds",
-    "Unix time of the replica's last successful sync", ("db", "name"))
-# Names, help and buckets of Go 0.5; kept for every operation of every client.
-REPLICA_OPERATION_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60)
-REPLICA_OPERATION_DURATION_SECONDS = METRICS.histogram(
-    "litestream_replica_operation_duration_seconds", "Duration of replica operations by type and operation",
-    ("replica_type", "operation"), REPLICA_OPERATION_DURATION_BUCKETS)
-REPLICA_OPERATION_ERRORS_TOTAL = METRICS.counter(
-    "litestream_replica_operation_errors_total",
-    "Number of replica operation errors by type, operation, and error code",
-    ("replica_type", "operation", "code"))
-# Proposed upstream in Litestream #1535, with the replica's name where the
-# proposal has an LTX level.  result is success, invalid or error.
-VALIDATION_CHECKS_TOTAL = METRICS.counter(
-    "litestream_validation_checks_total", "Number of replica validation checks completed, by result",
-    ("db", "name", "result"))
-LAST_VALIDATION_SUCCESS = METRICS.gauge(
-    "litestream_last_validation_success",
-    "Whether the last replica validation check passed (1) or not (0)", ("db", "name"))
-LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS = METRICS.gauge(
-    "litestream_last_validation_success_timestamp_seconds",
-    "Unix time of the last passing replica validation check; 0 until one passes", ("db", "name"))
-
-REPLICA_OPERATIONS = ("GET", "PUT", "DELETE", "LIST")
-_DB_FAMILIES = (DB_SIZE, WAL_SIZE, TOTAL_WAL_BYTES, SHADOW_WAL_INDEX, SHADOW_WAL_SIZE,
-                SYNC_COUNT, SYNC_ERROR_COUNT, SYNC_SECONDS)
-_CHECKPOINT_FAMILIES = (CHECKPOINT_COUNT, CHECKPOINT_ERROR_COUNT, CHECKPOINT_SECONDS)
-_REPLICA_FAMILIES = (REPLICA_WAL_BYTES, REPLICA_WAL_INDEX, REPLICA_WAL_OFFSET, REPLICA_LAG_SECONDS,
-                     REPLICA_PENDING_BYTES, REPLICA_LAST_SUCCESS_TIMESTAMP_SECONDS,
-                     LAST_VALIDATION_SUCCESS, LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS)
-
-
-def register_db_metrics(db: str) -> None:
-    """Create a DB's series at 0 (db = its absolute path), so scrapes never see one appear late.
-
-    Covers the eight per-DB families and the checkpoint families for each
-    mode (PASSIVE, RESTART, TRUNCATE).  Call it when the DB is opened.
-    """
-    for fam in _DB_FAMILIES:
-        fam.labels(db)
-    for fam in _CHECKPOINT_FAMILIES:
-        for mode in (CHECKPOINT_MODE_PASSIVE, CHECKPOINT_MODE_RESTART, CHECKPOINT_MODE_TRUNCATE):
-            fam.labels(db, mode)
-
-
-def unregister_db_metrics(db: str) -> None:
-    """Drop every series labelled with this DB: its own and its replicas'."""
-    METRICS.remove_matching(db=db)
-
-
-def register_replica_metrics(db: str, name: str, replica_type: str) -> None:
-    """Create a replica's series at 0, and its client type's, so scrapes never see one appear late.
-
-    Per replica: wal bytes/index/offset, lag, pending bytes, last success,
-    validation_total for status ok and error (as Go), validation checks for
-    each result.  Per client type: the duration histogram of each operation,
-    and Go's operation counters (not for the file client, as Go).  Error
-    series appear with their first error: their code is not known before.
-    """
-    for fam in _REPLICA_FAMILIES:
-        fam.labels(db, name)
-    for status in ("ok", "error"):
-        REPLICA_VALIDATION_TOTAL.labels(db, name, status)
-    for result in ("success", "invalid", "error"):
-        VALIDATION_CHECKS_TOTAL.labels(db, name, result)
-    for op in REPLICA_OPERATIONS:
-        REPLICA_OPERATION_DURATION_SECONDS.labels(replica_type, op)
-        if replica_type != FileReplicaClient.client_type:
-            REPLICA_OPERATION_TOTAL.labels(replica_type, op)
-            if op in ("GET", "PUT"):
-                REPLICA_OPERATION_BYTES.labels(replica_type, op)
-
-
-def unregister_replica_metrics(db: str, name: str) -> None:
-    """Drop a replica's series (its client type's stay: other replicas share them)."""
-    for fam in _REPLICA_FAMILIES + (REPLICA_VALIDATION_TOTAL, VALIDATION_CHECKS_TOTAL):
-        fam.remove_matching(db=db, name=name)
-
-
-def _error_code(e: BaseException) -> str:
-    """Return the code an operation error is counted under: S3's, else the errno name, else the type."""
-    for err in (e, e.__cause__):
-        if isinstance(err, S3Error) and err.code:
-            return err.code
-    if isinstance(e, OSError) and e.errno:
-        return errno.errorcode.get(e.errno, str(e.errno))
-    return type(e).__name__
-
-
-class replica_operation:
-    """Time one replica client operation and count it (a context manager).
-
-    On success it observes litestream_replica_operation_duration_seconds
-    and, when count is true (Go's semantics; the file client passes false),
-    adds 1 to litestream_replica_operation_total and op.bytes, if set, to
-    litestream_replica_operation_bytes.  On an exception it observes the
-    duration and counts litestream_replica_operation_errors_total under
-    the error's code.  op.skip() records nothing (an attempt that does not
-    count, such as a refused ListObjectsV2 before the V1 fallback).
-
-        with replica_operation("s3", "PUT") as op:
-            op.bytes = self.upload(key, rd)
-    """
-
-    __slots__ = ("replica_type", "operation", "count", "bytes", "_skip", "_t0")
-
-    def __init__(self, replica_type: str, operation: str, count: bool = True):
-        self.replica_type, self.operation, self.count = replica_type, operation, count
-        self.bytes = None
-        self._skip = False
-
-    def skip(self) -> None:
-        self._skip = True
-
-    def __enter__(self) -> "replica_operation":
-        self._t0 = time.monotonic()
-        return self
-
-    def __exit__(self, typ, e, tb) -> None:
-        if self._skip or (typ is not None and not issubclass(typ, Exception)):
-            return
-        REPLICA_OPERATION_DURATION_SECONDS.labels(self.replica_type, self.operation).observe(
-            time.monotonic() - self._t0)
-        if e is not None:
-            REPLICA_OPERATION_ERRORS_TOTAL.labels(self.replica_type, self.operation, _error_code(e)).inc()
-        elif self.count:
-            REPLICA_OPERATION_TOTAL.labels(self.replica_type, self.operation).inc()
-            if self.bytes is not None:
-                REPLICA_OPERATION_BYTES.labels(self.replica_type, self.operation).inc(self.bytes)
-
-
-# --------------------------------------------------------------------------
-# MetricsServer
-
-
-def parse_bind_addr(addr: str) -> "tuple[str, int]":
-    """Split a bind address as Go's net.SplitHostPort; "" as host means every interface.
-
-    ":9090", "127.0.0.1:9090", "localhost:9090" and "[::1]:9090" are
-    accepted.  Raises ValueError (Go's "must specify port for bind address")
-    when there is no port.
-    """
-    host, port = "", ""
-    if addr.startswith("["):
-        end = addr.find("]")
-        if end > 0 and addr[end + 1:end + 2] == ":":
-            host, port = addr[1:end], addr[end + 2:]
-    elif addr.count(":") == 1:
-        host, port = addr.split(":")
-    if not port:
-        raise ValueError('must specify port for bind address: "%s"' % addr)
-    if not re.fullmatch(r"\d{1,5}", port, re.ASCII) or int(port) > 65535:
-        raise ValueError('invalid port in bind address: "%s" (expected a number from 0 to 65535)' % addr)
-    return host, int(port)
-
-
-class MetricsServer:
-    """Serve GET /metrics, /healthz and /readyz on a bind address from a daemon thread.
-
-    addr is Go's "addr" (":9090" listens on every interface, IPv6 too where
-    the system allows).  /metrics renders registry (default METRICS) as
-    text exposition 0.0.4.  healthz and readyz are callables returning
-    (ok, body): 200 and body when ok, else 503 and body; an endpoint
-    without a callable, like any other path, is 404.  They run on the
-    request's thread, so they must be quick and must not block on a sync.
-
-        srv = MetricsServer(":9090", healthz=engine.healthz, readyz=engine.readyz)
-        srv.start()      # LitestreamError: one line, if the address cannot be bound
-        ...
-        srv.close()      # shutdown() and server_close()
-    """
-
-    def __init__(self, addr: str, registry: Optional[Metrics] = None, healthz=None, readyz=None):
-        self.addr = addr
-        self.host, self.port = parse_bind_addr(addr)
-        self.registry = registry if registry is not None else METRICS
-        self.routes = {"/healthz": healthz, "/readyz": readyz}
-        self._server = None  # type: Optional[http.server.ThreadingHTTPServer]
-        self._thread = None  # type: Optional[threading.Thread]
-
-    @property
-    def url(self) -> str:
-        """Return http://HOST:PORT of the listening socket ("localhost" for every interface, as Go logs)."""
-        host, port = self.host or "localhost", self._server.server_address[1] if self._server else self.port
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
-
-    def _handler(self):
-        srv = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 30  # a stalled client gives its thread back
-
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                ctype = "text/plain; charset=utf-8"
-                try:
-                    if path == "/metrics":
-                        status, body, ctype = 200, srv.registry.render(), PROMETHEUS_CONTENT_TYPE
-                    elif srv.routes.get(path) is not None:
-                        ok, body = srv.routes[path]()
-                        status = 200 if ok else 503
-                    else:
-                        status, body = 404, "404 page not found\n"
-                except Exception as e:
-                    log.error("metrics: %s: %s", path, e)
-                    status, body = 500, "internal error\n"
-                data = body.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, fmt, *args):
-                log.debug("metrics: %s %s", self.address_string(), fmt % args)
-
-        return Handler
-
-    def start(self) -> None:
-        """Bind and serve; raise LitestreamError naming the address if it cannot be bound."""
-        host, family = self.host, socket.AF_INET
-        if ":" in host:
-            family = socket.AF_INET6
-        elif not host and socket.has_dualstack_ipv6():
-            host, family = "::", socket.AF_INET6
-        dual_stack = family == socket.AF_INET6 and not self.host
-
-        class Server(http.server.ThreadingHTTPServer):
-            address_family = family
-            daemon_threads = True
-
-            def server_bind(self):
-                if dual_stack:
-                    # Go's ":PORT" takes IPv4 clients on the IPv6 socket too.
-                    self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                # HTTPServer.server_bind would also look up the host's FQDN: skip that.
-                socketserver.TCPServer.server_bind(self)
-                self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-            def handle_error(self, request, client_address):
-                # A scraper that hangs up mid-answer is not worth a traceback on stderr.
-                log.debug("metrics: request from %s failed: %s", client_address[0], sys.exc_info()[1])
-
-        try:
-            self._server = Server((host, self.port), self._handler())
-        except (OSError, OverflowError) as e:
-            raise LitestreamError("cannot start metrics server on %s: %s" % (self.addr, e)) from None
-        self._thread = threading.Thread(target=self._server.serve_forever, name="litestream-metrics",
-                                        daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop serving and close the listening socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
-            self._server = self._thread = None
 
 
 ###############################################################################
@@ -6888,6 +7519,7 @@ class ReplicaConfig:
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     snapshot_interval: float = 0.0
     validation_interval: float = 0.0
+    max_lag: float = 0.0
     bucket: str = ""
     region: str = ""
     endpoint: str = ""
@@ -6941,6 +7573,8 @@ class Config:
     log_type: str = "text"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     lz4_workers: int = DEFAULT_LZ4_WORKERS
+    heartbeat_url: str = ""
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     dbs: Tuple[DBConfig, ...] = ()
     config_path: str = ""
 
@@ -7154,6 +7788,13 @@ def _part_size(v):
     return n
 
 
+def _heartbeat_url(v):
+    u = urllib.parse.urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return v
+
+
 def _sse_c_key(v):
     try:
         ok = len(base64.b64decode(v, validate=True)) == 32
@@ -7167,7 +7808,8 @@ def _sse_c_key(v):
 _GLOBAL_KEYS = {
     "addr": _addr, "access-key-id": str, "secret-access-key": str, "exec": str,
     "log-level": _log_level, "log-stderr": _bool, "log-type": _choice("text", "json"),
-    "shutdown-timeout": _duration(), "lz4-workers": _int(0),
+    "shutdown-timeout": _duration(), "heartbeat-url": _heartbeat_url, "heartbeat-interval": _duration(strict=True),
+    "lz4-workers": _int(0),
 }
 _DB_KEYS = {
     "path": _abspath, "meta-path": _abspath, "replica": str,
@@ -7186,6 +7828,7 @@ _REPLICA_KEYS = dict({
     "retention-check-interval": _duration(strict=True), "retention-min-snapshots": _int(1),
     "sync-interval": _duration(strict=True),
     "snapshot-interval": _duration(), "validation-interval": _duration(),
+    "max-lag": _duration(strict=True),
 }, **_S3_KEYS)
 # S3 keys that may also come in an s3:// URL's query; credentials may not.
 _URL_QUERY_KEYS = sorted(set(_S3_KEYS) - {"bucket", "access-key-id", "secret-access-key", "sse-c-key"})
@@ -8000,16 +8643,12 @@ def new_replica_client_from_config(rc: "ReplicaConfig") -> ReplicaClient:
 
 def new_replica_from_config(db: Optional[DB], rc: "ReplicaConfig") -> Replica:
     """Return a Replica for a replica config (Go's NewReplicaFromConfig)."""
-    if rc.validation_interval > 0:
-        # Accepting it and doing nothing would be the silent failure users
-        # complain about (upstream #1403); Go's version was removed (#431).
-        raise ConfigError("replica %s: validation-interval is not supported by litestream.py; "
-                          "run restore drills with `restore` and PRAGMA integrity_check" % (rc.name or rc.type))
     return Replica(db, rc.name or rc.type, new_replica_client_from_config(rc),
                    sync_interval=rc.sync_interval, retention=rc.retention,
                    retention_check_interval=rc.retention_check_interval,
                    retention_min_snapshots=rc.retention_min_snapshots,
-                   snapshot_interval=rc.snapshot_interval)
+                   snapshot_interval=rc.snapshot_interval, validation_interval=rc.validation_interval,
+                   max_lag=rc.max_lag)
 
 
 def new_db_from_config(dc: "DBConfig", scheduler: Optional[Scheduler] = None,
@@ -8069,10 +8708,13 @@ class Replicator:
         self.background = background
         self.shutdown_timeout = config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         self.dbs: List[DB] = []
+        self.metrics_server: Optional[MetricsServer] = None
         self._schedulers: List[Scheduler] = []
         self._lock = threading.Lock()
         self._opened = self._closed = False
         self._deadline: Optional[_Deadline] = None
+        self._heartbeat_task: Optional[Task] = None
+        self._heartbeat_sent = -1e18  # monotonic
 
     @classmethod
     def from_config(cls, path: str, *, expand_env: bool = True, **kw) -> "Replicator":
@@ -8103,7 +8745,14 @@ class Replicator:
         cfg = self.config
         if not cfg.dbs:
             raise ConfigError("no databases specified in configuration")
-        n_replicas = sum(len(dc.replicas) for dc in cfg.dbs)
+        if cfg.addr:
+            # First, as Go: a port taken by someone else fails before any database is touched.
+            self.metrics_server = MetricsServer(cfg.addr, healthz=self.healthz, readyz=self.readyz)
+            self.metrics_server.start()
+            log.info("serving metrics on %s/metrics", self.metrics_server.url)
+        # A restore drill holds a worker for minutes: one more for each.
+        n_replicas = sum(len(dc.replicas) + sum(1 for rc in dc.replicas if rc.validation_interval > 0)
+                         for dc in cfg.dbs)
         db_sched = rep_sched = None
         if self.background:
             # A few threads copy WALs (local I/O); more upload, since a slow
@@ -8114,8 +8763,9 @@ class Replicator:
         self.dbs = [new_db_from_config(dc, scheduler=db_sched, replica_scheduler=rep_sched) for dc in cfg.dbs]
         for db in self.dbs:
             for r in db.replicas:
-                log.info("%s(%s): replicating to: name=%s type=%s db=%s replica=%s", db.name, r.name, r.name,
-                         r.client.client_type, db.path, r.client)
+                r.logger.info("%s(%s): replicating to: name=%s type=%s db=%s replica=%s", db.name, r.name, r.name,
+                              r.client.client_type, db.path, r.client,
+                              extra={"type": r.client.client_type, "url": str(r.client)})
         try:
             _parallel([functools.partial(db.open, self.background) for db in self.dbs], "litestream-open")
         except BaseException:
@@ -8125,7 +8775,11 @@ class Replicator:
                         db.close(0)
             for s in self._schedulers:
                 s.close()
+            self._close_metrics_server()
             raise
+        if cfg.heartbeat_url and rep_sched is not None:
+            self._heartbeat_task = rep_sched.task(self._heartbeat_step, "heartbeat")
+            self._heartbeat_task.schedule(min(cfg.heartbeat_interval, HEARTBEAT_CHECK_INTERVAL))
         return self
 
     def close(self, timeout: Optional[float] = None) -> None:
@@ -8150,10 +8804,13 @@ class Replicator:
             except Exception as e:
                 failed.append("%s: %s" % (db.name, e))
 
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         _parallel([functools.partial(close_db, db) for db in self.dbs], "litestream-close", deadline=dl,
                   on_timeout=lambda: failed.append("final sync did not finish within the shutdown timeout"))
         for s in self._schedulers:
             s.close()
+        self._close_metrics_server()
         if failed:
             raise ShutdownError("not everything was replicated: " + "; ".join(sorted(failed)))
 
@@ -8162,6 +8819,50 @@ class Replicator:
         dl = self._deadline
         if dl is not None:
             dl.abort()
+
+    def _close_metrics_server(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+
+    # Health ------------------------------------------------------------------
+
+    def healthz(self) -> "tuple[bool, str]":
+        """Return (alive, body): whether every database's sync loop is running and recent (/healthz)."""
+        if not self._opened or self._closed:
+            return False, "replicator is not running\n"
+        now, stuck = time.monotonic(), []
+        for db in self.dbs:
+            if db._background and not db._stopping:
+                idle = now - db._last_monitor
+                if idle > max(HEALTH_STALL, 10 * db.monitor_interval):
+                    stuck.append("%s: sync loop has not run for %.0fs\n" % (db.name, idle))
+        return (False, "".join(stuck)) if stuck else (True, "ok\n")
+
+    def readyz(self) -> "tuple[bool, str]":
+        """Return (ready, body): whether every replica is within its max-lag and syncing (/readyz).
+
+        When not ready, the body has one line per failing replica naming
+        the DB, the replica, the lag and the last error.
+        """
+        if not self._opened or self._closed:
+            return False, "replicator is not running\n"
+        lines = [r.problem() for db in self.dbs for r in db.replicas]
+        lines = [line + "\n" for line in lines if line]
+        return (False, "".join(lines)) if lines else (True, "ok\n")
+
+    def _heartbeat_step(self) -> Optional[float]:
+        # Go 0.5's heartbeat: a GET once per interval while everything
+        # replicates (each replica's last sync succeeded, within max-lag).
+        cfg = self.config
+        if time.monotonic() - self._heartbeat_sent < cfg.heartbeat_interval:
+            return max(0.0, self._heartbeat_sent + cfg.heartbeat_interval - time.monotonic())
+        healthy = all(r.last_success and not r.problem() for db in self.dbs for r in db.replicas)
+        if healthy:
+            self._heartbeat_sent = time.monotonic()
+            send_heartbeat(cfg.heartbeat_url)
+            return cfg.heartbeat_interval
+        return min(cfg.heartbeat_interval, HEARTBEAT_CHECK_INTERVAL)
 
     # Syncing -----------------------------------------------------------------
 
@@ -8254,6 +8955,24 @@ class Replicator:
                                              ", last error: " + x.last_error if x.last_error else "")
                         for x in behind)))
         return targets["pos"]
+
+
+def send_heartbeat(url: str, timeout: float = 10.0) -> bool:
+    """GET url (a healthchecks.io-style ping); log a failure and return False, never raise.
+
+    The URL is not logged: ping URLs are bearer tokens.
+    """
+    import urllib.request
+    host = urllib.parse.urlsplit(url).hostname or "?"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout) as resp:
+            resp.read(1 << 16)
+            log.debug("heartbeat sent to %s: %d", host, resp.status)
+            return True
+    except Exception as e:  # urllib raises a zoo (URLError, HTTPError, OSError, ValueError...)
+        code = getattr(e, "code", None)
+        log.warning("heartbeat to %s failed: %s", host, "HTTP %d" % code if code else getattr(e, "reason", e))
+        return False
 
 
 def _parallel(fns, name: str, limit: int = 16, deadline: Optional[_Deadline] = None, on_timeout=None) -> None:
@@ -8593,11 +9312,12 @@ def cmd_replicate(args) -> int:
         cfg = config_from_cli(args.target[0], args.target[1:])
     else:
         cfg = _load(args)
-    if cfg.addr:
-        # Serving nothing while the config asks for metrics would be a
-        # silent failure; say so until the server exists.
-        raise ConfigError("%s:[litestream] addr: the /metrics server is not implemented in "
-                          "litestream.py yet; remove the key" % (cfg.config_path or "config"))
+    if args.addr is not None:
+        try:
+            parse_bind_addr(args.addr)
+        except ValueError as e:
+            raise _CLIError("invalid -addr: %s" % e) from None
+        cfg = replace(cfg, addr=args.addr)
     if not cfg.dbs:
         raise ConfigError("no databases specified in configuration")
     exec_cmd = args.exec if args.exec is not None else cfg.exec
@@ -8772,11 +9492,10 @@ def cmd_restore(args) -> int:
             log.info("no matching backups found in %s", ", ".join(str(r.client) for r in replicas))
             return 0
         raise LitestreamError("no matching backups found in %s" % ", ".join(str(r.client) for r in replicas))
-    progress = None
-    if sys.stderr.isatty():
-        def progress(i, n):
-            sys.stderr.write("\rrestore: applied wal index %d/%d" % (i, n) + ("\n" if i == n else ""))
-            sys.stderr.flush()
+    def show(i, n):
+        sys.stderr.write("\rrestore: applied wal index %d/%d" % (i, n) + ("\n" if i == n else ""))
+        sys.stderr.flush()
+    progress = show if sys.stderr.isatty() else None
     workers = DEFAULT_LZ4_WORKERS if is_url(args.target) else _load(args).lz4_workers
     restore_replica(replica, RestoreOptions(out, gen, index, ts, args.parallelism, lz4_workers=workers), progress)
     return 0
@@ -8873,17 +9592,70 @@ def _verify_text(replica: Replica, latest: str, reports: "List[GenerationReport]
         out.write("  problem: %s\n" % p)
 
 
+def _verify_live(args) -> int:
+    """verify -live: run one restore drill per replica against the live database (see Replica.validate).
+
+    It replicates the database itself for the drill, as `replicate -once`
+    does (open, sync, drill, final sync, close), so it needs the
+    database's replicator lock: alongside a running replicator it stops
+    with one line naming that process instead (a drill there is what
+    validation-interval is for).
+    """
+    if is_url(args.target):
+        raise _CLIError("verify -live needs a database path from the config, not a replica URL")
+    if args.generation or args.json:
+        raise _CLIError("verify -live cannot be combined with -generation or -json")
+    cfg = _load(args)
+    dc = cfg.db_config(args.target)
+    if dc is None:
+        raise LitestreamError("database not found in config: %s" % os.path.abspath(args.target))
+    if args.replica:
+        _replicas_for(args)  # the error naming a replica that is not there
+        dc = replace(dc, replicas=tuple(rc for rc in dc.replicas if (rc.name or rc.type) == args.replica))
+    if not os.path.exists(dc.path):
+        raise LitestreamError("verify -live: database does not exist: %s" % dc.path)
+    d, base = os.path.split(dc.path)
+    pid = _DBLock.holder(dc.meta_path or os.path.join(d, "." + base + META_DIR_SUFFIX))
+    if pid:
+        raise LitestreamError("verify -live: %s is replicated by a running litestream (pid %s); set "
+                              "validation-interval on its replicas to drill there, or stop it first"
+                              % (dc.path, pid if pid > 0 else "unknown"))
+    rep = Replicator(config=replace(cfg, dbs=(dc,)), background=False)
+    rep.open()
+    failed = []
+    try:
+        rep.sync()
+        for r in rep.dbs[0].replicas:
+            res = r.validate(log_result=False)
+            where = "%s replica %s" % (r.client.client_type, r.name)
+            if res.ok:
+                sys.stdout.write("%s: validation ok at %s in %.3fs (write lock held %.6fs)\n"
+                                 % (where, res.pos, res.seconds, res.write_lock_seconds))
+            else:
+                line = "%s: validation %s at %s: %s" % (where, "FAILED" if res.status == "invalid" else "error",
+                                                        res.pos or "no position", res.message)
+                sys.stdout.write(line + "\n")
+                failed.append(line)
+    finally:
+        rep.close()
+    if failed:
+        sys.stderr.write("litestream: verify: %s%s\n" % (failed[0], " (and %d more)" % (len(failed) - 1)
+                                                         if len(failed) > 1 else ""))
+        return 1
+    return 0
+
+
 def cmd_verify(args) -> int:
-    # The report goes to stdout; warnings, progress and a failure summary to stderr.
-    _setup_logging("WARN", stderr=True)
+    # The report goes to stdout; progress and a failure summary to stderr.
     if args.parallelism < 1:
         raise _CLIError("invalid -parallelism %d: must be at least 1" % args.parallelism)
+    if args.live:
+        return _verify_live(args)
     replicas, _ = _replicas_for(args)
-    progress = None
-    if sys.stderr.isatty():
-        def progress(gen, i, n):
-            sys.stderr.write("\rverify %s: wal index %d/%d" % (gen, i, n) + ("\n" if i == n else ""))
-            sys.stderr.flush()
+    def show(gen, i, n):
+        sys.stderr.write("\rverify %s: wal index %d/%d" % (gen, i, n) + ("\n" if i == n else ""))
+        sys.stderr.flush()
+    progress = show if sys.stderr.isatty() else None
     results, failed = [], []
     for r in replicas:
         latest, reports = verify_replica(r, args.generation, args.parallelism, progress)
@@ -8960,6 +9732,182 @@ def cmd_databases(args) -> int:
     return 0
 
 
+def _shadow_ends(shadow: ShadowWAL, generation: str) -> "tuple[Pos, Dict[int, int]]":
+    """Return the shadow WAL's durable position in a generation and where each of its indexes ends, read-only.
+
+    The last index ends after its last commit frame whose checksum chain
+    holds (what open() would keep; a running replicator may be appending);
+    earlier ones end at their last whole frame, as range() reads them.
+    """
+    idx = shadow.indexes(generation)
+    if not idx:
+        return Pos(), {}
+    ends: Dict[int, int] = {}
+    page_size = 0
+    with open(shadow.path(generation, idx[-1]), "rb") as f:
+        try:
+            hdr = parse_wal_header(f.read(WAL_HEADER_SIZE))
+        except CorruptFrameError:
+            hdr = None
+        end = WAL_HEADER_SIZE
+        if hdr is not None:
+            page_size = hdr.page_size
+            for off, _, is_commit in iter_wal_frames(f, WAL_HEADER_SIZE, hdr, hdr.checksum1, hdr.checksum2):
+                if is_commit:
+                    end = off + page_size + WAL_FRAME_HEADER_SIZE
+    for i in idx[:-1]:
+        try:
+            size = os.path.getsize(shadow.path(generation, i))
+        except FileNotFoundError:
+            continue
+        ends[i] = frame_align(size, page_size) if page_size else size
+    ends[idx[-1]] = end
+    return Pos(generation, idx[-1], end), ends
+
+
+def _bytes_behind(ends: Dict[int, int], rpos: Pos) -> int:
+    """Return the shadow WAL bytes after rpos (in rpos's generation), as a sync would send them."""
+    return sum(max(0, end - (rpos.offset if i == rpos.index else 0)) for i, end in ends.items() if i >= rpos.index)
+
+
+def _age(now: float, t: Optional[datetime.datetime]) -> Optional[float]:
+    return None if t is None else round(max(0.0, now - t.timestamp()), 3)
+
+
+def _pos_json(p: Pos) -> Optional[dict]:
+    return None if p.is_zero() else {"generation": p.generation, "index": p.index, "offset": p.offset}
+
+
+def replica_status(replica: Replica, local: Pos, ends: Dict[int, int], now: float) -> dict:
+    """Describe what a replica holds compared with the local shadow WAL, from its listing alone.
+
+    The generation is the DB's current one when the replica has it (else
+    the replica's newest); its position is where its last WAL segment ends
+    (the segment is downloaded to learn its uncompressed size, as calc_pos).
+    bytes_behind counts the shadow WAL bytes a sync would still send: all
+    of the current generation when the replica does not have it yet.
+    """
+    c = replica.client
+    out = {"name": replica.name, "type": c.client_type, "url": str(c), "generation": "", "position": None,
+           "bytes_behind": None, "last_replicated": None, "last_replicated_age_seconds": None,
+           "generations": 0, "snapshots": 0, "last_snapshot": None, "last_snapshot_age_seconds": None,
+           "error": None}
+    gens = c.generations()
+    snaps = {g: c.snapshots(g) for g in gens}
+    all_snaps = [s for g in gens for s in snaps[g]]
+    segs = {}
+
+    def newest(g):
+        if g not in segs:
+            segs[g] = c.wal_segments(g)
+        times = [o.created_at for o in snaps[g] + segs[g]]
+        return max(times) if times else None
+    gen = local.generation if local.generation in gens else ""
+    if not gen and gens:
+        dated = [(newest(g), g) for g in gens]
+        dated = [x for x in dated if x[0] is not None]
+        gen = max(dated)[1] if dated else ""
+    last = max(all_snaps, key=lambda s: s.created_at, default=None)
+    out.update(generations=len(gens), snapshots=len(all_snaps),
+               last_snapshot=_fmt_time_exact(last.created_at) if last else None,
+               last_snapshot_age_seconds=_age(now, last.created_at if last else None))
+    if gen:
+        t = newest(gen)
+        rpos = Pos()
+        if segs[gen]:
+            seg = max(segs[gen], key=lambda s: (s.index, s.offset))
+            n = decompress_object(c.wal_segment_reader(seg.pos()), replica._object_name(seg))
+            rpos = Pos(gen, seg.index, seg.offset + n)
+        elif snaps[gen]:
+            rpos = Pos(gen, max(s.index for s in snaps[gen]), 0)
+        out.update(generation=gen, position=_pos_json(rpos), last_replicated=_fmt_time_exact(t),
+                   last_replicated_age_seconds=_age(now, t))
+        if gen == local.generation:
+            out["bytes_behind"] = _bytes_behind(ends, rpos)
+    if local.generation and gen != local.generation:
+        out["bytes_behind"] = _bytes_behind(ends, Pos(local.generation, 0, 0))
+    return out
+
+
+def db_status(db: DB, now: Optional[float] = None) -> dict:
+    """Describe a DB's local replication state and each replica's, without its replicator.
+
+    Nothing is locked or written: the meta directory is read as it is (a
+    running replicator may move on meanwhile) and the replicator lock is
+    only tested.  A replica that cannot be listed gets its error instead.
+    """
+    now = time.time() if now is None else now
+    pid = _DBLock.holder(db.meta_path)
+    gen = db.shadow.current_generation()
+    local, ends = _shadow_ends(db.shadow, gen) if gen else (Pos(), {})
+    if gen and local.is_zero():
+        local = Pos(gen, 0, 0)
+    reps = []
+    for r in db.replicas:
+        try:
+            reps.append(replica_status(r, local, ends, now))
+        except (LitestreamError, OSError) as e:
+            reps.append({"name": r.name, "type": r.client.client_type, "url": str(r.client),
+                         "error": str(e)})
+    return {"path": db.path, "name": db.name, "meta_path": db.meta_path, "exists": os.path.exists(db.path),
+            "replicator": {"running": pid != 0, "pid": pid if pid > 0 else None},
+            "generation": gen, "position": _pos_json(local), "replicas": reps}
+
+
+def _fmt_age(age: Optional[float]) -> str:
+    return "" if age is None else format_duration(_truncate_duration(int(age * 1e9))) + " ago"
+
+
+def _status_text(dbs: List[dict], out) -> None:
+    rows = [["db", "replicator", "replica", "generation", "local", "replicated", "behind", "last upload",
+             "snapshots", "last snapshot"]]
+    for d in dbs:
+        rep = d["replicator"]
+        holder = ("pid %d" % rep["pid"] if rep["pid"] else "running") if rep["running"] else "stopped"
+        local = d["position"]
+        lpos = "%08x:%d" % (local["index"], local["offset"]) if local else "-"
+        for r in d["replicas"] or [{"name": "-", "error": None, "position": None, "generation": ""}]:
+            if r.get("error"):
+                rows.append([d["path"], holder, r["name"], d["generation"] or "-", lpos, "ERROR", "", "", "", ""])
+                continue
+            p = r["position"]
+            gen = d["generation"] or r.get("generation") or "-"
+            if r.get("generation") and r["generation"] != d["generation"]:
+                gen = "%s (replica: %s)" % (gen, r["generation"])
+            rows.append([d["path"], holder, r["name"], gen, lpos,
+                         "%08x:%d" % (p["index"], p["offset"]) if p else "-",
+                         "" if r.get("bytes_behind") is None else str(r["bytes_behind"]),
+                         _fmt_age(r.get("last_replicated_age_seconds")),
+                         str(r.get("snapshots", "")), _fmt_age(r.get("last_snapshot_age_seconds"))])
+    _table(rows, out)
+
+
+def cmd_status(args) -> int:
+    cfg = _load(args)
+    dcs = cfg.dbs
+    if args.target:
+        dc = cfg.db_config(args.target)
+        if dc is None:
+            raise LitestreamError("database not found in config: %s" % os.path.abspath(args.target))
+        dcs = [dc]
+    now = time.time()
+    dbs = [db_status(new_db_from_config(dc), now) for dc in dcs]
+    code = 0
+    for d in dbs:
+        for r in d["replicas"]:
+            if r.get("error"):
+                sys.stderr.write("litestream: status: %s: replica %s (%s): %s\n"
+                                 % (d["path"], r["name"], r["url"], r["error"]))
+                code = 1
+    if args.json:
+        json.dump({"ok": code == 0, "time": _fmt_time_exact(utc_from_timestamp(now)), "dbs": dbs},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _status_text(dbs, sys.stdout)
+    return code
+
+
 def cmd_config(args) -> int:
     """Print a config file as INI or YAML (-format), after checking it as replicate would."""
     path = args.target or default_config_path()
@@ -8995,7 +9943,7 @@ def cmd_version(args) -> int:
     return 0
 
 
-COMMANDS = ("replicate", "restore", "verify", "generations", "snapshots", "wal", "databases", "config",
+COMMANDS = ("replicate", "restore", "verify", "generations", "snapshots", "wal", "databases", "status", "config",
             "version")
 
 
@@ -9023,6 +9971,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-shutdown-timeout", "--shutdown-timeout", default="", metavar="DURATION",
                     help="bound on the final sync after a signal (default: config's shutdown-timeout, %gs)"
                     % DEFAULT_SHUTDOWN_TIMEOUT)
+    sp.add_argument("-addr", "--addr", default=None, metavar="HOST:PORT",
+                    help="serve /metrics, /healthz and /readyz here (default: config's addr; none)")
     sp.add_argument("target", nargs="*", metavar="DB_PATH REPLICA_URL", help="database and replica URLs or directories")
 
     sp = cmd("restore", "restore a database from a replica", cmd_restore)
@@ -9043,6 +9993,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-replica", "--replica", default="", help="verify this replica only")
     sp.add_argument("-generation", "--generation", default="", help="verify this generation only")
     sp.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("-live", "--live", action="store_true",
+                    help="restore drill: restore each replica at the database's current position and "
+                         "compare it with the live database (needs the config and DB_PATH)")
     sp.add_argument("-parallelism", "--parallelism", type=int, default=DEFAULT_RESTORE_PARALLELISM,
                     help="WAL indices downloaded at once (default 8)")
     sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
@@ -9057,6 +10010,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("target", metavar="DB_PATH|REPLICA_URL")
 
     cmd("databases", "list databases in the config", cmd_databases)
+    sp = cmd("status", "show each database's and replica's position, lag and replicator, without replicating",
+             cmd_status)
+    sp.add_argument("-json", "--json", action="store_true", help="print one JSON document")
+    sp.add_argument("target", nargs="?", default="", metavar="DB_PATH", help="only this database")
     sp = cmd("config", "print a config file (INI or Go's YAML) as INI or YAML", cmd_config, config=False)
     sp.add_argument("-format", "--format", choices=("ini", "yaml"), default="ini", help="output format (default ini)")
     sp.add_argument("-no-expand-env", "--no-expand-env", action="store_true",
@@ -9089,13 +10046,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             sp.error("unrecognized arguments: %s" % " ".join(extra))
         # Logging is set up here only, from the config the command reads,
         # as Go's ReadConfigFile does for every command.  Without a config
-        # (CLI mode, a replica URL) it is INFO on stdout, so that a failure
-        # leaves exactly one line on stderr.
+        # (CLI mode, a replica URL) it is INFO text on stderr, as Go's
+        # default logger.  A -json report is the whole of stdout, so its
+        # logs go to stderr whatever the config says.
         args.loaded_config = cfg = _config_for(args)
         if cfg is not None:
-            _setup_logging(cfg.log_level, cfg.log_stderr, cfg.log_type)
+            _setup_logging(cfg.log_level, cfg.log_stderr or getattr(args, "json", False), cfg.log_type)
         else:
-            _setup_logging("INFO")
+            _setup_logging("INFO", stderr=True)
         return args.func(args)
     except SystemExit as e:  # -h: argparse printed the help.
         return 1 if e.code in (0, None) else e.code

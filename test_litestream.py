@@ -27,12 +27,10 @@ import logging
 import os
 import random
 import re
-import secrets
 import select
 import shutil
 import signal
 import socket
-import socketserver
 import sqlite3
 import ssl
 import struct
@@ -122,6 +120,14 @@ def run_cli(*args, timeout=120, **kw) -> subprocess.CompletedProcess:
     """Run `python3 litestream.py ARGS` and return the completed process."""
     return subprocess.run([sys.executable, SCRIPT] + [str(a) for a in args], capture_output=True,
                           text=True, timeout=timeout, env=child_env(), **kw)
+
+
+_GO_LOG_LINE = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARN|ERROR) ")
+
+
+def error_lines(stderr: str) -> list:
+    """Return the non-empty stderr lines that are not log records (CLI mode logs to stderr, as Go's)."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not _GO_LOG_LINE.match(ln)]
 
 
 def create_wal_db(path: str, rows: int = 100, page_size: int = 4096) -> None:
@@ -778,6 +784,532 @@ class TestLZ4Peer(unittest.TestCase):
 
 
 ###############################################################################
+# Metrics
+###############################################################################
+
+# ../shared/reference/metrics.md: name -> (type, label names, help), copied
+# from Go 0.3.13's db.go, replica.go and internal/internal.go (typo included).
+GO_METRICS = {
+    "litestream_db_size": ("gauge", ("db",), "The current size of the real DB"),
+    "litestream_wal_size": ("gauge", ("db",), "The current size of the real WAL"),
+    "litestream_total_wal_bytes": ("counter", ("db",), "Total number of bytes written to shadow WAL"),
+    "litestream_shadow_wal_index": ("gauge", ("db",), "The current index of the shadow WAL"),
+    "litestream_shadow_wal_size": ("gauge", ("db",), "Current size of shadow WAL, in bytes"),
+    "litestream_sync_count": ("counter", ("db",), "Number of sync operations performed"),
+    "litestream_sync_error_count": ("counter", ("db",), "Number of sync errors that have occurred"),
+    "litestream_sync_seconds": ("counter", ("db",), "Time spent syncing shadow WAL, in seconds"),
+    "litestream_checkpoint_count": ("counter", ("db", "mode"), "Number of checkpoint operations performed"),
+    "litestream_checkpoint_error_count": ("counter", ("db", "mode"), "Number of checkpoint errors that have occurred"),
+    "litestream_checkpoint_seconds": ("counter", ("db", "mode"), "Time spent checkpointing WAL, in seconds"),
+    "litestream_replica_wal_bytes": ("counter", ("db", "name"), "The number wal bytes written"),
+    "litestream_replica_wal_index": ("gauge", ("db", "name"), "The current WAL index"),
+    "litestream_replica_wal_offset": ("gauge", ("db", "name"), "The current WAL offset"),
+    "litestream_replica_validation_total": ("counter", ("db", "name", "status"), "The number of validations performed"),
+    "litestream_replica_operation_total": ("counter", ("replica_type", "operation"),
+                                           "The number of replica operations performed"),
+    "litestream_replica_operation_bytes": ("counter", ("replica_type", "operation"),
+                                           "The number of bytes used by replica operations"),
+}
+PROCESS_METRICS = {
+    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
+    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
+    "process_max_fds": ("gauge", (), "Maximum number of open file descriptors."),
+    "process_virtual_memory_bytes": ("gauge", (), "Virtual memory size in bytes."),
+    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
+    "process_start_time_seconds": ("gauge", (), "Start time of the process since unix epoch in seconds."),
+}
+# Ours (the reference's "what we add"): names and label sets; help is ours.
+OUR_METRICS = {
+    "litestream_replica_lag_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_pending_bytes": ("gauge", ("db", "name")),
+    "litestream_replica_last_success_timestamp_seconds": ("gauge", ("db", "name")),
+    "litestream_replica_operation_duration_seconds": ("histogram", ("replica_type", "operation")),
+    "litestream_replica_operation_errors_total": ("counter", ("replica_type", "operation", "code")),
+    "litestream_validation_checks_total": ("counter", ("db", "name", "result")),
+    "litestream_last_validation_success": ("gauge", ("db", "name")),
+    "litestream_last_validation_success_timestamp_seconds": ("gauge", ("db", "name")),
+}
+
+
+def parse_exposition(text):
+    """Parse text exposition with prometheus_client's parser (the test peer): {name: family}."""
+    require_peer(have_module("prometheus_client"), "prometheus_client", "pip install prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    typed = set(re.findall(r"(?m)^# TYPE (\S+) ", text))
+    fams = {}
+    for f in text_string_to_metric_families(text):
+        # The parser drops a counter family's "_total" (and adds it to the
+        # samples of counters without one); key families by the exposed name.
+        fams[f.name + "_total" if f.name + "_total" in typed else f.name] = f
+    return fams
+
+
+def family_labels(fam):
+    return {k for s in fam.samples for k in s.labels if k != "le"}
+
+
+def sample_value(text, name, **labels):
+    """Return the value of one sample in an exposition, or None if it is absent."""
+    for f in parse_exposition(text).values():
+        for s in f.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
+def http_get(url, timeout=10):
+    """Return (status, headers, body text) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, e.read().decode()
+
+
+def op_metrics(replica_type):
+    """Return a client type's operation metrics now, without creating series: {key: value}."""
+    out = {}
+    for kind, fam in (("total", ls.REPLICA_OPERATION_TOTAL), ("bytes", ls.REPLICA_OPERATION_BYTES)):
+        for (t, op), s in fam.series():
+            if t == replica_type:
+                out[(kind, op)] = s.get()
+    for (t, op), s in ls.REPLICA_OPERATION_DURATION_SECONDS.series():
+        if t == replica_type:
+            out[("seconds", op)] = s.get()[2]
+    for (t, op, code), s in ls.REPLICA_OPERATION_ERRORS_TOTAL.series():
+        if t == replica_type:
+            out[("errors", op, code)] = s.get()
+    return out
+
+
+def metric_delta(before, after):
+    """Return the non-zero differences between two op_metrics() readings."""
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+class TestMetrics(TempDirTestCase):
+    """The registry and its text exposition (Prometheus text format 0.0.4)."""
+
+    def registry(self):
+        return ls.Metrics()
+
+    def test_go_float_format(self):
+        """Ensure values print as Go's strconv.FormatFloat(v, 'g', -1, 64) (expfmt's format)."""
+        # Go's outputs, e.g. litestream_db_size 1.234567e+06 and Go's own
+        # process_virtual_memory_max_bytes 1.8446744073709552e+19.
+        table = [(0, "0"), (1, "1"), (16384, "16384"), (123456, "123456"), (1e6, "1e+06"),
+                 (1234567, "1.234567e+06"), (0.5, "0.5"), (0.003696091, "0.003696091"),
+                 (0.0001, "0.0001"), (0.00001, "1e-05"), (1.5e-7, "1.5e-07"), (-2.5, "-2.5"),
+                 (1796205056.35, "1.79620505635e+09"), (2.0**64 - 1, "1.8446744073709552e+19"),
+                 (1e21, "1e+21"), (100000, "100000"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"),
+                 (float("nan"), "NaN"), (-0.0, "-0")]
+        for v, want in table:
+            with self.subTest(v=v):
+                self.assertEqual(ls.format_go_float(v), want)
+
+    def test_render_exact_text(self):
+        """Ensure HELP/TYPE lines, escaping, label order, series order, +Inf, _sum and _count are as the format says."""
+        m = self.registry()
+        c = m.counter("t_requests", "Requests\\handled\nby path", ("path", "code"))
+        g = m.gauge("t_temp", "Temperature", ())
+        h = m.histogram("t_latency", "Latency", ("op",), (0.1, 1))
+        m.gauge("t_unused", "Never set", ("x",))
+        c.labels("/a\"b\\c\nd", "200").inc(2)
+        c.labels(path="/", code="500").inc()
+        g.labels().set(-1.5)
+        for v in (0.05, 0.1, 0.5, 7):
+            h.labels("GET").observe(v)
+        self.assertEqual(m.render(), textwrap.dedent('''\
+            # HELP t_latency Latency
+            # TYPE t_latency histogram
+            t_latency_bucket{op="GET",le="0.1"} 2
+            t_latency_bucket{op="GET",le="1"} 3
+            t_latency_bucket{op="GET",le="+Inf"} 4
+            t_latency_sum{op="GET"} 7.65
+            t_latency_count{op="GET"} 4
+            # HELP t_requests Requests\\\\handled\\nby path
+            # TYPE t_requests counter
+            t_requests{code="200",path="/a\\"b\\\\c\\nd"} 2
+            t_requests{code="500",path="/"} 1
+            # HELP t_temp Temperature
+            # TYPE t_temp gauge
+            t_temp -1.5
+            '''))
+
+    def test_label_and_value_errors(self):
+        """Ensure wrong label counts or names, falling counters, bad names and duplicates raise."""
+        m = self.registry()
+        c = m.counter("t_c", "c", ("a", "b"))
+        with self.assertRaises(ValueError):
+            c.labels("x")
+        with self.assertRaises(ValueError):
+            c.labels(a="x", c="y")
+        with self.assertRaises(ValueError):
+            c.labels("x", "y").inc(-1)
+        with self.assertRaises(ValueError):
+            m.counter("t_c", "again")
+        with self.assertRaises(ValueError):
+            m.gauge("bad-name", "g")
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", ("le",), (1,))
+        with self.assertRaises(ValueError):
+            m.histogram("t_h", "h", (), (2, 1))
+
+    def test_remove_series(self):
+        """Ensure remove() drops one series and remove_matching() every series with those labels."""
+        m = self.registry()
+        a = m.gauge("t_a", "a", ("db", "name"))
+        b = m.counter("t_b", "b", ("db",))
+        for db in ("/x", "/y"):
+            b.labels(db)
+            for name in ("s3", "file"):
+                a.labels(db, name).set(1)
+        a.remove("/y", "s3")
+        self.assertEqual(m.remove_matching(db="/x"), 3)
+        self.assertEqual(m.render(), '# HELP t_a a\n# TYPE t_a gauge\nt_a{db="/y",name="file"} 1\n'
+                                     '# HELP t_b b\n# TYPE t_b counter\nt_b{db="/y"} 0\n')
+
+    def test_gauge_function(self):
+        """Ensure a gauge set by function is computed at each scrape, and a failing one reads NaN."""
+        m = self.registry()
+        g = m.gauge("t_lag", "lag", ("name",))
+        now = [5.0]
+        g.labels("ok").set_function(lambda: now[0])
+        g.labels("bad").set_function(lambda: 1 / 0)
+        self.assertIn('t_lag{name="ok"} 5\n', m.render())
+        now[0] = 6.25
+        text = m.render()
+        self.assertIn('t_lag{name="ok"} 6.25\n', text)
+        self.assertIn('t_lag{name="bad"} NaN\n', text)
+        g.labels("ok").set(1)
+        self.assertIn('t_lag{name="ok"} 1\n', m.render())
+
+    def test_concurrent_updates(self):
+        """Ensure updates from many threads are all counted."""
+        m = self.registry()
+        c = m.counter("t_n", "n", ("k",))
+        h = m.histogram("t_h", "h", ("k",), (1,))
+
+        def work():
+            for _ in range(5000):
+                c.labels("k").inc()
+                h.labels("k").observe(0.5)
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(c.labels("k").get(), 40000)
+        self.assertEqual(h.labels("k").get(), ([40000], 20000.0, 40000))
+
+    def test_db_and_replica_series_precreated_and_removed(self):
+        """Ensure registering a DB and replicas creates every series at 0 and unregistering drops them."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        ls.register_replica_metrics(db, "file", "file")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        fams = parse_exposition(ls.METRICS.render())
+        per_db = {n for n, (_, labels, _) in GO_METRICS.items() if labels[0] == "db"}
+        per_db |= {n for n, (_, labels) in OUR_METRICS.items() if labels[0] == "db"}
+        for name in per_db:
+            with self.subTest(name=name):
+                samples = [s for s in fams[name].samples if s.labels.get("db") == db]
+                self.assertTrue(samples, name)
+                self.assertEqual({s.value for s in samples}, {0.0})
+                if "name" in GO_METRICS.get(name, OUR_METRICS.get(name))[1]:
+                    self.assertEqual({s.labels["name"] for s in samples}, {"s3", "file"})
+        modes = {s.labels["mode"] for s in fams["litestream_checkpoint_count"].samples if s.labels["db"] == db}
+        self.assertEqual(modes, {"PASSIVE", "RESTART", "TRUNCATE"})
+        status = {s.labels["status"] for s in fams["litestream_replica_validation_total"].samples
+                  if s.labels["db"] == db and s.labels["name"] == "s3"}
+        self.assertEqual(status, {"ok", "error"})
+        results = {s.labels["result"] for s in fams["litestream_validation_checks_total"].samples
+                   if s.labels["db"] == db and s.labels["name"] == "file"}
+        self.assertEqual(results, {"success", "invalid", "error"})
+        ops = {(s.labels["replica_type"], s.labels["operation"]) for s in fams["litestream_replica_operation_total"].samples}
+        self.assertLessEqual({("s3", op) for op in ("GET", "PUT", "DELETE", "LIST")}, ops)
+        self.assertNotIn("file", {t for t, _ in ops}, "Go's file client counts no operations")
+        durations = {(s.labels["replica_type"], s.labels["operation"])
+                     for s in fams["litestream_replica_operation_duration_seconds"].samples}
+        self.assertLessEqual({("file", "GET"), ("s3", "LIST")}, durations)
+
+        ls.unregister_replica_metrics(db, "s3")
+        text = ls.METRICS.render()
+        self.assertNotIn('name="s3"', "".join(l for l in text.splitlines(True) if db in l))
+        self.assertIn('name="file"', text)
+        ls.unregister_db_metrics(db)
+        self.assertNotIn(db, ls.METRICS.render())
+
+    def test_process_series(self):
+        """Ensure the process_* series match what the kernel and the interpreter report (Linux)."""
+        if not os.path.exists("/proc/self/stat"):
+            self.skipTest("process_* series come from /proc (Linux only)")
+        import resource
+        cpu0 = time.process_time()
+        fams = parse_exposition(ls.METRICS.render())
+        cpu1 = time.process_time()
+        for name, (typ, _, help_) in PROCESS_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual((fams[name].type, fams[name].documentation), (typ, help_))
+
+        def value(name):
+            return fams[name].samples[0].value
+        # CPU time in clock ticks (1/100 s): within a tick of the interpreter's count.
+        self.assertGreaterEqual(value("process_cpu_seconds_total"), cpu0 - 0.02)
+        self.assertLessEqual(value("process_cpu_seconds_total"), cpu1 + 0.02)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(value("process_max_fds"), 2.0**64 - 1 if soft == resource.RLIM_INFINITY else soft)
+        self.assertGreaterEqual(value("process_open_fds"), 3)
+        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.assertGreater(value("process_resident_memory_bytes"), 0)
+        self.assertLessEqual(value("process_resident_memory_bytes"), rss_kb * 1024)
+        self.assertGreater(value("process_virtual_memory_bytes"), value("process_resident_memory_bytes"))
+        # The kernel's boot time has 1 s resolution; the process started before this module was imported.
+        started = value("process_start_time_seconds")
+        self.assertLessEqual(started, MODULE_IMPORTED_AT + 1)
+        self.assertGreater(started, MODULE_IMPORTED_AT - 120)
+
+
+class TestMetricsExposition(TempDirTestCase):
+    """Our exposition against the reference's list, parsed by prometheus_client (test peer)."""
+
+    def test_families_match_reference(self):
+        """Ensure names, types, label names and help are the reference's Go list plus ours, nothing else."""
+        db = self.path("app.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        with ls.replica_operation("s3", "GET"):
+            pass
+        with self.assertRaises(FileNotFoundError):
+            with ls.replica_operation("s3", "GET"):
+                raise FileNotFoundError(errno.ENOENT, "no such key")
+        fams = parse_exposition(ls.METRICS.render())
+        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
+        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
+        if os.path.exists("/proc/self/stat"):
+            want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
+            want["process_virtual_memory_max_bytes"] = ("gauge", set())
+        self.assertEqual({n: (f.type, family_labels(f)) for n, f in fams.items()}, want)
+        for name, (_, _, help_) in GO_METRICS.items():
+            with self.subTest(name=name):
+                self.assertEqual(fams[name].documentation, help_)
+        buckets = sorted({s.labels["le"] for s in fams["litestream_replica_operation_duration_seconds"].samples
+                          if s.name.endswith("_bucket")}, key=float)
+        self.assertEqual(buckets, ["0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "+Inf"])
+        errs = [s for s in fams["litestream_replica_operation_errors_total"].samples
+                if s.labels == {"replica_type": "s3", "operation": "GET", "code": "ENOENT"}]
+        self.assertEqual([s.value for s in errs], [1.0])
+
+    def test_families_match_go_binary(self):
+        """Ensure every litestream_* and process_* family Go 0.3.13 serves has our type, labels and help."""
+        go = require_go()
+        srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        dbpath = self.path("go.db")
+        create_wal_db(dbpath, rows=50)
+        port = free_port()
+        yml = self.path("go.yml")
+        with open(yml, "w") as f:
+            f.write('addr: "127.0.0.1:%d"\n' % port)
+            f.write(go_s3_yml(dbpath, srv, prefix, min_ckpt=1))
+            f.write("      - path: %s\n" % json.dumps(self.path("go-file")))
+        r = Replicator(self, ["-config", yml], go=go)
+        url = "http://127.0.0.1:%d/metrics" % port
+        want = ("litestream_replica_operation_total", "litestream_replica_operation_bytes",
+                "litestream_checkpoint_count", "litestream_replica_wal_bytes")
+
+        def scraped():
+            if r.p.poll() is not None:
+                raise AssertionError("Go exited: " + r.log())
+            try:
+                text = http_get(url, timeout=2)[2]
+            except OSError:
+                return None
+            fams = parse_exposition(text)
+            return fams if all(n in fams for n in want) else None
+        go_fams = wait_for(scraped, "Go's /metrics with operation and checkpoint series", timeout=60)
+        stop_replicator(self, "go", r)
+
+        db = self.path("ours.db")
+        ls.register_db_metrics(db)
+        ls.register_replica_metrics(db, "s3", "s3")
+        self.addCleanup(ls.unregister_db_metrics, db)
+        ours = parse_exposition(ls.METRICS.render())
+        compared = 0
+        for name, f in go_fams.items():
+            if not name.startswith(("litestream_", "process_")):
+                continue
+            with self.subTest(name=name):
+                self.assertIn(name, ours)
+                self.assertEqual((ours[name].type, ours[name].documentation, family_labels(ours[name])),
+                                 (f.type, f.documentation, family_labels(f)))
+                compared += 1
+        self.assertGreaterEqual(compared, 20)
+        for s in go_fams["litestream_replica_operation_bytes"].samples:
+            self.assertIn(s.labels["operation"], ("GET", "PUT"))
+
+
+class TestMetricsServer(unittest.TestCase):
+    """MetricsServer: /metrics, /healthz, /readyz over real HTTP; bind addresses as Go's."""
+
+    def serve(self, addr="127.0.0.1:0", **kw):
+        srv = ls.MetricsServer(addr, **kw)
+        srv.start()
+        self.addCleanup(srv.close)
+        return srv
+
+    def test_parse_bind_addr(self):
+        """Ensure bind addresses split as Go's net.SplitHostPort and a missing port is Go's error."""
+        for addr, want in ((":9090", ("", 9090)), ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+                           ("localhost:0", ("localhost", 0)), ("[::1]:9090", ("::1", 9090)),
+                           ("[::]:65535", ("::", 65535))):
+            with self.subTest(addr=addr):
+                self.assertEqual(ls.parse_bind_addr(addr), want)
+        for addr in ("localhost", "127.0.0.1:", ":", "", "::1:9090", "[::1]", "[::1]:"):
+            with self.subTest(addr=addr):
+                with self.assertRaises(ValueError) as cm:
+                    ls.parse_bind_addr(addr)
+                self.assertEqual(str(cm.exception), 'must specify port for bind address: "%s"' % addr)
+        for addr in (":http", ":65536", ":-1", ":9090x"):
+            with self.subTest(addr=addr):
+                with self.assertRaisesRegex(ValueError, "invalid port in bind address"):
+                    ls.parse_bind_addr(addr)
+
+    def test_endpoints(self):
+        """Ensure /metrics is text 0.0.4, /healthz and /readyz answer from their callables, others 404."""
+        reg = ls.Metrics()
+        reg.gauge("t_up", "Up", ()).labels().set(1)
+        ready = [(True, "ready\n")]
+        srv = self.serve(registry=reg, healthz=lambda: (True, "ok\n"), readyz=lambda: ready[0])
+        status, headers, body = http_get(srv.url + "/metrics")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        self.assertEqual(body, "# HELP t_up Up\n# TYPE t_up gauge\nt_up 1\n")
+        self.assertEqual(http_get(srv.url + "/metrics?x=1")[2], body)
+        self.assertEqual(http_get(srv.url + "/healthz")[::2], (200, "ok\n"))
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (200, "ready\n"))
+        ready[0] = (False, "/data/app.db(s3): lag 31s > max-lag 10s; last error: timeout\n")
+        self.assertEqual(http_get(srv.url + "/readyz")[::2], (503, ready[0][1]))
+        for path in ("/", "/metricsx", "/debug/pprof/"):
+            with self.subTest(path=path):
+                self.assertEqual(http_get(srv.url + path)[0], 404)
+
+    def test_missing_and_failing_callables(self):
+        """Ensure an endpoint without a callable is 404 and a failing one is 500 without its message."""
+        def boom():
+            raise RuntimeError("secret-detail")
+        srv = self.serve(registry=ls.Metrics(), readyz=boom)
+        self.assertEqual(http_get(srv.url + "/healthz")[0], 404)
+        with self.assertLogs("litestream", "ERROR"):
+            status, _, body = http_get(srv.url + "/readyz")
+        self.assertEqual((status, body), (500, "internal error\n"))
+
+    def test_default_registry_serves_declared_families(self):
+        """Ensure the default registry is the module's METRICS, parsed by the peer parser."""
+        ls.register_db_metrics("/srv-test.db")
+        self.addCleanup(ls.unregister_db_metrics, "/srv-test.db")
+        ls.DB_SIZE.labels("/srv-test.db").set(4096)
+        srv = self.serve()
+        self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
+                                      db="/srv-test.db"), 4096)
+
+    def test_all_interfaces_and_close(self):
+        """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
+        srv = self.serve(":0", registry=ls.Metrics(), healthz=lambda: (True, "ok\n"))
+        port = int(srv.url.rsplit(":", 1)[1])
+        self.assertEqual(srv.url, "http://localhost:%d" % port)
+        self.assertEqual(http_get("http://127.0.0.1:%d/healthz" % port)[0], 200)
+        if socket.has_dualstack_ipv6():
+            self.assertEqual(http_get("http://[::1]:%d/healthz" % port)[0], 200)
+        srv.close()
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        self.assertNotIn("litestream-metrics", [t.name for t in threading.enumerate()])
+
+    def test_bind_failure_is_one_line(self):
+        """Ensure a port already in use raises LitestreamError naming the address."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            addr = "127.0.0.1:%d" % taken.getsockname()[1]
+            srv = ls.MetricsServer(addr)
+            with self.assertRaises(ls.LitestreamError) as cm:
+                srv.start()
+        msg = str(cm.exception)
+        self.assertIn("cannot start metrics server on %s" % addr, msg)
+        self.assertNotIn("\n", msg)
+
+
+PROMETHEUS_YML = """\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: litestream
+    metrics_path: /metrics
+    static_configs:
+      - targets: ["%s"]
+"""
+
+
+class TestPrometheusScrape(TempDirTestCase):
+    """A real Prometheus (Debian's package) scrapes a MetricsServer."""
+
+    def test_prometheus_scrapes_our_series(self):
+        """Ensure Prometheus ingests a running replicate's exposition: up is 1, litestream_db_size is the file's size."""
+        prom = shutil.which("prometheus")
+        require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
+        db = self.path("scraped.db")
+        create_wal_db(db, rows=200)
+        port = free_port()
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port + py_ini(db, self.path("rep")))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        target = "127.0.0.1:%d" % port
+        with open(self.path("prometheus.yml"), "w") as f:
+            f.write(PROMETHEUS_YML % target)
+        web = "127.0.0.1:%d" % free_port()
+        with open(self.path("prometheus.log"), "wb") as out:
+            p = subprocess.Popen([prom, "--config.file=" + self.path("prometheus.yml"),
+                                  "--storage.tsdb.path=" + self.path("tsdb"), "--web.listen-address=" + web],
+                                 stdout=out, stderr=subprocess.STDOUT)
+
+        def stop():
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.addCleanup(stop)
+
+        def query(q):
+            if p.poll() is not None:
+                raise AssertionError("prometheus exited: " + read_file(self.path("prometheus.log")).decode()[-2000:])
+            try:
+                status, _, body = http_get("http://%s/api/v1/query?%s" % (web, urllib.parse.urlencode({"query": q})), 5)
+            except OSError:
+                return None
+            res = json.loads(body)["data"]["result"] if status == 200 else []
+            return res or None
+        res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
+        self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
+                                            "job": "litestream"})
+        self.assertEqual(float(res[0]["value"][1]), os.path.getsize(db))
+        self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
+        res = wait_for(lambda: query('litestream_replica_wal_offset{name="r"} > 0'), "the replica's offset", 30)
+        self.assertEqual(res[0]["metric"]["db"], db)
+        res = query('litestream_replica_operation_duration_seconds_count{replica_type="file",operation="PUT"}')
+        self.assertGreaterEqual(float(res[0]["value"][1]), 1)
+        self.assertEqual(r.stop(), 0, r.log())
+
+
+###############################################################################
 # FileReplicaClient
 ###############################################################################
 
@@ -1369,7 +1901,6 @@ class TestDBSync(TempDirTestCase):
         real_upsert = ls._SEQ_UPSERT
         # The app wins the race to write after the lock is released: its
         # write restarts the WAL before our own forcing write.
-        orig_execute = db._conn.execute
 
         class Conn:
             def __init__(self, c):
@@ -1508,6 +2039,117 @@ def replace_db(path, other):
     create_wal_db(other, rows=7)
     remove_files(path + "-wal", path + "-shm")
     os.rename(other, path)
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t=1_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+class TestLag(TempDirTestCase):
+    """Replica lag and pending bytes, by the definition: the age of the oldest transaction the replica lacks.
+
+    Ages count from the last sync that looked at the WAL without seeing the
+    transaction, so they are never below the truth and above it by at most
+    the time between syncs.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("app.db")
+        create_wal_db(self.dbpath, rows=10)
+        self.clock = FakeClock()
+        self.db = ls.DB(self.dbpath, monitor_interval=0, clock=self.clock)
+        self.r = ls.Replica(self.db, "r", ls.FileReplicaClient(self.path("rep")), clock=self.clock)
+        self.db.replicas = [self.r]
+        self.db.open(background=False)
+        self.addCleanup(self.db.close)
+        self.r.sync()
+        self.app = AppDB(self.dbpath)
+        self.addCleanup(self.app.close)
+
+    def shadow_size(self):
+        pos = self.db.pos()
+        return os.path.getsize(os.path.join(self.path(".app.db-litestream"), "generations", pos.generation,
+                                            "wal", "%08x.wal" % pos.index))
+
+    def test_lag_counts_from_the_last_look_without_the_transaction(self):
+        """Ensure lag is 0 when caught up, counts from the last sync that saw nothing new, and returns to 0 on upload."""
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+        self.clock.t += 10
+        self.db.sync()           # sees nothing new at t0 + 10
+        self.app.insert(3)       # committed after that look
+        self.clock.t += 2
+        self.db.sync()           # copies it at t0 + 12
+        self.clock.t += 5
+        self.assertEqual(self.r.lag(), 7)   # t0 + 17 - (t0 + 10)
+        self.assertEqual(self.r.pending_bytes(), self.shadow_size() - self.r.pos.offset)
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 8)   # one second per second while nothing is uploaded
+        self.r.sync()
+        self.assertEqual((self.r.lag(), self.r.pending_bytes()), (0, 0))
+
+    def test_own_checkpoint_write_is_not_lag(self):
+        """Ensure the frame a checkpoint writes for itself adds no lag, while a transaction copied by it does."""
+        self.clock.t += 1
+        self.db.sync()
+        self.clock.t += 1
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 2
+        self.assertGreater(self.r.pending_bytes(), 0)  # our own frame is still to be uploaded
+        self.assertEqual(self.r.lag(), 0)
+        self.r.sync()
+        self.app.insert(2)       # copied under the checkpoint's write lock
+        self.clock.t += 3
+        self.assertTrue(self.db.checkpoint(ls.CHECKPOINT_MODE_PASSIVE))
+        self.clock.t += 1
+        self.assertEqual(self.r.lag(), 7)  # from the sync at t0 + 1, the last look without it
+
+    def test_failing_sync_counts_from_the_last_clean_look(self):
+        """Ensure a DB whose shadow WAL cannot be written shows lag rising from its last successful look."""
+        self.clock.t += 1
+        self.db.sync()
+        self.app.insert(2)
+        with mock.patch.object(ls.ShadowWAL, "copy", return_value=ls.CopyResult(0, OSError(errno.EIO, "injected"))):
+            self.clock.t += 4
+            with self.assertRaises(ls.LitestreamError):
+                self.db.sync()
+            self.assertEqual(self.r.lag(), 4)
+            self.assertIn("database sync failed", self.r.problem())
+        self.db.sync()
+        self.r.sync()
+        self.assertEqual(self.r.lag(), 0)
+        self.assertEqual(self.r.problem(), "")
+
+    def test_default_max_lag(self):
+        """Ensure max-lag defaults to 10 x sync-interval and at least 10 s."""
+        c = ls.FileReplicaClient(self.path("x"))
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=0.1).max_lag, 10)
+        self.assertEqual(ls.Replica(None, "a", c, sync_interval=5).max_lag, 50)
+        self.assertEqual(ls.Replica(None, "a", c, max_lag=3).max_lag, 3)
+
+    def test_commit_log_stays_bounded_and_never_understates(self):
+        """Ensure past MAX_ENTRIES the log merges neighbours and an age is never read below the truth."""
+        log_ = ls._CommitLog()
+        n = ls._CommitLog.MAX_ENTRIES * 3
+        for i in range(1, n + 1):
+            log_.add(ls.Pos("g", 0, i * 100), float(i))  # offsets up to i*100 were committed from time i on
+        self.assertLessEqual(len(log_._entries), ls._CommitLog.MAX_ENTRIES + 1)
+        for have in (0, 1, 150, 99_999, n * 100 - 1):
+            truth = float(have // 100 + 1)  # the first offset above have was committed at this time
+            got = log_.oldest_pending(ls.Pos("g", 0, have))
+            self.assertLessEqual(got, truth, have)
+        self.assertIsNone(log_.oldest_pending(ls.Pos("g", 0, n * 100)))
+        log_.prune([ls.Pos("g", 0, n * 100)])
+        self.assertEqual(len(log_._entries), 0)
+        log_.add(ls.Pos("g", 0, 100), 5.0)
+        log_.add(ls.Pos("h", 0, 100), 9.0)  # a new generation keeps the oldest pending time
+        self.assertEqual(log_.oldest_pending(ls.Pos("g", 0, 100)), 5.0)
 
 
 class TestReplicaLifecycle(RowsMixin, TempDirTestCase):
@@ -1769,6 +2411,40 @@ class TestRestore(TempDirTestCase):
             ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
         self.assertIn(ls.format_wal_segment_path(seg.index, seg.offset), str(cm.exception))
         self.assertFalse(os.path.exists(out))
+
+    def test_middle_segment_of_another_length_named(self):
+        """Ensure a middle segment replaced by a valid object one frame shorter or longer is named, not its neighbour."""
+        self.db.min_checkpoint_page_n = 10000  # one index holding several segments
+        for i in range(4):
+            self.step(3, size=3000, tag="m%d" % i)
+        segs = [s for s in self.r.client.wal_segments(self.gen) if s.index == self.db.pos().index]
+        self.assertGreaterEqual(len(segs), 4)
+        mid, nxt = segs[1], segs[2]
+        p = ls.wal_segment_path(self.path("rep"), mid.generation, mid.index, mid.offset)
+        orig = read_file(p)
+        data = ls.lz4_decompress_frame(orig)
+        fs = 4096 + ls.WAL_FRAME_HEADER_SIZE
+        self.assertGreaterEqual(len(data), 2 * fs)
+        damaged = "generations/%s/wal/%s" % (self.gen, ls.format_wal_segment_path(mid.index, mid.offset))
+        for case, body in (("shorter", data[:-fs]), ("longer", data + data[-fs:])):
+            with self.subTest(case=case):
+                with open(p, "wb") as f:
+                    f.write(ls.lz4_compress_frame(body, content_checksum=True))  # valid LZ4 and xxh32
+                out = self.path("out-%s.db" % case)
+                with self.assertRaises(ls.LitestreamError) as cm:
+                    ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen))
+                msg = str(cm.exception)
+                self.assertIn(damaged, msg)
+                nxt_name = ls.format_wal_segment_path(nxt.index, nxt.offset)
+                if nxt_name in msg:
+                    self.assertLess(msg.index(damaged), msg.index(nxt_name), msg)
+                self.assertFalse(os.path.exists(out))
+                # verify names it too.
+                code, vout, verr = TestVerify.cli(self, "verify", "file://" + self.path("rep"))
+                self.assertEqual(code, 1, vout)
+                self.assertTrue(any(damaged in line for line in vout.splitlines() if "problem:" in line), vout)
+        with open(p, "wb") as f:
+            f.write(orig)
 
     def test_segment_from_another_wal_fails_loudly(self):
         """Ensure a valid segment of another database's WAL at the next offset fails the restore, naming it."""
@@ -2250,533 +2926,6 @@ class TestVerify(TempDirTestCase):
         code, out, err = self.cli("verify", "-generation", "0123456789abcdef", "file://" + self.rep)
         self.assertEqual(code, 1)
         self.assertEqual(err, "litestream: generation 0123456789abcdef not found in file://%s\n" % self.rep)
-
-
-###############################################################################
-# Metrics
-###############################################################################
-
-# ../shared/reference/metrics.md: name -> (type, label names, help), copied
-# from Go 0.3.13's db.go, replica.go and internal/internal.go (typo included).
-GO_METRICS = {
-    "litestream_db_size": ("gauge", ("db",), "The current size of the real DB"),
-    "litestream_wal_size": ("gauge", ("db",), "The current size of the real WAL"),
-    "litestream_total_wal_bytes": ("counter", ("db",), "Total number of bytes written to shadow WAL"),
-    "litestream_shadow_wal_index": ("gauge", ("db",), "The current index of the shadow WAL"),
-    "litestream_shadow_wal_size": ("gauge", ("db",), "Current size of shadow WAL, in bytes"),
-    "litestream_sync_count": ("counter", ("db",), "Number of sync operations performed"),
-    "litestream_sync_error_count": ("counter", ("db",), "Number of sync errors that have occurred"),
-    "litestream_sync_seconds": ("counter", ("db",), "Time spent syncing shadow WAL, in seconds"),
-    "litestream_checkpoint_count": ("counter", ("db", "mode"), "Number of checkpoint operations performed"),
-    "litestream_checkpoint_error_count": ("counter", ("db", "mode"), "Number of checkpoint errors that have occurred"),
-    "litestream_checkpoint_seconds": ("counter", ("db", "mode"), "Time spent checkpointing WAL, in seconds"),
-    "litestream_replica_wal_bytes": ("counter", ("db", "name"), "The number wal bytes written"),
-    "litestream_replica_wal_index": ("gauge", ("db", "name"), "The current WAL index"),
-    "litestream_replica_wal_offset": ("gauge", ("db", "name"), "The current WAL offset"),
-    "litestream_replica_validation_total": ("counter", ("db", "name", "status"), "The number of validations performed"),
-    "litestream_replica_operation_total": ("counter", ("replica_type", "operation"),
-                                           "The number of replica operations performed"),
-    "litestream_replica_operation_bytes": ("counter", ("replica_type", "operation"),
-                                           "The number of bytes used by replica operations"),
-}
-PROCESS_METRICS = {
-    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
-    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
-    "process_max_fds": ("gauge", (), "Maximum number of open file descriptors."),
-    "process_virtual_memory_bytes": ("gauge", (), "Virtual memory size in bytes."),
-    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
-    "process_start_time_seconds": ("gauge", (), "Start time of the process since unix epoch in seconds."),
-}
-# Ours (the reference's "what we add"): names and label sets; help is ours.
-OUR_METRICS = {
-    "litestream_replica_lag_seconds": ("gauge", ("db", "name")),
-    "litestream_replica_pending_bytes": ("gauge", ("db", "name")),
-    "litestream_replica_last_success_timestamp_seconds": ("gauge", ("db", "name")),
-    "litestream_replica_operation_duration_seconds": ("histogram", ("replica_type", "operation")),
-    "litestream_replica_operation_errors_total": ("counter", ("replica_type", "operation", "code")),
-    "litestream_validation_checks_total": ("counter", ("db", "name", "result")),
-    "litestream_last_validation_success": ("gauge", ("db", "name")),
-    "litestream_last_validation_success_timestamp_seconds": ("gauge", ("db", "name")),
-}
-
-
-def parse_exposition(text):
-    """Parse text exposition with prometheus_client's parser (the test peer): {name: family}."""
-    require_peer(have_module("prometheus_client"), "prometheus_client", "pip install prometheus_client")
-    from prometheus_client.parser import text_string_to_metric_families
-    typed = set(re.findall(r"(?m)^# TYPE (\S+) ", text))
-    fams = {}
-    for f in text_string_to_metric_families(text):
-        # The parser drops a counter family's "_total" (and adds it to the
-        # samples of counters without one); key families by the exposed name.
-        fams[f.name + "_total" if f.name + "_total" in typed else f.name] = f
-    return fams
-
-
-def family_labels(fam):
-    return {k for s in fam.samples for k in s.labels if k != "le"}
-
-
-def sample_value(text, name, **labels):
-    """Return the value of one sample in an exposition, or None if it is absent."""
-    for f in parse_exposition(text).values():
-        for s in f.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
-
-
-def http_get(url, timeout=10):
-    """Return (status, headers, body text) of a GET, errors included."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.headers, r.read().decode()
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.headers, e.read().decode()
-
-
-def op_metrics(replica_type):
-    """Return a client type's operation metrics now, without creating series: {key: value}."""
-    out = {}
-    for kind, fam in (("total", ls.REPLICA_OPERATION_TOTAL), ("bytes", ls.REPLICA_OPERATION_BYTES)):
-        for (t, op), s in fam.series():
-            if t == replica_type:
-                out[(kind, op)] = s.get()
-    for (t, op), s in ls.REPLICA_OPERATION_DURATION_SECONDS.series():
-        if t == replica_type:
-            out[("seconds", op)] = s.get()[2]
-    for (t, op, code), s in ls.REPLICA_OPERATION_ERRORS_TOTAL.series():
-        if t == replica_type:
-            out[("errors", op, code)] = s.get()
-    return out
-
-
-def metric_delta(before, after):
-    """Return the non-zero differences between two op_metrics() readings."""
-    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-
-
-class TestMetrics(TempDirTestCase):
-    """The registry and its text exposition (Prometheus text format 0.0.4)."""
-
-    def registry(self):
-        return ls.Metrics()
-
-    def test_go_float_format(self):
-        """Ensure values print as Go's strconv.FormatFloat(v, 'g', -1, 64) (expfmt's format)."""
-        # Go's outputs, e.g. litestream_db_size 1.234567e+06 and Go's own
-        # process_virtual_memory_max_bytes 1.8446744073709552e+19.
-        table = [(0, "0"), (1, "1"), (16384, "16384"), (123456, "123456"), (1e6, "1e+06"),
-                 (1234567, "1.234567e+06"), (0.5, "0.5"), (0.003696091, "0.003696091"),
-                 (0.0001, "0.0001"), (0.00001, "1e-05"), (1.5e-7, "1.5e-07"), (-2.5, "-2.5"),
-                 (1796205056.35, "1.79620505635e+09"), (2.0**64 - 1, "1.8446744073709552e+19"),
-                 (1e21, "1e+21"), (100000, "100000"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"),
-                 (float("nan"), "NaN"), (-0.0, "-0")]
-        for v, want in table:
-            with self.subTest(v=v):
-                self.assertEqual(ls.format_go_float(v), want)
-
-    def test_render_exact_text(self):
-        """Ensure HELP/TYPE lines, escaping, label order, series order, +Inf, _sum and _count are as the format says."""
-        m = self.registry()
-        c = m.counter("t_requests", "Requests\\handled\nby path", ("path", "code"))
-        g = m.gauge("t_temp", "Temperature", ())
-        h = m.histogram("t_latency", "Latency", ("op",), (0.1, 1))
-        m.gauge("t_unused", "Never set", ("x",))
-        c.labels("/a\"b\\c\nd", "200").inc(2)
-        c.labels(path="/", code="500").inc()
-        g.labels().set(-1.5)
-        for v in (0.05, 0.1, 0.5, 7):
-            h.labels("GET").observe(v)
-        self.assertEqual(m.render(), textwrap.dedent('''\
-            # HELP t_latency Latency
-            # TYPE t_latency histogram
-            t_latency_bucket{op="GET",le="0.1"} 2
-            t_latency_bucket{op="GET",le="1"} 3
-            t_latency_bucket{op="GET",le="+Inf"} 4
-            t_latency_sum{op="GET"} 7.65
-            t_latency_count{op="GET"} 4
-            # HELP t_requests Requests\\\\handled\\nby path
-            # TYPE t_requests counter
-            t_requests{code="200",path="/a\\"b\\\\c\\nd"} 2
-            t_requests{code="500",path="/"} 1
-            # HELP t_temp Temperature
-            # TYPE t_temp gauge
-            t_temp -1.5
-            '''))
-
-    def test_label_and_value_errors(self):
-        """Ensure wrong label counts or names, falling counters, bad names and duplicates raise."""
-        m = self.registry()
-        c = m.counter("t_c", "c", ("a", "b"))
-        with self.assertRaises(ValueError):
-            c.labels("x")
-        with self.assertRaises(ValueError):
-            c.labels(a="x", c="y")
-        with self.assertRaises(ValueError):
-            c.labels("x", "y").inc(-1)
-        with self.assertRaises(ValueError):
-            m.counter("t_c", "again")
-        with self.assertRaises(ValueError):
-            m.gauge("bad-name", "g")
-        with self.assertRaises(ValueError):
-            m.histogram("t_h", "h", ("le",), (1,))
-        with self.assertRaises(ValueError):
-            m.histogram("t_h", "h", (), (2, 1))
-
-    def test_remove_series(self):
-        """Ensure remove() drops one series and remove_matching() every series with those labels."""
-        m = self.registry()
-        a = m.gauge("t_a", "a", ("db", "name"))
-        b = m.counter("t_b", "b", ("db",))
-        for db in ("/x", "/y"):
-            b.labels(db)
-            for name in ("s3", "file"):
-                a.labels(db, name).set(1)
-        a.remove("/y", "s3")
-        self.assertEqual(m.remove_matching(db="/x"), 3)
-        self.assertEqual(m.render(), '# HELP t_a a\n# TYPE t_a gauge\nt_a{db="/y",name="file"} 1\n'
-                                     '# HELP t_b b\n# TYPE t_b counter\nt_b{db="/y"} 0\n')
-
-    def test_gauge_function(self):
-        """Ensure a gauge set by function is computed at each scrape, and a failing one reads NaN."""
-        m = self.registry()
-        g = m.gauge("t_lag", "lag", ("name",))
-        now = [5.0]
-        g.labels("ok").set_function(lambda: now[0])
-        g.labels("bad").set_function(lambda: 1 / 0)
-        self.assertIn('t_lag{name="ok"} 5\n', m.render())
-        now[0] = 6.25
-        text = m.render()
-        self.assertIn('t_lag{name="ok"} 6.25\n', text)
-        self.assertIn('t_lag{name="bad"} NaN\n', text)
-        g.labels("ok").set(1)
-        self.assertIn('t_lag{name="ok"} 1\n', m.render())
-
-    def test_concurrent_updates(self):
-        """Ensure updates from many threads are all counted."""
-        m = self.registry()
-        c = m.counter("t_n", "n", ("k",))
-        h = m.histogram("t_h", "h", ("k",), (1,))
-
-        def work():
-            for _ in range(5000):
-                c.labels("k").inc()
-                h.labels("k").observe(0.5)
-        threads = [threading.Thread(target=work) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self.assertEqual(c.labels("k").get(), 40000)
-        self.assertEqual(h.labels("k").get(), ([40000], 20000.0, 40000))
-
-    def test_db_and_replica_series_precreated_and_removed(self):
-        """Ensure registering a DB and replicas creates every series at 0 and unregistering drops them."""
-        db = self.path("app.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        ls.register_replica_metrics(db, "file", "file")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        fams = parse_exposition(ls.METRICS.render())
-        per_db = {n for n, (_, labels, _) in GO_METRICS.items() if labels[0] == "db"}
-        per_db |= {n for n, (_, labels) in OUR_METRICS.items() if labels[0] == "db"}
-        for name in per_db:
-            with self.subTest(name=name):
-                samples = [s for s in fams[name].samples if s.labels.get("db") == db]
-                self.assertTrue(samples, name)
-                self.assertEqual({s.value for s in samples}, {0.0})
-                if "name" in GO_METRICS.get(name, OUR_METRICS.get(name))[1]:
-                    self.assertEqual({s.labels["name"] for s in samples}, {"s3", "file"})
-        modes = {s.labels["mode"] for s in fams["litestream_checkpoint_count"].samples if s.labels["db"] == db}
-        self.assertEqual(modes, {"PASSIVE", "RESTART", "TRUNCATE"})
-        status = {s.labels["status"] for s in fams["litestream_replica_validation_total"].samples
-                  if s.labels["db"] == db and s.labels["name"] == "s3"}
-        self.assertEqual(status, {"ok", "error"})
-        results = {s.labels["result"] for s in fams["litestream_validation_checks_total"].samples
-                   if s.labels["db"] == db and s.labels["name"] == "file"}
-        self.assertEqual(results, {"success", "invalid", "error"})
-        ops = {(s.labels["replica_type"], s.labels["operation"]) for s in fams["litestream_replica_operation_total"].samples}
-        self.assertLessEqual({("s3", op) for op in ("GET", "PUT", "DELETE", "LIST")}, ops)
-        self.assertNotIn("file", {t for t, _ in ops}, "Go's file client counts no operations")
-        durations = {(s.labels["replica_type"], s.labels["operation"])
-                     for s in fams["litestream_replica_operation_duration_seconds"].samples}
-        self.assertLessEqual({("file", "GET"), ("s3", "LIST")}, durations)
-
-        ls.unregister_replica_metrics(db, "s3")
-        text = ls.METRICS.render()
-        self.assertNotIn('name="s3"', "".join(l for l in text.splitlines(True) if db in l))
-        self.assertIn('name="file"', text)
-        ls.unregister_db_metrics(db)
-        self.assertNotIn(db, ls.METRICS.render())
-
-    def test_process_series(self):
-        """Ensure the process_* series match what the kernel and the interpreter report (Linux)."""
-        if not os.path.exists("/proc/self/stat"):
-            self.skipTest("process_* series come from /proc (Linux only)")
-        import resource
-        cpu0 = time.process_time()
-        fams = parse_exposition(ls.METRICS.render())
-        cpu1 = time.process_time()
-        for name, (typ, _, help_) in PROCESS_METRICS.items():
-            with self.subTest(name=name):
-                self.assertEqual((fams[name].type, fams[name].documentation), (typ, help_))
-
-        def value(name):
-            return fams[name].samples[0].value
-        # CPU time in clock ticks (1/100 s): within a tick of the interpreter's count.
-        self.assertGreaterEqual(value("process_cpu_seconds_total"), cpu0 - 0.02)
-        self.assertLessEqual(value("process_cpu_seconds_total"), cpu1 + 0.02)
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.assertEqual(value("process_max_fds"), 2.0**64 - 1 if soft == resource.RLIM_INFINITY else soft)
-        self.assertGreaterEqual(value("process_open_fds"), 3)
-        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.assertGreater(value("process_resident_memory_bytes"), 0)
-        self.assertLessEqual(value("process_resident_memory_bytes"), rss_kb * 1024)
-        self.assertGreater(value("process_virtual_memory_bytes"), value("process_resident_memory_bytes"))
-        # The kernel's boot time has 1 s resolution; the process started before this module was imported.
-        started = value("process_start_time_seconds")
-        self.assertLessEqual(started, MODULE_IMPORTED_AT + 1)
-        self.assertGreater(started, MODULE_IMPORTED_AT - 120)
-
-
-class TestMetricsExposition(TempDirTestCase):
-    """Our exposition against the reference's list, parsed by prometheus_client (test peer)."""
-
-    def test_families_match_reference(self):
-        """Ensure names, types, label names and help are the reference's Go list plus ours, nothing else."""
-        db = self.path("app.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        with ls.replica_operation("s3", "GET"):
-            pass
-        with self.assertRaises(FileNotFoundError):
-            with ls.replica_operation("s3", "GET"):
-                raise FileNotFoundError(errno.ENOENT, "no such key")
-        fams = parse_exposition(ls.METRICS.render())
-        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
-        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
-        if os.path.exists("/proc/self/stat"):
-            want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
-            want["process_virtual_memory_max_bytes"] = ("gauge", set())
-        self.assertEqual({n: (f.type, family_labels(f)) for n, f in fams.items()}, want)
-        for name, (_, _, help_) in GO_METRICS.items():
-            with self.subTest(name=name):
-                self.assertEqual(fams[name].documentation, help_)
-        buckets = sorted({s.labels["le"] for s in fams["litestream_replica_operation_duration_seconds"].samples
-                          if s.name.endswith("_bucket")}, key=float)
-        self.assertEqual(buckets, ["0.01", "0.05", "0.1", "0.5", "1", "5", "10", "30", "60", "+Inf"])
-        errs = [s for s in fams["litestream_replica_operation_errors_total"].samples
-                if s.labels == {"replica_type": "s3", "operation": "GET", "code": "ENOENT"}]
-        self.assertEqual([s.value for s in errs], [1.0])
-
-    def test_families_match_go_binary(self):
-        """Ensure every litestream_* and process_* family Go 0.3.13 serves has our type, labels and help."""
-        go = require_go()
-        srv = S3Server(moto().endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
-        prefix = "%016x" % random.getrandbits(64)
-        self.addCleanup(delete_all, moto_client(), prefix)
-        dbpath = self.path("go.db")
-        create_wal_db(dbpath, rows=50)
-        port = free_port()
-        yml = self.path("go.yml")
-        with open(yml, "w") as f:
-            f.write('addr: "127.0.0.1:%d"\n' % port)
-            f.write(go_s3_yml(dbpath, srv, prefix, min_ckpt=1))
-            f.write("      - path: %s\n" % json.dumps(self.path("go-file")))
-        r = Replicator(self, ["-config", yml], go=go)
-        url = "http://127.0.0.1:%d/metrics" % port
-        want = ("litestream_replica_operation_total", "litestream_replica_operation_bytes",
-                "litestream_checkpoint_count", "litestream_replica_wal_bytes")
-
-        def scraped():
-            if r.p.poll() is not None:
-                raise AssertionError("Go exited: " + r.log())
-            try:
-                text = http_get(url, timeout=2)[2]
-            except OSError:
-                return None
-            fams = parse_exposition(text)
-            return fams if all(n in fams for n in want) else None
-        go_fams = wait_for(scraped, "Go's /metrics with operation and checkpoint series", timeout=60)
-        stop_replicator(self, "go", r)
-
-        db = self.path("ours.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        ours = parse_exposition(ls.METRICS.render())
-        compared = 0
-        for name, f in go_fams.items():
-            if not name.startswith(("litestream_", "process_")):
-                continue
-            with self.subTest(name=name):
-                self.assertIn(name, ours)
-                self.assertEqual((ours[name].type, ours[name].documentation, family_labels(ours[name])),
-                                 (f.type, f.documentation, family_labels(f)))
-                compared += 1
-        self.assertGreaterEqual(compared, 20)
-        for s in go_fams["litestream_replica_operation_bytes"].samples:
-            self.assertIn(s.labels["operation"], ("GET", "PUT"))
-
-
-class TestMetricsServer(unittest.TestCase):
-    """MetricsServer: /metrics, /healthz, /readyz over real HTTP; bind addresses as Go's."""
-
-    def serve(self, addr="127.0.0.1:0", **kw):
-        srv = ls.MetricsServer(addr, **kw)
-        srv.start()
-        self.addCleanup(srv.close)
-        return srv
-
-    def test_parse_bind_addr(self):
-        """Ensure bind addresses split as Go's net.SplitHostPort and a missing port is Go's error."""
-        for addr, want in ((":9090", ("", 9090)), ("127.0.0.1:9090", ("127.0.0.1", 9090)),
-                           ("localhost:0", ("localhost", 0)), ("[::1]:9090", ("::1", 9090)),
-                           ("[::]:65535", ("::", 65535))):
-            with self.subTest(addr=addr):
-                self.assertEqual(ls.parse_bind_addr(addr), want)
-        for addr in ("localhost", "127.0.0.1:", ":", "", "::1:9090", "[::1]", "[::1]:"):
-            with self.subTest(addr=addr):
-                with self.assertRaises(ValueError) as cm:
-                    ls.parse_bind_addr(addr)
-                self.assertEqual(str(cm.exception), 'must specify port for bind address: "%s"' % addr)
-        for addr in (":http", ":65536", ":-1", ":9090x"):
-            with self.subTest(addr=addr):
-                with self.assertRaisesRegex(ValueError, "invalid port in bind address"):
-                    ls.parse_bind_addr(addr)
-
-    def test_endpoints(self):
-        """Ensure /metrics is text 0.0.4, /healthz and /readyz answer from their callables, others 404."""
-        reg = ls.Metrics()
-        reg.gauge("t_up", "Up", ()).labels().set(1)
-        ready = [(True, "ready\n")]
-        srv = self.serve(registry=reg, healthz=lambda: (True, "ok\n"), readyz=lambda: ready[0])
-        status, headers, body = http_get(srv.url + "/metrics")
-        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
-        self.assertEqual(body, "# HELP t_up Up\n# TYPE t_up gauge\nt_up 1\n")
-        self.assertEqual(http_get(srv.url + "/metrics?x=1")[2], body)
-        self.assertEqual(http_get(srv.url + "/healthz")[::2], (200, "ok\n"))
-        self.assertEqual(http_get(srv.url + "/readyz")[::2], (200, "ready\n"))
-        ready[0] = (False, "/data/app.db(s3): lag 31s > max-lag 10s; last error: timeout\n")
-        self.assertEqual(http_get(srv.url + "/readyz")[::2], (503, ready[0][1]))
-        for path in ("/", "/metricsx", "/debug/pprof/"):
-            with self.subTest(path=path):
-                self.assertEqual(http_get(srv.url + path)[0], 404)
-
-    def test_missing_and_failing_callables(self):
-        """Ensure an endpoint without a callable is 404 and a failing one is 500 without its message."""
-        def boom():
-            raise RuntimeError("secret-detail")
-        srv = self.serve(registry=ls.Metrics(), readyz=boom)
-        self.assertEqual(http_get(srv.url + "/healthz")[0], 404)
-        with self.assertLogs("litestream", "ERROR"):
-            status, _, body = http_get(srv.url + "/readyz")
-        self.assertEqual((status, body), (500, "internal error\n"))
-
-    def test_default_registry_serves_declared_families(self):
-        """Ensure the default registry is the module's METRICS, parsed by the peer parser."""
-        ls.register_db_metrics("/srv-test.db")
-        self.addCleanup(ls.unregister_db_metrics, "/srv-test.db")
-        ls.DB_SIZE.labels("/srv-test.db").set(4096)
-        srv = self.serve()
-        self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
-                                      db="/srv-test.db"), 4096)
-
-    def test_all_interfaces_and_close(self):
-        """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
-        srv = self.serve(":0", registry=ls.Metrics(), healthz=lambda: (True, "ok\n"))
-        port = int(srv.url.rsplit(":", 1)[1])
-        self.assertEqual(srv.url, "http://localhost:%d" % port)
-        self.assertEqual(http_get("http://127.0.0.1:%d/healthz" % port)[0], 200)
-        if socket.has_dualstack_ipv6():
-            self.assertEqual(http_get("http://[::1]:%d/healthz" % port)[0], 200)
-        srv.close()
-        with self.assertRaises(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        self.assertNotIn("litestream-metrics", [t.name for t in threading.enumerate()])
-
-    def test_bind_failure_is_one_line(self):
-        """Ensure a port already in use raises LitestreamError naming the address."""
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen(1)
-            addr = "127.0.0.1:%d" % taken.getsockname()[1]
-            srv = ls.MetricsServer(addr)
-            with self.assertRaises(ls.LitestreamError) as cm:
-                srv.start()
-        msg = str(cm.exception)
-        self.assertIn("cannot start metrics server on %s" % addr, msg)
-        self.assertNotIn("\n", msg)
-
-
-PROMETHEUS_YML = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: litestream
-    metrics_path: /metrics
-    static_configs:
-      - targets: ["%s"]
-"""
-
-
-class TestPrometheusScrape(TempDirTestCase):
-    """A real Prometheus (Debian's package) scrapes a MetricsServer."""
-
-    def test_prometheus_scrapes_our_series(self):
-        """Ensure Prometheus ingests our exposition: up is 1 and litestream_db_size has the DB's value."""
-        prom = shutil.which("prometheus")
-        require_peer(bool(prom), "Prometheus", "apt-get install prometheus")
-        db = self.path("scraped.db")
-        ls.register_db_metrics(db)
-        ls.register_replica_metrics(db, "s3", "s3")
-        self.addCleanup(ls.unregister_db_metrics, db)
-        ls.DB_SIZE.labels(db).set(1234567)
-        with ls.replica_operation("s3", "PUT") as op:
-            op.bytes = 42
-        srv = ls.MetricsServer("127.0.0.1:0")
-        srv.start()
-        self.addCleanup(srv.close)
-        target = srv.url.split("//", 1)[1].replace("localhost", "127.0.0.1")
-        with open(self.path("prometheus.yml"), "w") as f:
-            f.write(PROMETHEUS_YML % target)
-        web = "127.0.0.1:%d" % free_port()
-        with open(self.path("prometheus.log"), "wb") as out:
-            p = subprocess.Popen([prom, "--config.file=" + self.path("prometheus.yml"),
-                                  "--storage.tsdb.path=" + self.path("tsdb"), "--web.listen-address=" + web],
-                                 stdout=out, stderr=subprocess.STDOUT)
-
-        def stop():
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.addCleanup(stop)
-
-        def query(q):
-            if p.poll() is not None:
-                raise AssertionError("prometheus exited: " + read_file(self.path("prometheus.log")).decode()[-2000:])
-            try:
-                status, _, body = http_get("http://%s/api/v1/query?%s" % (web, urllib.parse.urlencode({"query": q})), 5)
-            except OSError:
-                return None
-            res = json.loads(body)["data"]["result"] if status == 200 else []
-            return res or None
-        res = wait_for(lambda: query('litestream_db_size{db="%s"}' % db), "litestream_db_size in Prometheus", 90)
-        self.assertEqual(res[0]["metric"], {"__name__": "litestream_db_size", "db": db, "instance": target,
-                                            "job": "litestream"})
-        self.assertEqual(float(res[0]["value"][1]), 1234567)
-        self.assertEqual(float(query('up{job="litestream"}')[0]["value"][1]), 1)
-        res = query('litestream_replica_operation_duration_seconds_count{replica_type="s3",operation="PUT"}')
-        self.assertGreaterEqual(float(res[0]["value"][1]), 1)
-        self.assertEqual(query('litestream_replica_operation_bytes{replica_type="s3",operation="PUT"} >= 42')
-                         [0]["metric"]["operation"], "PUT")
 
 
 ###############################################################################
@@ -4139,6 +4288,13 @@ class TestReplicatorAPI(RowsMixin, TempDirTestCase):
         out = self.path("out.db")
         ls.restore(self.rep, out)
         self.assertSameRows(out, table_rows(self.db))
+
+    def test_public_names_exported(self):
+        """Ensure the names README documents are in __all__ and each exists."""
+        for name in ("Replicator", "restore", "ShutdownError", "DB", "Replica", "MetricsServer", "METRICS"):
+            self.assertIn(name, ls.__all__)
+        for name in ls.__all__:
+            self.assertTrue(hasattr(ls, name), name)
 
     def test_from_config_and_errors(self):
         """Ensure from_config replicates a config's databases, and bad arguments are clear errors."""
@@ -6024,10 +6180,14 @@ class TestReplicateProcess(RowsMixin, TempDirTestCase):
 
 class TestBadInput(TempDirTestCase):
     def assertOneLineError(self, p, *needles):
-        """Assert a non-zero exit and exactly one non-empty stderr line containing every needle."""
+        """Assert a non-zero exit and exactly one non-empty stderr line containing every needle.
+
+        Log records are set aside: without a config they go to stderr, as
+        Go's default logger.
+        """
         self.assertNotEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertNotIn("Traceback", p.stdout + p.stderr)
-        lines = p.stderr.splitlines()
+        lines = [line for line in p.stderr.splitlines() if not _GO_LOG_LINE.match(line)]
         self.assertEqual(len(lines), 1, "stderr is not one line: %r" % p.stderr)
         self.assertTrue(lines[0].strip())
         for n in needles:
@@ -6976,7 +7136,9 @@ class TCPProxy:
             b.shutdown(socket.SHUT_WR)
 
 
-class TestS3Outage(RowsMixin, TempDirTestCase):
+class MotoPrefixCase(RowsMixin, TempDirTestCase):
+    """A test with its own key prefix on moto (self.srv, self.prefix), emptied afterwards."""
+
     def setUp(self):
         super().setUp()
         self.moto = moto()
@@ -6985,6 +7147,11 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
         c = moto_client(self.prefix)
         self.addCleanup(c.close)
         self.addCleanup(delete_all, c, self.prefix)
+
+
+class TestS3Outage(MotoPrefixCase):
+    def setUp(self):
+        super().setUp()
         self.s3 = boto3_s3(self.srv.endpoint, MOTO_KEY, MOTO_SECRET)
 
     def restore_rows(self, out):
@@ -7035,6 +7202,254 @@ class TestS3Outage(RowsMixin, TempDirTestCase):
         self.assertIsNotNone(got, "final restore failed")
         self.assertEqual(integrity(out), "ok")
         self.assertSameRows(out, table_rows(db))
+
+
+def scrape(port, path="/metrics", timeout=5):
+    """GET a path of a replicate's metrics server: (status, body), or (None, "") while it does not answer."""
+    try:
+        status, _, body = http_get("http://127.0.0.1:%d%s" % (port, path), timeout)
+    except OSError:
+        return None, ""
+    return status, body
+
+
+def sample_of(text, metric, labels):
+    """Return the value of one sample (labels a dict, so a label may be called name), or None."""
+    for f in parse_exposition(text).values():
+        for smp in f.samples:
+            # The parser names a counter's samples with "_total" added.
+            if smp.name in (metric, metric + "_total") and smp.labels == labels:
+                return smp.value
+    return None
+
+
+def s3_request_kinds(seen):
+    """Count a FaultProxy's requests as Go 0.3.13 counts S3 operations: {GET, PUT, DELETE, LIST: n}.
+
+    LIST is a ListObjects page, DELETE a DeleteObjects batch, PUT a PutObject
+    or a CreateMultipartUpload (a multipart upload counts once), GET an
+    object read.  Parts, completions, ListMultipartUploads and bucket
+    lookups are not operations.
+    """
+    kinds = collections.Counter()
+    for method, path in seen:
+        u = urllib.parse.urlsplit(path)
+        q = urllib.parse.parse_qs(u.query, keep_blank_values=True)
+        if method == "GET" and ("list-type" in q or "prefix" in q) and "uploads" not in q:
+            kinds["LIST"] += 1
+        elif method == "POST" and "delete" in q:
+            kinds["DELETE"] += 1
+        elif (method == "PUT" and "partNumber" not in q) or (method == "POST" and "uploads" in q):
+            kinds["PUT"] += 1
+        elif method == "GET" and not q:
+            kinds["GET"] += 1
+    return kinds
+
+
+class TestObservability(MotoPrefixCase):
+    """A real replicate serving /metrics, /healthz and /readyz: values checked against what the test sees."""
+
+    def start(self, db, endpoint, extra_replica="", extra_global=""):
+        port = free_port()
+        cfg = self.path("ls.ini")
+        ini = py_s3_ini(db, self.srv, self.prefix, endpoint=endpoint)
+        ini = ini.replace("[litestream]\n", "[litestream]\naddr = 127.0.0.1:%d\n%s" % (port, extra_global), 1)
+        with open(cfg, "w") as f:
+            f.write(ini + extra_replica)
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        wait_for(lambda: scrape(port)[0] == 200, "the metrics server")
+        return r, port
+
+    def value(self, port, metric, **labels):
+        status, body = scrape(port)
+        self.assertEqual(status, 200)
+        return sample_of(body, metric, labels)
+
+    def test_metrics_match_reference_files_and_requests(self):
+        """Ensure a running replicate exposes the reference's families, with values equal to the files and the requests seen."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        with FaultProxy(self.moto.endpoint) as proxy:
+            r, port = self.start(db, proxy.endpoint)
+            app = AppDB(db)
+            for i in range(5):
+                app.insert(3, size=300, tag="m%d-" % i)
+                time.sleep(0.15)
+            app.close()
+            lab = {"db": db, "name": "s3"}
+            wait_for(lambda: self.value(port, "litestream_replica_pending_bytes", **lab) == 0
+                     and self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "the replica caught up")
+            time.sleep(1.0)  # let the last upload's counters settle
+            status, text = scrape(port)
+            kinds = s3_request_kinds(proxy.seen)
+            self.assertEqual(s3_request_kinds(proxy.seen), kinds, "requests still running")
+        fams = parse_exposition(text)
+        want = {n: (t, set(l)) for n, (t, l, _) in GO_METRICS.items()}
+        want.update({n: (t, set(l)) for n, (t, l) in OUR_METRICS.items()})
+        want.update({n: (t, set()) for n, (t, _, _) in PROCESS_METRICS.items()})
+        want["process_virtual_memory_max_bytes"] = ("gauge", set())
+        got = {n: (f.type, family_labels(f)) for n, f in fams.items()}
+        # Error series appear with the first error; this run may have none.
+        got.setdefault("litestream_replica_operation_errors_total", want["litestream_replica_operation_errors_total"])
+        self.assertEqual(got, want)
+        for name, (_, _, help_) in GO_METRICS.items():
+            self.assertEqual(fams[name].documentation, help_, name)
+
+        def v(metric, **labels):
+            return sample_of(text, metric, labels)
+        # The database's files, as the test sees them (the replicator is idle now).
+        self.assertEqual(v("litestream_db_size", db=db), os.path.getsize(db))
+        self.assertEqual(v("litestream_wal_size", db=db), os.path.getsize(db + "-wal"))
+        meta = self.path(".app.db-litestream")
+        gen = read_file(os.path.join(meta, "generation")).decode().strip()
+        wals = sorted(os.listdir(os.path.join(meta, "generations", gen, "wal")))
+        index = int(wals[-1].split(".")[0], 16)
+        self.assertEqual(v("litestream_shadow_wal_index", db=db), index)
+        self.assertEqual(v("litestream_shadow_wal_size", db=db),
+                         sum(os.path.getsize(os.path.join(meta, "generations", gen, "wal", w)) for w in wals))
+        # The replica's position is the end of the newest segment in the bucket.
+        s3 = boto3_s3(self.srv.endpoint, MOTO_KEY, MOTO_SECRET)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=MOTO_BUCKET, Prefix="%s/generations/%s/wal/"
+                                                      % (self.prefix, gen))["Contents"]]
+        last = max(keys, key=lambda k: tuple(int(x, 16) for x in k.rsplit("/", 1)[1].split(".")[0].split("_")))
+        seg_index, seg_off = (int(x, 16) for x in last.rsplit("/", 1)[1].split(".")[0].split("_"))
+        import lz4.frame
+        seg_len = len(lz4.frame.decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=last)["Body"].read()))
+        self.assertEqual((v("litestream_replica_wal_index", **lab), v("litestream_replica_wal_offset", **lab)),
+                         (seg_index, seg_off + seg_len))
+        self.assertGreater(v("litestream_sync_count", db=db), 0)
+        self.assertEqual(v("litestream_sync_error_count", db=db), 0)
+        self.assertGreater(v("litestream_replica_last_success_timestamp_seconds", **lab), time.time() - 60)
+        # S3 operations: what the proxy forwarded, counted as Go counts.
+        for op in ("GET", "PUT", "DELETE", "LIST"):
+            self.assertEqual(v("litestream_replica_operation_total", replica_type="s3", operation=op),
+                             kinds[op], op)
+        self.assertGreater(kinds["PUT"], 5)
+        self.assertNotIn(MOTO_SECRET, text)
+        self.assertEqual(scrape(port, "/healthz")[0], 200)
+        self.assertEqual(r.stop(), 0, r.log())
+
+    def test_lag_and_readiness_follow_an_outage(self):
+        """Ensure lag rises second by second and /readyz turns 503 naming the replica while S3 is cut, and both recover with no further writes."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        proxy = TCPProxy(self.moto.endpoint)
+        proxy.up()
+        self.addCleanup(proxy.down)
+        r, port = self.start(db, proxy.endpoint, extra_replica="max-lag = 3s\n")
+        lab = {"db": db, "name": "s3"}
+        wait_for(lambda: scrape(port, "/readyz")[0] == 200
+                 and self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "/readyz 200 and lag 0")
+        proxy.down()
+        app = AppDB(db)
+        app.insert(5, tag="cut")
+        # Failing at once (the sync fails), and past max-lag once the data is 3 s old.
+        wait_for(lambda: scrape(port, "/readyz")[0] == 503, "/readyz 503 after the cut", timeout=30)
+        wait_for(lambda: "exceeds max-lag" in scrape(port, "/readyz")[1], "lag past max-lag", timeout=30)
+        status, body = scrape(port, "/readyz")
+        self.assertEqual(status, 503)
+        lines = body.strip().splitlines()
+        self.assertEqual(len(lines), 1, body)
+        self.assertIn("x(s3): lag=", lines[0])
+        self.assertIn("exceeds max-lag 3s", lines[0])
+        self.assertIn("last sync failed", lines[0])
+        self.assertIn("127.0.0.1:%d" % proxy.port, lines[0])  # the last error names the endpoint
+        self.assertNotIn(MOTO_SECRET, body)
+        # Nothing new reaches the replica, so lag grows with the clock.
+        t1 = time.monotonic()
+        lag1 = self.value(port, "litestream_replica_lag_seconds", **lab)
+        time.sleep(2)
+        lag2 = self.value(port, "litestream_replica_lag_seconds", **lab)
+        t2 = time.monotonic()
+        self.assertGreater(lag1, 3)
+        self.assertGreater(lag2, lag1 + 1)
+        self.assertLess(lag2 - lag1, (t2 - t1) + 1)
+        self.assertGreater(self.value(port, "litestream_replica_pending_bytes", **lab), 0)
+        proxy.up()  # and no more writes: the retry timer alone must catch up
+        wait_for(lambda: scrape(port, "/readyz")[0] == 200, "/readyz 200 after the cut heals", timeout=90)
+        self.assertEqual(self.value(port, "litestream_replica_lag_seconds", **lab), 0)
+        self.assertEqual(self.value(port, "litestream_replica_pending_bytes", **lab), 0)
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        out = self.path("out.db")
+        self.assertIsNotNone(s3_restore_rows(self.prefix, out))
+        self.assertSameRows(out, table_rows(db))
+
+    def test_idle_caught_up_replica_keeps_lag_zero(self):
+        """Ensure an idle, caught-up replica reads lag 0 for a minute, through the checkpoint its own write causes."""
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        port = free_port()
+        cfg = self.path("ls.ini")
+        with open(cfg, "w") as f:
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n" % port
+                    + py_ini(db, self.path("rep"), sync="1s").replace(
+                        "monitor-interval", "checkpoint-interval = 5s\nmonitor-interval"))
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        lab = {"db": db, "name": "r"}
+        wait_for(lambda: scrape(port)[0] == 200 and
+                 self.value(port, "litestream_replica_lag_seconds", **lab) == 0, "lag 0 after start-up")
+        end = time.monotonic() + 60
+        samples = []
+        while time.monotonic() < end:
+            samples.append(self.value(port, "litestream_replica_lag_seconds", **lab))
+            self.assertEqual(scrape(port, "/readyz")[0], 200)
+            time.sleep(0.25)
+        self.assertGreater(len(samples), 100)
+        self.assertEqual(set(samples), {0.0})
+        # The timed checkpoint ran (and wrote its own frame) within the minute.
+        self.assertGreaterEqual(self.value(port, "litestream_checkpoint_count", db=db, mode="PASSIVE"), 1)
+        self.assertEqual(r.stop(), 0, r.log())
+
+    def test_heartbeat_only_while_replicating(self):
+        """Ensure heartbeat GETs arrive once per interval while the replica is healthy, stop while it fails, and a failing heartbeat URL is only a warning."""
+        hits = []
+        answer = {"status": 200}
+
+        class Ping(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hits.append((time.monotonic(), self.path))
+                self.send_response(answer["status"])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        ping = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ping)
+        threading.Thread(target=ping.serve_forever, daemon=True).start()
+        self.addCleanup(ping.server_close)
+        self.addCleanup(ping.shutdown)
+        token = "ping-%s" % secrets_hex()
+        db = self.path("app.db")
+        create_wal_db(db, rows=20)
+        proxy = TCPProxy(self.moto.endpoint)
+        proxy.up()
+        self.addCleanup(proxy.down)
+        r, port = self.start(db, proxy.endpoint, extra_replica="max-lag = 2s\n",
+                             extra_global="heartbeat-url = http://127.0.0.1:%d/%s\nheartbeat-interval = 1s\n"
+                             % (ping.server_address[1], token))
+        wait_for(lambda: len(hits) >= 3, "three heartbeats", timeout=30)
+        self.assertEqual({p for _, p in hits}, {"/" + token})
+        gaps = [b[0] - a[0] for a, b in zip(hits, hits[1:])]
+        self.assertGreaterEqual(min(gaps), 0.9, gaps)  # at most one per interval
+        proxy.down()
+        app = AppDB(db)
+        app.insert(5, tag="cut")
+        wait_for(lambda: scrape(port, "/readyz")[0] == 503, "/readyz 503 after the cut", timeout=30)
+        time.sleep(1.5)
+        n = len(hits)
+        time.sleep(3)
+        self.assertEqual(len(hits), n, "heartbeats kept coming while the replica failed")
+        proxy.up()
+        wait_for(lambda: len(hits) > n, "heartbeats again after the cut heals", timeout=90)
+        answer["status"] = 500
+        r.wait_log("heartbeat to 127.0.0.1 failed: HTTP 500")
+        self.assertIsNone(r.p.poll())
+        app.close()
+        self.assertEqual(r.stop(), 0, r.log())
+        self.assertNotIn(token, r.log())
 
 
 def remove_files(*paths):
@@ -7178,7 +7593,7 @@ class TestOneReplicatorPerDB(RowsMixin, TempDirTestCase):
                 except subprocess.TimeoutExpired:
                     self.fail("a second replicate on %s kept running" % db)
                 self.assertNotEqual(p.returncode, 0)
-                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                lines = error_lines(p.stderr)
                 self.assertEqual(len(lines), 1, p.stderr)
                 self.assertIn(db, lines[0])
                 self.assertIn("pid %d" % r.p.pid, lines[0])
@@ -7231,7 +7646,7 @@ class TestExec(TempDirTestCase):
                 p = run_cli("replicate", "-exec", cmd, db, self.path("rep"), timeout=30)
                 self.assertNotEqual(p.returncode, 0)
                 self.assertNotIn("Traceback", p.stderr + p.stdout)
-                lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+                lines = error_lines(p.stderr)
                 self.assertEqual(len(lines), 1, p.stderr)
                 self.assertIn(needle, lines[0])
 
@@ -8076,8 +8491,8 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(out.splitlines()[0].split(), ["replica", "generation", "index", "offset", "size", "created"])
         self.assertEqual(len(out.splitlines()) - 1, len(r.client.wal_segments(gen)))
 
-    def test_databases_and_unsupported_keys(self):
-        """Ensure databases lists config DBs with replica names, and validation-interval is refused."""
+    def test_databases_and_validation_interval(self):
+        """Ensure databases lists config DBs with replica names, and validation-interval breaks no listing."""
         cfg = self.path("ls.ini")
         with open(cfg, "w") as f:
             f.write("[db:a]\npath = %s\n[replica:a:one]\npath = %s\n[replica:a:two]\npath = %s\n"
@@ -8087,20 +8502,38 @@ class TestCLI(TempDirTestCase):
         self.assertEqual(out.splitlines()[1].split(), [self.path("a.db"), "one,two"])
         with open(cfg, "a") as f:
             f.write("validation-interval = 1h\n")
-        code, _, err = self.cli("snapshots", "-config", cfg, self.path("a.db"))
-        self.assertEqual(code, 1)
-        self.assertIn("validation-interval", err)
+        code, out, err = self.cli("snapshots", "-config", cfg, self.path("a.db"))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.split(), ["replica", "generation", "index", "size", "created"])
+        self.assertEqual(ls.load_config(cfg).dbs[0].replicas[1].validation_interval, 3600)
+        self.assertEqual([r.validation_interval for r in ls.new_db_from_config(ls.load_config(cfg).dbs[0]).replicas],
+                         [0, 3600])
 
-    def test_addr_refused_until_metrics_exist(self):
-        """Ensure replicate refuses addr instead of silently serving no metrics."""
+    def test_addr_bind_failure_is_one_line(self):
+        """Ensure a taken metrics port fails replicate with one line, before any database is touched."""
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        db = self.path("a.db")
+        create_wal_db(db, rows=1)
         cfg = self.path("ls.ini")
         with open(cfg, "w") as f:
-            f.write("[litestream]\naddr = :9090\n[db:a]\npath = %s\nreplica = %s\n"
-                    % (self.path("a.db"), self.path("r")))
+            f.write("[litestream]\naddr = 127.0.0.1:%d\n[db:a]\npath = %s\nreplica = %s\n"
+                    % (busy.getsockname()[1], db, self.path("r")))
         code, _, err = self.cli("replicate", "-config", cfg)
         self.assertEqual(code, 1)
-        self.assertIn("addr", err)
-        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("cannot start metrics server on 127.0.0.1:%d" % busy.getsockname()[1], err)
+        self.assertFalse(os.path.exists(self.path(".a.db-litestream")), "the database was touched")
+        self.assertFalse(os.path.exists(self.path("r")))
+        for flag, want in (("-addr=9090", "must specify port"), ("-addr=:x", "invalid port")):
+            with self.subTest(flag=flag):
+                code, _, err = self.cli("replicate", flag, "-config", cfg)
+                self.assertEqual(code, 1)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn("-addr", err)
+                self.assertIn(want, err)
 
     def test_s3_addressing_from_config(self):
         """Ensure path style follows Go: default with an endpoint or a provider host, explicit false kept."""
@@ -8427,6 +8860,336 @@ class TestLogging(TempDirTestCase):
         self.assertEqual({(o["level"], o["endpoint"]) for o in warns}, {("WARN", proxy.endpoint)})
         self.assertEqual(p.stdout.split()[:6], ["replica", "generation", "index", "offset", "size", "created"])
 
+    def test_json_replicate_tells_the_story(self):
+        """Ensure a json replicate run logs each upload, snapshot, deletion, new generation, checkpoint and retry.
+
+        Every stderr line is one JSON object with time, level and msg, and
+        db and replica fields where a DB or replica speaks; every object
+        stored in the bucket (listed by boto3) has its upload logged with
+        its uncompressed size; the secret appears in no log nor in status.
+        """
+        lz4 = import_lz4()
+        m = moto()
+        s3 = boto3_s3(m.endpoint, MOTO_KEY, MOTO_SECRET)
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        db = self.path("story.db")
+        create_wal_db(db, rows=20)
+        out, err = self.path("out.log"), self.path("err.log")
+        with FaultProxy(m.endpoint, rate=0.1, faults=("500", "503"), seed=11) as proxy:
+            cfg = self.path("story.ini")
+            with open(cfg, "w") as f:
+                f.write("[litestream]\nlog-type = json\nlog-level = debug\nlog-stderr = true\n"
+                        "access-key-id = %s\nsecret-access-key = %s\n"
+                        "[db:x]\npath = %s\nmonitor-interval = 100ms\nmin-checkpoint-page-count = 8\n"
+                        "[replica:x:s3]\nurl = s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true\n"
+                        "sync-interval = 100ms\nsnapshot-interval = 1s\nretention = 2s\n"
+                        "retention-check-interval = 1s\n"
+                        % (MOTO_KEY, MOTO_SECRET, db, MOTO_BUCKET, prefix, proxy.endpoint))
+            with open(out, "wb") as fo, open(err, "wb") as fe:
+                p = subprocess.Popen([sys.executable, SCRIPT, "replicate", "-config", cfg], stdout=fo, stderr=fe,
+                                     env=child_env())
+            self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+            app = AppDB(db)
+            self.addCleanup(app.close)
+
+            def told():
+                text = read_file(err).decode()
+                return all(s in text for s in ('"attempt"', "snapshot deleted", '"level": "DEBUG", "msg": "x: '
+                                               'checkpoint', "wal segments deleted before"))
+            for i in range(600):
+                self.assertIsNone(p.poll(), read_file(err).decode()[-3000:])
+                app.insert(30, size=300, tag="s%d-" % i)
+                if told():
+                    break
+                time.sleep(0.1)
+            self.assertTrue(told(), read_file(err).decode()[-3000:])
+            st = run_cli("status", "-json", "-config", cfg, db)
+            p.send_signal(signal.SIGTERM)
+            self.assertEqual(p.wait(60), 0, read_file(err).decode()[-3000:])
+        self.assertEqual(st.returncode, 0, st.stderr)
+        self.assertEqual(json.loads(st.stdout)["dbs"][0]["replicator"], {"running": True, "pid": p.pid})
+        for line in st.stderr.splitlines():
+            self.assertEqual(list(json.loads(line))[:3], ["time", "level", "msg"])
+
+        text = read_file(err).decode()
+        self.assertEqual(read_file(out), b"")
+        for t in (text, st.stdout, st.stderr):
+            self.assertNotIn(MOTO_SECRET, t)
+        objs = [json.loads(line) for line in text.splitlines()]
+        for o in objs:
+            self.assertEqual(list(o)[:3], ["time", "level", "msg"], o)
+            self.assertLess(abs(parse_rfc3339(o["time"]).timestamp() - time.time()), 600)
+            self.assertIn(o["level"], ("DEBUG", "INFO", "WARN", "ERROR"))
+            if o["msg"].startswith(("x: ", "x(s3): ")):
+                self.assertEqual(o["db"], db, o)
+            if o["msg"].startswith("x(s3): "):
+                self.assertEqual(o["replica"], "s3", o)
+
+        def events(msg):
+            return [o for o in objs if re.match(r"x(\(s3\))?: %s( |$)" % re.escape(msg), o["msg"])]
+        gens = events("sync: new generation")
+        self.assertEqual([(o["level"], o["reason"]) for o in gens], [("INFO", "no generation exists")])
+        gen = gens[0]["generation"]
+        ckpt = events("checkpoint")
+        self.assertTrue(ckpt)
+        self.assertEqual({(o["level"], o["mode"]) for o in ckpt}, {("DEBUG", "PASSIVE")})
+        retries = [o for o in objs if "attempt" in o]
+        self.assertTrue(retries)
+        for o in retries:
+            self.assertEqual((o["level"], o["endpoint"], o["db"], o["replica"]), ("WARN", proxy.endpoint, db, "s3"))
+            self.assertIn("attempt %d of " % o["attempt"], o["msg"])
+        self.assertIn("litestream shut down", [o["msg"] for o in objs])
+
+        # What the bucket holds was logged as written, with its size; each start has its end.
+        keys = {k for k, _ in s3_replica_keys(s3, MOTO_BUCKET, prefix)}
+        base = "%s/generations/%s/" % (prefix, gen)
+        wal_logged = {o["position"]: o for o in events("wal segment written")}
+        snap_logged = {o["position"]: o for o in events("snapshot written")}
+        for what, logged in (("wal segment", wal_logged), ("snapshot", snap_logged)):
+            self.assertEqual(sorted(o["position"] for o in events("write " + what)), sorted(logged), what)
+            for o in logged.values():
+                self.assertEqual(o["level"], "INFO")
+                self.assertRegex(o["elapsed"], r"^\d+(\.\d+)?(ns|\u00b5s|ms|s)$")
+        stored_wal = [k for k in keys if "/wal/" in k]
+        stored_snaps = [k for k in keys if "/snapshots/" in k]
+        self.assertTrue(stored_wal and stored_snaps, keys)
+        for k in stored_wal:
+            idx, off = re.search(r"/wal/([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$", k).groups()
+            o = wal_logged["%s/%s:%d" % (gen, idx, int(off, 16))]
+            data = lz4.decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=k)["Body"].read())
+            self.assertEqual(o["sz"], len(data), k)
+        snap_idx = {int(p.split("/")[1].split(":")[0], 16) for p in snap_logged}
+        for k in stored_snaps:
+            self.assertIn(int(re.search(r"/snapshots/([0-9a-f]{8})\.snapshot\.lz4$", k).group(1), 16), snap_idx)
+        # Retention: what it says it deleted is gone.
+        deleted = events("snapshot deleted")
+        self.assertTrue(deleted)
+        for o in deleted:
+            self.assertEqual((o["level"], o["generation"]), ("INFO", gen))
+            self.assertNotIn(base + "snapshots/%08x.snapshot.lz4" % o["index"], keys)
+        for o in events("wal segments deleted before"):
+            self.assertFalse([k for k in stored_wal if int(k.split("/wal/")[1][:8], 16) < o["index"]])
+            self.assertGreater(o["n"], 0)
+
+    def test_every_command_logs_as_configured(self):
+        """Ensure verify and status follow log-type and log-stderr, -json keeps stdout one document, CLI mode logs to stderr.
+
+        Each command goes through a proxy whose first answer is a 503, so
+        each logs a WARN retry.
+        """
+        m = moto()
+        prefix = "%016x" % random.getrandbits(64)
+        self.addCleanup(delete_all, moto_client(), prefix)
+        db = self.path("d.db")
+        create_wal_db(db, rows=20)
+        direct = S3Server(m.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+        cfg = self.path("d.ini")
+        with open(cfg, "w") as f:
+            f.write(py_s3_ini(db, direct, prefix))
+        self.assertEqual(run_cli("replicate", "-once", "-config", cfg).returncode, 0)
+        self.assertLess(random.Random(1).random(), 0.5)
+
+        def through_proxy(glob, *args, env=None):
+            with FaultProxy(m.endpoint, rate=0.5, faults=("503",), seed=1) as proxy:
+                if glob is not None:
+                    srv = S3Server(proxy.endpoint, MOTO_BUCKET, MOTO_KEY, MOTO_SECRET)
+                    with open(cfg, "w") as f:
+                        f.write(py_s3_ini(db, srv, prefix).replace("[litestream]\n", "[litestream]\n" + glob))
+                    args = args + ("-config", cfg, db)
+                else:
+                    args += ("s3://%s/%s?endpoint=%s&region=us-east-1&force-path-style=true"
+                             % (MOTO_BUCKET, prefix, proxy.endpoint),)
+                p = subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
+                                   timeout=120, env=env or child_env())
+            self.assertGreater(proxy.counts["503"], 0)
+            self.assertNotIn(MOTO_SECRET, p.stdout + p.stderr)
+            return p
+
+        def json_warns(text):
+            objs = [json.loads(line) for line in text.splitlines()]
+            self.assertTrue(objs)
+            self.assertEqual({(o["level"], o["db"], o["replica"]) for o in objs}, {("WARN", db, "s3")})
+            return objs
+
+        p = through_proxy("log-type = json\nlog-stderr = true\n", "verify")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        json_warns(p.stderr)
+        self.assertRegex(p.stdout.splitlines()[0], r"^s3 replica s3 \(s3://.*\): ok$")
+
+        # status's S3 position is where the last WAL object, listed and decompressed by boto3 and python-lz4, ends.
+        s3 = boto3_s3(m.endpoint, MOTO_KEY, MOTO_SECRET)
+        wal = sorted(re.search(r"/generations/([0-9a-f]{16})/wal/([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$", k).groups()
+                     + (k,) for k, _ in s3_replica_keys(s3, MOTO_BUCKET, prefix) if "/wal/" in k)
+        gen, idx, off, key = wal[-1]
+        n = len(import_lz4().decompress(s3.get_object(Bucket=MOTO_BUCKET, Key=key)["Body"].read()))
+        for extra in ("", "log-stderr = false\n"):
+            p = through_proxy("log-type = json\n" + extra, "status", "-json")
+            self.assertEqual(p.returncode, 0, p.stderr)
+            json_warns(p.stderr)
+            r = json.loads(p.stdout)["dbs"][0]["replicas"][0]
+            self.assertEqual((r["position"], r["bytes_behind"], r["snapshots"]),
+                             ({"generation": gen, "index": int(idx, 16), "offset": int(off, 16) + n}, 0,
+                              len(s3_snapshots(s3, MOTO_BUCKET, prefix))))
+
+        env = dict(child_env(), LITESTREAM_ACCESS_KEY_ID=MOTO_KEY, LITESTREAM_SECRET_ACCESS_KEY=MOTO_SECRET)
+        out = self.path("restored.db")
+        p = through_proxy(None, "restore", "-o", out, env=env)
+        self.assertEqual((p.returncode, p.stdout), (0, ""), p.stderr)
+        lines = p.stderr.splitlines()
+        for line in lines:
+            self.assertRegex(line, r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARN) ")
+        self.assertTrue(any(" WARN s3: " in line and "attempt 1 of" in line for line in lines), lines)
+        self.assertTrue(any("restored to %s" % out in line for line in lines), lines)
+        self.assertEqual(table_rows(out), table_rows(db))
+
+
+def replica_tail(root: str, generation: str) -> "tuple[int, int, int]":
+    """Return (index, end offset, segments) of a file replica generation's last WAL segment, read independently.
+
+    The end is the segment's offset plus its length decompressed by
+    python-lz4.
+    """
+    segs = sorted((int(n[:8], 16), int(n[9:17], 16), n) for g, n in replica_objects(root, "wal") if g == generation)
+    index, offset, name = segs[-1]
+    return index, offset + len(lz4_payload(os.path.join(root, "generations", generation, "wal", name))), len(segs)
+
+
+def rfc3339_epoch(s: str) -> float:
+    return parse_rfc3339(s).timestamp()
+
+
+class TestStatus(RowsMixin, TempDirTestCase):
+    """`status`: positions, lag and the replicator lock read from disk and the replicas, with no replicator."""
+
+    def setUp(self):
+        super().setUp()
+        self.db = self.path("app.db")
+        self.rep = self.path("rep")
+        self.ini = self.path("ls.ini")
+        with open(self.ini, "w") as f:
+            f.write(py_ini(self.db, self.rep))
+
+    def status(self, *args, code=0):
+        p = run_cli("status", "-config", self.ini, *args)
+        self.assertEqual(p.returncode, code, p.stdout + p.stderr)
+        return p
+
+    def status_json(self, code=0):
+        p = self.status("-json", code=code)
+        doc = json.loads(p.stdout)  # one document: nothing else on stdout
+        self.assertEqual(len(doc["dbs"]), 1)
+        return doc["dbs"][0], p
+
+    def expected_wal_end(self) -> int:
+        """Where the DB's own WAL's last commit ends, walked by the test (no checkpoint restarted it)."""
+        wal = read_file(self.db + "-wal")
+        n, _ = committed_frames(wal)
+        return 32 + n * (struct.unpack(">I", wal[8:12])[0] + 24)
+
+    def check_against_listing(self, d, min_segments=2):
+        """Check a status DB entry against the replica directory and the WAL, listed by the test."""
+        gens = os.listdir(os.path.join(self.rep, "generations"))
+        self.assertEqual(len(gens), 1, gens)
+        gen = gens[0]
+        index, end, nsegs = replica_tail(self.rep, gen)
+        self.assertGreaterEqual(nsegs, min_segments)
+        self.assertEqual(d["path"], self.db)
+        self.assertEqual(d["generation"], gen)
+        self.assertEqual(d["position"], {"generation": gen, "index": index, "offset": self.expected_wal_end()})
+        r = d["replicas"][0]
+        self.assertIsNone(r["error"])
+        self.assertEqual((r["name"], r["type"], r["url"], r["generation"]), ("r", "file", "file://" + self.rep, gen))
+        self.assertEqual(r["position"], {"generation": gen, "index": index, "offset": end})
+        self.assertEqual(r["bytes_behind"], 0)
+        snaps = [n for g, n in replica_objects(self.rep, "snapshots")]
+        self.assertEqual(r["snapshots"], len(snaps))
+        gdir = os.path.join(self.rep, "generations", gen)
+        mtimes = [os.stat(os.path.join(gdir, k, n)).st_mtime for k in ("wal", "snapshots")
+                  for n in os.listdir(os.path.join(gdir, k))]
+        snap_mtime = max(os.stat(os.path.join(gdir, "snapshots", n)).st_mtime for n in snaps)
+        self.assertAlmostEqual(rfc3339_epoch(r["last_replicated"]), max(mtimes), delta=1e-5)
+        self.assertAlmostEqual(rfc3339_epoch(r["last_snapshot"]), snap_mtime, delta=1e-5)
+        return gen, index, end
+
+    def test_json_running_and_stopped(self):
+        """Ensure status -json reports what the replica directory and the WAL hold, and the lock holder's PID."""
+        create_wal_db(self.db, rows=20)
+        d, _ = self.status_json()
+        self.assertEqual((d["generation"], d["position"], d["replicator"]), ("", None, {"running": False, "pid": None}))
+        self.assertEqual((d["replicas"][0]["position"], d["replicas"][0]["snapshots"]), (None, 0))
+
+        r = Replicator(self, ["-config", self.ini])
+        app = AppDB(self.db)
+        self.addCleanup(app.close)
+        for i in range(3):
+            app.insert(5, tag="w%d" % i)
+            wait_for(lambda: os.path.isdir(os.path.join(self.rep, "generations")) and
+                     replica_objects(self.rep, "wal") and
+                     replica_tail(self.rep, os.listdir(os.path.join(self.rep, "generations"))[0])[1] ==
+                     self.expected_wal_end(), "the replica to reach the WAL's end")
+        d, _ = self.status_json()
+        self.assertEqual(d["replicator"], {"running": True, "pid": r.p.pid})
+        self.assertEqual(len(d["replicas"]), 1)
+        self.check_against_listing(d)
+
+        stop_replicator(self, "py", r)
+        d, p = self.status_json()
+        self.assertEqual(d["replicator"], {"running": False, "pid": None})
+        gen, index, end = self.check_against_listing(d)
+
+        # Without the last WAL segment the replica is behind by its bytes.
+        segs = sorted(n for g, n in replica_objects(self.rep, "wal") if g == gen)
+        os.unlink(os.path.join(self.rep, "generations", gen, "wal", segs[-1]))
+        prev_index, prev_end, _ = replica_tail(self.rep, gen)
+        self.assertEqual(prev_index, index)
+        d, _ = self.status_json()
+        self.assertEqual(d["replicas"][0]["position"]["offset"], prev_end)
+        self.assertEqual(d["replicas"][0]["bytes_behind"], end - prev_end)
+
+        # The text form: one aligned row per replica under a header.
+        p = self.status()
+        lines = p.stdout.splitlines()
+        self.assertEqual(len(lines), 2, p.stdout)
+        self.assertEqual(lines[0].split()[:4], ["db", "replicator", "replica", "generation"])
+        self.assertEqual(lines[1].split()[:7], [self.db, "stopped", "r", gen, "%08x:%d" % (index, end),
+                                                "%08x:%d" % (index, prev_end), str(end - prev_end)])
+        self.assertEqual(lines[0].index("replica "), lines[1].index(" r ") + 1)
+
+    def test_failing_replica_is_reported_and_others_listed(self):
+        """Ensure a replica that cannot be listed is one stderr line and exit 1, the others still reported."""
+        create_wal_db(self.db, rows=20)
+        app = AppDB(self.db)  # keeps the WAL for expected_wal_end
+        self.addCleanup(app.close)
+        app.insert(5)
+        self.assertEqual(run_cli("replicate", "-once", "-config", self.ini).returncode, 0)
+        secret = "status-secret-%s" % secrets_hex()
+        with open(self.ini, "a") as f:
+            f.write("[replica:app:bad]\ntype = s3\nbucket = b\nendpoint = http://127.0.0.1:%d\n"
+                    "access-key-id = AKIAEXAMPLE\nsecret-access-key = %s\nmax-retries = 0\n" % (free_port(), secret))
+        d, p = self.status_json(code=1)
+        good, bad = d["replicas"]
+        self.assertEqual(good["name"], "r")
+        self.check_against_listing(d, min_segments=1)
+        self.assertEqual((bad["name"], bad["type"]), ("bad", "s3"))
+        self.assertIn("127.0.0.1", bad["error"])
+        err = p.stderr.splitlines()
+        self.assertEqual(len(err), 1, p.stderr)
+        self.assertRegex(err[0], r"^litestream: status: %s: replica bad \(s3://b/\): " % re.escape(self.db))
+        p2 = self.status(code=1)
+        self.assertEqual([line.split()[2] for line in p2.stdout.splitlines()], ["replica", "r", "bad"])
+        for text in (p.stdout, p.stderr, p2.stdout, p2.stderr):
+            self.assertNotIn(secret, text)
+
+    def test_bad_flag_and_unknown_db(self):
+        """Ensure a bad flag is one usage line and exit 1, as is a DB not in the config."""
+        p = run_cli("status", "-jsn", "-config", self.ini)
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertEqual(p.stderr, "litestream status: unknown flag -jsn (did you mean -json?)\n")
+        p = run_cli("status", "-config", self.ini, self.path("other.db"))
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertEqual(p.stderr, "litestream: database not found in config: %s\n" % self.path("other.db"))
+
 
 class TestShutdownRecord(TempDirTestCase):
     """The clean-shutdown record, exercised as on Python 3.8-3.11 (no NO_CKPT_ON_CLOSE)."""
@@ -8744,7 +9507,9 @@ class TestREADME(RowsMixin, TempDirTestCase):
         self.assertEqual(docs["StatefulSet"]["spec"]["replicas"], 1)
         data, etc, rep = self.path("data"), self.path("etc"), self.path("rep")
         os.mkdir(data)
-        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data)]
+        port = free_port()
+        paths = [("/opt/litestream/litestream.py", SCRIPT), ("/etc/litestream", etc), ("/var/lib/app", data),
+                 (":9090", "127.0.0.1:%d" % port)]
 
         def local(s):
             for a, b in paths:
@@ -8766,6 +9531,10 @@ class TestREADME(RowsMixin, TempDirTestCase):
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
         self.addCleanup(lambda: side.poll() is None and (side.kill(), side.wait()))
         wait_for(lambda: (try_restore_rows(rep, self.path("probe.db")) or []) == table_rows(db), "rows in the replica")
+        probe = sidecar["livenessProbe"]["httpGet"]
+        self.assertEqual((sidecar["ports"][0]["containerPort"], probe["port"]), (9090, 9090))
+        self.assertEqual(scrape(port, probe["path"])[0], 200)
+        self.assertEqual(scrape(port, "/readyz")[0], 200)
         side.send_signal(signal.SIGTERM)
         self.assertEqual(side.wait(60), 0, read_file(self.path("sidecar.log")))
         want = table_rows(db)
@@ -8796,6 +9565,262 @@ class TestREADME(RowsMixin, TempDirTestCase):
         p = subprocess.run(["sh", drill, db], capture_output=True, text=True, env=env, timeout=120)
         self.assertNotEqual(p.returncode, 0, p.stdout)
         self.assertIn(name, p.stderr)
+
+
+###############################################################################
+# Restore drills: validation-interval and verify -live
+###############################################################################
+
+DRILL_WRITER = r'''
+import random, sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+c.execute("PRAGMA journal_mode=WAL")
+end, rnd, k, n = time.monotonic() + float(sys.argv[2]), random.Random(1), 100000, 0
+while time.monotonic() < end:
+    c.execute("BEGIN IMMEDIATE")
+    for _ in range(rnd.randint(1, 8)):
+        k += 1
+        c.execute("INSERT INTO t (id, v) VALUES (?, ?)", (k, "row %d " % k + "x" * rnd.randint(10, 3000)))
+        c.execute("INSERT OR REPLACE INTO w (k, n, v) VALUES (?, ?, ?)", ("k%d" % (k % 500), k % 7, str(k)))
+    c.execute("UPDATE t SET v = v || '!' WHERE id = ?", (rnd.randint(100001, k),))
+    if k % 50 == 0:
+        c.execute("DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 3)")
+    c.execute("COMMIT")
+    n += 1
+    time.sleep(rnd.uniform(0, 0.01))
+print(n, k)
+'''
+
+
+def drill_db(path: str, rows: int = 2000) -> None:
+    """Create the drills' database: t (rowid, text values "value-%06d-...") and w (WITHOUT ROWID), checkpointed."""
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    c.execute("CREATE TABLE w (k TEXT, n INTEGER, v TEXT, PRIMARY KEY (n, k)) WITHOUT ROWID")
+    c.execute("CREATE INDEX t_len ON t (length(v))")  # same after a one-byte change of a value
+    c.execute("BEGIN")
+    c.executemany("INSERT INTO t (id, v) VALUES (?, ?)", [(i, "value-%06d-" % i + "y" * 200) for i in range(1, rows + 1)])
+    c.executemany("INSERT INTO w VALUES (?, ?, ?)", [("k%d" % i, i % 7, "w") for i in range(100)])
+    c.execute("COMMIT")
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+
+
+def alter_snapshot_text(path: str, old: bytes, new: bytes) -> None:
+    """Change a text value inside a stored snapshot and store it again as valid LZ4 with a correct checksum."""
+    data = ls.lz4_decompress_frame(read_file(path))
+    assert data.count(old) == 1, "%r occurs %d times in the snapshot" % (old, data.count(old))
+    assert len(old) == len(new)
+    with open(path + ".tmp", "wb") as f:
+        f.write(ls.lz4_compress_frame(data.replace(old, new), content_checksum=True))
+    os.replace(path + ".tmp", path)
+
+
+class TestValidation(TempDirTestCase):
+    """Restore drills (validation-interval, verify -live) against a live database."""
+
+    def setUp(self):
+        super().setUp()
+        self.dbpath = self.path("app.db")
+        drill_db(self.dbpath)
+        self.rep = self.path("rep")
+
+    def ini(self, validation="", extra="", s3=None, file_extra=""):
+        lines = ["[db:app]", "path = %s" % self.dbpath, "monitor-interval = 100ms", extra,
+                 "[replica:app:file]", "path = %s" % self.rep, "sync-interval = 100ms", file_extra]
+        if validation:
+            lines.append("validation-interval = %s" % validation)
+        if s3 is not None:
+            lines += ["[replica:app:s3]", "url = s3://%s/%s" % (MOTO_BUCKET, s3), "endpoint = %s" % moto().endpoint,
+                      "region = us-east-1", "access-key-id = %s" % MOTO_KEY,
+                      "secret-access-key = %s" % MOTO_SECRET, "sync-interval = 100ms"]
+            if validation:
+                lines.append("validation-interval = %s" % validation)
+        cfg = self.path("litestream.ini")
+        with open(cfg, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return cfg
+
+    def snapshot_path(self):
+        gens = os.listdir(os.path.join(self.rep, "generations"))
+        self.assertEqual(len(gens), 1)
+        snaps = os.listdir(os.path.join(self.rep, "generations", gens[0], "snapshots"))
+        self.assertEqual(len(snaps), 1)
+        return os.path.join(self.rep, "generations", gens[0], "snapshots", snaps[0])
+
+    def counters(self, name):
+        p = self.dbpath
+        return (ls.REPLICA_VALIDATION_TOTAL.labels(p, name, "ok").get(),
+                ls.REPLICA_VALIDATION_TOTAL.labels(p, name, "error").get(),
+                ls.VALIDATION_CHECKS_TOTAL.labels(p, name, "invalid").get(),
+                ls.VALIDATION_CHECKS_TOTAL.labels(p, name, "error").get())
+
+    def test_drills_under_a_continuous_writer(self):
+        """Ensure drills every few seconds under a writer committing for a minute all pass: no false alarm."""
+        seconds = float(os.environ.get("LITESTREAM_TEST_DRILL_SECONDS", "60"))
+        prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, prefix)
+        # Small checkpoint thresholds: drills meet PASSIVE checkpoints and
+        # new WAL indices, and the file replica new snapshots, all the time.
+        cfg = self.ini("2s", "min-checkpoint-page-count = 40\nmax-checkpoint-page-count = 300", s3=prefix,
+                       file_extra="snapshot-interval = 3s")
+        rep = ls.Replicator.from_config(cfg)
+        names = [rc.name for rc in rep.config.dbs[0].replicas]
+        self.assertEqual(names, ["file", "s3"])
+        with self.assertLogs("litestream", "INFO") as logs:
+            rep.open()
+            try:
+                rep.wait_replicated(30)
+                writer = subprocess.Popen([sys.executable, "-c", DRILL_WRITER, self.dbpath, str(seconds)],
+                                          stdout=subprocess.PIPE, text=True)
+                self.addCleanup(lambda: writer.poll() is None and writer.kill())
+                samples = []
+                while writer.poll() is None:
+                    samples.append({n: self.counters(n) for n in names})
+                    time.sleep(seconds / 6)
+                out, _ = writer.communicate()
+                self.assertEqual(writer.returncode, 0)
+                commits, rows = (int(x) for x in out.split())
+                rep.wait_replicated(60)
+                # Read before close, which drops the DB's series.
+                final = {n: self.counters(n) + (ls.LAST_VALIDATION_SUCCESS.labels(self.dbpath, n).get(),
+                                                ls.LAST_VALIDATION_SUCCESS_TIMESTAMP_SECONDS.labels(
+                                                    self.dbpath, n).get()) for n in names}
+            finally:
+                rep.close()
+        self.assertGreater(commits, 200)
+        drills_ok = [r.getMessage() for r in logs.records if "validation ok" in r.getMessage()]
+        alarms = [r.getMessage() for r in logs.records if "validation failed" in r.getMessage()
+                  or "validation error" in r.getMessage()]
+        self.assertEqual(alarms, [])
+        for n in names:
+            with self.subTest(replica=n):
+                ok, err, invalid, error, last_ok, last_ts = final[n]
+                self.assertEqual((err, invalid, error), (0, 0, 0))
+                self.assertGreaterEqual(ok, seconds / 20, "too few drills ran")  # every 2s, plus the drill's time
+                # One more may have finished between the reading and close.
+                self.assertIn(sum(1 for m in drills_ok if "(%s)" % n in m), (ok, ok + 1))
+                # The ok counter rises through the run.
+                oks = [s[n][0] for s in samples]
+                self.assertEqual(oks, sorted(oks))
+                self.assertGreater(oks[-1], oks[1])
+                self.assertEqual(last_ok, 1)
+                self.assertGreater(last_ts, time.time() - 3600)
+        # Drills at positions spread over the run, in more than one WAL index.
+        positions = {m.split("position=")[1].split()[0] for m in drills_ok}
+        self.assertGreater(len({p.rsplit(":", 1)[0] for p in positions}), 1, positions)
+        # No scratch file is left behind.
+        meta = os.path.join(self.dir, ".app.db-litestream")
+        self.assertEqual([n for n in os.listdir(meta) if n.startswith("validation")], [])
+        out = self.path("final.db")
+        code = run_cli("restore", "-o", out, "file://" + self.rep).returncode
+        self.assertEqual(code, 0)
+        self.assertEqual(ls.compare_databases(out, self.dbpath), None)
+        self.assertEqual(table_rows(out)[-1][0], rows)
+
+    def test_altered_snapshot_is_a_mismatch(self):
+        """Ensure a drill reports a snapshot changed in a text value (still valid LZ4 and SQLite) as a mismatch."""
+        rep = ls.Replicator(self.dbpath, [self.rep], monitor_interval=0.1, sync_interval=0.1,
+                            validation_interval=1.0)
+        with self.assertLogs("litestream", "INFO") as logs:
+            with rep:
+                rep.wait_replicated(30)
+                wait_for(lambda: self.counters("file")[0] >= 1, "a first drill")
+                snap = self.snapshot_path()
+                alter_snapshot_text(snap, b"value-001234-", b"value-001234+")
+                ok0, err0, invalid0, error0 = self.counters("file")
+                wait_for(lambda: self.counters("file")[1] > err0, "a failed drill")
+                ok, err, invalid, error = self.counters("file")
+                last_ok = ls.LAST_VALIDATION_SUCCESS.labels(self.dbpath, "file").get()
+        self.assertEqual((invalid - invalid0, error - error0), (err - err0, 0))
+        self.assertGreaterEqual(err - err0, 1)
+        self.assertEqual(last_ok, 0)
+        failed = [r for r in logs.records if "validation failed" in r.getMessage()]
+        self.assertTrue(failed)
+        self.assertEqual(failed[0].levelname, "ERROR")
+        self.assertIn("mismatch: table t differs", failed[0].getMessage())
+        self.assertNotIn("value-", failed[0].getMessage())  # never the data itself
+        # The altered replica is internally valid: restore and verify accept it.
+        out = self.path("out.db")
+        p = run_cli("restore", "-o", out, "file://" + self.rep)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(integrity(out), "ok")
+        self.assertIn(b"value-001234+", read_file(out))
+        p = run_cli("verify", "file://" + self.rep)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+
+    def test_pinned_reader_sees_p_and_checkpoints_stay_passive(self):
+        """Ensure pin_read's reader keeps seeing P while the app writes, and RESTART waits until it ends."""
+        app = AppDB(self.dbpath)
+        self.addCleanup(app.close)
+        db = open_db(self.dbpath, min_checkpoint_page_n=2, max_checkpoint_page_n=4)
+        self.addCleanup(db.close)
+        app.insert(3, size=100, tag="before")
+        db.sync()
+        want = table_rows(self.dbpath)
+        pos, conn, held = db.pin_read()
+        try:
+            self.assertEqual(pos, db.pos())
+            # The shadow WAL ends where the WAL's last commit ends.
+            self.assertEqual(pos.offset, os.path.getsize(db.shadow_wal_path(pos.generation, pos.index)))
+            app.insert(20, size=3000, tag="after")
+            modes = {db.sync().checkpoint for _ in range(2)}
+            self.assertEqual(modes - {""}, {ls.CHECKPOINT_MODE_PASSIVE})
+            self.assertEqual(db.pos().index, pos.index)  # no WAL restart while pinned
+            self.assertEqual(conn.execute("SELECT * FROM t ORDER BY rowid").fetchall(), want)
+        finally:
+            db.unpin(conn)
+        app.insert(1, tag="later")
+        self.assertEqual(db.sync().checkpoint, ls.CHECKPOINT_MODE_RESTART)
+        self.assertEqual(db.pos().index, pos.index + 1)
+
+    def test_verify_live_exit_codes(self):
+        """Ensure verify -live exits 0 on a good replica, 1 on an altered one and alongside a running replicator."""
+        prefix = "%016x" % random.getrandbits(64)
+        c = moto_client(prefix)
+        self.addCleanup(c.close)
+        self.addCleanup(delete_all, c, prefix)
+        cfg = self.ini(s3=prefix)
+        app = AppDB(self.dbpath)
+        self.addCleanup(app.close)
+        app.insert(50, size=300, tag="live")
+        p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        lines = error_lines(p.stdout)  # the config logs to stdout, as Go's
+        self.assertEqual(len(lines), 2, p.stdout)
+        self.assertTrue(lines[0].startswith("file replica file: validation ok at "), lines[0])
+        self.assertTrue(lines[1].startswith("s3 replica s3: validation ok at "), lines[1])
+        self.assertEqual(p.stderr, "")
+        # Alongside a running replicator: refused in one line, naming its pid.
+        r = Replicator(self, ["-config", cfg])
+        r.wait_log("replicating to")
+        p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertEqual(error_lines(p.stderr),
+                         ["litestream: verify -live: %s is replicated by a running litestream (pid %d); set "
+                          "validation-interval on its replicas to drill there, or stop it first"
+                          % (self.dbpath, r.p.pid)])
+        self.assertEqual(r.stop(), 0)
+        # The file replica's snapshot altered: exit 1 naming it and the table; the s3 one still passes.
+        alter_snapshot_text(self.snapshot_path(), b"value-000777-", b"value-000778-")
+        app.insert(5, size=300, tag="after")
+        p = run_cli("verify", "-live", "-config", cfg, self.dbpath)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        lines = error_lines(p.stdout)  # the config logs to stdout, as Go's
+        self.assertRegex(lines[0], r"^file replica file: validation FAILED at [0-9a-f]{16}/[0-9a-f]{8}:\d+: "
+                                   r"mismatch: table t differs \(first at row 777\)$")
+        self.assertTrue(lines[1].startswith("s3 replica s3: validation ok at "), lines[1])
+        self.assertEqual(error_lines(p.stderr), ["litestream: verify: " + lines[0]])
+        p = run_cli("verify", "-live", "-config", cfg, "-replica", "s3", self.dbpath)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        meta = os.path.join(self.dir, ".app.db-litestream")
+        self.assertEqual([n for n in os.listdir(meta) if n.startswith("validation")], [])
+        p = run_cli("verify", "-live", "file://" + self.rep)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("needs a database path", p.stderr)
 
 
 ###############################################################################
@@ -9076,6 +10101,116 @@ def bench_big_tx(mib: int = 400) -> None:
               + rows, sys.stdout)
 
 
+BENCH_DRILL_WRITER = r'''
+import select, sqlite3, sys, time
+w = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+k, worst = 0, 0.0
+while not select.select([sys.stdin], [], [], 0.002)[0]:
+    k += 1
+    t0 = time.monotonic()
+    w.execute("INSERT INTO t (v) VALUES (?)", ("w%d " % k + "x" * 500,))
+    worst = max(worst, time.monotonic() - t0)
+print(k, worst)
+'''
+
+
+def bench_drill(mib: int = 200, drills: int = 3, s3: bool = False) -> None:
+    """Restore drills (Replica.validate) on a MIB MiB database while a writer commits continuously.
+
+    python3 test_litestream.py bench-drill [MIB [DRILLS [s3]]]
+
+    Reports per drill the seconds, the longest hold of SQLite's write lock,
+    the peak extra disk of the drill (its scratch files in the meta dir, and
+    how much the WAL grew meanwhile) and the writer's slowest commit.
+    """
+    with tempfile.TemporaryDirectory(prefix="lsbench-") as d:
+        db = os.path.join(d, "app.db")
+        c = sqlite3.connect(db, isolation_level=None)
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        rnd = random.Random(7)
+        text = ("the quick brown fox jumps over the lazy dog %d " * 40)[:2048]
+        c.execute("BEGIN")
+        for i in range(mib * 1024 * 1024 // 4200):
+            c.execute("INSERT INTO t (v) VALUES (?)", (text.replace("%d", str(i)) + rand_bytes(rnd, 1024).hex(),))
+        c.execute("COMMIT")
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        c.close()
+        size = os.path.getsize(db)
+        urls = [os.path.join(d, "rep")]
+        if s3:
+            prefix = "%016x" % random.getrandbits(64)
+            urls = ["s3://%s/%s?endpoint=%s&region=us-east-1" % (MOTO_BUCKET, prefix, moto().endpoint)]
+            os.environ["LITESTREAM_ACCESS_KEY_ID"], os.environ["LITESTREAM_SECRET_ACCESS_KEY"] = MOTO_KEY, MOTO_SECRET
+        rep = ls.Replicator(db, urls, monitor_interval=1.0, sync_interval=1.0)
+        rep.open()
+        try:
+            rep.wait_replicated(600)
+            r = rep.dbs[0].replicas[0]
+            meta = rep.dbs[0].meta_path
+            stop, slowest, peak = threading.Event(), [0.0], [0, 0]
+            commits = [0]
+
+            def writer():
+                # A separate process, as the application is: the drill's
+                # CPU work does not hold its commits up through our GIL.
+                p = subprocess.Popen([sys.executable, "-c", BENCH_DRILL_WRITER, db], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+                stop.wait()
+                out, _ = p.communicate("")
+                n, worst = out.split()
+                commits[0], slowest[0] = int(n), float(worst)
+
+            def watch(wal0):
+                while not stop.wait(0.05):
+                    scratch = 0
+                    for n in os.listdir(meta):
+                        if n.startswith("validation"):
+                            with contextlib.suppress(OSError):
+                                scratch += os.path.getsize(os.path.join(meta, n))
+                    peak[0] = max(peak[0], scratch)
+                    with contextlib.suppress(OSError):
+                        peak[1] = max(peak[1], os.path.getsize(db + "-wal") - wal0)
+
+            rows = [["drill", "status", "seconds", "write lock max s", "scratch peak MiB", "WAL growth MiB",
+                     "slowest commit s", "commits"]]
+            for i in range(drills):
+                stop.clear()
+                slowest[0], peak[0], peak[1], commits[0] = 0.0, 0, 0, 0
+                ts = [threading.Thread(target=writer), threading.Thread(target=watch,
+                                                                        args=(os.path.getsize(db + "-wal"),))]
+                for t in ts:
+                    t.start()
+                time.sleep(0.5)
+                res = r.validate()
+                stop.set()
+                for t in ts:
+                    t.join()
+                rows.append([str(i + 1), res.status, "%.2f" % res.seconds, "%.6f" % res.write_lock_seconds,
+                             "%.1f" % (peak[0] / 2 ** 20), "%.1f" % (peak[1] / 2 ** 20), "%.3f" % slowest[0],
+                             str(commits[0])])
+                if not res.ok:
+                    print(res.message)
+            # The same writer without a drill, then our PASSIVE checkpoint's
+            # duration (the longest it can hold the write lock) after it.
+            stop.clear()
+            slowest[0], peak[0], peak[1], commits[0] = 0.0, 0, 0, 0
+            ts = [threading.Thread(target=writer)]
+            ts[0].start()
+            time.sleep(0.5 + res.seconds)
+            stop.set()
+            ts[0].join()
+            rows.append(["none", "-", "%.2f" % (0.5 + res.seconds), "-", "-", "-", "%.3f" % slowest[0],
+                         str(commits[0])])
+            t0 = time.monotonic()
+            rep.dbs[0].checkpoint(ls.CHECKPOINT_MODE_PASSIVE)
+            print("checkpoint PASSIVE after %d commits: %.6fs" % (commits[0], time.monotonic() - t0))
+        finally:
+            rep.close()
+        print("database %.1f MiB, replica %s" % (size / 2 ** 20, "s3 (moto)" if s3 else "file"))
+        ls._table(rows, sys.stdout)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench-lz4"]:
         if len(sys.argv) > 2:
@@ -9086,6 +10221,8 @@ if __name__ == "__main__":
                 bench_lz4(os.path.join(d, "bench.db"))
     elif sys.argv[1:2] == ["bench-big-tx"]:
         bench_big_tx(*[int(a) for a in sys.argv[2:3]])
+    elif sys.argv[1:2] == ["bench-drill"]:
+        bench_drill(*[f(a) for f, a in zip((int, int, lambda v: v == "s3"), sys.argv[2:5])])
     elif sys.argv[1:2] == ["bench-many-dbs"]:
         bench_many_dbs(*[f(a) for f, a in zip((int, float), sys.argv[2:4])])
     else:
