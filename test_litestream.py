@@ -9824,7 +9824,7 @@ class TestValidation(TempDirTestCase):
 
 
 ###############################################################################
-# Benchmarks (not tests): python3 test_litestream.py bench-lz4 [FILE]
+# Benchmarks (not tests): python3 test_litestream.py bench-lz4 [FILE] | bench-cores [MIB] | bench-big-tx | bench-many-dbs
 ###############################################################################
 
 
@@ -9928,7 +9928,7 @@ def bench_lz4(path: str) -> None:
     mb = len(data) / 1e6
     print("file %s: %.1f MB, python %s" % (path, mb, sys.version.split()[0]))
     print("%-28s %7s %10s %10s" % ("codec", "ratio", "enc MB/s", "dec MB/s"))
-    for level in sorted(ls._LEVELS):
+    for level in ls.LZ4_LEVELS:
         frame, te = timed(ls.lz4_compress_frame, data, level=level)
         out, td = timed(ls.lz4_decompress_frame, frame)
         assert out == data
@@ -9948,6 +9948,59 @@ def bench_lz4(path: str) -> None:
     sample = data[:32 << 20]
     _, t = timed(ls.xxh32, sample)
     print("xxh32: %.1f MB/s" % (len(sample) / 1e6 / t))
+
+
+def bench_cores(mib: int = 64) -> None:
+    """Restore time with 0 (one process), 1, 2 and every core's LZ4 worker processes.
+
+    python3 test_litestream.py bench-cores [MIB]
+
+    Builds the seeded benchmark database (make_bench_db) of MIB MiB, makes
+    our replica of it in this process and, with Go 0.3.13 installed, Go's
+    (`litestream replicate` until its snapshot is listed), then restores each
+    with every worker count through the API and reports wall and CPU seconds
+    (the workers' included).  Every restore is checked row for row.
+    """
+    go = go_litestream_path()
+    counts = sorted({0, 1, 2, os.cpu_count() or 1})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lsbench-") as d:
+        db_path = os.path.join(d, "bench.db")
+        make_bench_db(db_path, mib)
+        want = table_rows(db_path, "posts")
+        reps = {}
+        db = open_db(db_path)
+        r = open_replica(db, os.path.join(d, "rep-py"))
+        db.sync()
+        r.sync()
+        reps["py"] = (r, db.pos().generation)
+        if go:
+            gdb = os.path.join(d, "go.db")
+            shutil.copy(db_path, gdb)
+            grep = os.path.join(d, "rep-go")
+            p = subprocess.Popen([go, "replicate", gdb, "file://" + grep], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.STDOUT, env=child_env())
+            try:
+                wait_for(lambda: replica_objects(grep, "snapshots"), "Go's snapshot", timeout=300)
+                time.sleep(1)
+            finally:
+                p.send_signal(signal.SIGTERM)
+                p.wait(120)
+            gr = ls.Replica(None, "file", ls.FileReplicaClient(grep))
+            reps["go"] = (gr, ls.calc_restore_target([gr], "", None)[1])
+        for made_by, (rep, gen) in reps.items():
+            for n in counts:
+                out = os.path.join(d, "out-%s-%d.db" % (made_by, n))
+                c0, t0 = os.times(), time.perf_counter()
+                ls.restore_replica(rep, ls.RestoreOptions(out, gen, lz4_workers=n))
+                t1, c1 = time.perf_counter(), os.times()
+                ok = table_rows(out, "posts") == want
+                cpu = (c1.user + c1.system + c1.children_user + c1.children_system
+                       - c0.user - c0.system - c0.children_user - c0.children_system)
+                rows.append([made_by, str(n), "%.2f" % (t1 - t0), "%.2f" % cpu, "yes" if ok else "NO"])
+                os.remove(out)
+        db.close()
+    ls._table([["replica by", "lz4-workers", "restore s", "CPU s", "rows equal"]] + rows, sys.stdout)
 
 
 def _proc_stats(pid: int) -> dict:
@@ -10219,6 +10272,8 @@ if __name__ == "__main__":
             with tempfile.TemporaryDirectory() as d:
                 make_bench_db(os.path.join(d, "bench.db"))
                 bench_lz4(os.path.join(d, "bench.db"))
+    elif sys.argv[1:2] == ["bench-cores"]:
+        bench_cores(*[int(a) for a in sys.argv[2:3]])
     elif sys.argv[1:2] == ["bench-big-tx"]:
         bench_big_tx(*[int(a) for a in sys.argv[2:3]])
     elif sys.argv[1:2] == ["bench-drill"]:
