@@ -2287,7 +2287,8 @@ class TestRestore(TempDirTestCase):
         ls.restore_replica(self.r, ls.RestoreOptions(good, self.gen, lz4_workers=2))  # the pool path works
         self.assertEqual(table_rows(good), table_rows(self.dbpath))
         with mock.patch.object(ls, "_lz4_frame_job", _kill_this_process), \
-                mock.patch.object(ls, "_lz4_block_job", _kill_this_process):
+                mock.patch.object(ls, "_lz4_block_job", _kill_this_process), \
+                mock.patch.object(ls, "POOL_OBJECT_MIN", 0):  # these small objects go to the workers too
             with self.assertRaisesRegex(ls.LitestreamError, "lz4 worker process died"):
                 ls.restore_replica(self.r, ls.RestoreOptions(out, self.gen, lz4_workers=2))
         self.assertFalse(os.path.lexists(out))
