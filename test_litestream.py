@@ -7326,7 +7326,7 @@ class TestObservability(MotoPrefixCase):
         for op in ("GET", "PUT", "DELETE", "LIST"):
             self.assertEqual(v("litestream_replica_operation_total", replica_type="s3", operation=op),
                              kinds[op], op)
-        self.assertGreater(kinds["PUT"], 5)
+        self.assertGreaterEqual(kinds["PUT"], 2)  # a snapshot and WAL segments at least
         self.assertNotIn(MOTO_SECRET, text)
         self.assertEqual(scrape(port, "/healthz")[0], 200)
         self.assertEqual(r.stop(), 0, r.log())
