@@ -108,7 +108,10 @@ DEFAULT_RETENTION = 24 * 3600.0
 DEFAULT_RETENTION_CHECK_INTERVAL = 3600.0
 DEFAULT_RETENTION_MIN_SNAPSHOTS = 1
 DEFAULT_RESTORE_PARALLELISM = 8
-DEFAULT_LZ4_WORKERS = min(4, os.cpu_count() or 1)  # restore's LZ4 worker processes
+# LZ4 worker processes (snapshots, restore).  Spawned workers import the
+# program's main module again: litestream.py guards its own, but a script
+# that imports litestream may not, so as a library the default is none.
+DEFAULT_LZ4_WORKERS = min(4, os.cpu_count() or 1) if __name__ == "__main__" else 0
 VALIDATION_RESTORE_PARALLELISM = 2  # WAL indices a restore drill stages at once (bounds its disk use)
 VALIDATION_PIN_ATTEMPTS = 3  # a drill pins a position again after a WAL restart met mid-pin
 RESTORE_RANGED_GET_MIN = 16 << 20  # snapshots this big are fetched with parallel ranged GETs

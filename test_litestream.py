@@ -4290,6 +4290,32 @@ class TestReplicatorAPI(RowsMixin, TempDirTestCase):
         ls.restore(self.rep, out)
         self.assertSameRows(out, table_rows(self.db))
 
+    def test_library_use_spawns_no_workers(self):
+        """Ensure a script that imports litestream without a __main__ guard restores once, spawning nothing.
+
+        Spawned worker processes import the main module again: with workers
+        by default, this script's top-level code would run in each of them.
+        """
+        rep = self.path("rep")
+        src = self.path("src.db")
+        c = sqlite3.connect(src)
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        c.executemany("INSERT INTO t (v) VALUES (?)", [(os.urandom(2000),) for _ in range(2000)])
+        c.commit()
+        c.close()
+        with ls.Replicator(src, [rep], background=False) as r:
+            r.sync()
+        marker, script = self.path("runs.txt"), self.path("app.py")
+        with open(script, "w") as f:
+            f.write("import sys\nsys.path.insert(0, %r)\nimport litestream\n"
+                    "open(%r, 'a').write('run\\n')\nlitestream.restore(%r, %r)\n"
+                    % (HERE, marker, rep, self.path("out.db")))
+        p = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=child_env())
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(read_file(marker).decode(), "run\n")
+        self.assertEqual(table_rows(self.path("out.db")), table_rows(src))
+
     def test_public_names_exported(self):
         """Ensure the names README documents are in __all__ and each exists."""
         for name in ("Replicator", "restore", "ShutdownError", "DB", "Replica", "MetricsServer", "METRICS"):
