@@ -5960,7 +5960,7 @@ def decompress_object(rd: BinaryIO, name: str, out=None, pool: Optional[LZ4Pool]
         if pool is not None:
             # A small object is decoded whole by one worker, which lets
             # many small WAL segments use every worker.
-            head = _read_up_to(rd, POOL_OBJECT_MAX + 1)
+            head = _read_full(rd, POOL_OBJECT_MAX + 1)
             if len(head) < POOL_OBJECT_MIN:
                 pool = None  # decoded here faster than a worker (or its start) would take
             elif len(head) <= POOL_OBJECT_MAX:
@@ -5987,18 +5987,6 @@ def decompress_object(rd: BinaryIO, name: str, out=None, pool: Optional[LZ4Pool]
 POOL_OBJECT_MIN = 64 << 10           # smaller objects are decoded in the calling process
 POOL_OBJECT_MAX = 4 << 20            # objects up to this size go to one worker whole
 POOL_OBJECT_DECODED_MAX = 64 << 20   # ... if they decode to at most this (else streamed)
-
-
-def _read_up_to(rd, n: int) -> bytes:
-    """Read n bytes, fewer only at the end of rd (streams may return short reads)."""
-    parts, got = [], 0
-    while got < n:
-        b = rd.read(n - got)
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
 
 
 class _Prefixed:

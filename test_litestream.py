@@ -848,12 +848,13 @@ def family_labels(fam):
     return {k for s in fam.samples for k in s.labels if k != "le"}
 
 
-def sample_value(text, name, **labels):
-    """Return the value of one sample in an exposition, or None if it is absent."""
+def sample_value(text, metric, labels):
+    """Return the value of one sample in an exposition (labels a dict, so a label may be called name), or None."""
     for f in parse_exposition(text).values():
-        for s in f.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
+        for smp in f.samples:
+            # The parser names a counter's samples with "_total" added.
+            if smp.name in (metric, metric + "_total") and smp.labels == labels:
+                return smp.value
     return None
 
 
@@ -1214,7 +1215,7 @@ class TestMetricsServer(unittest.TestCase):
         ls.DB_SIZE.labels("/srv-test.db").set(4096)
         srv = self.serve()
         self.assertEqual(sample_value(http_get(srv.url + "/metrics")[2], "litestream_db_size",
-                                      db="/srv-test.db"), 4096)
+                                      {"db": "/srv-test.db"}), 4096)
 
     def test_all_interfaces_and_close(self):
         """Ensure ":PORT" serves loopback (IPv6 too where available), and close() stops it."""
@@ -7240,16 +7241,6 @@ def scrape(port, path="/metrics", timeout=5):
     return status, body
 
 
-def sample_of(text, metric, labels):
-    """Return the value of one sample (labels a dict, so a label may be called name), or None."""
-    for f in parse_exposition(text).values():
-        for smp in f.samples:
-            # The parser names a counter's samples with "_total" added.
-            if smp.name in (metric, metric + "_total") and smp.labels == labels:
-                return smp.value
-    return None
-
-
 def s3_request_kinds(seen):
     """Count a FaultProxy's requests as Go 0.3.13 counts S3 operations: {GET, PUT, DELETE, LIST: n}.
 
@@ -7291,7 +7282,7 @@ class TestObservability(MotoPrefixCase):
     def value(self, port, metric, **labels):
         status, body = scrape(port)
         self.assertEqual(status, 200)
-        return sample_of(body, metric, labels)
+        return sample_value(body, metric, labels)
 
     def test_metrics_match_reference_files_and_requests(self):
         """Ensure a running replicate exposes the reference's families, with values equal to the files and the requests seen."""
@@ -7324,7 +7315,7 @@ class TestObservability(MotoPrefixCase):
             self.assertEqual(fams[name].documentation, help_, name)
 
         def v(metric, **labels):
-            return sample_of(text, metric, labels)
+            return sample_value(text, metric, labels)
         # The database's files, as the test sees them (the replicator is idle now).
         self.assertEqual(v("litestream_db_size", db=db), os.path.getsize(db))
         self.assertEqual(v("litestream_wal_size", db=db), os.path.getsize(db + "-wal"))
